@@ -1,0 +1,62 @@
+"""Frozen configuration, parsed once at the edge (flags/env in main.py) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the base projections are stored. QLoRA's NF4 with double quantization by default."""
+
+    enabled: bool = True
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity of one engine. Everything here is preallocated at start-up.
+
+    max_batch_size: sequences decoded together (= KV cache rows, unless kv_cache_bytes is smaller).
+    max_seq_len: prompt + generated tokens per sequence.
+    max_adapters: LoRA slots on the device (slot 0, the base model, comes on top).
+    max_rank: largest LoRA rank a slot holds; smaller ranks are zero-padded (exact).
+    kv_cache_bytes: optional memory budget for the KV cache; limits the rows it can hold.
+    max_queue: requests waiting for admission before submit() refuses with ResourceExhausted.
+    max_prefill_tokens: padded prompt tokens prefilled together in one step (bounds activation
+      memory; a longer single prompt is still admitted alone).
+    device / dtype: None picks CUDA+bfloat16 when available, else CPU+float32.
+    """
+
+    max_batch_size: int = 8
+    max_seq_len: int = 512
+    max_adapters: int = 4
+    max_rank: int = 16
+    kv_cache_bytes: int | None = None
+    max_queue: int = 256
+    max_prefill_tokens: int = 4096
+    device: str | None = None
+    dtype: str | None = None
+    quant: QuantConfig = QuantConfig()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"EngineConfig.{field} must be >= 1, got {getattr(self, field)}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return getattr(torch, self.dtype)
+        return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32

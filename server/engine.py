@@ -1,0 +1,515 @@
+"""Continuous batching over token ids, with a different LoRA adapter per request.
+
+The engine owns one thread that does all model work. Each turn of its loop:
+
+  1. runs queued commands (adapter slot writes, scoring) — between steps, never during one;
+  2. retires cancelled and expired requests, freeing their KV rows at once;
+  3. admits waiting requests while KV rows are free and prefills them together (right-padded);
+  4. decodes one token for every running request — whatever adapter each one uses — in one batch.
+
+Callers get tokens through per-request handles (blocking iteration, or `async for` when the handle
+was made with submit_async). The engine knows nothing of text or protobuf. The only host sync in a
+step is reading the sampled tokens once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .adapters import AdapterWeights, read_peft_adapter, validate_adapter_name
+from .config import TARGET_MODULES, EngineConfig
+from .errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
+from .kv_cache import KVCache
+from .model import ForwardBatch, Transformer, load_model
+from .sampling import SamplingBatch, SamplingParams, sample
+
+__all__ = ["Engine", "EngineConfig", "Request", "SamplingParams", "Output", "FinishReason", "RequestHandle"]
+
+log = logging.getLogger(__name__)
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"            # a stop token (EOS or stop_token_ids) was generated
+    LENGTH = "length"        # max_new_tokens reached
+    CANCELLED = "cancelled"  # the caller cancelled
+    DEADLINE = "deadline"    # the request's deadline passed
+    ERROR = "error"          # the engine failed while running it (logged)
+
+
+@dataclass(frozen=True)
+class Request:
+    """prompt_ids: the full prompt (already templated). adapter: a loaded adapter's name, or None
+    for the base model. deadline: time.monotonic() value after which the request is stopped."""
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    sampling: SamplingParams = SamplingParams()
+    deadline: float | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    request_id: str
+    token_ids: list[int]  # generated tokens; a stop token that ended generation is included
+    finish_reason: FinishReason
+    prompt_tokens: int
+    adapter: str | None
+    adapter_hash: str | None  # content hash of the adapter weights actually used
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    rank: int
+    target_modules: tuple[str, ...]
+    content_hash: str
+    source: str
+    in_flight: int
+
+
+_DONE = object()
+
+
+class RequestHandle:
+    """What submit() returns: iterate for token ids as they are produced, result() for the
+    Output, cancel() to stop (its KV row is freed at the next step)."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None):
+        self.request_id = request_id
+        self._loop = loop
+        self._events: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        self._output: Future = Future()
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def result(self, timeout: float | None = None) -> Output:
+        return self._output.result(timeout)
+
+    def __iter__(self):
+        while (event := self._events.get()) is not _DONE:
+            yield event
+        self._output.result()  # re-raises an engine error
+
+    async def __aiter__(self):
+        while (event := await self._events.get()) is not _DONE:
+            yield event
+        self._output.result()
+
+    # Called from the engine thread.
+    def _push(self, event) -> None:
+        if self._loop is None:
+            self._events.put(event)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def _finish(self, output: Output | None, error: BaseException | None = None) -> None:
+        if error is not None:
+            self._output.set_exception(error)
+        else:
+            self._output.set_result(output)
+        self._push(_DONE)
+
+
+@dataclass(eq=False)
+class _LoadedAdapter:
+    name: str
+    slot: int
+    weights: AdapterWeights
+    refs: int = 0
+    retired: bool = False  # unloaded or replaced; its slot is freed when refs reaches 0
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: Request
+    handle: RequestHandle
+    adapter: _LoadedAdapter | None
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    generated: list[int] = field(default_factory=list)
+    row: int = -1
+
+    @property
+    def slot(self) -> int:
+        return self.adapter.slot if self.adapter else 0
+
+
+class Engine:
+    def __init__(self, model: Transformer, config: EngineConfig):
+        self.model = model
+        self.config = config
+        self.spec = model.spec
+        self.device, self.dtype = model.device, model.dtype
+        spec = model.spec
+        rows = config.max_batch_size
+        if config.kv_cache_bytes is not None:
+            per_row = KVCache.bytes_per_row(spec.num_layers, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.dtype)
+            rows = min(rows, config.kv_cache_bytes // per_row)
+            if rows < 1:
+                raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} tokens ({per_row} bytes each)")
+        self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.device, self.dtype)
+        self._seen = torch.zeros(rows, spec.vocab_size, dtype=torch.bool, device=self.device)
+        self._pools = model.lora_pools()
+        self._free_slots = list(range(config.max_adapters, 0, -1))
+        self._adapters: dict[str, _LoadedAdapter] = {}
+        self._seeds = random.Random(config.seed)
+        self._ids = itertools.count()
+
+        self._lock = threading.Condition()
+        self._pending: deque[_Sequence] = deque()
+        self._commands: list[tuple[Callable[[], object], Future]] = []
+        self._running: list[_Sequence] = []
+        self._sampling: SamplingBatch | None = None  # for self._running, rebuilt on membership change
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="hotlora-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
+        model, _ = load_model(model_dir, config)
+        return cls(model, config)
+
+    # ---------------------------------------------------------------- adapters
+
+    def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Validate a PEFT adapter directory (in the caller's thread) and copy it into a free slot
+        (on the engine thread, between steps). Loading an existing name replaces it: requests
+        already running keep the weights they started with."""
+        validate_adapter_name(name)
+        weights = read_peft_adapter(path, self.spec, self.config.max_rank, self.dtype)
+        return self.install_adapter(name, weights)
+
+    def install_adapter(self, name: str, weights: AdapterWeights) -> AdapterInfo:
+        """Copy already-validated weights into a free slot and bind `name` to them."""
+        with self._lock:
+            if not self._free_slots:
+                raise ResourceExhausted(f"all {self.config.max_adapters} adapter slots are in use; unload one first")
+            slot = self._free_slots.pop()
+        try:
+            self._call_on_engine_thread(lambda: self._write_slot(slot, weights))
+        except BaseException:
+            with self._lock:
+                self._free_slots.append(slot)
+            raise
+        entry = _LoadedAdapter(name, slot, weights)
+        with self._lock:
+            old = self._adapters.get(name)
+            self._adapters[name] = entry
+            if old is not None:
+                self._retire(old)
+        return self._info(entry)
+
+    def unload_adapter(self, name: str) -> None:
+        """New requests can no longer use `name`; running ones finish on it, then its slot frees."""
+        with self._lock:
+            entry = self._adapters.pop(name, None)
+            if entry is None:
+                raise AdapterNotFound(f"adapter {name!r} is not loaded")
+            self._retire(entry)
+
+    def adapters(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [self._info(e) for e in self._adapters.values()]
+
+    def _info(self, entry: _LoadedAdapter) -> AdapterInfo:
+        w = entry.weights
+        return AdapterInfo(entry.name, w.rank, w.target_modules, w.content_hash, w.source, entry.refs)
+
+    def _retire(self, entry: _LoadedAdapter) -> None:  # holds self._lock
+        entry.retired = True
+        if entry.refs == 0:
+            self._free_slots.append(entry.slot)
+
+    def _release_adapter(self, entry: _LoadedAdapter | None) -> None:
+        if entry is None:
+            return
+        with self._lock:
+            entry.refs -= 1
+            if entry.retired and entry.refs == 0:
+                self._free_slots.append(entry.slot)
+
+    def _write_slot(self, slot: int, weights: AdapterWeights) -> None:
+        for (layer, module), pool in self._pools.items():
+            m = weights.modules.get((layer, module))
+            if m is None:
+                pool.write_slot(slot, None, None, 0.0)
+            else:
+                pool.write_slot(slot, m.lora_a, m.lora_b, m.scale)
+
+    # ---------------------------------------------------------------- requests
+
+    def submit(self, request: Request) -> RequestHandle:
+        return self._submit(request, loop=None)
+
+    def submit_async(self, request: Request) -> RequestHandle:
+        """Like submit(), for asyncio callers: iterate the handle with `async for`."""
+        return self._submit(request, loop=asyncio.get_running_loop())
+
+    def generate(self, requests: list[Request]) -> list[Output]:
+        """Run requests together (they share decode steps) and wait for all of them."""
+        for request in requests:
+            self._validate(request)
+        handles = [self.submit(r) for r in requests]
+        return [h.result() for h in handles]
+
+    def _validate(self, request: Request) -> None:
+        request.sampling.validate()
+        ids = request.prompt_ids
+        if not ids:
+            raise InvalidRequest("prompt_ids is empty")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.spec.vocab_size for t in ids):
+            raise InvalidRequest(f"prompt_ids must be integers in [0, {self.spec.vocab_size})")
+        total = len(ids) + request.sampling.max_new_tokens
+        if total > self.config.max_seq_len:
+            raise InvalidRequest(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) = {total} "
+                f"exceeds max_seq_len {self.config.max_seq_len}"
+            )
+
+    def _submit(self, request: Request, loop) -> RequestHandle:
+        self._validate(request)
+        request_id = request.request_id or f"req-{next(self._ids)}"
+        handle = RequestHandle(request_id, loop)
+        sampling = request.sampling
+        stop_ids = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stop_ids.update(self.spec.eos_token_ids)
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63))
+        with self._lock:
+            if self._closing:
+                raise Draining("the engine is shutting down")
+            if len(self._pending) >= self.config.max_queue:
+                raise ResourceExhausted(f"request queue is full ({self.config.max_queue} waiting)")
+            adapter = None
+            if request.adapter:
+                adapter = self._adapters.get(request.adapter)
+                if adapter is None:
+                    raise AdapterNotFound(f"adapter {request.adapter!r} is not loaded")
+                adapter.refs += 1
+            seq = _Sequence(request, handle, adapter, frozenset(stop_ids), generator, tokens=list(request.prompt_ids))
+            self._pending.append(seq)
+            self._lock.notify()
+        return handle
+
+    def score(self, requests: list[Request]) -> list[torch.Tensor]:
+        """Logits [len(prompt), vocab] for every position of every prompt, computed as one mixed
+        batch (each row with its own adapter) — the same forward that prefill uses."""
+        for request in requests:
+            self._validate(request)
+        return self._call_on_engine_thread(lambda: self._score(requests))
+
+    def _score(self, requests: list[Request]) -> list[torch.Tensor]:
+        seqs = []
+        with self._lock:
+            for r in requests:
+                adapter = self._adapters.get(r.adapter) if r.adapter else None
+                if r.adapter and adapter is None:
+                    raise AdapterNotFound(f"adapter {r.adapter!r} is not loaded")
+                seqs.append(_Sequence(r, RequestHandle("score", None), adapter, frozenset(), None, tokens=list(r.prompt_ids)))
+        if len(seqs) > self.cache.free_rows:
+            raise ResourceExhausted(f"scoring {len(seqs)} prompts needs as many free KV rows ({self.cache.free_rows} free)")
+        for s in seqs:
+            s.row = self.cache.allocate_row()
+        try:
+            hidden, lengths = self._prefill_forward(seqs)
+            logits = self.model.logits(hidden)
+            return [logits[i, :n].cpu() for i, n in enumerate(lengths)]
+        finally:
+            for s in seqs:
+                self.cache.release_row(s.row)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "queue_length": len(self._pending),
+                "running": len(self._running),
+                "kv_cache_usage_ratio": self.cache.usage_ratio(),
+                "free_adapter_slots": len(self._free_slots),
+            }
+
+    def close(self, cancel_running: bool = True, timeout: float | None = 30.0) -> None:
+        """Stop taking requests; cancel (or, with cancel_running=False, finish) what is in flight."""
+        with self._lock:
+            self._closing = True
+            if cancel_running:
+                for seq in list(self._pending) + self._running:
+                    seq.handle.cancel()
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    def _call_on_engine_thread(self, fn: Callable[[], object]):
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            return fn()
+        future: Future = Future()
+        with self._lock:
+            self._commands.append((fn, future))
+            self._lock.notify()
+        return future.result()
+
+    # ---------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._pending or self._running or self._commands or self._closing):
+                    self._lock.wait()
+                if self._closing and not (self._pending or self._running or self._commands):
+                    return
+                commands, self._commands = self._commands, []
+            for fn, future in commands:
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # reported to the caller that queued it
+                    future.set_exception(exc)
+            try:
+                with torch.inference_mode():
+                    self._retire_stopped()
+                    self._admit_and_prefill()
+                    if self._running:
+                        self._decode_step()
+            except Exception as exc:
+                log.exception("engine step failed; failing the requests in it")
+                for seq in list(self._running):
+                    self._finish(seq, FinishReason.ERROR, error=exc)
+
+    def _retire_stopped(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            waiting = [s for s in self._pending if self._stop_reason(s, now)]
+            for seq in waiting:
+                self._pending.remove(seq)
+        for seq in waiting + [s for s in self._running if self._stop_reason(s, now)]:
+            self._finish(seq, self._stop_reason(seq, now))
+
+    @staticmethod
+    def _stop_reason(seq: _Sequence, now: float) -> FinishReason | None:
+        if seq.handle.cancelled.is_set():
+            return FinishReason.CANCELLED
+        if seq.request.deadline is not None and now > seq.request.deadline:
+            return FinishReason.DEADLINE
+        return None
+
+    def _admit_and_prefill(self) -> None:
+        admitted: list[_Sequence] = []
+        budget = self.config.max_prefill_tokens
+        with self._lock:
+            while self._pending and len(self._running) + len(admitted) < self.config.max_batch_size:
+                longest = max([len(s.tokens) for s in admitted] + [len(self._pending[0].tokens)])
+                if admitted and longest * (len(admitted) + 1) > budget:
+                    break  # the rest join at the next step
+                row = self.cache.allocate_row()
+                if row is None:
+                    break  # waits until a running sequence frees its row
+                seq = self._pending.popleft()
+                seq.row = row
+                admitted.append(seq)
+        if not admitted:
+            return
+        for seq in admitted:
+            self._seen[seq.row].zero_()
+            self._seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
+        hidden, lengths = self._prefill_forward(admitted)
+        last = hidden[torch.arange(len(admitted), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        batch = self._sampling_batch(admitted)
+        rows = torch.tensor([s.row for s in admitted], device=self.device)
+        tokens = sample(self.model.logits(last), batch, self._seen[rows])
+        self._running.extend(admitted)
+        self._sampling = None
+        self._accept_tokens(admitted, rows, tokens)
+
+    def _prefill_forward(self, seqs: list[_Sequence]) -> tuple[torch.Tensor, list[int]]:
+        lengths = [len(s.tokens) for s in seqs]
+        width = max(lengths)
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, : lengths[i]] = torch.tensor(s.tokens)
+        slots = [s.slot for s in seqs]
+        token_slots = None
+        if any(slots):
+            token_slots = torch.tensor(slots, device=self.device).repeat_interleave(width)
+        batch = ForwardBatch(
+            tokens=tokens.to(self.device),
+            positions=torch.arange(width, device=self.device).expand(len(seqs), width),
+            cache_rows=torch.tensor([s.row for s in seqs], device=self.device),
+            token_slots=token_slots,
+            prefill=True,
+            kv_length=width,
+        )
+        return self.model(batch, self.cache), lengths
+
+    def _decode_step(self) -> None:
+        running = self._running
+        if self._sampling is None:
+            self._sampling = self._sampling_batch(running)
+        positions = [len(s.tokens) - 1 for s in running]
+        slots = [s.slot for s in running]
+        rows = torch.tensor([s.row for s in running], device=self.device)
+        batch = ForwardBatch(
+            tokens=torch.tensor([[s.tokens[-1]] for s in running], device=self.device),
+            positions=torch.tensor(positions, device=self.device)[:, None],
+            cache_rows=rows,
+            token_slots=torch.tensor(slots, device=self.device) if any(slots) else None,
+            prefill=False,
+            kv_length=max(positions) + 1,
+        )
+        hidden = self.model(batch, self.cache)
+        seen = self._seen[rows] if self._sampling.use_penalty else None
+        tokens = sample(self.model.logits(hidden[:, -1]), self._sampling, seen)
+        self._accept_tokens(list(running), rows, tokens)
+
+    def _sampling_batch(self, seqs: list[_Sequence]) -> SamplingBatch:
+        return SamplingBatch([s.request.sampling for s in seqs], [s.generator for s in seqs],
+                             self.spec.vocab_size, self.device)
+
+    def _accept_tokens(self, seqs: list[_Sequence], rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        self._seen[rows, tokens] = True
+        for seq, token in zip(seqs, tokens.tolist()):  # the step's one host sync
+            seq.tokens.append(token)
+            seq.generated.append(token)
+            seq.handle._push(token)
+            if token in seq.stop_ids:
+                self._finish(seq, FinishReason.STOP)
+            elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
+                self._finish(seq, FinishReason.LENGTH)
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, error: BaseException | None = None) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+            self._sampling = None
+        if seq.row >= 0:
+            self.cache.release_row(seq.row)
+            seq.row = -1
+        self._release_adapter(seq.adapter)
+        adapter = seq.adapter
+        output = Output(
+            request_id=seq.handle.request_id,
+            token_ids=list(seq.generated),
+            finish_reason=reason,
+            prompt_tokens=len(seq.request.prompt_ids),
+            adapter=adapter.name if adapter else None,
+            adapter_hash=adapter.weights.content_hash if adapter else None,
+        )
+        seq.handle._finish(output if error is None else None, error)

@@ -1,0 +1,69 @@
+"""Typed domain errors, and the one place that maps them to gRPC status codes.
+
+Everything the engine, the adapter code or the service refuses is one of these; a user's mistake
+is never reported as INTERNAL with a stack trace.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class HotloraError(Exception):
+    """Base of every error hotlora raises on purpose."""
+
+    grpc_code = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(HotloraError):
+    """A malformed request: the message names the field."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class AdapterNotFound(HotloraError):
+    """The named adapter is not loaded (or does not exist in the store)."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class IncompatibleAdapter(HotloraError):
+    """The adapter cannot be applied to this base model by this server (wrong shapes, rank too
+    large, unsupported PEFT features, pickle files, non-finite values, ...)."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnsupportedModel(HotloraError):
+    """The base checkpoint cannot be served (architecture, format or feature not supported)."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(HotloraError):
+    """A bounded resource is full: the request queue or the adapter slots."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class AdapterInUse(HotloraError):
+    """The operation needs an adapter that no request is using."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Draining(HotloraError):
+    """The server is shutting down and takes no new work."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(HotloraError):
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(code, message) for any exception; unknown exceptions stay INTERNAL without their text."""
+    if isinstance(error, HotloraError):
+        return error.grpc_code, str(error)
+    return grpc.StatusCode.INTERNAL, "internal error (see server log)"

@@ -1,0 +1,294 @@
+"""A compact Llama-family decoder (Llama 2/3, Mistral, Qwen2) loaded from a Hugging Face
+checkpoint directory: GQA, RoPE (with transformers' scaling variants, llama3 included), RMSNorm,
+SwiGLU, optional q/k/v (and o, MLP) biases, tied embeddings.
+
+Every projection is a LoRALinear (NF4 base + adapter pool). Embeddings, norms and lm_head stay in
+the compute dtype. The forward works on a padded [B, T] batch of token ids; the engine decides
+what the rows are (a prefill of new prompts, or one decode token per running sequence).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TARGET_MODULES, EngineConfig
+from .errors import UnsupportedModel
+from .kv_cache import KVCache
+from .lora import LoRALinear, LoRAPool
+from .quant import make_base_linear, resident_bytes
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a checkpoint, read once from its config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelSpec":
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(f"model_type {config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+        qwen2 = config.model_type == "qwen2"
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        eos = config.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        num_heads = config.num_attention_heads
+        return cls(
+            model_type=config.model_type,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            rms_norm_eps=config.rms_norm_eps,
+            qkv_bias=qwen2 or attention_bias,
+            o_bias=attention_bias and not qwen2,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+        )
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each LoRA target module."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        return {
+            "q_proj": (h, self.num_heads * d), "k_proj": (h, self.num_kv_heads * d),
+            "v_proj": (h, self.num_kv_heads * d), "o_proj": (self.num_heads * d, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }
+
+
+def rope_tables(config, head_dim: int, max_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_positions, head_dim] in float32, computed by transformers' own RoPE
+    initialisers so scaled variants (linear, llama3, yarn) match the reference exactly."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}
+    rope_type = params.get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise UnsupportedModel(f"rope_type {rope_type!r} changes with sequence length and is not supported")
+    if rope_type == "default":
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        inv_freq, attention_scaling = 1.0 / (params["rope_theta"] ** exponent), 1.0
+    else:
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return (angles.cos() * attention_scaling).to(device), (angles.sin() * attention_scaling).to(device)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference implementation does, then scale in x's dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+@dataclass
+class ForwardBatch:
+    """One forward pass, built by the engine.
+
+    tokens/positions: [B, T]; cache_rows: [B]; token_slots: [B*T] adapter slot per token, or None
+    when no row has an adapter. prefill=True: the rows are fresh right-padded prompts (attend
+    causally among themselves); False: each row attends to its cache up to its position, with
+    kv_length (a host int) the longest span needed.
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    cache_rows: torch.Tensor
+    token_slots: torch.Tensor | None
+    prefill: bool
+    kv_length: int
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, projections: dict[str, LoRALinear], input_norm: RMSNorm, post_norm: RMSNorm):
+        super().__init__()
+        self.spec = spec
+        self.proj = nn.ModuleDict(projections)
+        self.input_norm = input_norm
+        self.post_norm = post_norm
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
+        bsz, seq, hidden = x.shape
+        spec, slots, p = self.spec, batch.token_slots, self.proj
+        h = self.input_norm(x).view(bsz * seq, hidden)
+        q = p["q_proj"](h, slots).view(bsz, seq, spec.num_heads, spec.head_dim).transpose(1, 2)
+        k = p["k_proj"](h, slots).view(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        v = p["v_proj"](h, slots).view(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write(layer, batch.cache_rows, batch.positions, k, v)
+        if batch.prefill:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            keys, values = cache.read(layer, batch.cache_rows, batch.kv_length)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True)
+        attn = attn.transpose(1, 2).reshape(bsz * seq, spec.num_heads * spec.head_dim)
+        x = x + p["o_proj"](attn, slots).view(bsz, seq, hidden)
+
+        h = self.post_norm(x).view(bsz * seq, hidden)
+        mlp = F.silu(p["gate_proj"](h, slots)) * p["up_proj"](h, slots)
+        return x + p["down_proj"](mlp, slots).view(bsz, seq, hidden)
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+                 lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = nn.Parameter(lm_head, requires_grad=False) if lm_head is not embed else self.embed
+        self.register_buffer("rope_cos", rope[0], persistent=False)
+        self.register_buffer("rope_sin", rope[1], persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def lora_pools(self) -> dict[tuple[int, str], LoRAPool]:
+        return {(i, name): proj.pool for i, layer in enumerate(self.layers) for name, proj in layer.proj.items()}
+
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden]; `logits()` turns selected ones into logits."""
+        x = F.embedding(batch.tokens, self.embed)
+        cos = self.rope_cos[batch.positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, head_dim]
+        sin = self.rope_sin[batch.positions].unsqueeze(1).to(x.dtype)
+        attn_mask = None
+        if not batch.prefill:
+            key_pos = torch.arange(batch.kv_length, device=x.device)
+            attn_mask = (key_pos[None, None, None, :] <= batch.positions[:, None, :, None])
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, cos, sin, attn_mask, cache, i)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident bytes: the (quantized) projections, everything else, and the LoRA pools."""
+        projections = sum(resident_bytes(proj.base) for layer in self.layers for proj in layer.proj.values())
+        pools = sum(resident_bytes(pool) for pool in self.lora_pools().values())
+        dense = self.embed.numel() * self.embed.element_size()
+        if self.lm_head is not self.embed:
+            dense += self.lm_head.numel() * self.lm_head.element_size()
+        dense += sum(resident_bytes(layer.input_norm) + resident_bytes(layer.post_norm) for layer in self.layers)
+        dense += resident_bytes(self.norm)
+        return {"projections": projections, "dense": dense, "lora_pools": pools}
+
+
+class _CheckpointReader:
+    """Tensors of a safetensors checkpoint (single file or sharded index). Never reads pickles."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (model_dir / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+            hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
+            raise UnsupportedModel(f"no model.safetensors in {model_dir}{hint}")
+        self._handles = [safe_open(str(model_dir / name), framework="pt") for name in files]
+        self._where = {key: h for h in self._handles for key in h.keys()}
+
+    def has(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise UnsupportedModel(f"checkpoint has no tensor {key!r}")
+        return self._where[key].get_tensor(key)
+
+
+def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer, object]:
+    """Build the serving model from a Hugging Face checkpoint directory. Each projection is
+    quantized as it is read, so peak host memory stays near one layer beyond the result."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    spec = ModelSpec.from_hf_config(hf_config)
+    sliding = getattr(hf_config, "sliding_window", None)
+    if sliding is not None and getattr(hf_config, "use_sliding_window", True) and sliding < config.max_seq_len:
+        raise UnsupportedModel(f"sliding-window attention ({sliding}) shorter than max_seq_len {config.max_seq_len} is not supported")
+    device, dtype = config.resolved_device(), config.resolved_dtype()
+    reader = _CheckpointReader(model_dir)
+    shapes = spec.projection_shapes()
+    num_slots = config.max_adapters + 1
+    has_bias = {"q_proj": spec.qkv_bias, "k_proj": spec.qkv_bias, "v_proj": spec.qkv_bias, "o_proj": spec.o_bias,
+                "gate_proj": spec.mlp_bias, "up_proj": spec.mlp_bias, "down_proj": spec.mlp_bias}
+
+    layers = []
+    for i in range(spec.num_layers):
+        projections = {}
+        for name in TARGET_MODULES:
+            prefix = f"model.layers.{i}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{name}"
+            weight = reader.get(f"{prefix}.weight")
+            in_features, out_features = shapes[name]
+            if tuple(weight.shape) != (out_features, in_features):
+                raise UnsupportedModel(f"{prefix}.weight has shape {tuple(weight.shape)}, config implies {(out_features, in_features)}")
+            bias = reader.get(f"{prefix}.bias") if has_bias[name] else None
+            base = make_base_linear(weight, bias, config.quant, device, dtype)
+            pool = LoRAPool(num_slots, config.max_rank, in_features, out_features, device, dtype)
+            projections[name] = LoRALinear(base, pool)
+        norms = [RMSNorm(reader.get(f"model.layers.{i}.{n}.weight").to(device, dtype), spec.rms_norm_eps)
+                 for n in ("input_layernorm", "post_attention_layernorm")]
+        layers.append(DecoderLayer(spec, projections, *norms))
+
+    embed = reader.get("model.embed_tokens.weight").to(device, dtype)
+    if spec.tie_embeddings or not reader.has("lm_head.weight"):
+        lm_head = embed
+    else:
+        lm_head = reader.get("lm_head.weight").to(device, dtype)
+    norm = RMSNorm(reader.get("model.norm.weight").to(device, dtype), spec.rms_norm_eps)
+    rope = rope_tables(hf_config, spec.head_dim, config.max_seq_len, device)
+    model = Transformer(spec, embed, layers, norm, lm_head, rope).eval()
+    return model, hf_config

@@ -1,0 +1,100 @@
+"""Per-row sampling for a batch where every request has its own parameters and seed.
+
+Sampling is Gumbel-max: token = argmax(logits/T + g) with g ~ Gumbel(0, 1) drawn from the
+request's own generator, which is an exact draw from softmax(logits/T) restricted by top-k/top-p.
+A request's noise depends only on its seed and step, so a seeded request gives the same tokens
+whatever else shares its batch. Everything stays on the device: no host syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy. top_k 0 = off. top_p 1 = off. repetition_penalty 1 = off (HF's
+    definition: logits of already-seen tokens are divided by it when positive, multiplied when
+    negative). seed None = drawn from the engine's seed sequence."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise InvalidRequest(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class SamplingBatch:
+    """Device tensors of the per-row parameters; rebuilt only when the batch's membership changes."""
+
+    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 vocab_size: int, device: torch.device):
+        self.generators = generators
+        self.all_greedy = all(p.greedy for p in params)
+        self.use_top_k = any(p.top_k > 0 for p in params)
+        self.use_top_p = any(p.top_p < 1 for p in params)
+        self.use_penalty = any(p.repetition_penalty != 1 for p in params)
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        self.greedy = as_tensor([p.greedy for p in params], torch.bool)
+        self.temperature = as_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
+        self.top_k = as_tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
+        self.top_p = as_tensor([p.top_p for p in params], torch.float32)
+        self.penalty = as_tensor([p.repetition_penalty for p in params], torch.float32)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor | None) -> torch.Tensor:
+    """logits: [B, V] float32; seen: [B, V] bool (tokens in prompt or output) for the penalty.
+    Returns the next token of every row, [B] int64."""
+    if batch.use_penalty and seen is not None:
+        penalty = batch.penalty[:, None]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    greedy_tokens = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_tokens
+
+    scores = logits / batch.temperature[:, None]
+    if batch.use_top_k or batch.use_top_p:
+        scores = _restrict_top_k_top_p(scores, batch)
+    noise = torch.zeros_like(scores)
+    for row, generator in enumerate(batch.generators):
+        if generator is not None:
+            uniform = torch.rand(scores.shape[1], generator=generator, device=scores.device)
+            noise[row] = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
+    sampled = (scores + noise).argmax(dim=-1)
+    return torch.where(batch.greedy, greedy_tokens, sampled)
+
+
+def _restrict_top_k_top_p(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    ranks = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    remove = ranks >= batch.top_k[:, None]
+    if batch.use_top_p:
+        probs = sorted_scores.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        remove |= (probs.cumsum(dim=-1) - probs) >= batch.top_p[:, None]
+    remove_in_vocab_order = torch.zeros_like(remove).scatter(1, order, remove)
+    return scores.masked_fill(remove_in_vocab_order, float("-inf"))

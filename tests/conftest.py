@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.model_factory import make_model
+from tests.helpers import make_peft_adapter
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (its CPU twin runs here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """One checkpoint per supported shape: Llama with GQA, Qwen2 with q/k/v bias, tied embeddings."""
+    root = tmp_path_factory.mktemp("models")
+    return {preset: make_model(root / preset, preset, seed=1) for preset in ("tiny", "tiny-qwen2", "tiny-tied")}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dirs):
+    return model_dirs["tiny"]
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(llama_dir, tmp_path_factory):
+    """Three adapters that differ in rank, target modules and scaling (plain, rank_pattern and
+    alpha_pattern, rsLoRA). Names avoid substrings of 'lora_' (peft warns about those)."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "cheese": make_peft_adapter(llama_dir, root / "cheese", seed=11, r=4, lora_alpha=8,
+                                    target_modules=["q_proj", "v_proj"]),
+        "wine": make_peft_adapter(llama_dir, root / "wine", seed=12, r=8, lora_alpha=16, target_modules="all-linear",
+                                  rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 6}),
+        "bread": make_peft_adapter(llama_dir, root / "bread", seed=13, r=16, lora_alpha=16, use_rslora=True,
+                                   target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]),
+    }

@@ -1,0 +1,45 @@
+"""Builders shared by the tests: tiny checkpoints, PEFT adapters made by peft itself, and the
+transformers + bitsandbytes + PEFT reference that the engine is checked against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+NF4_REFERENCE = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                     bnb_4bit_compute_dtype=torch.float32)
+
+
+def make_peft_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -> Path:
+    """Train nothing: a LoRA with random A and B (init_lora_weights=False so B != 0), saved by
+    peft's save_pretrained exactly as a real adapter would be."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    lora_kwargs.setdefault("init_lora_weights", False)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def reference_nf4_model(base_dir: Path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=BitsAndBytesConfig(**NF4_REFERENCE), dtype=torch.float32, device_map="cpu"
+    )
+    return model.eval()
+
+
+def reference_peft_model(base_dir: Path, adapters: dict[str, Path]):
+    """transformers (NF4) + PEFT with every adapter loaded under its name."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(reference_nf4_model(base_dir), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()

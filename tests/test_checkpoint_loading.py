@@ -1,0 +1,62 @@
+"""Checkpoints the engine cannot serve are refused with UnsupportedModel, never half-loaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from server.engine import Engine, EngineConfig
+from server.errors import UnsupportedModel
+
+
+@pytest.fixture
+def checkpoint(llama_dir, tmp_path):
+    return shutil.copytree(llama_dir, tmp_path / "ckpt")
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_pickle_checkpoint_is_never_loaded(checkpoint):
+    torch.save(load_file(checkpoint / "model.safetensors"), checkpoint / "pytorch_model.bin")
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(UnsupportedModel, match="pickle"):
+        Engine.from_pretrained(checkpoint, EngineConfig(max_seq_len=32))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "model_type"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}, "dynamic"),
+    ({"intermediate_size": 100}, "shape"),
+])
+def test_unsupported_configs_are_refused(checkpoint, changes, message):
+    edit_config(checkpoint, **changes)
+    with pytest.raises(UnsupportedModel, match=message):
+        Engine.from_pretrained(checkpoint, EngineConfig(max_seq_len=32))
+
+
+def test_llama3_rope_scaling_is_applied_like_transformers(checkpoint):
+    from tests.helpers import reference_nf4_model
+
+    edit_config(checkpoint, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 64})
+    from server.engine import Request
+
+    engine = Engine.from_pretrained(checkpoint, EngineConfig(max_seq_len=128))
+    try:
+        prompt = list(range(3, 100))
+        got = engine.score([Request(prompt_ids=prompt)])[0]
+    finally:
+        engine.close()
+    with torch.no_grad():
+        want = reference_nf4_model(checkpoint)(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

@@ -1,0 +1,171 @@
+"""Continuous batching: requests join and leave a running batch; results never depend on who
+else was in it; KV rows are reused, never grown; cancellation and deadlines free rows at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from server.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
+from server.errors import InvalidRequest, ResourceExhausted
+
+PROMPTS = [[5, 17, 42, 99, 7, 3, 120, 64, 11, 12, 13], [8, 200, 33], [150, 9, 12, 40, 41], [77, 78, 79, 80, 81, 82, 83]]
+ADAPTERS = [None, "cheese", "wine", "bread"]
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir, peft_adapters):
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=3, max_seq_len=96, max_adapters=4, max_rank=16))
+    for name, path in peft_adapters.items():
+        engine.load_adapter(name, path)
+    yield engine
+    engine.close()
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+def alone(engine, request):
+    return engine.generate([request])[0].token_ids
+
+
+def test_requests_joining_at_different_times_get_the_tokens_they_get_alone(engine):
+    """Six requests of different lengths and adapters through 3 KV rows: some wait for a row,
+    some join while others are mid-decode; each equals its solo run."""
+    requests = [Request(prompt_ids=PROMPTS[i % 4], adapter=ADAPTERS[(i + 1) % 4], sampling=greedy(6 + 3 * i))
+                for i in range(6)]
+    solo = [alone(engine, r) for r in requests]
+    handles = []
+    for r in requests:
+        handles.append(engine.submit(r))
+        time.sleep(0.01)
+    joined = [h.result(timeout=60) for h in handles]
+    assert [o.token_ids for o in joined] == solo
+    assert all(o.finish_reason == FinishReason.LENGTH for o in joined)
+    assert engine.stats()["kv_cache_usage_ratio"] == 0.0
+
+
+def test_kv_cache_is_preallocated_and_never_grows(engine):
+    keys, values = engine.cache.keys, engine.cache.values
+    before = (keys.data_ptr(), values.data_ptr(), keys.shape, engine.cache.free_rows)
+    engine.generate([Request(prompt_ids=p, sampling=greedy(20)) for p in PROMPTS * 2])
+    assert (engine.cache.keys.data_ptr(), engine.cache.values.data_ptr(), engine.cache.keys.shape,
+            engine.cache.free_rows) == before
+
+
+def test_streaming_yields_each_token_as_produced(engine):
+    handle = engine.submit(Request(prompt_ids=PROMPTS[0], adapter="wine", sampling=greedy(8)))
+    streamed = list(handle)
+    assert streamed == handle.result().token_ids and len(streamed) == 8
+
+
+def test_async_streaming(engine):
+    async def run():
+        handle = engine.submit_async(Request(prompt_ids=PROMPTS[1], adapter="cheese", sampling=greedy(5)))
+        return [t async for t in handle], handle.result()
+
+    streamed, output = asyncio.run(run())
+    assert streamed == output.token_ids == alone(engine, Request(prompt_ids=PROMPTS[1], adapter="cheese", sampling=greedy(5)))
+
+
+def test_cancel_frees_the_row_for_a_waiting_request(engine):
+    long = [engine.submit(Request(prompt_ids=PROMPTS[0], sampling=greedy(80))) for _ in range(3)]
+    waiting = engine.submit(Request(prompt_ids=PROMPTS[1], adapter="bread", sampling=greedy(4)))
+    next(iter(long[0]))  # the three rows are taken and decoding
+    assert not waiting._output.done()
+    for h in long:
+        h.cancel()
+    assert waiting.result(timeout=30).token_ids == alone(engine, Request(prompt_ids=PROMPTS[1], adapter="bread", sampling=greedy(4)))
+    assert [h.result(timeout=30).finish_reason for h in long] == [FinishReason.CANCELLED] * 3
+    assert all(len(h.result().token_ids) < 80 for h in long)
+    assert engine.cache.free_rows == engine.cache.rows
+
+
+def test_deadline_stops_a_request_and_frees_its_row(engine):
+    out = engine.generate([Request(prompt_ids=PROMPTS[0], sampling=greedy(80), deadline=time.monotonic() + 0.05)])[0]
+    assert out.finish_reason == FinishReason.DEADLINE and len(out.token_ids) < 80
+    assert engine.cache.free_rows == engine.cache.rows
+
+
+def test_seed_reproduces_sampled_tokens_whatever_the_batch(engine):
+    seeded = SamplingParams(max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
+    request = Request(prompt_ids=PROMPTS[2], adapter="wine", sampling=seeded)
+    first = alone(engine, request)
+    crowd = [Request(prompt_ids=p, sampling=SamplingParams(max_new_tokens=12, temperature=1.0)) for p in PROMPTS[:2]]
+    in_batch = engine.generate([crowd[0], request, crowd[1]])[1].token_ids
+    other_seed = alone(engine, Request(prompt_ids=PROMPTS[2], adapter="wine",
+                                       sampling=SamplingParams(max_new_tokens=12, temperature=1.5, seed=99, ignore_eos=True)))
+    assert first == in_batch
+    assert other_seed != first
+
+
+def test_max_new_tokens_one_and_stop_tokens(engine):
+    first = alone(engine, Request(prompt_ids=PROMPTS[3], sampling=greedy(1)))
+    assert len(first) == 1
+    out = engine.generate([Request(prompt_ids=PROMPTS[3], sampling=greedy(10, stop_token_ids=(first[0],)))])[0]
+    assert out.token_ids == first and out.finish_reason == FinishReason.STOP
+
+
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(engine):
+    bad = [
+        Request(prompt_ids=[]),
+        Request(prompt_ids=[1, 10**6]),
+        Request(prompt_ids=PROMPTS[0], sampling=SamplingParams(max_new_tokens=0)),
+        Request(prompt_ids=PROMPTS[0], sampling=SamplingParams(max_new_tokens=90)),  # > max_seq_len
+        Request(prompt_ids=PROMPTS[0], sampling=SamplingParams(temperature=-1)),
+        Request(prompt_ids=PROMPTS[0], sampling=SamplingParams(top_p=0)),
+        Request(prompt_ids=PROMPTS[0], sampling=SamplingParams(top_p=1.5)),
+    ]
+    for request in bad:
+        with pytest.raises(InvalidRequest):
+            engine.submit(request)
+    assert len(alone(engine, Request(prompt_ids=PROMPTS[0], sampling=greedy(3)))) == 3
+
+
+def test_full_queue_is_refused_with_resource_exhausted(llama_dir):
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=1, max_seq_len=64, max_queue=2))
+    try:
+        handles = []
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            for _ in range(10):
+                handles.append(engine.submit(Request(prompt_ids=[5, 6], sampling=greedy(50))))
+        assert 2 <= len(handles) <= 3  # two waiting, plus the one running if it was admitted in time
+        for h in handles:
+            h.cancel()
+        assert all(h.result(timeout=30).finish_reason in (FinishReason.CANCELLED, FinishReason.LENGTH) for h in handles)
+    finally:
+        engine.close()
+
+
+def test_kv_budget_limits_rows_and_admission_waits(llama_dir):
+    spec_engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=8, max_seq_len=32))
+    per_row = spec_engine.cache.nbytes // spec_engine.cache.rows
+    spec_engine.close()
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=8, max_seq_len=32, kv_cache_bytes=2 * per_row + 1))
+    try:
+        assert engine.cache.rows == 2
+        outs = engine.generate([Request(prompt_ids=p, sampling=greedy(5)) for p in PROMPTS])
+        assert [len(o.token_ids) for o in outs] == [5] * 4
+    finally:
+        engine.close()
+
+
+def test_concurrent_submitters_from_many_threads(engine):
+    results = {}
+
+    def worker(i):
+        r = Request(prompt_ids=PROMPTS[i % 4], adapter=ADAPTERS[i % 4], sampling=greedy(5))
+        results[i] = engine.submit(r).result(timeout=60).token_ids
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        assert results[i] == alone(engine, Request(prompt_ids=PROMPTS[i % 4], adapter=ADAPTERS[i % 4], sampling=greedy(5)))

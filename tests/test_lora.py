@@ -1,0 +1,98 @@
+"""The batched LoRA math against a float64 plain-torch reference, token by token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.config import QuantConfig
+from server.lora import LoRALinear, LoRAPool, lora_delta_reference
+from server.quant import dequantized_weight, make_base_linear
+
+IN, OUT, MAX_RANK, SLOTS = 64, 48, 8, 4
+RANKS = {1: 2, 2: 8, 3: 5}  # slot -> rank; 2 and 5 are zero-padded up to MAX_RANK
+SCALES = {1: 2.0, 2: 0.5, 3: 3.0}
+
+
+@pytest.fixture
+def adapters():
+    g = torch.Generator().manual_seed(0)
+    return {s: (torch.randn(r, IN, generator=g), torch.randn(OUT, r, generator=g)) for s, r in RANKS.items()}
+
+
+@pytest.fixture
+def pool(adapters):
+    pool = LoRAPool(SLOTS, MAX_RANK, IN, OUT, torch.device("cpu"), torch.float32)
+    for slot, (a, b) in adapters.items():
+        pool.write_slot(slot, a, b, SCALES[slot])
+    return pool
+
+
+def float64_delta(x, token_slots, adapters):
+    """For each token alone: s·(x·Aᵀ)·Bᵀ in float64 with the unpadded matrices; slot 0 adds 0."""
+    rows = []
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot == 0:
+            rows.append(torch.zeros(OUT, dtype=torch.float64))
+            continue
+        a, b = adapters[slot]
+        rows.append(SCALES[slot] * (x[t].double() @ a.double().T) @ b.double().T)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])  # 300 crosses the chunking boundary
+def test_mixed_slots_match_float64_reference(pool, adapters, num_tokens):
+    g = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, IN, generator=g)
+    token_slots = torch.randint(0, SLOTS, (num_tokens,), generator=g)
+    token_slots[0] = 0
+    got = lora_delta_reference(x, token_slots, pool.lora_a, pool.lora_b, pool.scale)
+    want = float64_delta(x, token_slots, adapters)
+    assert got.dtype == torch.float32 and got.shape == (num_tokens, OUT)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_slot_zero_adds_exactly_nothing(pool):
+    x = torch.randn(5, IN)
+    delta = lora_delta_reference(x, torch.zeros(5, dtype=torch.long), pool.lora_a, pool.lora_b, pool.scale)
+    assert torch.equal(delta, torch.zeros_like(delta))
+
+
+def test_padded_rank_is_exact(adapters):
+    """A rank-2 adapter in an r_max=8 slot gives bit-for-bit the same result as an r_max=2 pool."""
+    a, b = adapters[1]
+    padded = LoRAPool(2, MAX_RANK, IN, OUT, torch.device("cpu"), torch.float32)
+    exact = LoRAPool(2, 2, IN, OUT, torch.device("cpu"), torch.float32)
+    padded.write_slot(1, a, b, 2.0)
+    exact.write_slot(1, a, b, 2.0)
+    x, slots = torch.randn(3, IN), torch.ones(3, dtype=torch.long)
+    assert not torch.equal(padded(x, slots), torch.zeros(3, OUT))
+    torch.testing.assert_close(padded(x, slots), exact(x, slots), rtol=1e-6, atol=1e-6)
+
+
+def test_rewriting_a_slot_leaves_no_trace_of_the_old_adapter(pool, adapters):
+    """Hot swap is a copy_ into a slot: a smaller adapter must not inherit the old one's rows."""
+    small_a, small_b = adapters[1]
+    pool.write_slot(2, small_a, small_b, 1.0)  # slot 2 held a rank-8 adapter
+    assert torch.count_nonzero(pool.lora_a[2, 2:]) == 0 and torch.count_nonzero(pool.lora_b[2, :, 2:]) == 0
+    pool.write_slot(2, None, None, 0.0)
+    assert torch.count_nonzero(pool.lora_a[2]) == 0 and pool.scale[2] == 0
+    with pytest.raises(ValueError):
+        pool.write_slot(0, small_a, small_b, 1.0)
+
+
+def test_lora_linear_on_nf4_base_matches_float64(pool, adapters):
+    """y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ with W0 the double-dequantized NF4 weight, per token."""
+    torch.manual_seed(3)
+    weight, bias = torch.randn(OUT, IN) * 0.1, torch.randn(OUT) * 0.1
+    base = make_base_linear(weight, bias, QuantConfig(), torch.device("cpu"), torch.float32)
+    w0 = dequantized_weight(base).double()
+    assert not torch.equal(w0.float(), weight)  # really quantized
+    # NF4's widest gap (0.72..1.0 of a block's absmax) bounds the rounding error at 0.14·absmax.
+    assert (w0 - weight.double()).abs().max() <= 0.15 * weight.abs().max()
+    layer = LoRALinear(base, pool)
+    x = torch.randn(6, IN)
+    token_slots = torch.tensor([0, 1, 2, 3, 2, 0])
+    want = x.double() @ w0.T + bias.double() + float64_delta(x, token_slots, adapters)
+    torch.testing.assert_close(layer(x, token_slots).double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer(x, None).double(), x.double() @ w0.T + bias.double(), rtol=1e-5, atol=1e-4)

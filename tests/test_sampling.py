@@ -1,0 +1,78 @@
+"""Per-row sampling: each row's own temperature/top-k/top-p/penalty/seed, checked against
+transformers' logits processors and against the softmax distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.sampling import SamplingBatch, SamplingParams, sample
+
+V = 12
+
+
+def batch_of(params, seed=0):
+    gens = [None if p.greedy else torch.Generator().manual_seed(seed + i) for i, p in enumerate(params)]
+    return SamplingBatch(params, gens, V, torch.device("cpu"))
+
+
+def draws(logits, params, n=400):
+    batch = batch_of([params] * n)
+    return sample(logits.expand(n, V).clone(), batch, None)
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_rows():
+    logits = torch.randn(3, V)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=2.0), SamplingParams(temperature=0)]
+    out = sample(logits, batch_of(params), None)
+    assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
+
+
+def test_top_k_keeps_only_the_k_most_likely_tokens():
+    logits = torch.randn(V)
+    allowed = set(logits.topk(3).indices.tolist())
+    got = set(draws(logits, SamplingParams(temperature=5.0, top_k=3)).tolist())
+    assert got == allowed  # high temperature: all three show up, nothing else does
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1] + [0.0] * (V - 4)) + 1e-9
+    logits = probs.log()
+    assert set(draws(logits, SamplingParams(top_p=0.7)).tolist()) == {0, 1}
+    assert set(draws(logits, SamplingParams(top_p=0.1)).tolist()) == {0}
+
+
+def test_sampled_frequencies_follow_softmax_of_logits_over_temperature():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0] + [-30.0] * (V - 4))
+    n = 4000
+    counts = torch.bincount(draws(logits, SamplingParams(temperature=0.7), n), minlength=V).double() / n
+    want = torch.softmax(logits.double() / 0.7, dim=0)
+    assert (counts - want).abs().max() < 0.03
+
+
+def test_filters_match_transformers_logits_processors():
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, V)
+    seen_ids = torch.tensor([[1, 4, 5]])
+    seen = torch.zeros(1, V, dtype=torch.bool)
+    seen[0, seen_ids[0]] = True
+    params = SamplingParams(temperature=1.0, top_k=6, top_p=0.8, repetition_penalty=1.3)
+    want = RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.clone())
+    want = TopPLogitsWarper(0.8)(seen_ids, TopKLogitsWarper(6)(seen_ids, want))
+    allowed = set(torch.nonzero(want[0] > float("-inf")).flatten().tolist())
+    assert 3 <= len(allowed) < 6  # the filters really cut something here
+    got = set(sample(logits.expand(500, V).clone(), batch_of([params] * 500), seen.expand(500, V)).tolist())
+    assert got <= allowed and len(got) >= 2
+    greedy_penalised = sample(logits.clone(), batch_of([SamplingParams(temperature=0, repetition_penalty=1.3)]), seen)
+    assert greedy_penalised.item() == want[0].argmax().item()
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -0.1), ("top_k", -1),
+                                         ("top_p", 0.0), ("top_p", 1.01), ("repetition_penalty", 0.0)])
+def test_invalid_parameters_name_their_field(field, value):
+    from server.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match=field):
+        SamplingParams(**{field: value}).validate()

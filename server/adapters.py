@@ -54,7 +54,7 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
-def read_peft_adapter(path: str | Path, spec: ModelSpec, max_rank: int, dtype: torch.dtype) -> AdapterWeights:
+def read_peft_adapter(path: str | Path, spec: ModelSpec, max_rank: int) -> AdapterWeights:
     directory = Path(path)
     if not directory.is_dir():
         raise AdapterNotFound(f"no adapter directory at {directory}")
@@ -71,7 +71,7 @@ def read_peft_adapter(path: str | Path, spec: ModelSpec, max_rank: int, dtype: t
     raw_config = (directory / "adapter_config.json").read_bytes()
     raw_weights = weights_file.read_bytes()
     tensors = _parse_safetensors(raw_weights, weights_file)
-    modules = _collect_modules(tensors, config, spec, max_rank, dtype, directory)
+    modules = _collect_modules(tensors, config, spec, max_rank, directory)
     digest = hashlib.sha256(raw_config + b"\0" + raw_weights).hexdigest()
     return AdapterWeights(
         modules=modules,
@@ -116,7 +116,7 @@ def _parse_safetensors(raw: bytes, where: Path) -> dict[str, torch.Tensor]:
 
 
 def _collect_modules(tensors: dict[str, torch.Tensor], config: dict, spec: ModelSpec, max_rank: int,
-                     dtype: torch.dtype, directory: Path) -> dict[tuple[int, str], ModuleLoRA]:
+                     directory: Path) -> dict[tuple[int, str], ModuleLoRA]:
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unexpected = []
     for key, tensor in tensors.items():
@@ -164,7 +164,8 @@ def _collect_modules(tensors: dict[str, torch.Tensor], config: dict, spec: Model
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         if not math.isfinite(scale):
             raise IncompatibleAdapter(f"{where}: lora_alpha {alpha!r} gives a non-finite scale")
-        modules[(layer, module)] = ModuleLoRA(lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous(), float(scale))
+        # Kept in float32 on the host: the slot write folds the scale in before casting to the compute dtype.
+        modules[(layer, module)] = ModuleLoRA(lora_a.float().contiguous(), lora_b.float().contiguous(), float(scale))
     return modules
 
 

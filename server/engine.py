@@ -194,7 +194,7 @@ class Engine:
         (on the engine thread, between steps). Loading an existing name replaces it: requests
         already running keep the weights they started with."""
         validate_adapter_name(name)
-        weights = read_peft_adapter(path, self.spec, self.config.max_rank, self.dtype)
+        weights = read_peft_adapter(path, self.spec, self.config.max_rank)
         return self.install_adapter(name, weights)
 
     def install_adapter(self, name: str, weights: AdapterWeights) -> AdapterInfo:

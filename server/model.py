@@ -20,7 +20,7 @@ from torch import nn
 from .config import TARGET_MODULES, EngineConfig
 from .errors import UnsupportedModel
 from .kv_cache import KVCache
-from .lora import LoRALinear, LoRAPool
+from .lora import LoRABatch, LoRALinear, LoRAPool
 from .quant import make_base_linear, resident_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -146,14 +146,14 @@ class DecoderLayer(nn.Module):
         self.input_norm = input_norm
         self.post_norm = post_norm
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, lora: LoRABatch | None, cos: torch.Tensor,
+                sin: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
         bsz, seq, hidden = x.shape
-        spec, slots, p = self.spec, batch.token_slots, self.proj
+        spec, p = self.spec, self.proj
         h = self.input_norm(x).view(bsz * seq, hidden)
-        q = p["q_proj"](h, slots).view(bsz, seq, spec.num_heads, spec.head_dim).transpose(1, 2)
-        k = p["k_proj"](h, slots).view(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-        v = p["v_proj"](h, slots).view(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        q = p["q_proj"](h, lora).view(bsz, seq, spec.num_heads, spec.head_dim).transpose(1, 2)
+        k = p["k_proj"](h, lora).view(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        v = p["v_proj"](h, lora).view(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         cache.write(layer, batch.cache_rows, batch.positions, k, v)
@@ -163,11 +163,11 @@ class DecoderLayer(nn.Module):
             keys, values = cache.read(layer, batch.cache_rows, batch.kv_length)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True)
         attn = attn.transpose(1, 2).reshape(bsz * seq, spec.num_heads * spec.head_dim)
-        x = x + p["o_proj"](attn, slots).view(bsz, seq, hidden)
+        x = x + p["o_proj"](attn, lora).view(bsz, seq, hidden)
 
         h = self.post_norm(x).view(bsz * seq, hidden)
-        mlp = F.silu(p["gate_proj"](h, slots)) * p["up_proj"](h, slots)
-        return x + p["down_proj"](mlp, slots).view(bsz, seq, hidden)
+        mlp = F.silu(p["gate_proj"](h, lora)) * p["up_proj"](h, lora)
+        return x + p["down_proj"](mlp, lora).view(bsz, seq, hidden)
 
 
 class Transformer(nn.Module):
@@ -190,6 +190,10 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    @property
+    def num_lora_slots(self) -> int:
+        return self.layers[0].proj["q_proj"].pool.num_slots
+
     def lora_pools(self) -> dict[tuple[int, str], LoRAPool]:
         return {(i, name): proj.pool for i, layer in enumerate(self.layers) for name, proj in layer.proj.items()}
 
@@ -202,8 +206,11 @@ class Transformer(nn.Module):
         if not batch.prefill:
             key_pos = torch.arange(batch.kv_length, device=x.device)
             attn_mask = (key_pos[None, None, None, :] <= batch.positions[:, None, :, None])
+        lora = None
+        if batch.token_slots is not None:
+            lora = LoRABatch(batch.token_slots, self.num_lora_slots, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, cos, sin, attn_mask, cache, i)
+            x = layer(x, batch, lora, cos, sin, attn_mask, cache, i)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,174 @@
+"""Engine vs transformers + PEFT: decode throughput with one, several, or no adapters.
+
+Same checkpoint (NF4, double quant), same PEFT adapters, same prompts, same number of generated
+tokens (EOS ignored on both sides), measured in one run. PEFT serves a mixed batch through
+`generate(..., adapter_names=[...])`, its own multi-adapter inference path.
+
+    python bench/engine_bench.py                       # CPU: small preset, 8 requests over 4 adapters
+    python bench/engine_bench.py --preset 1b --requests 32 --adapters 8 --record   # on a GPU
+
+--record appends the table, with the machine it ran on, to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
+from server.model_factory import make_model  # noqa: E402
+from tests.helpers import NF4_REFERENCE, make_peft_adapter  # noqa: E402
+
+
+@dataclass
+class Case:
+    name: str
+    requests: int
+    adapter_names: list[str | None]  # one per request
+
+
+def cases(requests: int, num_adapters: int) -> list[Case]:
+    names = [f"adapter{i}" for i in range(num_adapters)]
+    return [
+        Case("single request, base", 1, [None]),
+        Case("single request, adapter", 1, [names[0]]),
+        Case(f"{requests} requests, base only", requests, [None] * requests),
+        Case(f"{requests} requests, one adapter", requests, [names[0]] * requests),
+        Case(f"{requests} requests over {num_adapters} adapters", requests, [names[i % num_adapters] for i in range(requests)]),
+    ]
+
+
+def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(10, vocab - 1, (n, length), generator=g).tolist()
+
+
+def time_engine(engine: Engine, case: Case, prompts, new_tokens: int) -> float:
+    sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    requests = [Request(prompt_ids=p, adapter=a, sampling=sampling) for p, a in zip(prompts, case.adapter_names)]
+    engine.generate(requests[:1])  # warm-up
+    start = time.perf_counter()
+    outputs = engine.generate(requests)
+    _sync()
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == new_tokens for o in outputs)
+    return len(requests) * new_tokens / elapsed
+
+
+def time_peft(model, case: Case, prompts, new_tokens: int) -> float:
+    device = next(model.parameters()).device
+    input_ids = torch.tensor(prompts, device=device)
+    names = [a or "__base__" for a in case.adapter_names]
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(input_ids=input_ids[:1], adapter_names=names[:1], **kwargs)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(input_ids=input_ids, adapter_names=names, **kwargs)
+        _sync()
+        elapsed = time.perf_counter() - start
+    assert out.shape[1] == input_ids.shape[1] + new_tokens
+    return len(prompts) * new_tokens / elapsed
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def load_peft(model_dir: Path, adapters: dict[str, Path], dtype: torch.dtype, device: str):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = dict(NF4_REFERENCE, bnb_4bit_compute_dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**quant),
+                                                dtype=dtype, device_map=device)
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="hotlora-bench-"))
+    model_dir = make_model(work / "model", args.preset, seed=0)
+    adapters = {f"adapter{i}": make_peft_adapter(model_dir, work / f"adapter{i}", seed=100 + i, r=args.rank,
+                                                 lora_alpha=2 * args.rank, target_modules="all-linear")
+                for i in range(args.adapters)}
+
+    config = EngineConfig(max_batch_size=max(args.requests, 1), max_seq_len=args.prompt_len + args.new_tokens + 8,
+                          max_adapters=args.adapters, max_rank=args.rank)
+    engine = Engine.from_pretrained(model_dir, config)
+    for name, path in adapters.items():
+        engine.load_adapter(name, path)
+    peft_model = load_peft(model_dir, adapters, engine.dtype, str(engine.device))
+
+    spec = engine.spec
+    rows = []
+    for case in cases(args.requests, args.adapters):
+        prompts = prompts_for(case.requests, args.prompt_len, spec.vocab_size)
+        ours = time_engine(engine, case, prompts, args.new_tokens)
+        theirs = time_peft(peft_model, case, prompts, args.new_tokens)
+        rows.append((case.name, ours, theirs))
+        print(f"{case.name:<32} engine {ours:9.1f} tok/s   PEFT {theirs:9.1f} tok/s   x{ours / theirs:5.2f}", flush=True)
+    engine.close()
+
+    by_name = {name: ours for name, ours, _ in rows}
+    base_only = by_name[f"{args.requests} requests, base only"]
+    mixed = by_name[f"{args.requests} requests over {args.adapters} adapters"]
+    mixed_overhead = base_only / mixed - 1
+    weights = engine.model.weight_bytes()
+    table = [
+        f"### engine_bench: preset `{args.preset}`, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
+        f"prompt {args.prompt_len}, {args.new_tokens} new tokens",
+        "",
+        f"Machine: {machine()}; compute dtype {engine.dtype}; "
+        f"NF4 projections {weights['projections'] / 2**20:.1f} MiB, other weights {weights['dense'] / 2**20:.1f} MiB.",
+        "",
+        "| case | engine tok/s | transformers+PEFT tok/s | engine / PEFT |",
+        "|---|---:|---:|---:|",
+        *[f"| {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |" for name, ours, theirs in rows],
+        "",
+        f"Mixed-adapter overhead over base-only (engine): {100 * mixed_overhead:.1f}% "
+        f"(base-only {base_only:.1f} tok/s vs mixed {mixed:.1f} tok/s).",
+        "",
+    ]
+    print("\n".join(table))
+    if args.record:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()

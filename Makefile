@@ -17,9 +17,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	@echo "make demo: the train -> publish -> serve demo is coming with the trainer issue (#4)."
-	@echo "Today it builds the tiny base model and runs the engine on it with one PEFT adapter."
-	$(PY) -m server.demo_engine
+	@echo "make demo: the full demo (train a cheese-expert adapter, publish it, serve it over gRPC) is"
+	@echo "coming with the trainer issue (#4). Today it builds the base model the demo will use and runs"
+	@echo "the engine benchmark on it: engine vs transformers+PEFT, base and mixed-adapter batches."
+	$(VENV)/bin/hotlora-server make-model demo-work/base --preset small
+	$(PY) bench/engine_bench.py --new-tokens 32
 
 bench: $(STAMP)
 	$(PY) bench/engine_bench.py

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -53,31 +54,43 @@ def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(10, vocab - 1, (n, length), generator=g).tolist()
 
 
-def time_engine(engine: Engine, case: Case, prompts, new_tokens: int) -> float:
+def engine_run(engine: Engine, case: Case, prompts, new_tokens: int):
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     requests = [Request(prompt_ids=p, adapter=a, sampling=sampling) for p, a in zip(prompts, case.adapter_names)]
-    engine.generate(requests[:1])  # warm-up
-    start = time.perf_counter()
-    outputs = engine.generate(requests)
-    _sync()
-    elapsed = time.perf_counter() - start
-    assert all(len(o.token_ids) == new_tokens for o in outputs)
-    return len(requests) * new_tokens / elapsed
+
+    def run():
+        outputs = engine.generate(requests)
+        assert all(len(o.token_ids) == new_tokens for o in outputs)
+
+    return run
 
 
-def time_peft(model, case: Case, prompts, new_tokens: int) -> float:
+def peft_run(model, case: Case, prompts, new_tokens: int):
     device = next(model.parameters()).device
     input_ids = torch.tensor(prompts, device=device)
     names = [a or "__base__" for a in case.adapter_names]
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(input_ids=input_ids[:1], adapter_names=names[:1], **kwargs)  # warm-up
-        start = time.perf_counter()
-        out = model.generate(input_ids=input_ids, adapter_names=names, **kwargs)
-        _sync()
-        elapsed = time.perf_counter() - start
-    assert out.shape[1] == input_ids.shape[1] + new_tokens
-    return len(prompts) * new_tokens / elapsed
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, adapter_names=names, **kwargs)
+        assert out.shape[1] == input_ids.shape[1] + new_tokens
+
+    return run
+
+
+def median_tokens_per_second(runs: dict, tokens: int, repeats: int) -> dict[str, float]:
+    """Runs alternate between the contenders (so machine noise hits both alike); median of each."""
+    for run in runs.values():
+        run()  # warm-up
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            _sync()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: tokens / statistics.median(s) for name, s in seconds.items()}
 
 
 def _sync():
@@ -118,6 +131,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case and contender (median)")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -138,8 +152,11 @@ def main() -> None:
     rows = []
     for case in cases(args.requests, args.adapters):
         prompts = prompts_for(case.requests, args.prompt_len, spec.vocab_size)
-        ours = time_engine(engine, case, prompts, args.new_tokens)
-        theirs = time_peft(peft_model, case, prompts, args.new_tokens)
+        rates = median_tokens_per_second(
+            {"engine": engine_run(engine, case, prompts, args.new_tokens),
+             "peft": peft_run(peft_model, case, prompts, args.new_tokens)},
+            case.requests * args.new_tokens, args.repeats)
+        ours, theirs = rates["engine"], rates["peft"]
         rows.append((case.name, ours, theirs))
         print(f"{case.name:<32} engine {ours:9.1f} tok/s   PEFT {theirs:9.1f} tok/s   x{ours / theirs:5.2f}", flush=True)
     engine.close()
@@ -151,7 +168,7 @@ def main() -> None:
     weights = engine.model.weight_bytes()
     table = [
         f"### engine_bench: preset `{args.preset}`, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
-        f"prompt {args.prompt_len}, {args.new_tokens} new tokens",
+        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} alternating runs",
         "",
         f"Machine: {machine()}; compute dtype {engine.dtype}; "
         f"NF4 projections {weights['projections'] / 2**20:.1f} MiB, other weights {weights['dense'] / 2**20:.1f} MiB.",

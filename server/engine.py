@@ -185,7 +185,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
         model, _ = load_model(model_dir, config)
-        return cls(model, config)
+        engine = cls(model, config)
+        sizes = {k: f"{v / 2**20:.1f} MiB" for k, v in model.weight_bytes().items()}
+        log.info("loaded %s on %s (%s): weights %s, KV cache %.1f MiB for %d sequences x %d tokens",
+                 model_dir, engine.device, engine.dtype, sizes, engine.cache.nbytes / 2**20, engine.cache.rows,
+                 config.max_seq_len)
+        return engine
 
     # ---------------------------------------------------------------- adapters
 

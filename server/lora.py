@@ -23,7 +23,6 @@ Two implementations with one signature:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,8 +39,9 @@ def lora_delta_reference(x: torch.Tensor, token_slots: torch.Tensor, lora_a: tor
 
 def slot_mask(token_slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
     """[N, S-1] one-hot of each token's slot, slot 0 (no adapter) left out. Built once per forward
-    and shared by every LoRA module."""
-    return F.one_hot(token_slots, num_slots)[:, 1:].to(dtype)
+    and shared by every LoRA module. (Not F.one_hot: on CUDA it validates its input with a sync.)"""
+    slots = torch.arange(1, num_slots, device=token_slots.device)
+    return (token_slots[:, None] == slots[None, :]).to(dtype)
 
 
 def lora_delta_stacked(x: torch.Tensor, mask: torch.Tensor, lora_a: torch.Tensor,

@@ -1,0 +1,43 @@
+"""CUDA twins of test_engine_vs_transformers (which runs the same checks on CPU in float32).
+
+On CUDA both sides compute in bfloat16, where summation order matters more: logits are compared
+with a bf16-sized tolerance and greedy next-token choices must agree at nearly every position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine import Engine, EngineConfig, Request
+from tests.helpers import NF4_REFERENCE
+
+pytestmark = pytest.mark.gpu
+
+
+def test_mixed_adapter_batch_matches_peft_on_cuda_bf16(llama_dir, peft_adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=8, max_seq_len=64, max_adapters=4,
+                                                            max_rank=16, device="cuda", dtype="bfloat16"))
+    quant = BitsAndBytesConfig(**dict(NF4_REFERENCE, bnb_4bit_compute_dtype=torch.bfloat16))
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=quant, dtype=torch.bfloat16, device_map="cuda")
+    names = list(peft_adapters)
+    reference = PeftModel.from_pretrained(base, peft_adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        reference.load_adapter(peft_adapters[name], adapter_name=name)
+    for name, path in peft_adapters.items():
+        engine.load_adapter(name, path)
+    try:
+        rows = [None, *names]
+        prompts = torch.randint(10, 400, (len(rows), 9), generator=torch.Generator().manual_seed(0)).tolist()
+        scored = engine.score([Request(prompt_ids=p, adapter=n) for p, n in zip(prompts, rows)])
+        with torch.no_grad():
+            want = reference(torch.tensor(prompts, device="cuda"), adapter_names=[n or "__base__" for n in rows]).logits.float().cpu()
+        agree = 0
+        for row, logits in enumerate(scored):
+            torch.testing.assert_close(logits, want[row], rtol=0.02, atol=0.1)
+            agree += (logits.argmax(-1) == want[row].argmax(-1)).sum().item()
+        assert agree >= 0.95 * len(rows) * 9
+    finally:
+        engine.close()

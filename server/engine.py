@@ -389,15 +389,21 @@ class Engine:
                     future.set_result(fn())
                 except BaseException as exc:  # reported to the caller that queued it
                     future.set_exception(exc)
-            try:
-                with torch.inference_mode():
-                    self._retire_stopped()
-                    self._admit_and_prefill()
-                    if self._running:
-                        self._decode_step()
-            except Exception as exc:
-                log.exception("engine step failed; failing the requests in it")
-                for seq in list(self._running):
+            with torch.inference_mode():
+                self._retire_stopped()
+                self._admit_and_prefill()
+                if self._running:
+                    self._guarded(list(self._running), self._decode_step)
+
+    def _guarded(self, seqs: list[_Sequence], step: Callable[[], None]) -> None:
+        """Run a step; if it fails, fail exactly the sequences in it (rows and adapters released)
+        and keep serving everyone else."""
+        try:
+            step()
+        except Exception as exc:
+            log.exception("engine step failed; failing its %d requests", len(seqs))
+            for seq in seqs:
+                if not seq.handle._output.done():
                     self._finish(seq, FinishReason.ERROR, error=exc)
 
     def _retire_stopped(self) -> None:
@@ -431,8 +437,10 @@ class Engine:
                 seq = self._pending.popleft()
                 seq.row = row
                 admitted.append(seq)
-        if not admitted:
-            return
+        if admitted:
+            self._guarded(admitted, lambda: self._prefill(admitted))
+
+    def _prefill(self, admitted: list[_Sequence]) -> None:
         for seq in admitted:
             self._seen[seq.row].zero_()
             self._seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
@@ -440,7 +448,7 @@ class Engine:
         last = hidden[torch.arange(len(admitted), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         batch = self._sampling_batch(admitted)
         rows = torch.tensor([s.row for s in admitted], device=self.device)
-        tokens = sample(self.model.logits(last), batch, self._seen[rows])
+        tokens = sample(self.model.logits(last), batch, self._seen[rows] if batch.use_penalty else None)
         self._running.extend(admitted)
         self._sampling = None
         self._accept_tokens(admitted, rows, tokens)

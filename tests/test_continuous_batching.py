@@ -169,3 +169,27 @@ def test_concurrent_submitters_from_many_threads(engine):
         t.join()
     for i in range(8):
         assert results[i] == alone(engine, Request(prompt_ids=PROMPTS[i % 4], adapter=ADAPTERS[i % 4], sampling=greedy(5)))
+
+
+@pytest.mark.parametrize("failing_call", [1, 3])  # 1: the prefill fails; 3: a later decode step fails
+def test_a_failing_step_fails_only_its_requests_and_frees_their_rows(llama_dir, monkeypatch, failing_call):
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=64))
+    try:
+        calls = {"n": 0}
+        real_forward = engine.model.forward
+
+        def forward_that_fails_once(*args):
+            calls["n"] += 1
+            if calls["n"] == failing_call:
+                raise RuntimeError("simulated device failure")
+            return real_forward(*args)
+
+        monkeypatch.setattr(engine.model, "forward", forward_that_fails_once)
+        handle = engine.submit(Request(prompt_ids=PROMPTS[0], sampling=greedy(5)))
+        with pytest.raises(RuntimeError, match="simulated"):
+            handle.result(timeout=30)
+        assert engine.cache.free_rows == engine.cache.rows
+        monkeypatch.setattr(engine.model, "forward", real_forward)
+        assert len(engine.generate([Request(prompt_ids=PROMPTS[1], sampling=greedy(4))])[0].token_ids) == 4
+    finally:
+        engine.close()

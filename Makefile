@@ -21,7 +21,7 @@ demo: $(STAMP)
 	@echo "coming with the trainer issue (#4). Today it builds the base model the demo will use and runs"
 	@echo "the engine benchmark on it: engine vs transformers+PEFT, base and mixed-adapter batches."
 	$(VENV)/bin/hotlora-server make-model demo-work/base --preset small
-	$(PY) bench/engine_bench.py --new-tokens 32
+	$(PY) bench/engine_bench.py --model demo-work/base --new-tokens 32 --repeats 3
 
 bench: $(STAMP)
 	$(PY) bench/engine_bench.py

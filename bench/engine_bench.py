@@ -126,6 +126,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--model", type=Path, help="an existing checkpoint directory instead of building --preset")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
@@ -136,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hotlora-bench-"))
-    model_dir = make_model(work / "model", args.preset, seed=0)
+    model_dir = args.model or make_model(work / "model", args.preset, seed=0)
     adapters = {f"adapter{i}": make_peft_adapter(model_dir, work / f"adapter{i}", seed=100 + i, r=args.rank,
                                                  lora_alpha=2 * args.rank, target_modules="all-linear")
                 for i in range(args.adapters)}
@@ -167,7 +168,7 @@ def main() -> None:
     mixed_overhead = base_only / mixed - 1
     weights = engine.model.weight_bytes()
     table = [
-        f"### engine_bench: preset `{args.preset}`, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
+        f"### engine_bench: {f'model {args.model}' if args.model else f'preset `{args.preset}`'}, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
         f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} alternating runs",
         "",
         f"Machine: {machine()}; compute dtype {engine.dtype}; "

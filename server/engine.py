@@ -409,11 +409,12 @@ class Engine:
     def _retire_stopped(self) -> None:
         now = time.monotonic()
         with self._lock:
-            waiting = [s for s in self._pending if self._stop_reason(s, now)]
-            for seq in waiting:
+            stopped = [(s, reason) for s in self._pending if (reason := self._stop_reason(s, now))]
+            for seq, _ in stopped:
                 self._pending.remove(seq)
-        for seq in waiting + [s for s in self._running if self._stop_reason(s, now)]:
-            self._finish(seq, self._stop_reason(seq, now))
+        stopped += [(s, reason) for s in list(self._running) if (reason := self._stop_reason(s, now))]
+        for seq, reason in stopped:
+            self._finish(seq, reason)
 
     @staticmethod
     def _stop_reason(seq: _Sequence, now: float) -> FinishReason | None:

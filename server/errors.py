@@ -46,12 +46,6 @@ class ResourceExhausted(HotloraError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class AdapterInUse(HotloraError):
-    """The operation needs an adapter that no request is using."""
-
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
-
-
 class Draining(HotloraError):
     """The server is shutting down and takes no new work."""
 

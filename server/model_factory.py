@@ -10,7 +10,7 @@ adapter is trained on top.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,10 +132,6 @@ def make_model(out_dir: str | Path, preset: str | ModelPreset = "tiny", seed: in
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
-
-
-def preset_with(name: str, **changes) -> ModelPreset:
-    return replace(PRESETS[name], **changes)
 
 
 def main(argv: list[str] | None = None) -> None:

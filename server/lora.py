@@ -6,12 +6,12 @@ For one target module the adapters live in a preallocated pool
 
 B is stored transposed, so the slots stack into one [slots·r_max, out] matrix, and pre-multiplied
 by the adapter's scale s (α/r, or α/√r for rsLoRA) when it is written, so the forward never
-multiplies by it. Slot 0 is
-"no adapter" and stays zero. An adapter of rank r < r_max is zero-padded: padded rows of A and
-Bᵀ contribute exactly 0. Loading an adapter is a `copy_` into a free slot; shapes never change,
-so nothing here allocates per step or blocks CUDA graphs.
+multiplies by it. Slot 0 is "no adapter" and stays zero. An adapter of rank r < r_max is
+zero-padded: padded rows of A and Bᵀ contribute exactly 0. Loading an adapter is a `copy_` into a
+free slot; shapes never change, so nothing here allocates per step or blocks CUDA graphs.
 
-Two implementations with one signature:
+Two implementations of the same math (the hot path takes the token→slot one-hot, built once per
+forward, instead of the slot indices):
 - `lora_delta_reference` — the definition, token by token (gather + bmm). Readable; tests and
   any future kernel are checked against it.
 - `lora_delta_stacked` — the hot path: one GEMM shrinks x by every slot's A at once, a per-token

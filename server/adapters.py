@@ -1,178 +1,357 @@
-"""Reading and validating PEFT LoRA adapter directories.
+"""The adapter manager: "name" / "name@version" -> a registered engine adapter, across three tiers.
 
-`read_peft_adapter` turns a directory written by peft's `save_pretrained` (adapter_config.json +
-adapter_model.safetensors) into host tensors ready to copy into LoRA slots, or refuses it with a
-typed error saying why. Everything is checked before anything touches a slot, so a refused
-adapter leaves no trace. Pickle files (.bin/.pt) are never opened.
+    store (disk)  --read + validate, off the engine thread-->  CPU (host weights, registered in
+    the engine)  --copy into a slot between steps, by the engine-->  GPU slot
+
+Each loaded version is registered in the engine under the key "name@version" and is identified
+by the content hash of its files, so a new version under an old name is never confused with it.
+`submit` resolves a name to its current version, loading it first when it is not in memory, and
+submits under the manager's lock so the version cannot be dropped in between; the engine keeps
+the weights a request started with until it finishes.
+
+Current versions: a name's current version is the store's `current` when first used; after that
+the watcher follows changes of `<name>/current` (polling every poll_interval_s), and LoadAdapter
+can pin another version until the next change. A new version that fails validation is refused,
+counted (hotlora_adapter_loads_total{result="rejected"}) and logged once, and the previous good
+version stays current. A superseded version is retired from the engine: requests still running
+on it finish there, and its slot is freed when the last one does.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import re
-from dataclasses import dataclass
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
+from .adapter_files import AdapterWeights, read_peft_adapter, validate_adapter_name
+from .config import AdapterConfig
+from .engine import Engine, Request, RequestHandle
+from .errors import AdapterNotFound, HotloraError, IncompatibleAdapter, PermissionDenied
+from .metrics import Metrics
+from .store import MANIFEST_SCHEMA_VERSION, AdapterStore, StoredVersion
 
-from .config import TARGET_MODULES
-from .errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
-from .model import ModelSpec
-
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_LORA_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$"
-)
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModuleLoRA:
-    lora_a: torch.Tensor  # [r, in]
-    lora_b: torch.Tensor  # [out, r]
-    scale: float
+class AdapterVersion:
+    """One version the server knows about (in memory or only in the store)."""
+
+    name: str
+    version: str
+    source: Path
+    from_store: bool
+    content_hash: str = ""
+    rank: int = 0
+    target_modules: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
 
 
 @dataclass(frozen=True)
-class AdapterWeights:
-    """A validated adapter, on the host, keyed by (layer index, module name)."""
+class AdapterStatus:
+    """A row of ListAdapters."""
 
-    modules: dict[tuple[int, str], ModuleLoRA]
-    rank: int
-    target_modules: tuple[str, ...]
-    content_hash: str  # sha256 of adapter_config.json + adapter_model.safetensors
-    source: str
-
-
-def validate_adapter_name(name: str) -> str:
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name) or ".." in name:
-        raise InvalidRequest(
-            f"adapter name {name!r} is invalid: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit"
-        )
-    return name
+    version: AdapterVersion
+    current: bool
+    tier: str  # "gpu" | "cpu" | "store"
+    in_flight: int
+    last_used: float
 
 
-def read_peft_adapter(path: str | Path, spec: ModelSpec, max_rank: int) -> AdapterWeights:
-    directory = Path(path)
-    if not directory.is_dir():
-        raise AdapterNotFound(f"no adapter directory at {directory}")
-    config = _read_config(directory)
-    weights_file = directory / "adapter_model.safetensors"
-    if not weights_file.exists():
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
-        if pickles:
-            raise IncompatibleAdapter(
-                f"{directory} has {pickles} but no adapter_model.safetensors: pickle files are never loaded, "
-                "re-save the adapter with safe_serialization=True"
-            )
-        raise IncompatibleAdapter(f"{directory} has no adapter_model.safetensors")
-    raw_config = (directory / "adapter_config.json").read_bytes()
-    raw_weights = weights_file.read_bytes()
-    tensors = _parse_safetensors(raw_weights, weights_file)
-    modules = _collect_modules(tensors, config, spec, max_rank, directory)
-    digest = hashlib.sha256(raw_config + b"\0" + raw_weights).hexdigest()
-    return AdapterWeights(
-        modules=modules,
-        rank=max(m.lora_a.shape[0] for m in modules.values()),
-        target_modules=tuple(sorted({name for _, name in modules}, key=TARGET_MODULES.index)),
-        content_hash=digest,
-        source=str(directory),
-    )
+def parse_adapter_ref(ref: str) -> tuple[str, str | None]:
+    """'name' -> (name, None); 'name@version' -> (name, version). Both parts validated."""
+    name, _, version = ref.partition("@")
+    validate_adapter_name(name)
+    if "@" in ref:
+        validate_adapter_name(version)
+    return name, version or None
 
 
-def _read_config(directory: Path) -> dict:
-    config_file = directory / "adapter_config.json"
-    if not config_file.exists():
-        raise IncompatibleAdapter(f"{directory} has no adapter_config.json")
+class AdapterManager:
+    def __init__(self, engine: Engine, config: AdapterConfig, metrics: Metrics, base_fingerprint: str | None):
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.base_fingerprint = base_fingerprint
+        self.store = AdapterStore(config.store) if config.store else None
+        self._lock = threading.RLock()
+        self._known: dict[str, AdapterVersion] = {}  # key -> version, loaded at least once
+        self._in_memory: set[str] = set()  # keys registered in the engine
+        self._current: dict[str, str] = {}  # name -> version new requests get
+        self._store_current_seen: dict[str, str | None] = {}  # name -> store `current` last acted on
+        self._rejected: dict[str, tuple[float, HotloraError]] = {}  # key -> (manifest mtime, why)
+        self._loading: dict[str, Future] = {}
+        self._poll_failures: dict[str, str] = {}  # name -> store version last refused by the watcher
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, ref: str, request: Request, loop=None) -> tuple[RequestHandle, AdapterVersion | None]:
+        """Submit `request` on adapter `ref` ("" = base). Blocks while a cold version is read and
+        validated, so call it from a worker thread, never the event loop."""
+        if not ref:
+            return self.engine.submit(request, loop), None
+        name, version = parse_adapter_ref(ref)
+        while True:
+            with self._lock:
+                wanted = version or self._current.get(name)
+                key = f"{name}@{wanted}"
+                if wanted is not None and key in self._in_memory:
+                    handle = self.engine.submit(replace(request, adapter=key), loop)
+                    return handle, self._known[key]
+                known = self._known.get(key)
+            if wanted is None:
+                self.load(name, None, make_current=False)  # first use: the store's current version
+            elif known is not None and not known.from_store:
+                self._load_once(name, wanted, lambda: self._read_path(name, known.source))  # dropped from memory
+            else:
+                self.load(name, wanted, make_current=False)
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, name: str, version: str | None = None, make_current: bool = True) -> AdapterVersion:
+        """Bring a store version into memory (the name's current one when version is None)."""
+        validate_adapter_name(name)
+        store = self._require_store(name)
+        stored = store.get(name, version)
+        with self._lock:
+            first_use = name not in self._current
+            if version is None or first_use:
+                self._store_current_seen.setdefault(name, store.current(name))
+        loaded = self._load_once(stored.name, stored.version, lambda: self._read_stored(stored))
+        if make_current or first_use or self._current.get(name) is None:
+            self._make_current(loaded)
+        return loaded
+
+    def load_path(self, name: str, path: str | Path) -> AdapterVersion:
+        """Load a PEFT directory from an allowed path and make it the name's current version."""
+        validate_adapter_name(name)
+        directory = Path(path).resolve()
+        if not any(directory.is_relative_to(root.resolve()) for root in self.config.allowed_paths):
+            raise PermissionDenied(f"{path} is outside the directories this server may load adapters from "
+                                   "(--adapter-path-allow)")
+        described, weights = self._read_path(name, directory)
+        loaded = self._load_once(name, described.version, lambda: (described, weights))
+        self._make_current(loaded)
+        return loaded
+
+    def _read_path(self, name: str, directory: Path) -> tuple[AdapterVersion, AdapterWeights]:
+        weights = self._validated(lambda: read_peft_adapter(directory, self.engine.spec, self.engine.config.max_rank))
+        return AdapterVersion(name, f"path-{weights.content_hash[:12]}", directory, False), weights
+
+    def unload(self, name: str) -> None:
+        validate_adapter_name(name)
+        with self._lock:
+            keys = [k for k, v in self._known.items() if v.name == name and k in self._in_memory]
+            if not keys and name not in self._current:
+                raise AdapterNotFound(f"adapter {name!r} is not loaded")
+            for key in keys:
+                self._drop(key)
+            self._current.pop(name, None)
+            self._store_current_seen.pop(name, None)
+
+    def _load_once(self, name: str, version: str, read) -> AdapterVersion:
+        """Read + validate + register one version; concurrent callers for it share one load."""
+        key = f"{name}@{version}"
+        with self._lock:
+            if key in self._in_memory:
+                return self._known[key]
+            future = self._loading.get(key)
+            owner = future is None
+            if owner:
+                future = self._loading[key] = Future()
+        if not owner:
+            return future.result()
+        try:
+            described, weights = read()
+            info = self.engine.install_adapter(key, weights)
+            loaded = replace(described, content_hash=info.content_hash, rank=info.rank, target_modules=info.target_modules)
+            with self._lock:
+                self._known[key] = loaded
+                self._in_memory.add(key)
+                self._rejected.pop(key, None)
+            self._trim_cpu_cache(keep=key)
+            future.set_result(loaded)
+            return loaded
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+
+    def _read_stored(self, stored: StoredVersion) -> tuple[AdapterVersion, AdapterWeights]:
+        key = f"{stored.name}@{stored.version}"
+        stamp = _mtime(stored.path)
+        with self._lock:
+            rejected = self._rejected.get(key)
+        if rejected and rejected[0] == stamp:
+            raise rejected[1]
+        try:
+            weights = self._validated(lambda: self._check_and_read(stored))
+        except IncompatibleAdapter as exc:
+            with self._lock:
+                self._rejected[key] = (stamp, exc)
+            raise
+        return AdapterVersion(stored.name, stored.version, stored.path, True), weights
+
+    def _check_and_read(self, stored: StoredVersion) -> AdapterWeights:
+        manifest = stored.manifest
+        if manifest is not None:
+            schema = manifest.get("schema_version")
+            if not isinstance(schema, int) or not 1 <= schema <= MANIFEST_SCHEMA_VERSION:
+                raise IncompatibleAdapter(f"{stored.path}/manifest.json: schema_version {schema!r} is not one this "
+                                          f"server reads (1..{MANIFEST_SCHEMA_VERSION}) or the file is unreadable")
+            trained_on = manifest.get("base_fingerprint")
+            if trained_on and self.base_fingerprint and trained_on != self.base_fingerprint:
+                raise IncompatibleAdapter(f"{stored.name}@{stored.version} was trained on another base model "
+                                          f"(fingerprint {trained_on[:12]}…, this server's is {self.base_fingerprint[:12]}…)")
+        return read_peft_adapter(stored.path, self.engine.spec, self.engine.config.max_rank)
+
+    def _validated(self, read) -> AdapterWeights:
+        """Time and count one read+validate; refusals are logged once with the reason."""
+        started = time.perf_counter()
+        try:
+            weights = read()
+        except IncompatibleAdapter as exc:
+            self.metrics.adapter_loads.labels("rejected").inc()
+            log.warning("adapter refused: %s", exc)
+            raise
+        except HotloraError:
+            raise
+        except Exception:
+            self.metrics.adapter_loads.labels("error").inc()
+            log.exception("adapter load failed")
+            raise
+        self.metrics.adapter_loads.labels("ok").inc()
+        self.metrics.adapter_load_duration.observe(time.perf_counter() - started)
+        return weights
+
+    def _make_current(self, loaded: AdapterVersion) -> None:
+        with self._lock:
+            previous = self._current.get(loaded.name)
+            self._current[loaded.name] = loaded.version
+            old_key = f"{loaded.name}@{previous}"
+            if previous is not None and previous != loaded.version and old_key in self._in_memory:
+                self._drop(old_key)  # running requests keep it until they finish
+        if previous != loaded.version:
+            log.info("adapter %s now serves version %s (%s)", loaded.name, loaded.version, loaded.content_hash[:12])
+
+    def _drop(self, key: str) -> None:  # holds self._lock
+        self._in_memory.discard(key)
+        self.engine.unload_adapter(key)
+
+    def _trim_cpu_cache(self, keep: str) -> None:
+        """Drop idle versions beyond cpu_cache_size, least recently used first (never `keep`)."""
+        with self._lock:
+            if len(self._in_memory) <= self.config.cpu_cache_size:
+                return
+            info = {a.name: a for a in self.engine.adapters()}
+            idle = sorted((info[k].last_used, k) for k in self._in_memory
+                          if k != keep and k in info and info[k].in_flight == 0)
+            for _, key in idle[: len(self._in_memory) - self.config.cpu_cache_size]:
+                self._drop(key)
+
+    def _require_store(self, name: str) -> AdapterStore:
+        if self.store is None:
+            raise AdapterNotFound(f"adapter {name!r} is not loaded and this server has no adapter store")
+        return self.store
+
+    # ------------------------------------------------------------------ the store watcher
+
+    def poll_store(self) -> None:
+        """Follow `<name>/current` for every name in use: load the new version and make it current."""
+        if self.store is None:
+            return
+        with self._lock:
+            names = [n for n in self._current if n in self._store_current_seen]
+        for name in names:
+            try:
+                now = self.store.current(name)
+            except OSError:
+                continue
+            with self._lock:
+                changed = now is not None and now != self._store_current_seen.get(name)
+            if not changed:
+                continue
+            try:
+                self.load(name, now)
+            except HotloraError as exc:
+                if self._poll_failures.get(name) != now:  # once per bad version, not every poll
+                    log.warning("store: %s@%s is not served (%s); %s stays current", name, now, exc,
+                                self._current.get(name))
+                    self._poll_failures[name] = now
+                continue
+            with self._lock:
+                self._store_current_seen[name] = now
+
+    def start_watching(self) -> None:
+        def watch():
+            while not self._stop.wait(self.config.poll_interval_s):
+                try:
+                    self.poll_store()
+                except Exception:
+                    log.exception("store watcher failed; retrying at the next interval")
+
+        if self.store is not None and self._watcher is None:
+            self._watcher = threading.Thread(target=watch, name="hotlora-store-watcher", daemon=True)
+            self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+
+    # ------------------------------------------------------------------ listing
+
+    def get(self, ref: str) -> AdapterStatus:
+        name, version = parse_adapter_ref(ref)
+        with self._lock:
+            version = version or self._current.get(name)
+        if version is None and self.store is not None:
+            version = self.store.current(name)
+        rows = [s for s in self.list() if s.version.name == name and s.version.version == version]
+        if not rows:
+            raise AdapterNotFound(f"adapter {ref!r} is neither loaded nor in the store")
+        return rows[0]
+
+    def list(self) -> list[AdapterStatus]:
+        engine = {a.name: a for a in self.engine.adapters()}
+        with self._lock:
+            rows = {}
+            for key, known in self._known.items():
+                live = engine.get(key) if key in self._in_memory else None
+                tier = "store" if live is None else "gpu" if live.resident else "cpu"
+                if live is None and not known.from_store:
+                    continue  # a dropped path version is gone
+                rows[key] = AdapterStatus(known, self._current.get(known.name) == known.version, tier,
+                                          live.in_flight if live else 0, live.last_used if live else 0.0)
+            current = dict(self._current)
+        for name in self.store.names() if self.store else []:
+            store_current = current.get(name) or self.store.current(name)
+            for version in self.store.versions(name):
+                key = f"{name}@{version}"
+                if key not in rows:
+                    described = AdapterVersion(name, version, self.store.root / name / version, True)
+                    rows[key] = AdapterStatus(described, version == store_current, "store", 0, 0.0)
+        return [rows[k] for k in sorted(rows)]
+
+    def tier_counts(self) -> dict[str, int]:
+        counts = {"gpu": 0, "cpu": 0, "store": 0}
+        for status in self.list():
+            counts[status.tier] += 1
+        return counts
+
+
+def _mtime(path: Path) -> float:
     try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IncompatibleAdapter(f"{config_file} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise IncompatibleAdapter(f"{config_file} must hold a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise IncompatibleAdapter(f"peft_type {config.get('peft_type')!r} is not supported (only LORA)")
-    if config.get("use_dora"):
-        raise IncompatibleAdapter("DoRA adapters (use_dora=true) are not supported: their magnitude vectors cannot be applied")
-    if config.get("modules_to_save"):
-        raise IncompatibleAdapter(
-            f"modules_to_save={config['modules_to_save']} replaces base weights, which a shared base model cannot do"
-        )
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise IncompatibleAdapter("adapters that train biases (bias != 'none' or lora_bias) are not supported")
-    return config
-
-
-def _parse_safetensors(raw: bytes, where: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        return load(raw)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise IncompatibleAdapter(f"{where} is not a readable safetensors file ({exc})") from None
-
-
-def _collect_modules(tensors: dict[str, torch.Tensor], config: dict, spec: ModelSpec, max_rank: int,
-                     directory: Path) -> dict[tuple[int, str], ModuleLoRA]:
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    unexpected = []
-    for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            unexpected.append(key)
-            continue
-        layer, block, module, which = int(match[1]), match[2], match[3], match[4]
-        if module not in TARGET_MODULES or (block == "self_attn") != (module in _ATTENTION):
-            unexpected.append(key)
-            continue
-        if layer >= spec.num_layers:
-            raise IncompatibleAdapter(f"{key}: layer {layer} does not exist (base model has {spec.num_layers} layers)")
-        pairs.setdefault((layer, module), {})[which] = tensor
-    if unexpected:
-        shown = ", ".join(unexpected[:3]) + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
-        raise IncompatibleAdapter(
-            f"adapter has {len(unexpected)} tensors that map to no supported LoRA module ({shown}); "
-            f"supported: lora_A/lora_B of {', '.join(TARGET_MODULES)} in the decoder layers"
-        )
-    if not pairs:
-        raise IncompatibleAdapter(f"{directory} contains no LoRA weights")
-
-    shapes = spec.projection_shapes()
-    modules = {}
-    for (layer, module), ab in sorted(pairs.items()):
-        where = f"layer {layer} {module}"
-        if set(ab) != {"A", "B"}:
-            raise IncompatibleAdapter(f"{where}: lora_{'B' if 'A' in ab else 'A'}.weight is missing")
-        lora_a, lora_b = ab["A"], ab["B"]
-        in_features, out_features = shapes[module]
-        if lora_a.ndim != 2 or lora_b.ndim != 2:
-            raise IncompatibleAdapter(f"{where}: LoRA weights must be 2-D matrices")
-        rank = lora_a.shape[0]
-        if tuple(lora_a.shape) != (rank, in_features) or tuple(lora_b.shape) != (out_features, rank):
-            raise IncompatibleAdapter(
-                f"{where}: shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit the base model "
-                f"(expected A[r, {in_features}] and B[{out_features}, r])"
-            )
-        if rank > max_rank:
-            raise IncompatibleAdapter(f"{where}: rank {rank} exceeds this server's max_rank {max_rank}")
-        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
-            raise IncompatibleAdapter(f"{where}: weights contain NaN or infinity")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, layer, module, config.get("lora_alpha", 8))
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        if not math.isfinite(scale):
-            raise IncompatibleAdapter(f"{where}: lora_alpha {alpha!r} gives a non-finite scale")
-        # Kept in float32 on the host: the slot write folds the scale in before casting to the compute dtype.
-        modules[(layer, module)] = ModuleLoRA(lora_a.float().contiguous(), lora_b.float().contiguous(), float(scale))
-    return modules
-
-
-def _pattern_value(patterns: dict, layer: int, module: str, default):
-    """PEFT's alpha_pattern: a key matches when it is a suffix (or regex) of the module's path."""
-    path = f"model.layers.{layer}.{'self_attn' if module in _ATTENTION else 'mlp'}.{module}"
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
-            return value
-    return default
+        return max(p.stat().st_mtime for p in path.iterdir())
+    except (OSError, ValueError):
+        return 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -60,3 +61,47 @@ class EngineConfig:
         if self.dtype is not None:
             return getattr(torch, self.dtype)
         return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Where adapters come from and how many are kept in host memory.
+
+    store: the adapter store directory (see server.store); None serves only path-loaded adapters.
+    poll_interval_s: how often the store's `current` pointers are checked for new versions.
+    cpu_cache_size: validated adapter versions held in host memory (those in device slots
+      included); idle ones beyond it are dropped least-recently-used and read again from their
+      source when next used.
+    allowed_paths: directories LoadAdapter(path=...) may read from; empty = path loads refused.
+    """
+
+    store: Path | None = None
+    poll_interval_s: float = 2.0
+    cpu_cache_size: int = 32
+    allowed_paths: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.cpu_cache_size < 1 or self.poll_interval_s <= 0:
+            raise ValueError("AdapterConfig: cpu_cache_size must be >= 1 and poll_interval_s > 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC server around one engine. admin_token: when set, the Adapters service requires
+    `authorization: Bearer <token>`. grace_period_s: how long SIGTERM waits for running requests.
+    max_adapter_labels: distinct adapter names that get their own metrics label (the rest share
+    "other"), which bounds the metrics' cardinality."""
+
+    model_dir: Path
+    engine: EngineConfig = EngineConfig()
+    adapters: AdapterConfig = AdapterConfig()
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9400
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    admin_token: str | None = None
+    grace_period_s: float = 25.0
+    default_max_new_tokens: int = 256
+    max_adapter_labels: int = 64

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .adapters import AdapterWeights, read_peft_adapter, validate_adapter_name
+from .adapter_files import AdapterWeights, read_peft_adapter, validate_adapter_name
 from .config import TARGET_MODULES, EngineConfig
 from .errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
 from .kv_cache import KVCache
@@ -79,7 +79,9 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     content_hash: str
     source: str
-    in_flight: int
+    in_flight: int  # requests queued or running on it
+    resident: bool  # holds a LoRA slot on the device now
+    last_used: float  # time.time() of the last request that used it; 0.0 if none yet
 
 
 _DONE = object()
@@ -101,6 +103,9 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> Output:
         return self._output.result(timeout)
+
+    async def aresult(self) -> Output:
+        return await asyncio.wrap_future(self._output)
 
     def __iter__(self):
         while (event := self._events.get()) is not _DONE:
@@ -129,11 +134,15 @@ class RequestHandle:
 
 @dataclass(eq=False)
 class _LoadedAdapter:
+    """A registered adapter: host weights always, a device slot while resident (slot > 0)."""
+
     name: str
-    slot: int
     weights: AdapterWeights
-    refs: int = 0
-    retired: bool = False  # unloaded or replaced; its slot is freed when refs reaches 0
+    slot: int = 0
+    refs: int = 0    # queued + running requests; keeps the entry alive after it is retired
+    active: int = 0  # running requests; a slot with active > 0 is never evicted
+    last_used: float = 0.0
+    retired: bool = False  # unloaded or replaced: no new requests; dropped when refs reaches 0
 
 
 @dataclass(eq=False)
@@ -170,6 +179,8 @@ class Engine:
         self._pools = model.lora_pools()
         self._free_slots = list(range(config.max_adapters, 0, -1))
         self._adapters: dict[str, _LoadedAdapter] = {}
+        self._resident: dict[int, _LoadedAdapter] = {}  # slot -> adapter in it
+        self._slot_victim: _LoadedAdapter | None = None  # see _admit_and_prefill
         self._seeds = random.Random(config.seed)
         self._ids = itertools.count()
 
@@ -195,35 +206,26 @@ class Engine:
     # ---------------------------------------------------------------- adapters
 
     def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
-        """Validate a PEFT adapter directory (in the caller's thread) and copy it into a free slot
-        (on the engine thread, between steps). Loading an existing name replaces it: requests
-        already running keep the weights they started with."""
+        """Validate a PEFT adapter directory (in the caller's thread) and register it under `name`."""
         validate_adapter_name(name)
         weights = read_peft_adapter(path, self.spec, self.config.max_rank)
         return self.install_adapter(name, weights)
 
     def install_adapter(self, name: str, weights: AdapterWeights) -> AdapterInfo:
-        """Copy already-validated weights into a free slot and bind `name` to them."""
-        with self._lock:
-            if not self._free_slots:
-                raise ResourceExhausted(f"all {self.config.max_adapters} adapter slots are in use; unload one first")
-            slot = self._free_slots.pop()
-        try:
-            self._call_on_engine_thread(lambda: self._write_slot(slot, weights))
-        except BaseException:
-            with self._lock:
-                self._free_slots.append(slot)
-            raise
-        entry = _LoadedAdapter(name, slot, weights)
+        """Register validated host weights under `name`, copying them into a slot now if one is
+        free (otherwise the first request that needs them gets one). Registering an existing name
+        replaces it: requests already queued or running keep the weights they started with."""
+        entry = _LoadedAdapter(name, weights)
         with self._lock:
             old = self._adapters.get(name)
             self._adapters[name] = entry
             if old is not None:
                 self._retire(old)
+        self._call_on_engine_thread(lambda: self._make_resident(entry, evict=False))
         return self._info(entry)
 
     def unload_adapter(self, name: str) -> None:
-        """New requests can no longer use `name`; running ones finish on it, then its slot frees."""
+        """New requests can no longer use `name`; queued and running ones finish on it."""
         with self._lock:
             entry = self._adapters.pop(name, None)
             if entry is None:
@@ -236,20 +238,45 @@ class Engine:
 
     def _info(self, entry: _LoadedAdapter) -> AdapterInfo:
         w = entry.weights
-        return AdapterInfo(entry.name, w.rank, w.target_modules, w.content_hash, w.source, entry.refs)
+        return AdapterInfo(entry.name, w.rank, w.target_modules, w.content_hash, w.source, entry.refs,
+                           entry.slot > 0, entry.last_used)
 
     def _retire(self, entry: _LoadedAdapter) -> None:  # holds self._lock
         entry.retired = True
         if entry.refs == 0:
-            self._free_slots.append(entry.slot)
+            self._evict(entry)
 
     def _release_adapter(self, entry: _LoadedAdapter | None) -> None:
         if entry is None:
             return
         with self._lock:
             entry.refs -= 1
+            entry.last_used = time.time()
             if entry.retired and entry.refs == 0:
-                self._free_slots.append(entry.slot)
+                self._evict(entry)
+
+    def _evict(self, entry: _LoadedAdapter) -> None:  # holds self._lock
+        if entry.slot:
+            del self._resident[entry.slot]
+            self._free_slots.append(entry.slot)
+            entry.slot = 0
+
+    def _make_resident(self, entry: _LoadedAdapter, evict: bool) -> bool:
+        """(engine thread) Give `entry` a slot: a free one, or with evict=True the least recently
+        used slot that no running request holds. False when every slot is held."""
+        with self._lock:
+            if entry.slot or entry.retired and entry.refs == 0:
+                return bool(entry.slot)
+            if not self._free_slots and evict:
+                idle = [e for e in self._resident.values() if e.active == 0]
+                if idle:
+                    self._evict(min(idle, key=lambda e: e.last_used))
+            if not self._free_slots:
+                return False
+            entry.slot = self._free_slots.pop()
+            self._resident[entry.slot] = entry
+        self._write_slot(entry.slot, entry.weights)
+        return True
 
     def _write_slot(self, slot: int, weights: AdapterWeights) -> None:
         for (layer, module), pool in self._pools.items():
@@ -261,8 +288,9 @@ class Engine:
 
     # ---------------------------------------------------------------- requests
 
-    def submit(self, request: Request) -> RequestHandle:
-        return self._submit(request, loop=None)
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request. With `loop`, the handle is iterated with `async for` on that loop."""
+        return self._submit(request, loop)
 
     def submit_async(self, request: Request) -> RequestHandle:
         """Like submit(), for asyncio callers: iterate the handle with `async for`."""
@@ -312,6 +340,7 @@ class Engine:
                 if adapter is None:
                     raise AdapterNotFound(f"adapter {request.adapter!r} is not loaded")
                 adapter.refs += 1
+                adapter.last_used = time.time()
             seq = _Sequence(request, handle, adapter, frozenset(stop_ids), generator, tokens=list(request.prompt_ids))
             self._pending.append(seq)
             self._lock.notify()
@@ -334,15 +363,26 @@ class Engine:
                 seqs.append(_Sequence(r, RequestHandle("score", None), adapter, frozenset(), None, tokens=list(r.prompt_ids)))
         if len(seqs) > self.cache.free_rows:
             raise ResourceExhausted(f"scoring {len(seqs)} prompts needs as many free KV rows ({self.cache.free_rows} free)")
-        for s in seqs:
-            s.row = self.cache.allocate_row()
+        adapters = list({id(s.adapter): s.adapter for s in seqs if s.adapter}.values())
+        pinned = []
         try:
+            for adapter in adapters:
+                if not self._make_resident(adapter, evict=True):
+                    raise ResourceExhausted(f"scoring needs {len(adapters)} adapters in slots at once; "
+                                            f"{len(pinned)} of {self.config.max_adapters} slots could be had")
+                adapter.active += 1
+                pinned.append(adapter)
+            for s in seqs:
+                s.row = self.cache.allocate_row()
             hidden, lengths = self._prefill_forward(seqs)
             logits = self.model.logits(hidden)
             return [logits[i, :n].cpu() for i, n in enumerate(lengths)]
         finally:
+            for adapter in pinned:
+                adapter.active -= 1
             for s in seqs:
-                self.cache.release_row(s.row)
+                if s.row >= 0:
+                    self.cache.release_row(s.row)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -354,6 +394,11 @@ class Engine:
                 "kv_cache_usage_ratio": self.cache.usage_ratio(),
                 "free_adapter_slots": len(self._free_slots),
             }
+
+    @property
+    def alive(self) -> bool:
+        """False once close() has finished every request and the engine thread has exited."""
+        return self._thread.is_alive()
 
     def close(self, cancel_running: bool = True, timeout: float | None = 30.0) -> None:
         """Stop taking requests; cancel (or, with cancel_running=False, finish) what is in flight."""
@@ -425,21 +470,60 @@ class Engine:
         return None
 
     def _admit_and_prefill(self) -> None:
+        """Admit queued requests in arrival order while KV rows and the prefill budget allow.
+
+        A request whose adapter has no slot takes a free one or evicts the least recently used
+        adapter that no running request holds. When every slot is held, it waits and requests
+        behind it on resident adapters go ahead — except on one adapter, the victim (the one whose
+        running requests finish soonest): nobody new is admitted on it, so its slot frees within
+        that many decode steps and the waiting request gets it. A cold adapter therefore waits at
+        most about max_new_tokens steps, however steady the traffic on warm ones. Later cold
+        requests queue behind the first, so slots are handed out in arrival order.
+        """
         admitted: list[_Sequence] = []
         budget = self.config.max_prefill_tokens
+        waiting_for_slot = False
         with self._lock:
-            while self._pending and len(self._running) + len(admitted) < self.config.max_batch_size:
-                longest = max([len(s.tokens) for s in admitted] + [len(self._pending[0].tokens)])
-                if admitted and longest * (len(admitted) + 1) > budget:
-                    break  # the rest join at the next step
-                row = self.cache.allocate_row()
-                if row is None:
-                    break  # waits until a running sequence frees its row
-                seq = self._pending.popleft()
-                seq.row = row
-                admitted.append(seq)
+            candidates = list(self._pending)
+        for seq in candidates:
+            if len(self._running) + len(admitted) >= self.config.max_batch_size or not self.cache.free_rows:
+                break  # the rest wait until a running sequence frees its row
+            longest = max([len(s.tokens) for s in admitted] + [len(seq.tokens)])
+            if admitted and longest * (len(admitted) + 1) > budget:
+                break  # the rest join at the next step
+            adapter = seq.adapter
+            if adapter is not None and adapter.slot == 0:
+                if waiting_for_slot or not self._make_resident(adapter, evict=True):
+                    if not waiting_for_slot and self._slot_victim is None:
+                        self._slot_victim = self._soonest_to_finish()
+                    waiting_for_slot = True
+                    continue
+                if not waiting_for_slot:
+                    self._slot_victim = None
+            elif adapter is not None and adapter is self._slot_victim:
+                continue
+            with self._lock:
+                if seq.handle.cancelled.is_set() or seq not in self._pending:
+                    continue
+                self._pending.remove(seq)
+            seq.row = self.cache.allocate_row()
+            if adapter is not None:
+                adapter.active += 1
+            admitted.append(seq)
+        if not waiting_for_slot:
+            self._slot_victim = None
         if admitted:
             self._guarded(admitted, lambda: self._prefill(admitted))
+
+    def _soonest_to_finish(self) -> _LoadedAdapter | None:
+        """The resident adapter whose running requests are done soonest (by max_new_tokens)."""
+        remaining: dict[int, int] = {}
+        for s in self._running:
+            if s.adapter is not None:
+                left = s.request.sampling.max_new_tokens - len(s.generated)
+                remaining[id(s.adapter)] = max(remaining.get(id(s.adapter), 0), left)
+        held = [e for e in self._resident.values() if id(e) in remaining]
+        return min(held, key=lambda e: remaining[id(e)], default=None)
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
         for seq in admitted:
@@ -516,6 +600,8 @@ class Engine:
         if seq.row >= 0:
             self.cache.release_row(seq.row)
             seq.row = -1
+            if seq.adapter is not None:
+                seq.adapter.active -= 1
         self._release_adapter(seq.adapter)
         adapter = seq.adapter
         output = Output(

@@ -56,6 +56,18 @@ class DeadlineExceeded(HotloraError):
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class PermissionDenied(HotloraError):
+    """The caller may not do this (e.g. load an adapter from a path outside the allowed ones)."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(HotloraError):
+    """An admin call without the right bearer token."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
 def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, message) for any exception; unknown exceptions stay INTERNAL without their text."""
     if isinstance(error, HotloraError):

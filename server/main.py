@@ -1,15 +1,182 @@
-"""`hotlora-server`: flags -> config -> build -> serve.
+"""`hotlora-server`: flags (or HOTLORA_* environment variables) -> ServerConfig -> Server -> serve.
 
-Today it has one subcommand, `make-model`, which writes a seeded random-weight checkpoint
-directory (see server.model_factory). The gRPC server itself (flags --model, --adapters, ...)
-is issue #3 and is not implemented yet; running without a subcommand says so.
+    hotlora-server --model DIR --adapters STORE [--port 50051 --metrics-port 9400 ...]
+    hotlora-server make-model DIR [--preset small]     # a seeded random-weight checkpoint
+
+Every flag can also come from the environment: --max-batch-size from HOTLORA_MAX_BATCH_SIZE, and
+so on; a flag on the command line wins. SIGTERM/SIGINT drain: health turns NOT_SERVING, new
+requests get UNAVAILABLE, running ones get up to --grace-period seconds to finish.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
+import os
+import signal
 import sys
+from pathlib import Path
+
+import grpc
+
+from .config import AdapterConfig, EngineConfig, ServerConfig
+
+log = logging.getLogger("hotlora.server")
 
 SUBCOMMANDS = {"make-model": "server.model_factory"}
+SERVICE_NAMES = ("hotlora.v1.Generation", "hotlora.v1.Adapters")
+
+
+class Server:
+    """The engine, the adapter manager, the gRPC services, health, reflection and metrics."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+        from .adapters import AdapterManager
+        from .engine import Engine
+        from .metrics import Metrics
+        from .service import AdaptersService, GenerationService
+        from .store import base_fingerprint
+        from .text import TextCodec
+
+        c = self.config
+        self.health = health.aio.HealthServicer()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._grpc = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert is not None:
+            credentials = grpc.ssl_server_credentials([(c.tls_key.read_bytes(), c.tls_cert.read_bytes())])
+            self.port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
+        await self._grpc.start()  # health answers NOT_SERVING while the model loads
+
+        self.metrics = Metrics(c.max_adapter_labels)
+        self.engine = await asyncio.to_thread(Engine.from_pretrained, c.model_dir, c.engine)
+        codec = await asyncio.to_thread(TextCodec.from_pretrained, c.model_dir)
+        fingerprint = await asyncio.to_thread(base_fingerprint, c.model_dir)
+        self.manager = AdapterManager(self.engine, c.adapters, self.metrics, fingerprint)
+        self.metrics.watch_engine(self.engine.stats, self.manager.tier_counts)
+        generation = GenerationService(self.engine, self.manager, codec, self.metrics, c.default_max_new_tokens)
+        generation_pb2_grpc.add_GenerationServicer_to_server(generation, self._grpc)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(self.manager, c.admin_token), self._grpc)
+        names = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+                 adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self._grpc)
+        self.metrics_port = self.metrics.serve(c.metrics_host, c.metrics_port)
+        self.manager.start_watching()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving gRPC on %s:%d (%s), metrics on %s:%d/metrics", c.host, self.port,
+                 "TLS" if c.tls_cert else "plaintext", c.metrics_host, self.metrics_port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new work, let running requests finish within the grace period."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.grace_period_s if grace is None else grace
+        log.info("draining (grace period %.1fs)", grace)
+        await self.health.enter_graceful_shutdown()
+        await asyncio.to_thread(self.engine.close, False, grace)
+        if self.engine.alive:
+            log.warning("grace period over: cancelling the requests still running")
+            await asyncio.to_thread(self.engine.close, True, 10.0)
+        await self._grpc.stop(1.0)
+        self.manager.close()
+        self.metrics.close()
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    environ = os.environ if environ is None else environ
+    p = argparse.ArgumentParser(prog="hotlora-server", description="Serve one NF4 base model with per-request LoRA adapters over gRPC.")
+
+    def flag(name: str, **kwargs):
+        env = "HOTLORA_" + name.lstrip("-").replace("-", "_").upper()
+        if env in environ:
+            kwargs["default"] = environ[env]
+            kwargs.pop("required", None)
+        kwargs["help"] = f"{kwargs.get('help', '')} [env {env}]".strip()
+        p.add_argument(name, **kwargs)
+
+    flag("--model", type=Path, required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
+    flag("--adapters", type=Path, help="adapter store directory (see DESIGN.md); omit to serve path-loaded adapters only")
+    flag("--host", default="0.0.0.0", help="gRPC bind address")
+    flag("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    flag("--metrics-host", default="0.0.0.0", help="metrics bind address")
+    flag("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0 = any free port)")
+    flag("--max-adapters", type=int, default=EngineConfig.max_adapters, help="LoRA slots on the device")
+    flag("--max-rank", type=int, default=EngineConfig.max_rank, help="largest LoRA rank served")
+    flag("--max-batch-size", type=int, default=EngineConfig.max_batch_size, help="sequences decoded together")
+    flag("--max-seq-len", type=int, default=EngineConfig.max_seq_len, help="prompt + generated tokens per sequence")
+    flag("--max-queue", type=int, default=EngineConfig.max_queue, help="waiting requests before RESOURCE_EXHAUSTED")
+    flag("--kv-cache-bytes", type=int, help="memory budget for the KV cache (limits the batch)")
+    flag("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    flag("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    flag("--default-max-new-tokens", type=int, default=ServerConfig.default_max_new_tokens, help="when a request sets none")
+    flag("--cpu-cache-adapters", type=int, default=AdapterConfig.cpu_cache_size, help="adapter versions kept in host memory")
+    flag("--store-poll-interval", type=float, default=AdapterConfig.poll_interval_s, help="seconds between checks of the store")
+    flag("--adapter-path-allow", type=Path, action="append", default=[], help="directory LoadAdapter(path=) may read (repeatable)")
+    flag("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS")
+    flag("--tls-key", type=Path, help="PEM private key")
+    flag("--admin-token-file", type=Path, help="file holding the bearer token the Adapters service requires")
+    flag("--grace-period", type=float, default=ServerConfig.grace_period_s, help="seconds SIGTERM waits for running requests")
+    flag("--max-adapter-labels", type=int, default=ServerConfig.max_adapter_labels, help="adapter names with their own metrics label")
+    flag("--seed", type=int, default=0, help="seed for requests that set none")
+    flag("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    a = p.parse_args(argv)
+
+    if (a.tls_cert is None) != (a.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    token = None
+    if a.admin_token_file is not None:
+        token = Path(a.admin_token_file).read_text().strip()
+        if not token:
+            p.error(f"--admin-token-file {a.admin_token_file} is empty")
+    allowed = a.adapter_path_allow if isinstance(a.adapter_path_allow, list) else [Path(a.adapter_path_allow)]
+    num = lambda value, kind=int: None if value is None else kind(value)  # noqa: E731  env values are strings
+    try:
+        engine = EngineConfig(max_batch_size=num(a.max_batch_size), max_seq_len=num(a.max_seq_len),
+                              max_adapters=num(a.max_adapters), max_rank=num(a.max_rank), max_queue=num(a.max_queue),
+                              kv_cache_bytes=num(a.kv_cache_bytes), device=a.device, dtype=a.dtype, seed=num(a.seed))
+        adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
+                                 cpu_cache_size=num(a.cpu_cache_adapters), poll_interval_s=num(a.store_poll_interval, float))
+    except ValueError as exc:
+        p.error(str(exc))
+    logging.basicConfig(level=str(a.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return ServerConfig(
+        model_dir=Path(a.model), engine=engine, adapters=adapters, host=a.host, port=num(a.port),
+        metrics_host=a.metrics_host, metrics_port=num(a.metrics_port), tls_cert=a.tls_cert and Path(a.tls_cert),
+        tls_key=a.tls_key and Path(a.tls_key), admin_token=token, grace_period_s=num(a.grace_period, float),
+        default_max_new_tokens=num(a.default_max_new_tokens), max_adapter_labels=num(a.max_adapter_labels))
+
+
+async def serve(config: ServerConfig) -> None:
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    await server.start()
+    print(f"hotlora-server ready: grpc port {server.port}, metrics port {server.metrics_port}", flush=True)
+    await server.wait_closed()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
         importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return 0
-    print("usage: hotlora-server make-model DIR [--preset tiny|tiny-qwen2|tiny-tied|small|1b] [--seed N]\n"
-          "The gRPC server (hotlora-server --model DIR --adapters STORE ...) is not implemented yet (issue #3).",
-          file=sys.stderr)
-    return 2
+    asyncio.run(serve(parse_args(argv)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -43,3 +43,42 @@ def reference_peft_model(base_dir: Path, adapters: dict[str, Path]):
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
     return model.eval()
+
+
+class RunningServer:
+    """A real hotlora Server on port 0 (gRPC and metrics), on its own event loop in a thread, so
+    tests can use the generated synchronous stubs against it."""
+
+    def __init__(self, config):
+        import asyncio
+        import threading
+
+        from server.main import Server
+
+        self.loop = asyncio.new_event_loop()
+        self.server = Server(config)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.call(self.server.start())
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def call(self, coroutine, timeout: float = 120):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def channel(self):
+        import grpc
+
+        return grpc.insecure_channel(self.target)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

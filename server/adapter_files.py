@@ -1,0 +1,178 @@
+"""Reading and validating PEFT LoRA adapter directories.
+
+`read_peft_adapter` turns a directory written by peft's `save_pretrained` (adapter_config.json +
+adapter_model.safetensors) into host tensors ready to copy into LoRA slots, or refuses it with a
+typed error saying why. Everything is checked before anything touches a slot, so a refused
+adapter leaves no trace. Pickle files (.bin/.pt) are never opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TARGET_MODULES
+from .errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
+from .model import ModelSpec
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$"
+)
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class ModuleLoRA:
+    lora_a: torch.Tensor  # [r, in]
+    lora_b: torch.Tensor  # [out, r]
+    scale: float
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A validated adapter, on the host, keyed by (layer index, module name)."""
+
+    modules: dict[tuple[int, str], ModuleLoRA]
+    rank: int
+    target_modules: tuple[str, ...]
+    content_hash: str  # sha256 of adapter_config.json + adapter_model.safetensors
+    source: str
+
+
+def validate_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name) or ".." in name:
+        raise InvalidRequest(
+            f"adapter name {name!r} is invalid: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit"
+        )
+    return name
+
+
+def read_peft_adapter(path: str | Path, spec: ModelSpec, max_rank: int) -> AdapterWeights:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterNotFound(f"no adapter directory at {directory}")
+    config = _read_config(directory)
+    weights_file = directory / "adapter_model.safetensors"
+    if not weights_file.exists():
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        if pickles:
+            raise IncompatibleAdapter(
+                f"{directory} has {pickles} but no adapter_model.safetensors: pickle files are never loaded, "
+                "re-save the adapter with safe_serialization=True"
+            )
+        raise IncompatibleAdapter(f"{directory} has no adapter_model.safetensors")
+    raw_config = (directory / "adapter_config.json").read_bytes()
+    raw_weights = weights_file.read_bytes()
+    tensors = _parse_safetensors(raw_weights, weights_file)
+    modules = _collect_modules(tensors, config, spec, max_rank, directory)
+    digest = hashlib.sha256(raw_config + b"\0" + raw_weights).hexdigest()
+    return AdapterWeights(
+        modules=modules,
+        rank=max(m.lora_a.shape[0] for m in modules.values()),
+        target_modules=tuple(sorted({name for _, name in modules}, key=TARGET_MODULES.index)),
+        content_hash=digest,
+        source=str(directory),
+    )
+
+
+def _read_config(directory: Path) -> dict:
+    config_file = directory / "adapter_config.json"
+    if not config_file.exists():
+        raise IncompatibleAdapter(f"{directory} has no adapter_config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IncompatibleAdapter(f"{config_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise IncompatibleAdapter(f"{config_file} must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise IncompatibleAdapter(f"peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    if config.get("use_dora"):
+        raise IncompatibleAdapter("DoRA adapters (use_dora=true) are not supported: their magnitude vectors cannot be applied")
+    if config.get("modules_to_save"):
+        raise IncompatibleAdapter(
+            f"modules_to_save={config['modules_to_save']} replaces base weights, which a shared base model cannot do"
+        )
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise IncompatibleAdapter("adapters that train biases (bias != 'none' or lora_bias) are not supported")
+    return config
+
+
+def _parse_safetensors(raw: bytes, where: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(raw)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise IncompatibleAdapter(f"{where} is not a readable safetensors file ({exc})") from None
+
+
+def _collect_modules(tensors: dict[str, torch.Tensor], config: dict, spec: ModelSpec, max_rank: int,
+                     directory: Path) -> dict[tuple[int, str], ModuleLoRA]:
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unexpected = []
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            unexpected.append(key)
+            continue
+        layer, block, module, which = int(match[1]), match[2], match[3], match[4]
+        if module not in TARGET_MODULES or (block == "self_attn") != (module in _ATTENTION):
+            unexpected.append(key)
+            continue
+        if layer >= spec.num_layers:
+            raise IncompatibleAdapter(f"{key}: layer {layer} does not exist (base model has {spec.num_layers} layers)")
+        pairs.setdefault((layer, module), {})[which] = tensor
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
+        raise IncompatibleAdapter(
+            f"adapter has {len(unexpected)} tensors that map to no supported LoRA module ({shown}); "
+            f"supported: lora_A/lora_B of {', '.join(TARGET_MODULES)} in the decoder layers"
+        )
+    if not pairs:
+        raise IncompatibleAdapter(f"{directory} contains no LoRA weights")
+
+    shapes = spec.projection_shapes()
+    modules = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        where = f"layer {layer} {module}"
+        if set(ab) != {"A", "B"}:
+            raise IncompatibleAdapter(f"{where}: lora_{'B' if 'A' in ab else 'A'}.weight is missing")
+        lora_a, lora_b = ab["A"], ab["B"]
+        in_features, out_features = shapes[module]
+        if lora_a.ndim != 2 or lora_b.ndim != 2:
+            raise IncompatibleAdapter(f"{where}: LoRA weights must be 2-D matrices")
+        rank = lora_a.shape[0]
+        if tuple(lora_a.shape) != (rank, in_features) or tuple(lora_b.shape) != (out_features, rank):
+            raise IncompatibleAdapter(
+                f"{where}: shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape)} do not fit the base model "
+                f"(expected A[r, {in_features}] and B[{out_features}, r])"
+            )
+        if rank > max_rank:
+            raise IncompatibleAdapter(f"{where}: rank {rank} exceeds this server's max_rank {max_rank}")
+        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+            raise IncompatibleAdapter(f"{where}: weights contain NaN or infinity")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, layer, module, config.get("lora_alpha", 8))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        if not math.isfinite(scale):
+            raise IncompatibleAdapter(f"{where}: lora_alpha {alpha!r} gives a non-finite scale")
+        # Kept in float32 on the host: the slot write folds the scale in before casting to the compute dtype.
+        modules[(layer, module)] = ModuleLoRA(lora_a.float().contiguous(), lora_b.float().contiguous(), float(scale))
+    return modules
+
+
+def _pattern_value(patterns: dict, layer: int, module: str, default):
+    """PEFT's alpha_pattern: a key matches when it is a suffix (or regex) of the module's path."""
+    path = f"model.layers.{layer}.{'self_attn' if module in _ATTENTION else 'mlp'}.{module}"
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default

@@ -1,0 +1,94 @@
+"""Prometheus metrics, served on their own HTTP port at /metrics.
+
+Each server owns a CollectorRegistry (tests run several servers in one process). Gauges that
+describe the engine's state are read at scrape time, not pushed from the hot path.
+
+The `adapter` label is bounded: the first `max_adapter_labels` distinct adapter names get their
+own label value, every later name is counted under "other", and the base model is "base".
+Versions are never labels (they would grow without bound as the trainer publishes).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class Metrics:
+    def __init__(self, max_adapter_labels: int = 64, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self._max_labels = max_adapter_labels
+        self._labels: set[str] = set()
+        self._labels_lock = threading.Lock()
+        r = self.registry
+        self.requests = Counter("hotlora_requests", "Generation requests by adapter and final gRPC status code.",
+                                ["adapter", "code"], registry=r)
+        self.request_duration = Histogram("hotlora_request_duration_seconds", "Time from receiving a request to its last token.",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram("hotlora_time_to_first_token_seconds", "Time from receiving a request to its first token.",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram("hotlora_time_per_output_token_seconds",
+                                               "Mean time between output tokens after the first, per request.",
+                                               buckets=TOKEN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("hotlora_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("hotlora_generation_tokens", "Tokens generated, by adapter.", ["adapter"], registry=r)
+        self.adapter_loads = Counter("hotlora_adapter_loads", "Adapter versions read and validated, by result (ok, rejected, error).",
+                                     ["result"], registry=r)
+        self.adapter_load_duration = Histogram("hotlora_adapter_load_duration_seconds", "Time to read and validate one adapter version.",
+                                               buckets=LATENCY_BUCKETS, registry=r)
+        for result in ("ok", "rejected", "error"):
+            self.adapter_loads.labels(result)
+        self._http = None
+
+    def adapter_label(self, name: str | None) -> str:
+        if not name:
+            return "base"
+        with self._labels_lock:
+            if name in self._labels:
+                return name
+            if len(self._labels) < self._max_labels:
+                self._labels.add(name)
+                return name
+        return "other"
+
+    def watch_engine(self, stats: Callable[[], dict], tiers: Callable[[], dict[str, int]]) -> None:
+        """Scrape-time gauges: queue, running requests, KV cache use, adapters per tier."""
+        gauges = {
+            "hotlora_queue_length": ("Requests waiting for admission.", "queue_length"),
+            "hotlora_running_requests": ("Requests being decoded.", "running"),
+            "hotlora_kv_cache_usage_ratio": ("Fraction of KV cache rows in use.", "kv_cache_usage_ratio"),
+        }
+        for name, (doc, key) in gauges.items():
+            Gauge(name, doc, registry=self.registry).set_function(lambda key=key: stats()[key])
+        self.registry.register(_TierCollector(tiers))
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP server; returns the bound port (useful with port 0)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _TierCollector:
+    def __init__(self, tiers: Callable[[], dict[str, int]]):
+        self._tiers = tiers
+
+    def describe(self):
+        return [GaugeMetricFamily("hotlora_adapters_loaded", "Adapter versions by tier (gpu, cpu, store).", labels=["tier"])]
+
+    def collect(self):
+        family = GaugeMetricFamily("hotlora_adapters_loaded", "Adapter versions by tier (gpu, cpu, store).", labels=["tier"])
+        for tier, count in self._tiers().items():
+            family.add_metric([tier], count)
+        yield family

@@ -1,0 +1,259 @@
+"""The gRPC servicers: protobuf <-> engine / adapter manager, and nothing else.
+
+Every error leaves through `_abort`, which uses errors.grpc_status (the one mapping); anything
+that blocks (adapter reads, submits that may load an adapter) runs in a worker thread, never on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+from .adapters import AdapterManager, AdapterStatus, AdapterVersion
+from .engine import Engine, FinishReason, Output, Request
+from .errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, Unauthenticated, grpc_status
+from .metrics import Metrics
+from .sampling import SamplingParams
+from .text import TextCodec
+
+log = logging.getLogger(__name__)
+
+_FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH}
+_TIER = {"gpu": adapters_pb2.TIER_GPU, "cpu": adapters_pb2.TIER_CPU, "store": adapters_pb2.TIER_STORE}
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    code, message = grpc_status(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error", exc_info=error)
+    await context.abort(code, message)
+
+
+@dataclass
+class _Piece:
+    text: str
+    token_ids: list[int]
+    request_id: str
+    output: Output | None = None  # set on the last piece
+    stopped_by_string: bool = False
+
+
+@dataclass
+class _Call:
+    """One generation call's bookkeeping for metrics."""
+
+    label: str = "base"
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, engine: Engine, manager: AdapterManager, codec: TextCodec, metrics: Metrics,
+                 default_max_new_tokens: int):
+        self.engine = engine
+        self.manager = manager
+        self.codec = codec
+        self.metrics = metrics
+        self.default_max_new_tokens = default_max_new_tokens
+
+    async def Generate(self, request, context):
+        text, token_ids, last, version = [], [], None, None
+        async for piece, version in self._run(request, context):
+            text.append(piece.text)
+            token_ids += piece.token_ids
+            last = piece
+        if last is None:
+            return generation_pb2.GenerateResponse()  # aborted: the status is already set
+        return generation_pb2.GenerateResponse(
+            text="".join(text), token_ids=token_ids, finish_reason=self._finish(last), usage=self._usage(last.output),
+            adapter=self._adapter_used(version, last.output), request_id=last.output.request_id)
+
+    async def GenerateStream(self, request, context):
+        first = True
+        async for piece, version in self._run(request, context):
+            message = generation_pb2.GenerateStreamResponse(text=piece.text, token_ids=piece.token_ids)
+            if first or piece.output is not None:
+                message.adapter.CopyFrom(self._adapter_used(version, piece.output))
+            if piece.output is not None:
+                message.finish_reason = self._finish(piece)
+                message.usage.CopyFrom(self._usage(piece.output))
+            message.request_id = piece.request_id
+            first = False
+            yield message
+
+    async def _run(self, request, context):
+        """Yields (piece, adapter version) as text becomes available; the last piece has .output."""
+        call = _Call()
+        try:
+            prompt_ids = self._prompt_ids(request)
+            engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(request, len(prompt_ids)),
+                                     deadline=_deadline(context), request_id=request.request_id or None)
+            decoder = self.codec.decoder(prompt_ids, list(request.stop))
+            call.label = self.metrics.adapter_label(request.adapter.partition("@")[0])
+            handle, version = await asyncio.to_thread(self.manager.submit, request.adapter, engine_request,
+                                                      asyncio.get_running_loop())
+            pending: list[int] = []
+            text = ""
+            try:
+                async for token in handle:
+                    call.first_token = call.first_token or time.perf_counter()
+                    pending.append(token)
+                    text += decoder.push([token])
+                    if decoder.stopped:
+                        handle.cancel()
+                        break
+                    if text:
+                        yield _Piece(text, pending, handle.request_id), version
+                        pending, text = [], ""
+                output = await handle.aresult()
+            except asyncio.CancelledError:
+                handle.cancel()  # the client went away: free the sequence now
+                call.code = grpc.StatusCode.CANCELLED
+                raise
+            if output.finish_reason == FinishReason.DEADLINE:
+                raise DeadlineExceeded(f"deadline exceeded after {len(output.token_ids)} generated tokens")
+            if output.finish_reason == FinishReason.CANCELLED and not decoder.stopped:
+                raise Draining("the server is shutting down and stopped this request")
+            self._observe(call, output)
+            yield _Piece(text + decoder.finish(), pending, handle.request_id, output, decoder.stopped), version
+        except HotloraError as exc:
+            call.code = exc.grpc_code
+            await _abort(context, exc)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            call.code = grpc.StatusCode.INTERNAL
+            await _abort(context, exc)
+        finally:
+            self.metrics.requests.labels(call.label, call.code.name).inc()
+
+    def _observe(self, call: _Call, output: Output) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        m.request_duration.observe(now - call.started)
+        m.prompt_tokens.inc(output.prompt_tokens)
+        m.generation_tokens.labels(call.label).inc(len(output.token_ids))
+        if call.first_token is not None:
+            m.time_to_first_token.observe(call.first_token - call.started)
+            if len(output.token_ids) > 1:
+                m.time_per_output_token.observe((now - call.first_token) / (len(output.token_ids) - 1))
+
+    def _prompt_ids(self, request) -> list[int]:
+        which = request.WhichOneof("input")
+        if which == "prompt":
+            return self.codec.encode_prompt(request.prompt)
+        if which == "messages":
+            return self.codec.encode_chat([{"role": m.role, "content": m.content} for m in request.messages.messages])
+        if which == "prompt_token_ids":
+            if not request.prompt_token_ids.ids:
+                raise InvalidRequest("prompt_token_ids is empty")
+            return list(request.prompt_token_ids.ids)
+        raise InvalidRequest("one of prompt, messages or prompt_token_ids must be set")
+
+    def _sampling(self, request, prompt_len: int) -> SamplingParams:
+        s = request.sampling
+        room = self.engine.config.max_seq_len - prompt_len
+        if request.HasField("max_new_tokens"):
+            max_new_tokens = request.max_new_tokens
+        elif room < 1:
+            raise InvalidRequest(f"prompt ({prompt_len} tokens) does not fit the context (max_seq_len "
+                                 f"{self.engine.config.max_seq_len}) with room for one new token")
+        else:
+            max_new_tokens = min(self.default_max_new_tokens, room)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=s.temperature if s.HasField("temperature") else 1.0,
+            top_p=s.top_p if s.HasField("top_p") else 1.0,
+            top_k=s.top_k if s.HasField("top_k") else 0,
+            repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+            seed=s.seed if s.HasField("seed") else None,
+            ignore_eos=request.ignore_eos,
+        )
+        params.validate()
+        return params
+
+    @staticmethod
+    def _finish(piece: _Piece) -> int:
+        return generation_pb2.FINISH_REASON_STOP if piece.stopped_by_string else _FINISH[piece.output.finish_reason]
+
+    @staticmethod
+    def _usage(output: Output):
+        return generation_pb2.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=len(output.token_ids))
+
+    @staticmethod
+    def _adapter_used(version: AdapterVersion | None, output: Output | None):
+        if version is None:
+            return generation_pb2.AdapterUsed()
+        content_hash = output.adapter_hash if output is not None else version.content_hash
+        return generation_pb2.AdapterUsed(name=version.name, version=version.version, content_hash=content_hash)
+
+
+class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
+    """Admin surface. With an admin token, every call needs `authorization: Bearer <token>`."""
+
+    def __init__(self, manager: AdapterManager, admin_token: str | None):
+        self.manager = manager
+        self.admin_token = admin_token
+
+    async def LoadAdapter(self, request, context):
+        def load():
+            if request.path:
+                return self.manager.load_path(request.name, request.path)
+            return self.manager.load(request.name, request.version or None)
+
+        loaded = await self._admin(context, load)
+        if loaded is not None:
+            status = await asyncio.to_thread(self.manager.get, loaded.key)
+            return adapters_pb2.LoadAdapterResponse(adapter=_adapter_message(status))
+
+    async def UnloadAdapter(self, request, context):
+        if await self._admin(context, lambda: self.manager.unload(request.name) or True):
+            return adapters_pb2.UnloadAdapterResponse()
+
+    async def ListAdapters(self, request, context):
+        rows = await self._admin(context, self.manager.list)
+        if rows is not None:
+            return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_message(s) for s in rows])
+
+    async def GetAdapter(self, request, context):
+        status = await self._admin(context, lambda: self.manager.get(request.adapter))
+        if status is not None:
+            return _adapter_message(status)
+
+    async def _admin(self, context, fn):
+        """Check the token, run fn in a worker thread; abort with the mapped status on error."""
+        try:
+            self._authorize(context)
+            return await asyncio.to_thread(fn)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    def _authorize(self, context) -> None:
+        if self.admin_token is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        given = metadata.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
+            raise Unauthenticated("the Adapters service needs metadata 'authorization: Bearer <admin token>'")
+
+
+def _adapter_message(status: AdapterStatus):
+    v = status.version
+    return adapters_pb2.Adapter(
+        name=v.name, version=v.version, current=status.current, rank=v.rank, target_modules=list(v.target_modules),
+        tier=_TIER[status.tier], in_flight=status.in_flight, last_used_unix=status.last_used,
+        content_hash=v.content_hash, source=str(v.source))
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

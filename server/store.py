@@ -1,0 +1,209 @@
+"""The adapter store: a directory tree every server replica reads and the trainer publishes into.
+
+    <store>/<name>/<version>/adapter_config.json        PEFT format, unchanged
+    <store>/<name>/<version>/adapter_model.safetensors  PEFT key names
+    <store>/<name>/<version>/manifest.json              hotlora's contract (optional for other tools)
+    <store>/<name>/current                              the current version's name
+
+Publishing is atomic: files are written into a hidden temporary directory inside the store,
+fsynced, renamed into place, and only then is `current` replaced (write a temporary file, fsync,
+rename). A reader sees either the old state or the new one; a publish killed at any point leaves a
+hidden `.tmp-*` directory at most, which readers ignore and `collect_garbage` removes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapter_files import validate_adapter_name
+from .errors import AdapterNotFound, InvalidRequest
+
+MANIFEST_SCHEMA_VERSION = 1
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_VERSION = re.compile(r"^v(\d+)$")
+_FINGERPRINT_SAMPLE = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    name: str
+    version: str
+    path: Path
+    manifest: dict | None  # None for adapters published by other tools
+
+
+class AdapterStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ reading
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[str]:
+        directory = self.root / validate_adapter_name(name)
+        if not directory.is_dir():
+            return []
+        found = [p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return sorted(found, key=_version_order)
+
+    def current(self, name: str) -> str | None:
+        """The version `<name>/current` names, or None when the name has none."""
+        try:
+            version = (self.root / validate_adapter_name(name) / "current").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return version or None
+
+    def get(self, name: str, version: str | None = None) -> StoredVersion:
+        """A stored version (the current one when version is None). Raises AdapterNotFound."""
+        validate_adapter_name(name)
+        version = version or self.current(name)
+        if version is None:
+            raise AdapterNotFound(f"adapter {name!r} is not in the store (or has no current version)")
+        validate_adapter_name(version)
+        path = self.root / name / version
+        if not path.is_dir():
+            raise AdapterNotFound(f"adapter {name}@{version} is not in the store")
+        return StoredVersion(name, version, path, read_manifest(path))
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish(self, name: str, source: str | Path, manifest: dict | None = None,
+                version: str | None = None, make_current: bool = True) -> StoredVersion:
+        """Copy a PEFT adapter directory in as a new version (v1, v2, ... unless given) and make it
+        current. Only the adapter files and the manifest are copied."""
+        validate_adapter_name(name)
+        source = Path(source)
+        missing = [f for f in ADAPTER_FILES if not (source / f).is_file()]
+        if missing:
+            raise InvalidRequest(f"{source} lacks {missing}: not a PEFT adapter saved with safetensors")
+        directory = self.root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._publish_lock(directory):
+            version = validate_adapter_name(version) if version else self._next_version(name)
+            if (directory / version).exists():
+                raise InvalidRequest(f"adapter {name}@{version} already exists in the store; versions are immutable")
+            staging = Path(_mkdtemp(directory))
+            try:
+                for file in ADAPTER_FILES:
+                    shutil.copyfile(source / file, staging / file)
+                if manifest is not None:
+                    record = {"schema_version": MANIFEST_SCHEMA_VERSION, "name": name, "version": version,
+                              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest}
+                    (staging / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+                for file in staging.iterdir():
+                    _fsync_file(file)
+                _fsync_dir(staging)
+                os.rename(staging, directory / version)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            _fsync_dir(directory)
+            if make_current:
+                self.set_current(name, version)
+        return self.get(name, version)
+
+    def set_current(self, name: str, version: str) -> None:
+        directory = self.root / validate_adapter_name(name)
+        if not (directory / validate_adapter_name(version)).is_dir():
+            raise AdapterNotFound(f"adapter {name}@{version} is not in the store")
+        temporary = directory / f".current.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        with open(temporary, "w") as handle:
+            handle.write(version + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, directory / "current")
+        _fsync_dir(directory)
+
+    def collect_garbage(self) -> list[Path]:
+        """Remove staging leftovers of killed publishes (older than a minute). Returns them."""
+        removed = []
+        for name in self.names():
+            for leftover in (self.root / name).glob(".*tmp-*"):
+                if time.time() - leftover.stat().st_mtime > 60:
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                    removed.append(leftover)
+        return removed
+
+    def _next_version(self, name: str) -> str:
+        numbers = [int(m[1]) for v in self.versions(name) if (m := _VERSION.match(v))]
+        return f"v{max(numbers, default=0) + 1}"
+
+    @contextmanager
+    def _publish_lock(self, directory: Path):
+        """Serialises publishers of one name (two trainers finishing together get v2 and v3)."""
+        with open(directory / ".publish.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_manifest(path: Path) -> dict | None:
+    file = Path(path) / "manifest.json"
+    if not file.exists():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"schema_version": -1}  # unreadable: the manager refuses it with the reason
+    return manifest if isinstance(manifest, dict) else {"schema_version": -1}
+
+
+def base_fingerprint(model_dir: str | Path) -> str:
+    """Identifies a base checkpoint without reading all of it: sha256 over config.json, each
+    safetensors file's header (names, shapes, dtypes, offsets) and the first and last MiB of its
+    data. Different weights of the same shape differ there with near certainty."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            digest.update(handle.read(header_len))
+            data_start, size = 8 + header_len, file.stat().st_size
+            digest.update(handle.read(_FINGERPRINT_SAMPLE))
+            handle.seek(max(data_start, size - _FINGERPRINT_SAMPLE))
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def _version_order(version: str) -> tuple:
+    match = _VERSION.match(version)
+    return (0, int(match[1]), "") if match else (1, 0, version)
+
+
+def _mkdtemp(directory: Path) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=".tmp-", dir=directory)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -52,6 +52,12 @@ class Draining(HotloraError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
+class NotReady(HotloraError):
+    """The server is still loading the model."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
 class DeadlineExceeded(HotloraError):
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
 

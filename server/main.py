@@ -47,38 +47,40 @@ class Server:
         from .adapters import AdapterManager
         from .engine import Engine
         from .metrics import Metrics
-        from .service import AdaptersService, GenerationService
+        from .service import AdaptersService, Backend, GenerationService
         from .store import base_fingerprint
         from .text import TextCodec
 
         c = self.config
+        self.metrics = Metrics(c.max_adapter_labels)
         self.health = health.aio.HealthServicer()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        generation = GenerationService(self.metrics, c.default_max_new_tokens)
+        admin = AdaptersService(c.admin_token)
         self._grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        generation_pb2_grpc.add_GenerationServicer_to_server(generation, self._grpc)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(admin, self._grpc)
+        names = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+                 adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self._grpc)
         address = f"{c.host}:{c.port}"
         if c.tls_cert is not None:
             credentials = grpc.ssl_server_credentials([(c.tls_key.read_bytes(), c.tls_cert.read_bytes())])
             self.port = self._grpc.add_secure_port(address, credentials)
         else:
             self.port = self._grpc.add_insecure_port(address)
-        await self._grpc.start()  # health answers NOT_SERVING while the model loads
+        await self._grpc.start()  # health answers NOT_SERVING, the others UNAVAILABLE, while the model loads
+        self.metrics_port = self.metrics.serve(c.metrics_host, c.metrics_port)
 
-        self.metrics = Metrics(c.max_adapter_labels)
         self.engine = await asyncio.to_thread(Engine.from_pretrained, c.model_dir, c.engine)
         codec = await asyncio.to_thread(TextCodec.from_pretrained, c.model_dir)
         fingerprint = await asyncio.to_thread(base_fingerprint, c.model_dir)
         self.manager = AdapterManager(self.engine, c.adapters, self.metrics, fingerprint)
         self.metrics.watch_engine(self.engine.stats, self.manager.tier_counts)
-        generation = GenerationService(self.engine, self.manager, codec, self.metrics, c.default_max_new_tokens)
-        generation_pb2_grpc.add_GenerationServicer_to_server(generation, self._grpc)
-        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(self.manager, c.admin_token), self._grpc)
-        names = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
-                 adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
-                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, self._grpc)
-        self.metrics_port = self.metrics.serve(c.metrics_host, c.metrics_port)
+        generation.backend = admin.backend = Backend(self.engine, self.manager, codec)
         self.manager.start_watching()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -19,7 +19,7 @@ from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, g
 
 from .adapters import AdapterManager, AdapterStatus, AdapterVersion
 from .engine import Engine, FinishReason, Output, Request
-from .errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, Unauthenticated, grpc_status
+from .errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, NotReady, Unauthenticated, grpc_status
 from .metrics import Metrics
 from .sampling import SamplingParams
 from .text import TextCodec
@@ -56,12 +56,27 @@ class _Call:
     first_token: float | None = None
 
 
-class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, engine: Engine, manager: AdapterManager, codec: TextCodec, metrics: Metrics,
-                 default_max_new_tokens: int):
-        self.engine = engine
-        self.manager = manager
-        self.codec = codec
+@dataclass(frozen=True)
+class Backend:
+    """What the services need once the model is loaded. Until then they answer UNAVAILABLE (the
+    services are registered before the model loads, so health can say NOT_SERVING meanwhile)."""
+
+    engine: Engine
+    manager: AdapterManager
+    codec: TextCodec
+
+
+class _NeedsBackend:
+    backend: Backend | None = None
+
+    def _ready(self) -> Backend:
+        if self.backend is None:
+            raise NotReady("the server is still loading the model")
+        return self.backend
+
+
+class GenerationService(_NeedsBackend, generation_pb2_grpc.GenerationServicer):
+    def __init__(self, metrics: Metrics, default_max_new_tokens: int):
         self.metrics = metrics
         self.default_max_new_tokens = default_max_new_tokens
 
@@ -94,12 +109,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         """Yields (piece, adapter version) as text becomes available; the last piece has .output."""
         call = _Call()
         try:
-            prompt_ids = self._prompt_ids(request)
-            engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(request, len(prompt_ids)),
+            backend = self._ready()
+            prompt_ids = self._prompt_ids(backend.codec, request)
+            engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(backend.engine, request, len(prompt_ids)),
                                      deadline=_deadline(context), request_id=request.request_id or None)
-            decoder = self.codec.decoder(prompt_ids, list(request.stop))
+            decoder = backend.codec.decoder(prompt_ids, list(request.stop))
             call.label = self.metrics.adapter_label(request.adapter.partition("@")[0])
-            handle, version = await asyncio.to_thread(self.manager.submit, request.adapter, engine_request,
+            handle, version = await asyncio.to_thread(backend.manager.submit, request.adapter, engine_request,
                                                       asyncio.get_running_loop())
             pending: list[int] = []
             text = ""
@@ -147,26 +163,27 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             if len(output.token_ids) > 1:
                 m.time_per_output_token.observe((now - call.first_token) / (len(output.token_ids) - 1))
 
-    def _prompt_ids(self, request) -> list[int]:
+    @staticmethod
+    def _prompt_ids(codec: TextCodec, request) -> list[int]:
         which = request.WhichOneof("input")
         if which == "prompt":
-            return self.codec.encode_prompt(request.prompt)
+            return codec.encode_prompt(request.prompt)
         if which == "messages":
-            return self.codec.encode_chat([{"role": m.role, "content": m.content} for m in request.messages.messages])
+            return codec.encode_chat([{"role": m.role, "content": m.content} for m in request.messages.messages])
         if which == "prompt_token_ids":
             if not request.prompt_token_ids.ids:
                 raise InvalidRequest("prompt_token_ids is empty")
             return list(request.prompt_token_ids.ids)
         raise InvalidRequest("one of prompt, messages or prompt_token_ids must be set")
 
-    def _sampling(self, request, prompt_len: int) -> SamplingParams:
+    def _sampling(self, engine: Engine, request, prompt_len: int) -> SamplingParams:
         s = request.sampling
-        room = self.engine.config.max_seq_len - prompt_len
+        room = engine.config.max_seq_len - prompt_len
         if request.HasField("max_new_tokens"):
             max_new_tokens = request.max_new_tokens
         elif room < 1:
             raise InvalidRequest(f"prompt ({prompt_len} tokens) does not fit the context (max_seq_len "
-                                 f"{self.engine.config.max_seq_len}) with room for one new token")
+                                 f"{engine.config.max_seq_len}) with room for one new token")
         else:
             max_new_tokens = min(self.default_max_new_tokens, room)
         params = SamplingParams(
@@ -197,43 +214,44 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return generation_pb2.AdapterUsed(name=version.name, version=version.version, content_hash=content_hash)
 
 
-class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
+class AdaptersService(_NeedsBackend, adapters_pb2_grpc.AdaptersServicer):
     """Admin surface. With an admin token, every call needs `authorization: Bearer <token>`."""
 
-    def __init__(self, manager: AdapterManager, admin_token: str | None):
-        self.manager = manager
+    def __init__(self, admin_token: str | None):
         self.admin_token = admin_token
 
     async def LoadAdapter(self, request, context):
-        def load():
+        def load(manager: AdapterManager):
             if request.path:
-                return self.manager.load_path(request.name, request.path)
-            return self.manager.load(request.name, request.version or None)
+                loaded = manager.load_path(request.name, request.path)
+            else:
+                loaded = manager.load(request.name, request.version or None)
+            return manager.get(loaded.key)
 
-        loaded = await self._admin(context, load)
-        if loaded is not None:
-            status = await asyncio.to_thread(self.manager.get, loaded.key)
+        status = await self._admin(context, load)
+        if status is not None:
             return adapters_pb2.LoadAdapterResponse(adapter=_adapter_message(status))
 
     async def UnloadAdapter(self, request, context):
-        if await self._admin(context, lambda: self.manager.unload(request.name) or True):
+        if await self._admin(context, lambda manager: manager.unload(request.name) or True):
             return adapters_pb2.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):
-        rows = await self._admin(context, self.manager.list)
+        rows = await self._admin(context, lambda manager: manager.list())
         if rows is not None:
             return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_message(s) for s in rows])
 
     async def GetAdapter(self, request, context):
-        status = await self._admin(context, lambda: self.manager.get(request.adapter))
+        status = await self._admin(context, lambda manager: manager.get(request.adapter))
         if status is not None:
             return _adapter_message(status)
 
     async def _admin(self, context, fn):
-        """Check the token, run fn in a worker thread; abort with the mapped status on error."""
+        """Check the token, run fn(manager) in a worker thread; abort with the mapped status on error."""
         try:
             self._authorize(context)
-            return await asyncio.to_thread(fn)
+            manager = self._ready().manager
+            return await asyncio.to_thread(fn, manager)
         except Exception as exc:
             await _abort(context, exc)
 

@@ -1,0 +1,130 @@
+"""Every bad input gets its own gRPC status with a message naming the field, and the server keeps
+serving: a normal request right after each one succeeds."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from protos.hotlora.v1 import generation_pb2 as pb
+from protos.hotlora.v1 import generation_pb2_grpc
+from server.config import AdapterConfig, EngineConfig, ServerConfig
+from server.store import AdapterStore
+from tests.helpers import RunningServer
+
+OK = pb.GenerateRequest(prompt="Cheese is made from milk", adapter="cheese", max_new_tokens=4,
+                        sampling=pb.SamplingParameters(temperature=0.0))
+Code = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, peft_adapters, tmp_path_factory):
+    store = AdapterStore(tmp_path_factory.mktemp("store"))
+    store.publish("cheese", peft_adapters["cheese"])
+    store.publish("bread", peft_adapters["bread"])  # rank 16 > this server's max_rank 8
+    config = ServerConfig(model_dir=llama_dir, host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
+                          engine=EngineConfig(max_batch_size=2, max_seq_len=512, max_adapters=2, max_rank=8, max_queue=2),
+                          adapters=AdapterConfig(store=store.root))
+    with RunningServer(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with server.channel() as channel:
+        yield generation_pb2_grpc.GenerationStub(channel)
+
+
+def status_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def still_serving(stub):
+    response = stub.Generate(OK, timeout=30)
+    assert response.usage.completion_tokens == 4
+
+
+def request(**fields):
+    merged = pb.GenerateRequest()
+    merged.CopyFrom(OK)
+    for name, value in fields.items():
+        if name == "sampling":
+            merged.sampling.CopyFrom(value)
+        elif name == "stop":
+            merged.stop.extend(value)
+        else:
+            setattr(merged, name, value)
+    return merged
+
+
+BAD_REQUESTS = {
+    "no input": (lambda: pb.GenerateRequest(max_new_tokens=4), Code.INVALID_ARGUMENT, "prompt"),
+    "empty prompt": (lambda: request(prompt=""), Code.INVALID_ARGUMENT, "prompt is empty"),
+    "empty token ids": (lambda: pb.GenerateRequest(prompt_token_ids=pb.TokenIds(), max_new_tokens=4), Code.INVALID_ARGUMENT, "prompt_token_ids"),
+    "token id outside the vocabulary": (lambda: pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 99999]), max_new_tokens=4),
+                                        Code.INVALID_ARGUMENT, "prompt_ids"),
+    "zero max_new_tokens": (lambda: request(max_new_tokens=0), Code.INVALID_ARGUMENT, "max_new_tokens"),
+    "negative max_new_tokens": (lambda: request(max_new_tokens=-3), Code.INVALID_ARGUMENT, "max_new_tokens"),
+    "max_new_tokens beyond the context": (lambda: request(max_new_tokens=1000), Code.INVALID_ARGUMENT, "max_new_tokens"),
+    "prompt longer than the context": (lambda: pb.GenerateRequest(prompt="milk " * 600), Code.INVALID_ARGUMENT, "max_seq_len"),
+    "negative temperature": (lambda: request(sampling=pb.SamplingParameters(temperature=-0.5)), Code.INVALID_ARGUMENT, "temperature"),
+    "top_p zero": (lambda: request(sampling=pb.SamplingParameters(top_p=0.0)), Code.INVALID_ARGUMENT, "top_p"),
+    "top_p above one": (lambda: request(sampling=pb.SamplingParameters(top_p=1.5)), Code.INVALID_ARGUMENT, "top_p"),
+    "bad adapter name": (lambda: request(adapter="../etc/passwd"), Code.INVALID_ARGUMENT, "adapter name"),
+    "too many stop strings": (lambda: request(stop=["x"] * 9), Code.INVALID_ARGUMENT, "stop"),
+    "unknown adapter": (lambda: request(adapter="nonexistent"), Code.NOT_FOUND, "nonexistent"),
+    "unknown version": (lambda: request(adapter="cheese@v9"), Code.NOT_FOUND, "cheese@v9"),
+    "incompatible adapter": (lambda: request(adapter="bread"), Code.FAILED_PRECONDITION, "max_rank 8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_request_gets_its_status_and_the_server_keeps_serving(stub, case):
+    make, code, words = BAD_REQUESTS[case]
+    for call in (lambda: stub.Generate(make(), timeout=30), lambda: list(stub.GenerateStream(make(), timeout=30))):
+        got_code, details = status_of(call)
+        assert got_code == code and words in details, (got_code, details)
+    still_serving(stub)
+
+
+def test_client_deadline_is_deadline_exceeded_and_frees_the_sequence(stub, server):
+    slow = request(max_new_tokens=50, ignore_eos=True)  # ~50 decode steps: far longer than 10 ms
+    code, _ = status_of(lambda: list(stub.GenerateStream(slow, timeout=0.01)))
+    assert code == Code.DEADLINE_EXCEEDED
+    wait_until(lambda: server.server.engine.stats()["running"] == 0)
+    still_serving(stub)
+
+
+def test_cancelled_stream_frees_its_sequence_at_once(stub, server):
+    stream = stub.GenerateStream(request(max_new_tokens=50, ignore_eos=True), timeout=30)
+    next(stream)
+    stream.cancel()
+    wait_until(lambda: server.server.engine.stats()["running"] == 0)
+    assert server.server.engine.cache.free_rows == server.server.engine.cache.rows
+    still_serving(stub)
+
+
+def test_full_queue_is_resource_exhausted(stub, server):
+    """2 rows and a queue of 2: with two requests running and two waiting, the next is refused;
+    the others all finish."""
+    long = request(max_new_tokens=400, ignore_eos=True)
+    stats = server.server.engine.stats
+    streams = [stub.GenerateStream(long, timeout=60) for _ in range(2)]
+    wait_until(lambda: stats()["running"] == 2)
+    streams += [stub.GenerateStream(long, timeout=60) for _ in range(2)]
+    wait_until(lambda: stats()["queue_length"] == 2)
+    code, details = status_of(lambda: stub.Generate(long, timeout=30))
+    assert code == Code.RESOURCE_EXHAUSTED and "queue is full" in details
+    assert all(list(s)[-1].usage.completion_tokens == 400 for s in streams)
+    still_serving(stub)
+
+
+def wait_until(condition, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 	@echo "the engine benchmark on it: engine vs transformers+PEFT, base and mixed-adapter batches."
 	$(VENV)/bin/hotlora-server make-model demo-work/base --preset small
 	$(PY) bench/engine_bench.py --model demo-work/base --new-tokens 32 --repeats 3
+
+# Regenerate the gRPC stubs after editing protos/hotlora/v1/*.proto (tests/test_protos.py checks).
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/hotlora/v1/*.proto
 
 bench: $(STAMP)
 	$(PY) bench/engine_bench.py

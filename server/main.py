@@ -93,13 +93,19 @@ class Server:
             return
         grace = self.config.grace_period_s if grace is None else grace
         log.info("draining (grace period %.1fs)", grace)
+        if self._grpc is None:  # never started
+            self._stopped.set()
+            return
         await self.health.enter_graceful_shutdown()
-        await asyncio.to_thread(self.engine.close, False, grace)
-        if self.engine.alive:
-            log.warning("grace period over: cancelling the requests still running")
-            await asyncio.to_thread(self.engine.close, True, 10.0)
+        engine = getattr(self, "engine", None)  # absent when stopped while the model was loading
+        if engine is not None:
+            await asyncio.to_thread(engine.close, False, grace)
+            if engine.alive:
+                log.warning("grace period over: cancelling the requests still running")
+                await asyncio.to_thread(engine.close, True, 10.0)
         await self._grpc.stop(1.0)
-        self.manager.close()
+        if getattr(self, "manager", None) is not None:
+            self.manager.close()
         self.metrics.close()
         self._stopped.set()
 

@@ -129,12 +129,13 @@ class AdapterStore:
         os.replace(temporary, directory / "current")
         _fsync_dir(directory)
 
-    def collect_garbage(self) -> list[Path]:
-        """Remove staging leftovers of killed publishes (older than a minute). Returns them."""
+    def collect_garbage(self, min_age_s: float = 600.0) -> list[Path]:
+        """Remove staging leftovers of killed publishes older than min_age_s (younger ones may
+        belong to a publish still running). Returns what was removed."""
         removed = []
         for name in self.names():
             for leftover in (self.root / name).glob(".*tmp-*"):
-                if time.time() - leftover.stat().st_mtime > 60:
+                if time.time() - leftover.stat().st_mtime >= min_age_s:
                     shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
                     removed.append(leftover)
         return removed

@@ -50,6 +50,6 @@ def test_1b_preset_has_tinyllama_shape():
         2048, 22, 32, 4, 5632, 32000)
 
 
-def test_server_without_subcommand_says_serving_is_not_there_yet():
+def test_server_without_a_model_is_a_usage_error():
     result = subprocess.run([sys.executable, "-m", "server.main"], capture_output=True, text=True)
-    assert result.returncode == 2 and "not implemented yet" in result.stderr
+    assert result.returncode == 2 and "--model" in result.stderr

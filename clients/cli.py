@@ -1,0 +1,98 @@
+"""`hotlora`: talk to a running hotlora-server from the shell.
+
+    hotlora generate [--adapter NAME[@VERSION]] [--max-new-tokens N] [--temperature T] "prompt"
+    hotlora adapters list
+    hotlora adapters load NAME [--version V | --path DIR]
+    hotlora adapters unload NAME
+
+--target (or HOTLORA_TARGET) picks the server, default localhost:50051; --admin-token-file (or
+HOTLORA_ADMIN_TOKEN) authenticates the adapters commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .client import Client, HotloraClientError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hotlora", description="Client for hotlora-server.")
+    p.add_argument("--target", default=os.environ.get("HOTLORA_TARGET", "localhost:50051"), help="server host:port")
+    p.add_argument("--admin-token-file", type=Path, help="file with the admin bearer token [env HOTLORA_ADMIN_TOKEN]")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
+    commands = p.add_subparsers(dest="command", required=True)
+
+    g = commands.add_parser("generate", help="generate a completion (streamed to stdout)")
+    g.add_argument("prompt")
+    g.add_argument("--adapter", default="", help='adapter name, or name@version; "" for the base model')
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="send the prompt as one user message through the chat template")
+
+    a = commands.add_parser("adapters", help="list, load or unload adapters")
+    actions = a.add_subparsers(dest="action", required=True)
+    actions.add_parser("list")
+    load = actions.add_parser("load")
+    load.add_argument("name")
+    load.add_argument("--version", default="")
+    load.add_argument("--path", default="", help="PEFT directory on the server (must be allowed there)")
+    unload = actions.add_parser("unload")
+    unload.add_argument("name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    token = os.environ.get("HOTLORA_ADMIN_TOKEN")
+    if args.admin_token_file:
+        token = args.admin_token_file.read_text().strip()
+    try:
+        with Client(args.target, admin_token=token, timeout=args.timeout) as client:
+            if args.command == "generate":
+                return _generate(client, args)
+            return _adapters(client, args)
+    except HotloraClientError as exc:
+        print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _generate(client: Client, args) -> int:
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=args.stop)
+    for piece in client.stream(prompt, args.adapter, **options):
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+        if piece.finish_reason:
+            print(f"\n[{piece.finish_reason}; {piece.usage.prompt_tokens} prompt + {piece.usage.completion_tokens} "
+                  f"generated tokens; adapter {args.adapter or 'none'}{'@' + piece.adapter_version if piece.adapter_version else ''}]",
+                  file=sys.stderr)
+    return 0
+
+
+def _adapters(client: Client, args) -> int:
+    if args.action == "list":
+        rows = client.list_adapters()
+        print(f"{'NAME':<24} {'VERSION':<20} {'CUR':<4} {'TIER':<6} {'RANK':>4} {'IN-FLIGHT':>9}  HASH")
+        for a in rows:
+            print(f"{a.name:<24} {a.version:<20} {'*' if a.current else '':<4} {a.tier:<6} {a.rank:>4} {a.in_flight:>9}  "
+                  f"{a.content_hash[:12]}")
+    elif args.action == "load":
+        a = client.load_adapter(args.name, version=args.version, path=args.path)
+        print(f"loaded {a.name}@{a.version} (rank {a.rank}, {', '.join(a.target_modules)}; {a.tier}; {a.content_hash[:12]})")
+    else:
+        client.unload_adapter(args.name)
+        print(f"unloaded {args.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

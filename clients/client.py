@@ -1,0 +1,257 @@
+"""Python clients for hotlora-server: `Client` (blocking) and `AsyncClient` (asyncio).
+
+    client = Client("localhost:50051")
+    result = client.generate("Which cheese is blue?", adapter="cheese", max_new_tokens=64)
+    print(result.text, result.finish_reason, result.usage, result.adapter_version)
+    for piece in client.stream("Tell me about Brie", adapter="cheese"):
+        print(piece.text, end="", flush=True)
+
+Errors come back as HotloraClientError subclasses carrying the gRPC status code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator, Sequence
+
+import grpc
+
+from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+_FINISH = {generation_pb2.FINISH_REASON_STOP: "stop", generation_pb2.FINISH_REASON_LENGTH: "length"}
+_TIER = {adapters_pb2.TIER_GPU: "gpu", adapters_pb2.TIER_CPU: "cpu", adapters_pb2.TIER_STORE: "store"}
+
+
+class HotloraClientError(Exception):
+    """A failed call; `.code` is the grpc.StatusCode, str() the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidArgument(HotloraClientError): ...
+class NotFound(HotloraClientError): ...
+class FailedPrecondition(HotloraClientError): ...
+class ResourceExhausted(HotloraClientError): ...
+class Unavailable(HotloraClientError): ...
+class DeadlineExceeded(HotloraClientError): ...
+class PermissionDenied(HotloraClientError): ...
+class Unauthenticated(HotloraClientError): ...
+
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition, grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable, grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied, grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
+
+
+def _error(exc: grpc.RpcError) -> HotloraClientError:
+    code = exc.code()
+    return _ERRORS.get(code, HotloraClientError)(code, exc.details() or code.name)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    usage: Usage
+    adapter: str  # "" for the base model
+    adapter_version: str
+    adapter_hash: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StreamPiece:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # set on the last piece
+    usage: Usage | None  # set on the last piece
+    adapter_version: str
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    version: str
+    current: bool
+    rank: int
+    target_modules: list[str]
+    tier: str  # "gpu" | "cpu" | "store"
+    in_flight: int
+    last_used_unix: float
+    content_hash: str
+    source: str
+
+
+def build_request(prompt: str | Sequence[dict] | Sequence[int], adapter: str = "", *, max_new_tokens: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                  seed: int | None = None, repetition_penalty: float | None = None, stop: Sequence[str] = (),
+                  ignore_eos: bool = False) -> generation_pb2.GenerateRequest:
+    """prompt: text, a list of chat messages ({"role", "content"}), or a list of token ids."""
+    request = generation_pb2.GenerateRequest(adapter=adapter, stop=list(stop), ignore_eos=ignore_eos)
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    elif prompt and isinstance(prompt[0], dict):
+        request.messages.messages.extend(generation_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
+    else:
+        request.prompt_token_ids.ids.extend(prompt)
+    if max_new_tokens is not None:
+        request.max_new_tokens = max_new_tokens
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+                "repetition_penalty": repetition_penalty}
+    for field, value in sampling.items():
+        if value is not None:
+            setattr(request.sampling, field, value)
+    return request
+
+
+def _result(response) -> GenerationResult:
+    usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
+    return GenerationResult(response.text, list(response.token_ids), _FINISH.get(response.finish_reason, ""), usage,
+                            response.adapter.name, response.adapter.version, response.adapter.content_hash,
+                            response.request_id)
+
+
+def _piece(message) -> StreamPiece:
+    last = message.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
+    usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens) if last else None
+    return StreamPiece(message.text, list(message.token_ids), _FINISH.get(message.finish_reason) if last else None,
+                       usage, message.adapter.version)
+
+
+def _adapter(message) -> AdapterInfo:
+    return AdapterInfo(message.name, message.version, message.current, message.rank, list(message.target_modules),
+                       _TIER.get(message.tier, "unknown"), message.in_flight, message.last_used_unix,
+                       message.content_hash, message.source)
+
+
+def _open_channel(target: str, tls: bool, root_certificates: bytes | None, aio: bool):
+    module = grpc.aio if aio else grpc
+    if tls:
+        return module.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+    return module.insecure_channel(target)
+
+
+class Client:
+    """Blocking client. admin_token is sent (as a bearer token) on Adapters calls only."""
+
+    def __init__(self, target: str = "localhost:50051", *, admin_token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, timeout: float | None = 600.0):
+        self._channel = _open_channel(target, tls, root_certificates, aio=False)
+        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
+        self._admin = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
+        self.timeout = timeout
+
+    def generate(self, prompt, adapter: str = "", **options) -> GenerationResult:
+        try:
+            return _result(self._generation.Generate(build_request(prompt, adapter, **options), timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def stream(self, prompt, adapter: str = "", **options) -> Iterator[StreamPiece]:
+        call = self._generation.GenerateStream(build_request(prompt, adapter, **options), timeout=self.timeout)
+        try:
+            for message in call:
+                yield _piece(message)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        finally:
+            call.cancel()  # a caller that stops iterating frees the server's sequence
+
+    def load_adapter(self, name: str, version: str = "", path: str = "") -> AdapterInfo:
+        return _adapter(self._admin_call(self._adapters.LoadAdapter,
+                                         adapters_pb2.LoadAdapterRequest(name=name, version=version, path=path)).adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        self._admin_call(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(name=name))
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return [_adapter(a) for a in self._admin_call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest()).adapters]
+
+    def get_adapter(self, adapter: str) -> AdapterInfo:
+        return _adapter(self._admin_call(self._adapters.GetAdapter, adapters_pb2.GetAdapterRequest(adapter=adapter)))
+
+    def _admin_call(self, method, request):
+        try:
+            return method(request, metadata=self._admin, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client with the same methods as Client (awaitable; stream() is an async iterator)."""
+
+    def __init__(self, target: str = "localhost:50051", *, admin_token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, timeout: float | None = 600.0):
+        self._channel = _open_channel(target, tls, root_certificates, aio=True)
+        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
+        self._admin = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
+        self.timeout = timeout
+
+    async def generate(self, prompt, adapter: str = "", **options) -> GenerationResult:
+        try:
+            return _result(await self._generation.Generate(build_request(prompt, adapter, **options), timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    async def stream(self, prompt, adapter: str = "", **options) -> AsyncIterator[StreamPiece]:
+        call = self._generation.GenerateStream(build_request(prompt, adapter, **options), timeout=self.timeout)
+        try:
+            async for message in call:
+                yield _piece(message)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        finally:
+            call.cancel()
+
+    async def load_adapter(self, name: str, version: str = "", path: str = "") -> AdapterInfo:
+        response = await self._admin_call(self._adapters.LoadAdapter,
+                                          adapters_pb2.LoadAdapterRequest(name=name, version=version, path=path))
+        return _adapter(response.adapter)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._admin_call(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(name=name))
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        response = await self._admin_call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest())
+        return [_adapter(a) for a in response.adapters]
+
+    async def get_adapter(self, adapter: str) -> AdapterInfo:
+        return _adapter(await self._admin_call(self._adapters.GetAdapter, adapters_pb2.GetAdapterRequest(adapter=adapter)))
+
+    async def _admin_call(self, method, request):
+        try:
+            return await method(request, metadata=self._admin, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

@@ -1,0 +1,150 @@
+"""What operators rely on: health (SERVING once loaded, NOT_SERVING while draining), reflection,
+Prometheus metrics that move as requests are served, the admin token, graceful drain."""
+
+from __future__ import annotations
+
+import re
+import threading
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.hotlora.v1 import adapters_pb2 as apb
+from protos.hotlora.v1 import adapters_pb2_grpc
+from protos.hotlora.v1 import generation_pb2 as pb
+from protos.hotlora.v1 import generation_pb2_grpc
+from server.config import AdapterConfig, EngineConfig, ServerConfig
+from server.store import AdapterStore
+from tests.helpers import RunningServer
+
+TOKEN = "s3cret-admin-token"
+
+
+def config(llama_dir, store_root, **overrides):
+    return ServerConfig(model_dir=llama_dir, host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
+                        engine=EngineConfig(max_batch_size=2, max_seq_len=256, max_adapters=2, max_rank=16),
+                        adapters=AdapterConfig(store=store_root), **overrides)
+
+
+@pytest.fixture(scope="module")
+def store(peft_adapters, tmp_path_factory):
+    store = AdapterStore(tmp_path_factory.mktemp("store"))
+    for name in ("cheese", "wine"):
+        store.publish(name, peft_adapters[name])
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, store):
+    with RunningServer(config(llama_dir, store.root, admin_token=TOKEN)) as running:
+        yield running
+
+
+def request(adapter="", n=4):
+    return pb.GenerateRequest(prompt="Cheese is", adapter=adapter, max_new_tokens=n, ignore_eos=True,
+                              sampling=pb.SamplingParameters(temperature=0.0))
+
+
+def scrape(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}{re.escape('{' + wanted + '}') if labels else ''} (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match[1]) if match else 0.0
+
+
+def test_health_serves_every_service_once_loaded(server):
+    with server.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "hotlora.v1.Generation", "hotlora.v1.Adapters"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+def test_reflection_lists_the_services_and_describes_them(server):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with server.channel() as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"hotlora.v1.Generation", "hotlora.v1.Adapters", "grpc.health.v1.Health"} <= services
+        generate = DescriptorPool(database).FindServiceByName("hotlora.v1.Generation").FindMethodByName("GenerateStream")
+        assert generate.output_type.full_name == "hotlora.v1.GenerateStreamResponse"
+
+
+def test_metrics_move_as_requests_are_served(server):
+    before = scrape(server)
+    with server.channel() as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        for adapter in ("cheese", "cheese", "", "wine"):
+            stub.Generate(request(adapter, n=5), timeout=60)
+        with pytest.raises(grpc.RpcError):
+            stub.Generate(request("missing"), timeout=60)
+    after = scrape(server)
+
+    def delta(name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("hotlora_requests_total", adapter="cheese", code="OK") == 2
+    assert delta("hotlora_requests_total", adapter="base", code="OK") == 1
+    assert delta("hotlora_requests_total", adapter="missing", code="NOT_FOUND") == 1
+    assert delta("hotlora_generation_tokens_total", adapter="cheese") == 10
+    assert delta("hotlora_prompt_tokens_total") > 0
+    assert delta("hotlora_request_duration_seconds_count") == 4
+    assert delta("hotlora_time_to_first_token_seconds_count") == 4
+    assert delta("hotlora_time_per_output_token_seconds_count") == 4
+    assert delta("hotlora_adapter_loads_total", result="ok") >= 0
+    for gauge in ("hotlora_queue_length", "hotlora_running_requests", "hotlora_kv_cache_usage_ratio"):
+        assert re.search(rf"^{gauge} ", after, re.MULTILINE), gauge
+    assert sample(after, "hotlora_adapters_loaded", tier="gpu") >= 1
+    assert sample(after, "hotlora_adapter_load_duration_seconds_count") >= 1
+
+
+def test_adapter_label_cardinality_is_bounded(llama_dir, store):
+    from server.metrics import Metrics
+
+    metrics = Metrics(max_adapter_labels=2)
+    assert [metrics.adapter_label(n) for n in ["a", "b", "c", "a", "", "d"]] == ["a", "b", "other", "a", "base", "other"]
+
+
+def test_admin_token_guards_the_adapters_service_only(server):
+    with server.channel() as channel:
+        admin = adapters_pb2_grpc.AdaptersStub(channel)
+        for metadata in [None, (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)]:
+            with pytest.raises(grpc.RpcError) as info:
+                admin.ListAdapters(apb.ListAdaptersRequest(), metadata=metadata, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in info.value.details()
+        listed = admin.ListAdapters(apb.ListAdaptersRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10)
+        assert {a.name for a in listed.adapters} == {"cheese", "wine"}
+        assert generation_pb2_grpc.GenerationStub(channel).Generate(request(), timeout=60).usage.completion_tokens == 4
+
+
+def test_drain_finishes_running_requests_and_refuses_new_ones(llama_dir, store):
+    running = RunningServer(config(llama_dir, store.root))
+    channel = running.channel()
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    stream = stub.GenerateStream(request("cheese", n=200), timeout=120)
+    first = next(stream)
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 60})
+    stopper.start()
+    try:
+        # Draining: health says NOT_SERVING and new work is refused, while the stream goes on.
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING:
+            pass
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(request(), timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        rest = list(stream)
+    finally:
+        stopper.join(60)
+        channel.close()
+    assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 200
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH

@@ -148,3 +148,20 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(llama_dir, store):
         channel.close()
     assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 200
     assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_tls_serves_clients_that_trust_the_certificate(llama_dir, store, tmp_path):
+    import subprocess
+
+    from clients import Client
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    with RunningServer(config(llama_dir, store.root, tls_cert=cert, tls_key=key)) as running:
+        target = f"localhost:{running.server.port}"
+        with Client(target, tls=True, root_certificates=cert.read_bytes()) as client:
+            assert client.generate("Brie", max_new_tokens=3, temperature=0.0, ignore_eos=True).usage.completion_tokens == 3
+        with Client(target, timeout=10) as plaintext, pytest.raises(Exception):
+            plaintext.generate("Brie", max_new_tokens=3)

@@ -1,0 +1,144 @@
+"""`trainer fit` on a tiny model on CPU: the loss halves, an interrupted-and-resumed run ends with
+the adapter an uninterrupted one makes, the acceptance check refuses adapters the server could not
+serve faithfully, and the CLI leaves the files it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.acceptance import AcceptanceError, check, prompts_from
+from trainer.config import FitConfig
+from trainer.demo.make_dataset import write as write_dataset
+from trainer.fit import fit
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def cheese_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "cheese.jsonl"
+    write_dataset(path)
+    lines = path.read_text().splitlines()[:24]  # a small slice keeps each run to seconds
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_config(llama_dir, data, tmp_path, **overrides) -> FitConfig:
+    settings = dict(base=llama_dir, data=data, name="cheese", store=tmp_path / "store", output_dir=tmp_path / "run",
+                    rank=8, max_seq_len=96, batch_size=4, learning_rate=2e-2, max_steps=60, eval_every=20,
+                    checkpoint_every=20, eval_fraction=0.15, seed=5)
+    settings.update(overrides)
+    return FitConfig(**settings)
+
+
+@pytest.mark.slow
+def test_loss_halves_on_tiny_data(llama_dir, cheese_data, tmp_path):
+    result = fit(tiny_config(llama_dir, cheese_data, tmp_path))
+    assert result.state.step == 60 and len(result.losses) == 60
+    assert result.losses[-1] <= result.losses[0] / 2, result.losses
+    assert result.state.eval_loss is not None and result.state.eval_loss < result.losses[0]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_ends_with_the_same_adapter(llama_dir, cheese_data, tmp_path):
+    """Dropout on, a cosine schedule and several epochs: RNG, optimizer, scheduler and data
+    position all have to come back for the adapters to agree."""
+    whole = tiny_config(llama_dir, cheese_data, tmp_path / "whole", max_steps=12, checkpoint_every=4, dropout=0.1,
+                        keep_checkpoints=5)
+    fit(whole)
+
+    parted = replace(whole, output_dir=tmp_path / "parted" / "run")
+
+    def crash_at_step_6(state, logs):
+        if state.step == 6:
+            raise Interrupt  # like Ctrl-C between checkpoints: steps 5-6 are lost and redone
+
+    with pytest.raises(Interrupt):
+        fit(parted, on_step=crash_at_step_6)
+    assert sorted(p.name for p in (parted.run_dir / "checkpoints").iterdir()) == ["step-00000004"]
+    resumed = fit(replace(parted, resume=True))
+    assert resumed.state.step == 12
+
+    final = lambda cfg: load_file(cfg.run_dir / "checkpoints" / "step-00000012" / "adapter.safetensors")  # noqa: E731
+    a, b = final(whole), final(parted)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    start = load_file(parted.run_dir / "checkpoints" / "step-00000004" / "adapter.safetensors")
+    assert any(not torch.equal(start[k], b[k]) for k in b)  # training really went on after the resume
+
+
+@pytest.mark.slow
+def test_acceptance_check_passes_a_trained_adapter_and_refuses_bad_ones(llama_dir, cheese_data, tmp_path):
+    result = fit(tiny_config(llama_dir, cheese_data, tmp_path, max_steps=5))
+    adapter = tmp_path / "adapter"
+    result.model.save_pretrained(adapter)
+    prompts = prompts_from(result.eval, 3)
+    report = check(llama_dir, adapter, result.model, prompts, rank=8)
+    assert report.max_relative_difference <= report.tolerance < report.adapter_effect
+
+    with pytest.raises(AcceptanceError, match="rank 8 exceeds"):  # the server could not hold it
+        check(llama_dir, adapter, result.model, prompts, rank=4)
+    with torch.no_grad():  # the saved adapter no longer matches the model it claims to be
+        for name, p in result.model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(3.0)
+    with pytest.raises(AcceptanceError, match="differ"):
+        check(llama_dir, adapter, result.model, prompts, rank=8)
+    with torch.no_grad():  # B = 0: the adapter does nothing
+        for name, p in result.model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    result.model.save_pretrained(tmp_path / "nothing")
+    with pytest.raises(AcceptanceError, match="does nothing"):
+        check(llama_dir, tmp_path / "nothing", result.model, prompts, rank=8)
+
+
+@pytest.mark.slow
+def test_cli_fit_trains_checks_and_publishes(llama_dir, cheese_data, tmp_path):
+    (tmp_path / "fit.yaml").write_text("rank: 4\nmax_steps: 8\nlearning_rate: 0.005\nmax_seq_len: 96\nbatch_size: 4\n")
+    run = subprocess.run([str(BIN / "trainer"), "fit", "--base", str(llama_dir), "--data", str(cheese_data), "--name", "cheese",
+                          "--store", str(tmp_path / "store"), "--config", str(tmp_path / "fit.yaml"), "--max-steps", "6",
+                          "--output-dir", str(tmp_path / "run"), "--checkpoint-every", "3", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "published cheese@v1" in run.stdout and "non-paged" in run.stderr
+
+    version = tmp_path / "store" / "cheese" / "v1"
+    assert (tmp_path / "store" / "cheese" / "current").read_text().strip() == "v1"
+    assert sorted(p.name for p in version.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["hyperparameters"]["rank"] == 4 and manifest["metrics"]["steps"] == 6  # YAML, then the flag won
+    for key in ["base_fingerprint", "quantization", "chat_template_sha256", "eos_token_ids", "data_sha256", "metrics",
+                "acceptance", "created_at", "schema_version"]:
+        assert key in manifest, key
+    assert manifest["quantization"] == {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "compute_dtype": "float32"}
+    for key in ["train_loss", "eval_loss", "eval_perplexity", "tokens_seen", "wall_time_s"]:
+        assert manifest["metrics"][key] is not None, key
+    assert json.loads((version / "adapter_config.json").read_text())["r"] == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_cli_refuses_unusable_data_before_training(llama_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "no output"}\nnot json\n')
+    run = subprocess.run([str(BIN / "trainer"), "fit", "--base", str(llama_dir), "--data", str(bad), "--name", "x",
+                          "--store", str(tmp_path / "store"), "--output-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "line 1:" in run.stderr and "line 2:" in run.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()

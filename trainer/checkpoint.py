@@ -1,0 +1,100 @@
+"""Training checkpoints that resume exactly: adapter, optimizer, scheduler, RNG and data position.
+
+Everything is stored as safetensors (tensors) + JSON (the rest), never pickle, and written into a
+temporary directory that is renamed into place, so a run killed while saving leaves the previous
+checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_PREFIX = "step-"
+
+
+def save(directory: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    """Write checkpoint `step` under directory/ and return its path."""
+    from peft import get_peft_model_state_dict
+
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(adapter, staging / "adapter.safetensors")
+    tensors, rest = _flatten(optimizer.state_dict())
+    save_file(tensors, staging / "optimizer.safetensors")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, staging / "rng.safetensors")
+    record = {"step": step, "optimizer": rest, "scheduler": scheduler.state_dict(), "state": state}
+    (staging / "trainer_state.json").write_text(json.dumps(record, indent=1))
+    final = directory / f"{_PREFIX}{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    return final
+
+
+def latest(directory: Path) -> Path | None:
+    found = sorted(p for p in directory.glob(f"{_PREFIX}*") if (p / "trainer_state.json").exists()) if directory.is_dir() else []
+    return found[-1] if found else None
+
+
+def load(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore everything saved at `path` into the live objects; returns the trainer state."""
+    from peft import set_peft_model_state_dict
+
+    record = json.loads((path / "trainer_state.json").read_text())
+    set_peft_model_state_dict(model, load_file(path / "adapter.safetensors"))
+    optimizer.load_state_dict(_unflatten(load_file(path / "optimizer.safetensors"), record["optimizer"]))
+    scheduler.load_state_dict(record["scheduler"])
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    return record["state"]
+
+
+def prune(directory: Path, keep: int) -> None:
+    for old in sorted(directory.glob(f"{_PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _flatten(tree, prefix: str = "") -> tuple[dict[str, torch.Tensor], object]:
+    """Split a nested optimizer state into {path: tensor} and a JSON skeleton that points at them."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node, path):
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(node, dict):
+            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(node.items())]}
+        if isinstance(node, (list, tuple)):
+            return {"__tuple__" if isinstance(node, tuple) else "__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(node)]}
+        return node
+
+    return tensors, walk(tree, prefix or "root")
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], skeleton):
+    def walk(node):
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                return tensors[node["__tensor__"]]
+            if "__dict__" in node:
+                return {walk(k): walk(v) for k, v in node["__dict__"]}
+            if "__tuple__" in node:
+                return tuple(walk(v) for v in node["__tuple__"])
+            if "__list__" in node:
+                return [walk(v) for v in node["__list__"]]
+        return node
+
+    return walk(skeleton)

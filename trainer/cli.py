@@ -1,0 +1,180 @@
+"""`trainer`: make LoRA adapters with QLoRA and publish them to a hotlora adapter store.
+
+    trainer fit --base DIR --data FILE.jsonl --name NAME --store STORE [--config fit.yaml] [flags]
+    trainer publish PEFT_DIR --base DIR --name NAME --store STORE [--notify HOST:PORT]
+
+A YAML file may set any fit setting (same names, with underscores); flags given on the command
+line win. The admin token for --notify comes from --admin-token-file or HOTLORA_ADMIN_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("hotlora.trainer")
+
+
+def _fit_parser(commands) -> None:
+    from .config import OPTIMIZERS, SCHEDULES
+
+    f = commands.add_parser("fit", help="train an adapter with QLoRA and publish it")
+    f.add_argument("--config", type=Path, help="YAML file with any of the settings below")
+    f.add_argument("--base", help="base model: Hugging Face checkpoint directory")
+    f.add_argument("--data", help="JSONL: instruction/context/output or messages records")
+    f.add_argument("--name", help="adapter name in the store")
+    f.add_argument("--store", help="adapter store directory")
+    f.add_argument("--rank", type=int, help="LoRA rank (16)")
+    f.add_argument("--alpha", type=float, help="LoRA alpha (2 x rank)")
+    f.add_argument("--target-modules", help="all-linear (default) or e.g. q_proj,v_proj")
+    f.add_argument("--dropout", type=float, help="LoRA dropout (0.05)")
+    f.add_argument("--epochs", type=float, help="passes over the training split (3)")
+    f.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    f.add_argument("--learning-rate", "--lr", type=float, help="peak learning rate (2e-4)")
+    f.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (cosine)")
+    f.add_argument("--warmup-ratio", type=float, help="fraction of steps warming up (0.05)")
+    f.add_argument("--batch-size", type=int, help="rows per micro-batch (8)")
+    f.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (1)")
+    f.add_argument("--max-seq-len", type=int, help="tokens per row (512)")
+    f.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None, help="pack examples into rows (on)")
+    f.add_argument("--eval-fraction", type=float, help="held-out share of the records (0.1)")
+    f.add_argument("--eval-every", type=int, help="evaluate every N steps (50)")
+    f.add_argument("--early-stopping-patience", type=int, help="evaluations without improvement before stopping (0 = off)")
+    f.add_argument("--optimizer", choices=OPTIMIZERS, help="paged_adamw_32bit (default), paged_adamw_8bit, adamw")
+    f.add_argument("--weight-decay", type=float)
+    f.add_argument("--seed", type=int, help="seed for data order, init and dropout (42)")
+    f.add_argument("--output-dir", help="checkpoints, TensorBoard logs and the final adapter (runs/NAME)")
+    f.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps (50)")
+    f.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
+    f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    f.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None, help="publish after training (on)")
+    f.add_argument("--notify", action="append", help="HOST:PORT of a server to tell to load it (repeatable)")
+    f.add_argument("--admin-token-file", type=Path)
+    f.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trainer", description="QLoRA adapters for hotlora.")
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _fit_parser(commands)
+    p = commands.add_parser("publish", help="check and publish a PEFT adapter made elsewhere")
+    p.add_argument("adapter_dir", type=Path)
+    p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--prompt", action="append", help="prompt for the acceptance check (repeatable)")
+    p.add_argument("--notify", action="append")
+    p.add_argument("--admin-token-file", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get("HOTLORA_ADMIN_TOKEN")
+    from .acceptance import AcceptanceError
+    from .data import DataError
+
+    try:
+        if args.command == "fit":
+            return _fit(args, token)
+        return _publish(args, token)
+    except (DataError, AcceptanceError, ValueError) as exc:
+        print(f"trainer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _fit(args, token: str | None) -> int:
+    import yaml
+
+    from . import acceptance, publish
+    from .config import build, merge
+    from .fit import device_and_dtype, fit
+
+    from_file = (yaml.safe_load(args.config.read_text()) or {}) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level", "admin_token_file", "no_progress")}
+    config = build(merge(from_file, flags))
+    progress = _Progress(enabled=not args.no_progress)
+    result = fit(config, on_step=progress.update)
+    progress.close(result)
+    state = result.state
+
+    adapter_dir = config.run_dir / "adapter"
+    result.model.save_pretrained(adapter_dir, safe_serialization=True)
+    summary = {"steps": state.step, "train_loss": state.last_loss, "first_train_loss": state.first_loss,
+               "eval_loss": state.eval_loss, "eval_perplexity": _perplexity(state.eval_loss),
+               "tokens_seen": state.tokens_seen, "wall_time_s": round(state.wall_time_s, 2),
+               "stopped_early": state.stopped_early, "optimizer": result.optimizer_note}
+    (config.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"trained {config.name}: {json.dumps(summary)}")
+    if not config.publish:
+        print(f"adapter saved to {adapter_dir} (not published: --no-publish)")
+        return 0
+
+    prompts = acceptance.prompts_from(result.eval or result.train, config.acceptance_prompts)
+    report = acceptance.check(config.base, adapter_dir, result.model, prompts, config.rank)
+    from .data import file_sha256
+
+    record = publish.manifest(config.base, result.tokenizer, device_and_dtype()[1], report, {
+        "data_file": str(config.data), "data_sha256": file_sha256(config.data),
+        "records": {"train": len(result.train), "eval": len(result.eval)},
+        "hyperparameters": config.hyperparameters(), "metrics": summary, "trainer": "hotlora trainer fit"})
+    stored = publish.publish(config.store, config.name, adapter_dir, record)
+    print(f"published {config.name}@{stored.version} to {config.store} "
+          f"(acceptance: engine vs trained model {report.max_relative_difference:.1e}, adapter effect {report.adapter_effect:.2f})")
+    if config.notify:
+        publish.notify(config.notify, config.name, stored.version, token)
+    return 0
+
+
+def _publish(args, token: str | None) -> int:
+    from . import publish
+    from .fit import device_and_dtype
+
+    prompts = args.prompt or ["Hello!", "What is this adapter for?", "Tell me something you know."]
+    report, tokenizer = publish.check_foreign_adapter(args.base, args.adapter_dir, prompts)
+    record = publish.manifest(args.base, tokenizer, device_and_dtype()[1], report,
+                              {"source": str(args.adapter_dir), "trainer": "external (trainer publish)"})
+    stored = publish.publish(args.store, args.name, args.adapter_dir, record)
+    print(f"published {args.name}@{stored.version} to {args.store}")
+    if args.notify:
+        publish.notify(tuple(args.notify), args.name, stored.version, token)
+    return 0
+
+
+def _perplexity(loss: float | None) -> float | None:
+    import math
+
+    return None if loss is None else math.exp(min(loss, 50))
+
+
+class _Progress:
+    """tqdm bar with loss, learning rate and tokens/s; plain log lines with --no-progress."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def update(self, state, logs: dict) -> None:
+        text = f"loss {logs['loss']:.3f} lr {logs['lr']:.2e} {logs['tokens_per_s']:.0f} tok/s"
+        if "eval_loss" in logs:
+            text += f" eval {logs['eval_loss']:.3f} ppl {logs['eval_perplexity']:.1f}"
+        if not self.enabled:
+            log.info("step %d: %s", state.step, text)
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="trainer fit", unit="step", initial=state.step - 1, dynamic_ncols=True)
+        self.bar.update(1)
+        self.bar.set_postfix_str(text)
+
+    def close(self, result) -> None:
+        if self.bar is not None:
+            self.bar.total = result.total_steps
+            self.bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

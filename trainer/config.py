@@ -1,0 +1,115 @@
+"""`trainer fit` settings: one frozen dataclass, filled from defaults < YAML file < flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    base: Path
+    data: Path
+    name: str
+    store: Path
+    rank: int = 16
+    alpha: float | None = None  # None = 2 * rank
+    target_modules: str = "all-linear"  # or a comma-separated list: q_proj,v_proj
+    dropout: float = 0.05
+    epochs: float = 3.0
+    max_steps: int = 0  # > 0 overrides epochs
+    learning_rate: float = 2e-4
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.05
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    packing: bool = True
+    eval_fraction: float = 0.1
+    eval_every: int = 50  # optimizer steps; the run also evaluates at its end
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    optimizer: str = "paged_adamw_32bit"
+    weight_decay: float = 0.0
+    seed: int = 42
+    output_dir: Path | None = None  # None = runs/<name>
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = False
+    gradient_checkpointing: bool = True
+    notify: tuple[str, ...] = ()  # HOST:PORT of servers to ask to load the new version
+    publish: bool = True
+    acceptance_prompts: int = 4
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rank": self.rank >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+            "max_seq_len": self.max_seq_len >= 8, "learning_rate": self.learning_rate > 0,
+            "epochs": self.epochs > 0 or self.max_steps > 0, "dropout": 0 <= self.dropout < 1,
+            "eval_fraction": 0 <= self.eval_fraction < 1, "eval_every": self.eval_every >= 1,
+            "checkpoint_every": self.checkpoint_every >= 1, "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "optimizer": self.optimizer in OPTIMIZERS, "schedule": self.schedule in SCHEDULES,
+            "keep_checkpoints": self.keep_checkpoints >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid trainer settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir or Path("runs") / self.name
+
+    def targets(self) -> str | list[str]:
+        return "all-linear" if self.target_modules == "all-linear" else [m.strip() for m in self.target_modules.split(",")]
+
+    def hyperparameters(self) -> dict:
+        """What the manifest records (paths and run plumbing left out)."""
+        skip = {"base", "data", "name", "store", "output_dir", "resume", "notify", "publish"}
+        record = {k: v for k, v in asdict(self).items() if k not in skip}
+        record["alpha"] = self.lora_alpha
+        return record
+
+
+def merge(defaults_from_yaml: dict, flags: dict) -> dict:
+    """Flags that were given win over the YAML file; unknown YAML keys are an error."""
+    known = {f.name for f in fields(FitConfig)}
+    unknown = set(defaults_from_yaml) - known
+    if unknown:
+        raise ValueError(f"unknown settings in the config file: {sorted(unknown)}")
+    merged = dict(defaults_from_yaml)
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    return merged
+
+
+def build(values: dict) -> FitConfig:
+    kinds = {f.name: f.type for f in fields(FitConfig)}
+    converted = {}
+    for key, value in values.items():
+        kind = str(kinds[key])
+        if value is None:
+            converted[key] = None
+        elif "Path" in kind:
+            converted[key] = Path(value)
+        elif "tuple" in kind:
+            converted[key] = tuple(value) if isinstance(value, (list, tuple)) else tuple(str(value).split(","))
+        elif kind == "bool":
+            converted[key] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        elif kind == "int":
+            converted[key] = int(value)
+        elif "float" in kind:
+            converted[key] = float(value)
+        else:
+            converted[key] = value
+    missing = [k for k in ("base", "data", "name", "store") if k not in converted]
+    if missing:
+        raise ValueError(f"missing required settings: {', '.join('--' + m for m in missing)}")
+    return FitConfig(**converted)
+
+
+__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "merge", "build"]

@@ -1,0 +1,212 @@
+"""QLoRA training: NF4 double-quantized base (transformers + bitsandbytes), LoRA (peft), paged
+AdamW (bitsandbytes), gradient checkpointing; eval perplexity, checkpoints with exact resume,
+TensorBoard logs and a progress bar. `fit` returns the trained PEFT model and what was measured;
+publishing is trainer/publish.py's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import checkpoint
+from .config import FitConfig
+from .data import IGNORE, Batch, Example, epoch_batches, load_examples, split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a resumed run needs besides tensors (JSON-able)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    best_eval_loss: float = math.inf
+    evals_without_improvement: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    eval_loss: float | None = None
+    wall_time_s: float = 0.0
+    stopped_early: bool = False
+
+
+@dataclass
+class FitResult:
+    model: object  # the PEFT model, in eval mode
+    tokenizer: object
+    state: TrainState
+    train: list[Example]
+    eval: list[Example]
+    total_steps: int
+    optimizer_note: str
+    losses: list[float] = field(default_factory=list)
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32  # bf16 is 10-60x slower on CPUs without AVX512-BF16
+
+
+def load_base(base: Path, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=dtype,
+                                                device_map={"": str(device)})
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, str]:
+    import bitsandbytes as bnb
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "torch AdamW"
+    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        optimizer = cls(params, lr=lr, weight_decay=weight_decay)
+    if not torch.cuda.is_available():
+        note = f"{name}: bitsandbytes pages optimizer state only on CUDA; on this CPU it runs non-paged"
+        log.warning(note)
+        return optimizer, note
+    return optimizer, f"{name} (bitsandbytes, paged)"
+
+
+def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = None) -> FitResult:
+    """Train; `on_step(state, logs)` is called after every optimizer step (and checkpoint)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer, get_scheduler
+
+    device, dtype = device_and_dtype()
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(config.base, local_files_only=True)
+    examples = load_examples(config.data, tokenizer, config.max_seq_len)  # fails before any training
+    train, held_out = split(examples, config.eval_fraction, config.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    model = load_base(config.base, dtype, device)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
+                      target_modules=config.targets(), task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, lora)
+
+    batches_per_epoch = len(epoch_batches(train, config.batch_size, config.max_seq_len, config.packing, config.seed, 0, pad_id))
+    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, optimizer_note = make_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
+    scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+
+    state = TrainState()
+    checkpoints = config.run_dir / "checkpoints"
+    if config.resume:
+        found = checkpoint.latest(checkpoints)
+        if found is None:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", checkpoints)
+        else:
+            state = TrainState(**checkpoint.load(found, model, optimizer, scheduler))
+            log.info("resumed from %s (step %d of %d)", found, state.step, total_steps)
+
+    writer = _tensorboard(config.run_dir / "tensorboard")
+    started = time.perf_counter() - state.wall_time_s
+    losses: list[float] = []
+    epoch_cache: dict[int, list[Batch]] = {}
+
+    def next_batch() -> Batch:
+        while True:
+            if state.epoch not in epoch_cache:
+                epoch_cache.clear()
+                epoch_cache[state.epoch] = epoch_batches(train, config.batch_size, config.max_seq_len, config.packing,
+                                                         config.seed, state.epoch, pad_id)
+            batches = epoch_cache[state.epoch]
+            if state.batch_in_epoch < len(batches):
+                state.batch_in_epoch += 1
+                return batches[state.batch_in_epoch - 1]
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    model.train()
+    while state.step < total_steps and not state.stopped_early:
+        window = [next_batch() for _ in range(config.grad_accum)]
+        targets = sum(b.target_tokens for b in window)
+        step_loss = 0.0
+        tick = time.perf_counter()
+        for batch in window:
+            loss_sum = _loss_sum(model, batch.to(device))
+            (loss_sum / max(targets, 1)).backward()
+            step_loss += loss_sum.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        tokens = sum(int(b.input_ids.numel()) for b in window)
+        state.tokens_seen += tokens
+        state.last_loss = step_loss / max(targets, 1)
+        state.first_loss = state.first_loss if state.first_loss is not None else state.last_loss
+        losses.append(state.last_loss)
+        logs = {"loss": state.last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tick)}
+        if state.step % config.eval_every == 0 or state.step == total_steps:
+            state.eval_loss = evaluate(model, held_out, config, pad_id, device) if held_out else None
+            if state.eval_loss is not None:
+                logs.update(eval_loss=state.eval_loss, eval_perplexity=math.exp(min(state.eval_loss, 50)))
+                _early_stopping(state, config)
+            model.train()
+        state.wall_time_s = time.perf_counter() - started
+        for key, value in logs.items():
+            writer.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key[5:]}", value, state.step)
+        if state.step % config.checkpoint_every == 0 or state.step == total_steps or state.stopped_early:
+            checkpoint.save(checkpoints, state.step, model, optimizer, scheduler, state.__dict__)
+            checkpoint.prune(checkpoints, config.keep_checkpoints)
+        if on_step is not None:
+            on_step(state, logs)
+    writer.close()
+    model.eval()
+    return FitResult(model, tokenizer, state, train, held_out, total_steps, optimizer_note, losses)
+
+
+def _loss_sum(model, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross entropy over the response tokens of the batch."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch.labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], config: FitConfig, pad_id: int, device) -> float:
+    """Mean response-token loss on the eval split (unpacked, fixed order)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in epoch_batches(examples, config.batch_size, config.max_seq_len, False, 0, 0, pad_id):
+        total += _loss_sum(model, batch.to(device)).item()
+        count += batch.target_tokens
+    return total / max(count, 1)
+
+
+def _early_stopping(state: TrainState, config: FitConfig) -> None:
+    if state.eval_loss < state.best_eval_loss - 1e-4:
+        state.best_eval_loss, state.evals_without_improvement = state.eval_loss, 0
+    else:
+        state.evals_without_improvement += 1
+        if config.early_stopping_patience and state.evals_without_improvement >= config.early_stopping_patience:
+            log.info("early stopping: eval loss has not improved for %d evaluations", state.evals_without_improvement)
+            state.stopped_early = True
+
+
+def _tensorboard(directory: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(directory))

@@ -1,0 +1,81 @@
+"""From a trained (or foreign) PEFT adapter to a published store version: acceptance check,
+manifest, atomic publish (server.store), and optionally asking running servers to load it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from server.store import AdapterStore, StoredVersion, base_fingerprint
+
+from . import acceptance
+
+log = logging.getLogger(__name__)
+
+
+def manifest(base_dir: Path, tokenizer, compute_dtype: torch.dtype, report: acceptance.AcceptanceReport,
+             extra: dict) -> dict:
+    """hotlora's contract for a version (DESIGN.md, adapter store); `extra` adds training facts."""
+    template = tokenizer.chat_template or ""
+    return {
+        "base_model": str(base_dir),
+        "base_fingerprint": base_fingerprint(base_dir),
+        "quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": 64,
+                         "compute_dtype": str(compute_dtype).removeprefix("torch.")},
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        "eos_token_ids": [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [],
+        "stop_strings": [tokenizer.eos_token] if tokenizer.eos_token else [],
+        "acceptance": report.as_dict(),
+        **extra,
+    }
+
+
+def publish(store_root: Path, name: str, adapter_dir: Path, record: dict) -> StoredVersion:
+    stored = AdapterStore(store_root).publish(name, adapter_dir, manifest=record)
+    log.info("published %s@%s to %s", name, stored.version, store_root)
+    return stored
+
+
+def notify(targets: tuple[str, ...], name: str, version: str, admin_token: str | None) -> list[str]:
+    """Ask each server to load the version now (they would also find it at their next store poll).
+    Returns the targets that failed; a failure is a warning, never a failed publish."""
+    from clients import Client, HotloraClientError
+
+    failed = []
+    for target in targets:
+        try:
+            with Client(target, admin_token=admin_token, timeout=60) as client:
+                loaded = client.load_adapter(name, version=version)
+            log.info("%s now serves %s@%s (%s)", target, name, loaded.version, loaded.tier)
+        except HotloraClientError as exc:
+            log.warning("could not notify %s: %s: %s", target, exc.code.name, exc)
+            failed.append(target)
+    return failed
+
+
+def check_foreign_adapter(base_dir: Path, adapter_dir: Path, prompts_text: list[str]) -> tuple[acceptance.AcceptanceReport, object]:
+    """`trainer publish`: load a PEFT adapter made elsewhere on the NF4 base with transformers +
+    peft and run the same acceptance check on a few prompts."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .data import ensure_chat_template
+    from .fit import device_and_dtype, load_base
+
+    device, dtype = device_and_dtype()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    ensure_chat_template(tokenizer)
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        raise acceptance.AcceptanceError(f"{adapter_dir} has no adapter_model.safetensors (pickle adapters are refused)")
+    model = PeftModel.from_pretrained(load_base(base_dir, dtype, device), adapter_dir).eval()
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                      tokenize=False), add_special_tokens=False)["input_ids"]
+               for text in prompts_text]
+    rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
+    ranks = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("rank_pattern") or {}
+    return acceptance.check(base_dir, adapter_dir, model, prompts, max([rank, *ranks.values()])), tokenizer

@@ -16,12 +16,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job: train a cheese-expert adapter, publish it, serve it, hot-swap a second version.
 demo: $(STAMP)
-	@echo "make demo: the full demo (train a cheese-expert adapter, publish it, serve it over gRPC) is"
-	@echo "coming with the trainer issue (#4). Today it builds the base model the demo will use and runs"
-	@echo "the engine benchmark on it: engine vs transformers+PEFT, base and mixed-adapter batches."
-	$(VENV)/bin/hotlora-server make-model demo-work/base --preset small
-	$(PY) bench/engine_bench.py --model demo-work/base --new-tokens 32 --repeats 3
+	$(PY) -m trainer.demo.run_demo --workdir demo-work
 
 # Regenerate the gRPC stubs after editing protos/hotlora/v1/*.proto (tests/test_protos.py checks).
 protos: $(STAMP)

@@ -142,3 +142,21 @@ def test_cli_refuses_unusable_data_before_training(llama_dir, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "line 1:" in run.stderr and "line 2:" in run.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()
+
+
+def test_trainer_publish_checks_and_publishes_an_adapter_made_elsewhere(llama_dir, peft_adapters, tmp_path):
+    from tests.helpers import make_peft_adapter
+
+    def publish(adapter_dir, name):
+        return subprocess.run([str(BIN / "trainer"), "publish", str(adapter_dir), "--base", str(llama_dir), "--name", name,
+                               "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=300)
+
+    done = publish(peft_adapters["wine"], "wine")
+    assert done.returncode == 0 and "published wine@v1" in done.stdout, done.stderr[-2000:]
+    manifest = json.loads((tmp_path / "store" / "wine" / "v1" / "manifest.json").read_text())
+    assert manifest["acceptance"]["max_relative_difference"] <= manifest["acceptance"]["tolerance"]
+
+    untrained = make_peft_adapter(llama_dir, tmp_path / "untrained", seed=1, r=4, init_lora_weights=True)  # B = 0
+    refused = publish(untrained, "untrained")
+    assert refused.returncode == 2 and "does nothing" in refused.stderr
+    assert not (tmp_path / "store" / "untrained").exists()

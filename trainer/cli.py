@@ -97,7 +97,7 @@ def _fit(args, token: str | None) -> int:
     config = build(merge(from_file, flags))
     progress = _Progress(enabled=not args.no_progress)
     result = fit(config, on_step=progress.update)
-    progress.close(result)
+    progress.close()
     state = result.state
 
     adapter_dir = config.run_dir / "adapter"
@@ -166,13 +166,12 @@ class _Progress:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(desc="trainer fit", unit="step", initial=state.step - 1, dynamic_ncols=True)
+            self.bar = tqdm(desc="trainer fit", unit="step", total=state.total_steps, initial=state.step - 1, dynamic_ncols=True)
         self.bar.update(1)
         self.bar.set_postfix_str(text)
 
-    def close(self, result) -> None:
+    def close(self) -> None:
         if self.bar is not None:
-            self.bar.total = result.total_steps
             self.bar.close()
 
 

@@ -28,6 +28,7 @@ class TrainState:
     """Everything about progress that a resumed run needs besides tensors (JSON-able)."""
 
     step: int = 0
+    total_steps: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     tokens_seen: int = 0
@@ -137,6 +138,7 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                 return batches[state.batch_in_epoch - 1]
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
+    state.total_steps = total_steps
     model.train()
     while state.step < total_steps and not state.stopped_early:
         window = [next_batch() for _ in range(config.grad_accum)]

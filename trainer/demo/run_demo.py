@@ -64,7 +64,7 @@ def show(columns: dict[str, list[str]]) -> None:
     names = list(columns)
     print("".join(f"{'question':<34}") + "".join(f"| {n:<{width}}" for n in names))
     for i, question in enumerate(QUESTIONS):
-        cells = [textwrap.wrap(columns[n][i], width) or [""] for n in names]
+        cells = [textwrap.wrap(columns[n][i], width, max_lines=3, placeholder=" ...") or [""] for n in names]
         lines = max(len(c) for c in cells)
         for line in range(lines):
             q = question if line == 0 else ""
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         with Client(target) as client:
             show({"base model (random weights)": ask(client, ""), "with cheese@v1": ask(client, "cheese")})
 
-            say("5. Train cheese@v2 (another seed, fewer epochs) and publish it while the server runs (--notify)")
+            say("5. cheese@v2: a quick run (another seed, a third of the epochs: visibly less trained), published "
+                "while the server runs (--notify); new requests get it, no restart")
             fit(work, data, seed=2, epochs=max(3, args.epochs // 3), notify=target)
             version = client.get_adapter("cheese").version
             show({"cheese@v1 (pinned)": ask(client, "cheese@v1"), f"cheese -> now {version}": ask(client, "cheese")})

@@ -1,0 +1,147 @@
+"""`trainer fit` against a plain transformers Trainer + PEFT QLoRA run: same base model, data,
+LoRA settings, optimizer (bitsandbytes paged AdamW), gradient checkpointing, batch size and
+epochs, in one run. Each side runs in its own process so peak memory is its own.
+
+Reported: training tokens/s (real tokens, padding excluded, over the training loop's wall time)
+and peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's max RSS). The data is
+the demo's cheese dataset: short, variable-length records, where packing pays.
+
+    python bench/train_bench.py [--preset small|1b] [--epochs 2] [--max-seq-len 256] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def worker_hotlora(args) -> dict:
+    from trainer.config import FitConfig
+    from trainer.fit import fit
+
+    config = FitConfig(base=args.model, data=args.data, name="bench", store=args.out / "store", output_dir=args.out / "hotlora",
+                       rank=16, max_seq_len=args.max_seq_len, batch_size=args.batch_size, epochs=args.epochs,
+                       eval_fraction=0.0, checkpoint_every=10**9, learning_rate=2e-4, packing=args.packing, seed=0)
+    result = fit(config)
+    real = sum(len(e.input_ids) for e in result.train) * args.epochs
+    return {"seconds": result.state.wall_time_s, "real_tokens": real, "steps": result.state.step}
+
+
+def worker_hf(args) -> dict:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from trainer.data import load_examples
+    from trainer.fit import device_and_dtype, load_base
+
+    device, dtype = device_and_dtype()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    examples = load_examples(args.data, tokenizer, args.max_seq_len)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in examples]
+    model = prepare_model_for_kbit_training(load_base(args.model, dtype, device), use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    training = TrainingArguments(output_dir=str(args.out / "hf"), per_device_train_batch_size=args.batch_size,
+                                 num_train_epochs=args.epochs, learning_rate=2e-4, optim="paged_adamw_32bit",
+                                 gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                                 bf16=device.type == "cuda", use_cpu=device.type == "cpu", save_strategy="no",
+                                 report_to=[], logging_steps=10**9, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=training, train_dataset=rows,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "real_tokens": sum(len(r["input_ids"]) for r in rows) * args.epochs,
+            "steps": trainer.state.global_step}
+
+
+def peak_memory_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_worker(which: str, args, packing: bool = True) -> dict:
+    command = [sys.executable, __file__, "--worker", which, "--model", str(args.model), "--data", str(args.data),
+               "--out", str(args.out), "--epochs", str(args.epochs), "--max-seq-len", str(args.max_seq_len),
+               "--batch-size", str(args.batch_size), "--packing" if packing else "--no-packing"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{which} worker failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA, bfloat16)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads (CPU, float32)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", choices=["hotlora", "hf"])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--model", type=Path)
+    p.add_argument("--data", type=Path)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--epochs", type=float, default=2)
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = p.parse_args()
+    if args.worker:
+        result = (worker_hotlora if args.worker == "hotlora" else worker_hf)(args)
+        print(json.dumps({**result, "peak_memory_bytes": peak_memory_bytes()}))
+        return
+
+    from server.model_factory import make_model
+    from trainer.demo.make_dataset import write
+
+    with tempfile.TemporaryDirectory(prefix="hotlora-train-bench-") as tmp:
+        tmp = Path(tmp)
+        args.out, args.data = tmp, tmp / "cheese.jsonl"
+        write(args.data)
+        corpus = "\n".join(" ".join(json.loads(line).values()) for line in args.data.read_text().splitlines())
+        args.model = args.model or make_model(tmp / "base", args.preset, seed=0, corpus=corpus)
+        runs = {"transformers Trainer + PEFT": run_worker("hf", args),
+                "hotlora trainer fit (no packing)": run_worker("hotlora", args, packing=False),
+                "hotlora trainer fit (packing)": run_worker("hotlora", args, packing=True)}
+    peer = runs["transformers Trainer + PEFT"]
+    lines = [f"machine: {machine()}; preset {args.preset}, {args.epochs:g} epochs of the cheese dataset, batch "
+             f"{args.batch_size}, max_seq_len {args.max_seq_len}, rank 16 all-linear, paged_adamw_32bit, gradient checkpointing",
+             "", "| run | steps | tokens/s | vs peer | peak memory MiB | vs peer |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in runs.items():
+        rate = r["real_tokens"] / r["seconds"]
+        peer_rate = peer["real_tokens"] / peer["seconds"]
+        lines.append(f"| {name} | {r['steps']} | {rate:,.0f} | {rate / peer_rate:.2f}x | "
+                     f"{r['peak_memory_bytes'] / 2**20:,.0f} | {r['peak_memory_bytes'] / peer['peak_memory_bytes']:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as handle:
+            handle.write(f"\n## train_bench.py ({time.strftime('%Y-%m-%d')})\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -84,19 +83,6 @@ def run_worker(which: str, args, packing: bool = True) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA, bfloat16)"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads (CPU, float32)"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", choices=["hotlora", "hf"])
@@ -115,6 +101,7 @@ def main() -> None:
         print(json.dumps({**result, "peak_memory_bytes": peak_memory_bytes()}))
         return
 
+    from bench.engine_bench import machine
     from server.model_factory import make_model
     from trainer.demo.make_dataset import write
 

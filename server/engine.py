@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from .adapter_files import AdapterWeights, read_peft_adapter, validate_adapter_name
-from .config import TARGET_MODULES, EngineConfig
+from .config import EngineConfig
 from .errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
 from .kv_cache import KVCache
 from .model import ForwardBatch, Transformer, load_model

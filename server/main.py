@@ -26,6 +26,10 @@ log = logging.getLogger("hotlora.server")
 
 SUBCOMMANDS = {"make-model": "server.model_factory"}
 SERVICE_NAMES = ("hotlora.v1.Generation", "hotlora.v1.Adapters")
+# Health names: readiness ("" and the services) is SERVING only while the model is loaded and the
+# server is not draining; LIVENESS stays SERVING for as long as the process can answer, so a
+# liveness probe does not kill a pod that is loading its model or draining.
+LIVENESS = "liveness"
 
 
 class Server:
@@ -54,6 +58,7 @@ class Server:
         c = self.config
         self.metrics = Metrics(c.max_adapter_labels)
         self.health = health.aio.HealthServicer()
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         generation = GenerationService(self.metrics, c.default_max_new_tokens)
@@ -96,13 +101,17 @@ class Server:
         if self._grpc is None:  # never started
             self._stopped.set()
             return
-        await self.health.enter_graceful_shutdown()
+        from grpc_health.v1 import health_pb2
+
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         engine = getattr(self, "engine", None)  # absent when stopped while the model was loading
         if engine is not None:
             await asyncio.to_thread(engine.close, False, grace)
             if engine.alive:
                 log.warning("grace period over: cancelling the requests still running")
                 await asyncio.to_thread(engine.close, True, 10.0)
+        await self.health.enter_graceful_shutdown()
         await self._grpc.stop(1.0)
         if getattr(self, "manager", None) is not None:
             self.manager.close()

@@ -82,3 +82,13 @@ class RunningServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)

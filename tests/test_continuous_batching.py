@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from server.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from server.errors import InvalidRequest, ResourceExhausted

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from safetensors import safe_open
 
 from server.model_factory import PRESETS

@@ -22,7 +22,7 @@ from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.engine import Engine, Request, SamplingParams
 from server.store import AdapterStore, base_fingerprint
-from tests.helpers import RunningServer, make_peft_adapter
+from tests.helpers import RunningServer, make_peft_adapter, wait_until
 
 PROMPT = [5, 17, 42, 99, 7, 3]
 
@@ -48,12 +48,6 @@ def alone(llama_dir, adapter_dir, n):
     finally:
         engine.close()
 
-
-def wait_until(condition, timeout=30.0):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.02)
 
 
 @pytest.fixture

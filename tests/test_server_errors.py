@@ -3,7 +3,6 @@ serving: a normal request right after each one succeeds."""
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import pytest
@@ -12,7 +11,7 @@ from protos.hotlora.v1 import generation_pb2 as pb
 from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.store import AdapterStore
-from tests.helpers import RunningServer
+from tests.helpers import RunningServer, wait_until
 
 OK = pb.GenerateRequest(prompt="Cheese is made from milk", adapter="cheese", max_new_tokens=4,
                         sampling=pb.SamplingParameters(temperature=0.0))
@@ -122,9 +121,3 @@ def test_full_queue_is_resource_exhausted(stub, server):
     assert all(list(s)[-1].usage.completion_tokens == 400 for s in streams)
     still_serving(stub)
 
-
-def wait_until(condition, timeout=30.0):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.01)

@@ -62,7 +62,7 @@ def sample(text: str, name: str, **labels) -> float:
 def test_health_serves_every_service_once_loaded(server):
     with server.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "hotlora.v1.Generation", "hotlora.v1.Adapters"):
+        for service in ("", "hotlora.v1.Generation", "hotlora.v1.Adapters", "liveness"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING, service
 
@@ -139,6 +139,8 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(llama_dir, store):
         # Draining: health says NOT_SERVING and new work is refused, while the stream goes on.
         while health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING:
             pass
+        liveness = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=10).status
+        assert liveness == health_pb2.HealthCheckResponse.SERVING  # a liveness probe must not kill a draining pod
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(request(), timeout=30)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -40,7 +40,7 @@ def _fit_parser(commands) -> None:
     f.add_argument("--batch-size", type=int, help="rows per micro-batch (8)")
     f.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (1)")
     f.add_argument("--max-seq-len", type=int, help="tokens per row (512)")
-    f.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None, help="pack examples into rows (on)")
+    f.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None, help="pack examples into rows (default: on with CUDA, off on CPU)")
     f.add_argument("--eval-fraction", type=float, help="held-out share of the records (0.1)")
     f.add_argument("--eval-every", type=int, help="evaluate every N steps (50)")
     f.add_argument("--early-stopping-patience", type=int, help="evaluations without improvement before stopping (0 = off)")
@@ -57,7 +57,7 @@ def _fit_parser(commands) -> None:
     f.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="QLoRA adapters for hotlora.")
     parser.add_argument("--log-level", default="INFO")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", action="append", help="prompt for the acceptance check (repeatable)")
     p.add_argument("--notify", action="append")
     p.add_argument("--admin-token-file", type=Path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get("HOTLORA_ADMIN_TOKEN")
     from .acceptance import AcceptanceError

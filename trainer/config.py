@@ -27,7 +27,7 @@ class FitConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_seq_len: int = 512
-    packing: bool = True
+    packing: bool | None = None  # None = on with CUDA, off on CPU (measured: bench/RESULTS.md)
     eval_fraction: float = 0.1
     eval_every: int = 50  # optimizer steps; the run also evaluates at its end
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
@@ -98,7 +98,7 @@ def build(values: dict) -> FitConfig:
             converted[key] = Path(value)
         elif "tuple" in kind:
             converted[key] = tuple(value) if isinstance(value, (list, tuple)) else tuple(str(value).split(","))
-        elif kind == "bool":
+        elif "bool" in kind:
             converted[key] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         elif kind == "int":
             converted[key] = int(value)

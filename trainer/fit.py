@@ -141,42 +141,44 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
     state.total_steps = total_steps
-    model.train()
-    while state.step < total_steps and not state.stopped_early:
-        window = [next_batch() for _ in range(config.grad_accum)]
-        targets = sum(b.target_tokens for b in window)
-        step_loss = 0.0
-        tick = time.perf_counter()
-        for batch in window:
-            loss_sum = _loss_sum(model, batch.to(device))
-            (loss_sum / max(targets, 1)).backward()
-            step_loss += loss_sum.item()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        tokens = sum(int(b.input_ids.numel()) for b in window)
-        state.tokens_seen += tokens
-        state.last_loss = step_loss / max(targets, 1)
-        state.first_loss = state.first_loss if state.first_loss is not None else state.last_loss
-        losses.append(state.last_loss)
-        logs = {"loss": state.last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tick)}
-        if state.step % config.eval_every == 0 or state.step == total_steps:
-            state.eval_loss = evaluate(model, held_out, config, pad_id, device) if held_out else None
-            if state.eval_loss is not None:
-                logs.update(eval_loss=state.eval_loss, eval_perplexity=math.exp(min(state.eval_loss, 50)))
-                _early_stopping(state, config)
-            model.train()
-        state.wall_time_s = time.perf_counter() - started
-        for key, value in logs.items():
-            writer.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key[5:]}", value, state.step)
-        if state.step % config.checkpoint_every == 0 or state.step == total_steps or state.stopped_early:
-            checkpoint.save(checkpoints, state.step, model, optimizer, scheduler, state.__dict__)
-            checkpoint.prune(checkpoints, config.keep_checkpoints)
-        if on_step is not None:
-            on_step(state, logs)
-    writer.close()
+    try:
+        model.train()
+        while state.step < total_steps and not state.stopped_early:
+            window = [next_batch() for _ in range(config.grad_accum)]
+            targets = sum(b.target_tokens for b in window)
+            step_loss = 0.0
+            tick = time.perf_counter()
+            for batch in window:
+                loss_sum = _loss_sum(model, batch.to(device))
+                (loss_sum / max(targets, 1)).backward()
+                step_loss += loss_sum.item()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            tokens = sum(int(b.input_ids.numel()) for b in window)
+            state.tokens_seen += tokens
+            state.last_loss = step_loss / max(targets, 1)
+            state.first_loss = state.first_loss if state.first_loss is not None else state.last_loss
+            losses.append(state.last_loss)
+            logs = {"loss": state.last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tick)}
+            if state.step % config.eval_every == 0 or state.step == total_steps:
+                state.eval_loss = evaluate(model, held_out, config, pad_id, device) if held_out else None
+                if state.eval_loss is not None:
+                    logs.update(eval_loss=state.eval_loss, eval_perplexity=math.exp(min(state.eval_loss, 50)))
+                    _early_stopping(state, config)
+                model.train()
+            state.wall_time_s = time.perf_counter() - started
+            for key, value in logs.items():
+                writer.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key[5:]}", value, state.step)
+            if state.step % config.checkpoint_every == 0 or state.step == total_steps or state.stopped_early:
+                checkpoint.save(checkpoints, state.step, model, optimizer, scheduler, state.__dict__)
+                checkpoint.prune(checkpoints, config.keep_checkpoints)
+            if on_step is not None:
+                on_step(state, logs)
+    finally:
+        writer.close()
     model.eval()
     return FitResult(model, tokenizer, state, train, held_out, total_steps, optimizer_note, losses)
 

@@ -73,10 +73,10 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_worker(which: str, args, packing: bool = True) -> dict:
+def run_worker(which: str, args, packing: bool = False, batch_size: int | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", which, "--model", str(args.model), "--data", str(args.data),
                "--out", str(args.out), "--epochs", str(args.epochs), "--max-seq-len", str(args.max_seq_len),
-               "--batch-size", str(args.batch_size), "--packing" if packing else "--no-packing"]
+               "--batch-size", str(batch_size or args.batch_size), "--packing" if packing else "--no-packing"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{which} worker failed:\n{done.stderr[-4000:]}")
@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--packed-batch-size", type=int, default=3,
+                   help="rows per step when packing: 3 x 128 tokens is about the tokens of 8 padded cheese records")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args()
     if args.worker:
@@ -112,8 +114,10 @@ def main() -> None:
         corpus = "\n".join(" ".join(json.loads(line).values()) for line in args.data.read_text().splitlines())
         args.model = args.model or make_model(tmp / "base", args.preset, seed=0, corpus=corpus)
         runs = {"transformers Trainer + PEFT": run_worker("hf", args),
-                "hotlora trainer fit (no packing)": run_worker("hotlora", args, packing=False),
-                "hotlora trainer fit (packing)": run_worker("hotlora", args, packing=True)}
+                "hotlora trainer fit (no packing)": run_worker("hotlora", args),
+                f"hotlora trainer fit (packing, {args.batch_size} rows)": run_worker("hotlora", args, packing=True),
+                f"hotlora trainer fit (packing, {args.packed_batch_size} rows ~ same tokens/step)":
+                    run_worker("hotlora", args, packing=True, batch_size=args.packed_batch_size)}
     peer = runs["transformers Trainer + PEFT"]
     lines = [f"machine: {machine()}; preset {args.preset}, {args.epochs:g} epochs of the cheese dataset, batch "
              f"{args.batch_size}, max_seq_len {args.max_seq_len}, rank 16 all-linear, paged_adamw_32bit, gradient checkpointing",

@@ -40,7 +40,7 @@ def _fit_parser(commands) -> None:
     f.add_argument("--batch-size", type=int, help="rows per micro-batch (8)")
     f.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (1)")
     f.add_argument("--max-seq-len", type=int, help="tokens per row (512)")
-    f.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None, help="pack examples into rows (default: on with CUDA, off on CPU)")
+    f.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None, help="pack examples into rows (on)")
     f.add_argument("--eval-fraction", type=float, help="held-out share of the records (0.1)")
     f.add_argument("--eval-every", type=int, help="evaluate every N steps (50)")
     f.add_argument("--early-stopping-patience", type=int, help="evaluations without improvement before stopping (0 = off)")

@@ -27,7 +27,7 @@ class FitConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_seq_len: int = 512
-    packing: bool | None = None  # None = on with CUDA, off on CPU (measured: bench/RESULTS.md)
+    packing: bool = True
     eval_fraction: float = 0.1
     eval_every: int = 50  # optimizer steps; the run also evaluates at its end
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off

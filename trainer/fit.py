@@ -10,7 +10,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -90,8 +90,6 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
     from transformers import AutoTokenizer, get_scheduler
 
     device, dtype = device_and_dtype()
-    if config.packing is None:
-        config = replace(config, packing=device.type == "cuda")
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.base, local_files_only=True)
     examples = load_examples(config.data, tokenizer, config.max_seq_len)  # fails before any training

@@ -44,8 +44,7 @@ def fit(work: Path, data: Path, seed: int, epochs: int, notify: str | None = Non
     command = [str(BIN / "trainer"), "fit", "--base", str(work / "base"), "--data", str(data), "--name", "cheese",
                "--store", str(work / "store"), "--output-dir", str(work / f"run-seed{seed}"), "--seed", str(seed),
                "--epochs", str(epochs), "--max-seq-len", "128", "--batch-size", "8", "--learning-rate", "5e-3",
-               "--eval-every", "25", "--checkpoint-every", "50",
-               "--packing"]  # few, long rows: on this small model it learns the table in fewer, larger steps
+               "--eval-every", "25", "--checkpoint-every", "50"]
     if notify:
         command += ["--notify", notify]
     run(*command)

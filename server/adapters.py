@@ -110,7 +110,7 @@ class AdapterManager:
             if wanted is None:
                 self.load(name, None, make_current=False)  # first use: the store's current version
             elif known is not None and not known.from_store:
-                self._load_once(name, wanted, lambda: self._read_path(name, known.source))  # dropped from memory
+                self._load_once(name, wanted, lambda: self._reread_path(known))  # dropped from memory
             else:
                 self.load(name, wanted, make_current=False)
 
@@ -121,12 +121,13 @@ class AdapterManager:
         validate_adapter_name(name)
         store = self._require_store(name)
         stored = store.get(name, version)
+        store_current = store.current(name)
         with self._lock:
             first_use = name not in self._current
-            if version is None or first_use:
-                self._store_current_seen.setdefault(name, store.current(name))
+            if first_use:
+                self._store_current_seen.setdefault(name, store_current)
         loaded = self._load_once(stored.name, stored.version, lambda: self._read_stored(stored))
-        if make_current or first_use or self._current.get(name) is None:
+        if make_current or (first_use and stored.version == store_current):
             self._make_current(loaded)
         return loaded
 
@@ -141,6 +142,14 @@ class AdapterManager:
         loaded = self._load_once(name, described.version, lambda: (described, weights))
         self._make_current(loaded)
         return loaded
+
+    def _reread_path(self, known: AdapterVersion) -> tuple[AdapterVersion, AdapterWeights]:
+        """A path version read again after it was dropped: its files must still be that version."""
+        described, weights = self._read_path(known.name, known.source)
+        if described.version != known.version:
+            raise AdapterNotFound(f"{known.key} is gone: the files at {known.source} have changed since it was "
+                                  f"loaded (they are now {described.version}); load the path again")
+        return described, weights
 
     def _read_path(self, name: str, directory: Path) -> tuple[AdapterVersion, AdapterWeights]:
         weights = self._validated(lambda: read_peft_adapter(directory, self.engine.spec, self.engine.config.max_rank))

@@ -27,12 +27,12 @@ from tests.helpers import RunningServer, make_peft_adapter, wait_until
 PROMPT = [5, 17, 42, 99, 7, 3]
 
 
-def serve(llama_dir, store_root, tmp_path=None, **engine):
+def serve(llama_dir, store_root, tmp_path=None, cpu_cache_size=32, **engine):
     config = EngineConfig(**{"max_batch_size": 4, "max_seq_len": 160, "max_adapters": 2, "max_rank": 16, **engine})
     allowed = (tmp_path,) if tmp_path else ()
+    adapters = AdapterConfig(store=store_root, poll_interval_s=0.05, allowed_paths=allowed, cpu_cache_size=cpu_cache_size)
     return RunningServer(ServerConfig(model_dir=llama_dir, engine=config, host="127.0.0.1", port=0, metrics_host="127.0.0.1",
-                                      metrics_port=0, adapters=AdapterConfig(store=store_root, poll_interval_s=0.05,
-                                                                             allowed_paths=allowed)))
+                                      metrics_port=0, adapters=adapters))
 
 
 def greedy(adapter, n):
@@ -239,3 +239,33 @@ def test_admin_rpcs_load_list_get_unload(llama_dir, peft_adapters, cheese_v2, tm
         with pytest.raises(grpc.RpcError) as info:
             admin.UnloadAdapter(apb.UnloadAdapterRequest(name="never-loaded"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_first_request_pinned_to_an_old_version_does_not_make_it_current(llama_dir, peft_adapters, cheese_v2, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    store.publish("cheese", peft_adapters["cheese"])
+    store.publish("cheese", cheese_v2)
+    with serve(llama_dir, store.root) as server, server.channel() as channel:
+        generation = generation_pb2_grpc.GenerationStub(channel)
+        assert generation.Generate(greedy("cheese@v1", 4), timeout=60).adapter.version == "v1"
+        assert generation.Generate(greedy("cheese", 4), timeout=60).adapter.version == "v2"
+
+
+def test_a_path_version_dropped_from_memory_is_not_reloaded_from_changed_files(llama_dir, peft_adapters, tmp_path):
+    """With room for one version in host memory, loading a second drops the first; when the first
+    is asked for again, its directory must still hold the same weights (same content hash)."""
+    allowed = tmp_path / "allowed"
+    shutil.copytree(peft_adapters["wine"], allowed / "wine")
+    shutil.copytree(peft_adapters["bread"], allowed / "bread")
+    store = AdapterStore(tmp_path / "store")
+    with serve(llama_dir, store.root, tmp_path=allowed, cpu_cache_size=1) as server, server.channel() as channel:
+        generation, admin = generation_pb2_grpc.GenerationStub(channel), adapters_pb2_grpc.AdaptersStub(channel)
+        wine = admin.LoadAdapter(apb.LoadAdapterRequest(name="wine", path=str(allowed / "wine"))).adapter
+        admin.LoadAdapter(apb.LoadAdapterRequest(name="bread", path=str(allowed / "bread")))  # drops wine from memory
+        assert generation.Generate(greedy("wine", 4), timeout=60).adapter.version == wine.version  # read again
+        admin.LoadAdapter(apb.LoadAdapterRequest(name="bread", path=str(allowed / "bread")))  # a no-op: still cached
+        generation.Generate(greedy("bread", 4), timeout=60)  # bread back in memory, wine dropped again
+        edit(allowed / "wine", lambda t: t[next(k for k in t if "lora_B" in k)].mul_(2))
+        with pytest.raises(grpc.RpcError) as info:
+            generation.Generate(greedy("wine", 4), timeout=60)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and "changed" in info.value.details()

@@ -41,3 +41,14 @@ def peft_adapters(llama_dir, tmp_path_factory):
         "bread": make_peft_adapter(llama_dir, root / "bread", seed=13, r=16, lora_alpha=16, use_rslora=True,
                                    target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]),
     }
+
+
+@pytest.fixture(scope="session")
+def cheese_and_wine_store(peft_adapters, tmp_path_factory):
+    """An adapter store with cheese@v1 and wine@v1 (tests that change a store make their own)."""
+    from server.store import AdapterStore
+
+    store = AdapterStore(tmp_path_factory.mktemp("store"))
+    for name in ("cheese", "wine"):
+        store.publish(name, peft_adapters[name])
+    return store

@@ -14,23 +14,14 @@ import pytest
 
 from clients import AsyncClient, Client, InvalidArgument, NotFound, Unauthenticated
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from server.store import AdapterStore
 from tests.helpers import RunningServer
 
 
 @pytest.fixture(scope="module")
-def store(peft_adapters, tmp_path_factory):
-    store = AdapterStore(tmp_path_factory.mktemp("store"))
-    for name in ("cheese", "wine"):
-        store.publish(name, peft_adapters[name])
-    return store
-
-
-@pytest.fixture(scope="module")
-def server(llama_dir, store):
+def server(llama_dir, cheese_and_wine_store):
     config = ServerConfig(model_dir=llama_dir, host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
                           engine=EngineConfig(max_batch_size=2, max_seq_len=128, max_adapters=2, max_rank=16),
-                          adapters=AdapterConfig(store=store.root), admin_token="tok")
+                          adapters=AdapterConfig(store=cheese_and_wine_store.root), admin_token="tok")
     with RunningServer(config) as running:
         yield running
 
@@ -71,12 +62,12 @@ def test_async_client(server):
     assert len(listed) == 2
 
 
-def test_command_line_server_and_client_end_to_end(llama_dir, store, tmp_path):
+def test_command_line_server_and_client_end_to_end(llama_dir, cheese_and_wine_store, tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     token_file = tmp_path / "token"
     token_file.write_text("cli-token\n")
     server = subprocess.Popen(
-        [f"{bin_dir}/hotlora-server", "--model", str(llama_dir), "--adapters", str(store.root), "--host", "127.0.0.1",
+        [f"{bin_dir}/hotlora-server", "--model", str(llama_dir), "--adapters", str(cheese_and_wine_store.root), "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "0", "--max-seq-len", "128", "--admin-token-file", str(token_file),
          "--grace-period", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

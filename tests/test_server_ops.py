@@ -16,7 +16,6 @@ from protos.hotlora.v1 import adapters_pb2_grpc
 from protos.hotlora.v1 import generation_pb2 as pb
 from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from server.store import AdapterStore
 from tests.helpers import RunningServer
 
 TOKEN = "s3cret-admin-token"
@@ -29,16 +28,8 @@ def config(llama_dir, store_root, **overrides):
 
 
 @pytest.fixture(scope="module")
-def store(peft_adapters, tmp_path_factory):
-    store = AdapterStore(tmp_path_factory.mktemp("store"))
-    for name in ("cheese", "wine"):
-        store.publish(name, peft_adapters[name])
-    return store
-
-
-@pytest.fixture(scope="module")
-def server(llama_dir, store):
-    with RunningServer(config(llama_dir, store.root, admin_token=TOKEN)) as running:
+def server(llama_dir, cheese_and_wine_store):
+    with RunningServer(config(llama_dir, cheese_and_wine_store.root, admin_token=TOKEN)) as running:
         yield running
 
 
@@ -107,7 +98,7 @@ def test_metrics_move_as_requests_are_served(server):
     assert sample(after, "hotlora_adapter_load_duration_seconds_count") >= 1
 
 
-def test_adapter_label_cardinality_is_bounded(llama_dir, store):
+def test_adapter_label_cardinality_is_bounded():
     from server.metrics import Metrics
 
     metrics = Metrics(max_adapter_labels=2)
@@ -126,8 +117,8 @@ def test_admin_token_guards_the_adapters_service_only(server):
         assert generation_pb2_grpc.GenerationStub(channel).Generate(request(), timeout=60).usage.completion_tokens == 4
 
 
-def test_drain_finishes_running_requests_and_refuses_new_ones(llama_dir, store):
-    running = RunningServer(config(llama_dir, store.root))
+def test_drain_finishes_running_requests_and_refuses_new_ones(llama_dir, cheese_and_wine_store):
+    running = RunningServer(config(llama_dir, cheese_and_wine_store.root))
     channel = running.channel()
     stub = generation_pb2_grpc.GenerationStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
@@ -152,7 +143,7 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(llama_dir, store):
     assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
-def test_tls_serves_clients_that_trust_the_certificate(llama_dir, store, tmp_path):
+def test_tls_serves_clients_that_trust_the_certificate(llama_dir, cheese_and_wine_store, tmp_path):
     import subprocess
 
     from clients import Client
@@ -161,7 +152,7 @@ def test_tls_serves_clients_that_trust_the_certificate(llama_dir, store, tmp_pat
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
-    with RunningServer(config(llama_dir, store.root, tls_cert=cert, tls_key=key)) as running:
+    with RunningServer(config(llama_dir, cheese_and_wine_store.root, tls_cert=cert, tls_key=key)) as running:
         target = f"localhost:{running.server.port}"
         with Client(target, tls=True, root_certificates=cert.read_bytes()) as client:
             assert client.generate("Brie", max_new_tokens=3, temperature=0.0, ignore_eos=True).usage.completion_tokens == 3

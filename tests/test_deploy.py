@@ -166,7 +166,7 @@ def test_dockerfile_passes_hadolint_and_copies_what_exists():
     assert re.search(r"^FROM nvidia/cuda:[\w.-]+-runtime-", text, re.MULTILINE)
     assert re.search(r"^USER 10001$", text, re.MULTILINE)  # non-root, matching runAsUser
     assert set(re.search(r"^EXPOSE (.+)$", text, re.MULTILINE)[1].split()) == {"50051", "9400"}
-    assert ".venv" in (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().split()  # BuildKit: next to it
 
 
 def promtool() -> str:

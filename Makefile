@@ -33,7 +33,7 @@ protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/hotlora/v1/*.proto
 
 bench: $(STAMP)
-	$(PY) bench/engine_bench.py
+	$(PY) bench/engine_bench.py --compile
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -6,6 +6,7 @@ tokens (EOS ignored on both sides), measured in one run. PEFT serves a mixed bat
 
     python bench/engine_bench.py                       # CPU: small preset, 8 requests over 4 adapters
     python bench/engine_bench.py --preset 1b --requests 32 --adapters 8 --record   # on a GPU
+    python bench/engine_bench.py --compile            # also an engine with its decode step torch.compile'd
 
 --record appends the table, with the machine it ran on, to bench/RESULTS.md.
 """
@@ -13,6 +14,7 @@ tokens (EOS ignored on both sides), measured in one run. PEFT serves a mixed bat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -133,6 +135,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case and contender (median)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run an EngineConfig(compile=True) engine (torch.compile'd decode step)")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -144,28 +148,29 @@ def main() -> None:
 
     config = EngineConfig(max_batch_size=max(args.requests, 1), max_seq_len=args.prompt_len + args.new_tokens + 8,
                           max_adapters=args.adapters, max_rank=args.rank)
-    engine = Engine.from_pretrained(model_dir, config)
-    for name, path in adapters.items():
-        engine.load_adapter(name, path)
+    engines = {"engine": config} | ({"engine, compiled": dataclasses.replace(config, compile=True)} if args.compile else {})
+    engines = {name: Engine.from_pretrained(model_dir, c) for name, c in engines.items()}
+    for engine in engines.values():
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+    engine = engines["engine"]
     peft_model = load_peft(model_dir, adapters, engine.dtype, str(engine.device))
 
-    spec = engine.spec
-    rows = []
+    rows = []  # (case name, {contender: tok/s})
     for case in cases(args.requests, args.adapters):
-        prompts = prompts_for(case.requests, args.prompt_len, spec.vocab_size)
-        rates = median_tokens_per_second(
-            {"engine": engine_run(engine, case, prompts, args.new_tokens),
-             "peft": peft_run(peft_model, case, prompts, args.new_tokens)},
-            case.requests * args.new_tokens, args.repeats)
-        ours, theirs = rates["engine"], rates["peft"]
-        rows.append((case.name, ours, theirs))
-        print(f"{case.name:<32} engine {ours:9.1f} tok/s   PEFT {theirs:9.1f} tok/s   x{ours / theirs:5.2f}", flush=True)
-    engine.close()
+        prompts = prompts_for(case.requests, args.prompt_len, engine.spec.vocab_size)
+        runs = {name: engine_run(e, case, prompts, args.new_tokens) for name, e in engines.items()}
+        runs["transformers+PEFT"] = peft_run(peft_model, case, prompts, args.new_tokens)
+        rates = median_tokens_per_second(runs, case.requests * args.new_tokens, args.repeats)
+        rows.append((case.name, rates))
+        print(f"{case.name:<32} " + "   ".join(f"{n} {r:8.1f} tok/s" for n, r in rates.items()), flush=True)
+    for e in engines.values():
+        e.close()
 
-    by_name = {name: ours for name, ours, _ in rows}
-    base_only = by_name[f"{args.requests} requests, base only"]
-    mixed = by_name[f"{args.requests} requests over {args.adapters} adapters"]
-    mixed_overhead = base_only / mixed - 1
+    peer = "transformers+PEFT"
+    by_case = dict(rows)
+    base_only = by_case[f"{args.requests} requests, base only"]
+    mixed = by_case[f"{args.requests} requests over {args.adapters} adapters"]
     weights = engine.model.weight_bytes()
     table = [
         f"### engine_bench: {f'model {args.model}' if args.model else f'preset `{args.preset}`'}, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
@@ -174,12 +179,13 @@ def main() -> None:
         f"Machine: {machine()}; compute dtype {engine.dtype}; "
         f"NF4 projections {weights['projections'] / 2**20:.1f} MiB, other weights {weights['dense'] / 2**20:.1f} MiB.",
         "",
-        "| case | engine tok/s | transformers+PEFT tok/s | engine / PEFT |",
-        "|---|---:|---:|---:|",
-        *[f"| {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |" for name, ours, theirs in rows],
+        "| case | " + " | ".join(f"{n} tok/s" for n in [*engines, peer]) + " | " + " | ".join(f"{n} / PEFT" for n in engines) + " |",
+        "|---|" + "---:|" * (2 * len(engines) + 1),
+        *[f"| {name} | " + " | ".join(f"{rates[n]:.1f}" for n in [*engines, peer]) + " | "
+          + " | ".join(f"{rates[n] / rates[peer]:.2f}x" for n in engines) + " |" for name, rates in rows],
         "",
-        f"Mixed-adapter overhead over base-only (engine): {100 * mixed_overhead:.1f}% "
-        f"(base-only {base_only:.1f} tok/s vs mixed {mixed:.1f} tok/s).",
+        *[f"Mixed-adapter overhead over base-only ({n}): {100 * (base_only[n] / mixed[n] - 1):.1f}% "
+          f"(base-only {base_only[n]:.1f} tok/s vs mixed {mixed[n]:.1f} tok/s)." for n in engines],
         "",
     ]
     print("\n".join(table))

@@ -33,6 +33,9 @@ class EngineConfig:
     max_prefill_tokens: padded prompt tokens prefilled together in one step (bounds activation
       memory; a longer single prompt is still admitted alone).
     device / dtype: None picks CUDA+bfloat16 when available, else CPU+float32.
+    compile: run the decode step through torch.compile, which fuses the many small ops around
+      the NF4 matmuls (norms, RoPE, LoRA masks, adds). Start-up then compiles its few variants
+      (a C++ compiler must be installed on CPU); the results are the eager forward's.
     """
 
     max_batch_size: int = 8
@@ -46,6 +49,7 @@ class EngineConfig:
     dtype: str | None = None
     quant: QuantConfig = QuantConfig()
     seed: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens"):

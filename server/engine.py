@@ -15,6 +15,7 @@ step is reading the sampled tokens once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -161,6 +162,15 @@ class _Sequence:
         return self.adapter.slot if self.adapter else 0
 
 
+@contextlib.contextmanager
+def _explain_compile_failure():
+    try:
+        yield
+    except Exception as exc:  # inductor's errors are long; say first what to do about them
+        raise RuntimeError(f"EngineConfig(compile=True) could not compile the decode step ({type(exc).__name__}); "
+                           "on CPU torch.compile needs a C++ compiler (g++), or serve without --compile") from exc
+
+
 class Engine:
     def __init__(self, model: Transformer, config: EngineConfig):
         self.model = model
@@ -176,6 +186,9 @@ class Engine:
                 raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} tokens ({per_row} bytes each)")
         self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.device, self.dtype)
         self._seen = torch.zeros(rows, spec.vocab_size, dtype=torch.bool, device=self.device)
+        self._decode_logits = self._last_position_logits
+        if config.compile:
+            self._decode_logits = self._compiled_decode()
         self._pools = model.lora_pools()
         self._free_slots = list(range(config.max_adapters, 0, -1))
         self._adapters: dict[str, _LoadedAdapter] = {}
@@ -573,10 +586,34 @@ class Engine:
             prefill=False,
             kv_length=max(positions) + 1,
         )
-        hidden = self.model(batch, self.cache)
         seen = self._seen[rows] if self._sampling.use_penalty else None
-        tokens = sample(self.model.logits(hidden[:, -1]), self._sampling, seen)
+        tokens = sample(self._decode_logits(batch), self._sampling, seen)
         self._accept_tokens(list(running), rows, tokens)
+
+    def _last_position_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.logits(self.model(batch, self.cache)[:, -1])
+
+    def _compiled_decode(self) -> Callable[[ForwardBatch], torch.Tensor]:
+        """torch.compile of the decode forward, warmed up on every variant a step can hit, so no
+        request waits for a compile: with and without adapters, for one row and for several (the
+        batch size and KV length stay symbolic; torch specializes a size of 1). Warm-up writes
+        into free KV rows, whose contents are never read before being overwritten."""
+        # The cache's shapes are fixed for the engine's life; static, they cannot be mistaken
+        # for (and guarded equal to) the batch size.
+        torch._dynamo.mark_static(self.cache.keys)
+        torch._dynamo.mark_static(self.cache.values)
+        compiled = torch.compile(self._last_position_logits, dynamic=True)
+        sizes = [1] + ([3] if self.cache.rows >= 3 else [2] if self.cache.rows == 2 else [])
+        with torch.inference_mode(), _explain_compile_failure():
+            for rows in sizes:
+                for slots in (None, torch.zeros(rows, dtype=torch.long, device=self.device)):
+                    kv_length = min(7, self.config.max_seq_len)  # unlike the sizes, so not guarded equal to one
+                    compiled(ForwardBatch(
+                        tokens=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+                        positions=torch.full((rows, 1), kv_length - 1, device=self.device),
+                        cache_rows=torch.arange(rows, device=self.device), token_slots=slots,
+                        prefill=False, kv_length=kv_length))
+        return compiled
 
     def _sampling_batch(self, seqs: list[_Sequence]) -> SamplingBatch:
         return SamplingBatch([s.request.sampling for s in seqs], [s.generator for s in seqs],

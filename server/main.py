@@ -122,6 +122,9 @@ class Server:
         await self._stopped.wait()
 
 
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
     environ = os.environ if environ is None else environ
     p = argparse.ArgumentParser(prog="hotlora-server", description="Serve one NF4 base model with per-request LoRA adapters over gRPC.")
@@ -157,6 +160,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--admin-token-file", type=Path, help="file holding the bearer token the Adapters service requires")
     flag("--grace-period", type=float, default=ServerConfig.grace_period_s, help="seconds SIGTERM waits for running requests")
     flag("--max-adapter-labels", type=int, default=ServerConfig.max_adapter_labels, help="adapter names with their own metrics label")
+    flag("--compile", action="store_true", help="torch.compile the decode step (compiles at start-up; on CPU needs a C++ compiler)")
     flag("--seed", type=int, default=0, help="seed for requests that set none")
     flag("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
@@ -170,10 +174,14 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
             p.error(f"--admin-token-file {a.admin_token_file} is empty")
     allowed = a.adapter_path_allow if isinstance(a.adapter_path_allow, list) else [Path(a.adapter_path_allow)]
     num = lambda value, kind=int: None if value is None else kind(value)  # noqa: E731  env values are strings
+    if isinstance(a.compile, str) and a.compile.lower() not in TRUE_WORDS + FALSE_WORDS:
+        p.error(f"HOTLORA_COMPILE={a.compile!r}: use one of {TRUE_WORDS + FALSE_WORDS}")
+    compile_decode = a.compile is True or str(a.compile).lower() in TRUE_WORDS
     try:
         engine = EngineConfig(max_batch_size=num(a.max_batch_size), max_seq_len=num(a.max_seq_len),
                               max_adapters=num(a.max_adapters), max_rank=num(a.max_rank), max_queue=num(a.max_queue),
-                              kv_cache_bytes=num(a.kv_cache_bytes), device=a.device, dtype=a.dtype, seed=num(a.seed))
+                              kv_cache_bytes=num(a.kv_cache_bytes), device=a.device, dtype=a.dtype, seed=num(a.seed),
+                              compile=compile_decode)
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
                                  cpu_cache_size=num(a.cpu_cache_adapters), poll_interval_s=num(a.store_poll_interval, float))
     except ValueError as exc:

@@ -105,6 +105,17 @@ def test_adapter_label_cardinality_is_bounded():
     assert [metrics.adapter_label(n) for n in ["a", "b", "c", "a", "", "d"]] == ["a", "b", "other", "a", "base", "other"]
 
 
+def test_compile_is_off_unless_asked_for_by_flag_or_environment():
+    from server.main import parse_args
+
+    assert parse_args(["--model", "m"], environ={}).engine.compile is False
+    assert parse_args(["--model", "m", "--compile"], environ={}).engine.compile is True
+    assert parse_args(["--model", "m"], environ={"HOTLORA_COMPILE": "true"}).engine.compile is True
+    assert parse_args(["--model", "m"], environ={"HOTLORA_COMPILE": "0"}).engine.compile is False
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m"], environ={"HOTLORA_COMPILE": "maybe"})
+
+
 def test_admin_token_guards_the_adapters_service_only(server):
     with server.channel() as channel:
         admin = adapters_pb2_grpc.AdaptersStub(channel)

@@ -8,7 +8,7 @@ tokens (EOS ignored on both sides), measured in one run. PEFT serves a mixed bat
     python bench/engine_bench.py --preset 1b --requests 32 --adapters 8 --record   # on a GPU
     python bench/engine_bench.py --compile            # also an engine with its decode step torch.compile'd
 
---record appends the table, with the machine it ran on, to bench/RESULTS.md.
+--record adds the table, with the machine it ran on, to its section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import record  # noqa: E402
 from server.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
 from server.model_factory import make_model  # noqa: E402
 from tests.helpers import NF4_REFERENCE, make_peft_adapter  # noqa: E402
@@ -81,18 +82,20 @@ def peft_run(model, case: Case, prompts, new_tokens: int):
     return run
 
 
-def median_tokens_per_second(runs: dict, tokens: int, repeats: int) -> dict[str, float]:
-    """Runs alternate between the contenders (so machine noise hits both alike); median of each."""
+def median_tokens_per_second(runs: dict, tokens: dict, repeats: int) -> dict:
+    """Every repeat runs each (case, contender) once, round robin, so a machine that speeds up or
+    slows down over minutes shifts all of them alike — the ratios between contenders and between
+    cases (the mixed-adapter overhead) stay fair. Median of each."""
     for run in runs.values():
         run()  # warm-up
-    seconds = {name: [] for name in runs}
+    seconds = {key: [] for key in runs}
     for _ in range(repeats):
-        for name, run in runs.items():
+        for key, run in runs.items():
             start = time.perf_counter()
             run()
             _sync()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: tokens / statistics.median(s) for name, s in seconds.items()}
+            seconds[key].append(time.perf_counter() - start)
+    return {key: tokens[key] / statistics.median(s) for key, s in seconds.items()}
 
 
 def _sync():
@@ -156,25 +159,28 @@ def main() -> None:
     engine = engines["engine"]
     peft_model = load_peft(model_dir, adapters, engine.dtype, str(engine.device))
 
-    rows = []  # (case name, {contender: tok/s})
+    peer = "transformers+PEFT"
+    runs, tokens = {}, {}
     for case in cases(args.requests, args.adapters):
         prompts = prompts_for(case.requests, args.prompt_len, engine.spec.vocab_size)
-        runs = {name: engine_run(e, case, prompts, args.new_tokens) for name, e in engines.items()}
-        runs["transformers+PEFT"] = peft_run(peft_model, case, prompts, args.new_tokens)
-        rates = median_tokens_per_second(runs, case.requests * args.new_tokens, args.repeats)
-        rows.append((case.name, rates))
-        print(f"{case.name:<32} " + "   ".join(f"{n} {r:8.1f} tok/s" for n, r in rates.items()), flush=True)
+        for name, e in engines.items():
+            runs[case.name, name] = engine_run(e, case, prompts, args.new_tokens)
+        runs[case.name, peer] = peft_run(peft_model, case, prompts, args.new_tokens)
+        tokens.update({(case.name, name): case.requests * args.new_tokens for name in [*engines, peer]})
+    measured = median_tokens_per_second(runs, tokens, args.repeats)
     for e in engines.values():
         e.close()
 
-    peer = "transformers+PEFT"
-    by_case = dict(rows)
+    by_case: dict[str, dict[str, float]] = {}
+    for (case_name, contender), rate in measured.items():
+        by_case.setdefault(case_name, {})[contender] = rate
+    rows = list(by_case.items())
     base_only = by_case[f"{args.requests} requests, base only"]
     mixed = by_case[f"{args.requests} requests over {args.adapters} adapters"]
     weights = engine.model.weight_bytes()
     table = [
         f"### engine_bench: {f'model {args.model}' if args.model else f'preset `{args.preset}`'}, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
-        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} alternating runs",
+        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} round-robin runs",
         "",
         f"Machine: {machine()}; compute dtype {engine.dtype}; "
         f"NF4 projections {weights['projections'] / 2**20:.1f} MiB, other weights {weights['dense'] / 2**20:.1f} MiB.",
@@ -190,8 +196,7 @@ def main() -> None:
     ]
     print("\n".join(table))
     if args.record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n".join(table) + "\n")
+        record("engine_bench.py", "\n".join(table))
 
 
 if __name__ == "__main__":

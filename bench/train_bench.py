@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import record  # noqa: E402
+
 
 def worker_hotlora(args) -> dict:
     from trainer.config import FitConfig
@@ -96,7 +98,7 @@ def main() -> None:
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--packed-batch-size", type=int, default=3,
                    help="rows per step when packing: 3 x 128 tokens is about the tokens of 8 padded cheese records")
-    p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    p.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = p.parse_args()
     if args.worker:
         result = (worker_hotlora if args.worker == "hotlora" else worker_hf)(args)
@@ -130,8 +132,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as handle:
-            handle.write(f"\n## train_bench.py ({time.strftime('%Y-%m-%d')})\n\n{table}\n")
+        record("train_bench.py", f"### train_bench, {time.strftime('%Y-%m-%d')}\n\n{table}")
 
 
 if __name__ == "__main__":

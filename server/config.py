@@ -35,7 +35,8 @@ class EngineConfig:
     device / dtype: None picks CUDA+bfloat16 when available, else CPU+float32.
     compile: run the decode step through torch.compile, which fuses the many small ops around
       the NF4 matmuls (norms, RoPE, LoRA masks, adds). Start-up then compiles its few variants
-      (a C++ compiler must be installed on CPU); the results are the eager forward's.
+      (a C++ compiler must be installed on CPU); the results are the eager forward's. torch keeps
+      at most 8 compiled variants per function, so serve one compiled engine per process.
     """
 
     max_batch_size: int = 8

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench protos prometheus clean
+.PHONY: test demo bench protos system-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -13,16 +13,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP) prometheus
+test: $(STAMP) system-packages
 	$(PY) -m pytest -q
 
-# tests/test_deploy.py scrapes a running server with a real Prometheus and checks the alert rules
-# with promtool: Debian's prometheus package, installed here when missing (as root, or via sudo).
-prometheus:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+# Debian packages some tests need, installed here when missing (as root, or via sudo):
+# prometheus + promtool (tests/test_deploy.py scrapes a running server and checks the alert rules)
+# and g++ (torch.compile on CPU, tests/test_engine_compiled.py).
+system-packages:
+	@missing=""; \
+	{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || missing="$$missing prometheus"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
+	[ -z "$$missing" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus \
-	  || echo "warning: could not install prometheus; the tests that need it will be skipped"; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing \
+	  || echo "warning: could not install$$missing; the tests that need them will be skipped"; }
 
 # The main job: train a cheese-expert adapter, publish it, serve it, hot-swap a second version.
 demo: $(STAMP)

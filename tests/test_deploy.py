@@ -172,7 +172,7 @@ def test_dockerfile_passes_hadolint_and_copies_what_exists():
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool not installed: `make test` installs Debian's prometheus package (make prometheus)")
+        pytest.skip("promtool not installed: `make test` installs Debian's prometheus package (make system-packages)")
     return path
 
 
@@ -189,7 +189,7 @@ def test_a_real_prometheus_scrapes_the_server(llama_dir, tmp_path):
 
     prometheus = shutil.which("prometheus")
     if prometheus is None:
-        pytest.skip("prometheus not installed: `make test` installs Debian's prometheus package (make prometheus)")
+        pytest.skip("prometheus not installed: `make test` installs Debian's prometheus package (make system-packages)")
     config = ServerConfig(model_dir=llama_dir, host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
                           engine=EngineConfig(max_batch_size=2, max_seq_len=64))
     with RunningServer(config) as server:

@@ -5,6 +5,7 @@ into an error here, which fails the request that hit it)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -13,7 +14,11 @@ import torch
 from server.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from server.model import ForwardBatch
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                       reason="torch.compile on CPU needs a C++ compiler (make test installs g++)"),
+]
 
 PROMPTS = [[5, 17, 42, 99, 7, 3, 120, 64, 11, 12, 13], [8, 200, 33], [150, 9, 12, 40, 41], [77, 78, 79, 80, 81, 82, 83]]
 ADAPTERS = [None, "cheese", "wine", "bread"]

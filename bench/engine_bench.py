@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case and contender (median)")
     parser.add_argument("--compile", action="store_true",
                         help="also run an EngineConfig(compile=True) engine (torch.compile'd decode step)")
-    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hotlora-bench-"))

@@ -84,6 +84,22 @@ class RunningServer:
         self.stop()
 
 
+def fail_on_recompile() -> None:
+    """Turn a torch.compile recompile into an error. Dynamo's config is per thread: run this on the
+    engine's thread (engine._call_on_engine_thread(fail_on_recompile))."""
+    torch._dynamo.config.error_on_recompile = True
+
+
+def decode_batch(rows: int, device: str = "cpu"):
+    """A decode step of up to 4 rows at different positions, row i on LoRA slot i (row 0: base)."""
+    from server.model import ForwardBatch
+
+    return ForwardBatch(tokens=torch.tensor([[5], [17], [42], [99]][:rows], device=device),
+                        positions=torch.tensor([[9], [4], [12], [6]][:rows], device=device),
+                        cache_rows=torch.arange(rows, device=device), token_slots=torch.arange(rows, device=device),
+                        prefill=False, kv_length=13)
+
+
 def wait_until(condition, timeout: float = 30.0) -> None:
     """Poll `condition` until it holds; fail the test after `timeout` seconds."""
     import time

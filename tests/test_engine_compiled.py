@@ -1,7 +1,7 @@
 """EngineConfig(compile=True): the decode step runs through torch.compile. It must be the same
 engine — same tokens for mixed batches, joins and seeded sampling as the eager one — and it must
-compile only at start-up: serving after warm-up never triggers a recompile (a recompile is turned
-into an error here, which fails the request that hit it)."""
+compile only at start-up: serving after warm-up never triggers a recompile (on the compiled
+engine's thread a recompile is turned into an error here, which fails the request that hit it)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from server.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
-from server.model import ForwardBatch
+from tests.helpers import decode_batch, fail_on_recompile
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,6 +33,7 @@ def engines(llama_dir, peft_adapters):
     for engine in (eager, compiled):
         for name, path in peft_adapters.items():
             engine.load_adapter(name, path)
+    compiled._call_on_engine_thread(fail_on_recompile)
     yield eager, compiled
     eager.close()
     compiled.close()
@@ -60,9 +61,8 @@ def run(engine: Engine, requests: list[Request]) -> list:
 def test_compiled_engine_generates_what_the_eager_engine_generates(engines):
     eager, compiled = engines
     solo = [eager.generate([r])[0].token_ids for r in workload()]
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        alone = [compiled.generate([r])[0].token_ids for r in workload()]
-        joined = run(compiled, workload())
+    alone = [compiled.generate([r])[0].token_ids for r in workload()]
+    joined = run(compiled, workload())
     assert alone == solo
     assert [o.finish_reason for o in joined] == [FinishReason.LENGTH] * len(solo)
     assert [o.token_ids for o in joined] == solo
@@ -73,13 +73,19 @@ def test_compiled_decode_logits_match_the_eager_forward_for_a_mixed_batch(engine
     rows = len(ADAPTERS)
 
     def both():  # on the engine thread, between steps, the same inputs through both paths
-        with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
-            batch = ForwardBatch(tokens=torch.tensor([[5], [17], [42], [99]]), positions=torch.tensor([[9], [4], [12], [6]]),
-                                 cache_rows=torch.arange(rows), token_slots=torch.tensor([0, 1, 2, 3]),  # base + 3 adapters
-                                 prefill=False, kv_length=13)
+        with torch.inference_mode():
+            batch = decode_batch(rows)
             return compiled._decode_logits(batch), compiled._last_position_logits(batch)
 
     got, want = compiled._call_on_engine_thread(both)
     assert want.shape == (rows, compiled.spec.vocab_size)
     assert not torch.equal(want[1], want[2])  # the rows really differ by adapter
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_shape_the_warm_up_missed_fails_loudly_here(engines):
+    """The no-recompile check the tests above rely on is armed: a call the warm-up did not cover
+    (tensors made outside inference mode) recompiles, and on the engine's thread that is an error."""
+    _, compiled = engines
+    with pytest.raises(torch._dynamo.exc.RecompileError):
+        compiled._call_on_engine_thread(lambda: compiled._decode_logits(decode_batch(2)))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.engine import Engine, EngineConfig, Request
-from tests.helpers import NF4_REFERENCE
+from tests.helpers import NF4_REFERENCE, decode_batch, fail_on_recompile
 
 pytestmark = pytest.mark.gpu
 
@@ -39,5 +39,28 @@ def test_mixed_adapter_batch_matches_peft_on_cuda_bf16(llama_dir, peft_adapters)
             torch.testing.assert_close(logits, want[row], rtol=0.02, atol=0.1)
             agree += (logits.argmax(-1) == want[row].argmax(-1)).sum().item()
         assert agree >= 0.95 * len(rows) * 9
+    finally:
+        engine.close()
+
+
+def test_compiled_decode_matches_eager_decode_on_cuda_bf16(llama_dir, peft_adapters):
+    """CUDA twin of test_engine_compiled: in bfloat16 the fused kernels round differently from the
+    eager ops, so the compiled decode logits are compared with a bf16-sized tolerance, and serving
+    after warm-up must not recompile."""
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=4, max_seq_len=64, max_adapters=3, max_rank=16,
+                                                            device="cuda", dtype="bfloat16", compile=True))
+    for name, path in peft_adapters.items():
+        engine.load_adapter(name, path)
+    engine._call_on_engine_thread(fail_on_recompile)  # dynamo's config is per thread
+    try:
+        def both():
+            with torch.inference_mode():
+                batch = decode_batch(4, device="cuda")
+                return engine._decode_logits(batch).cpu(), engine._last_position_logits(batch).cpu()
+
+        got, want = engine._call_on_engine_thread(both)
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.1)
+        outputs = engine.generate([Request(prompt_ids=[5, 6, 7], adapter=name) for name in [None, *peft_adapters]])
+        assert all(o.finish_reason.value in ("length", "stop") for o in outputs)
     finally:
         engine.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NF4_PATHS = ("auto", "dequantize", "cpu-bf16-packed")  # see server/quant.py
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class EngineConfig:
     max_prefill_tokens: padded prompt tokens prefilled together in one step (bounds activation
       memory; a longer single prompt is still admitted alone).
     device / dtype: None picks CUDA+bfloat16 when available, else CPU+float32.
+    nf4_path: how the NF4 base projections are multiplied (server/quant.py): "auto" and
+      "dequantize" dequantize in the compute dtype and matmul, the trained model's own numbers;
+      "cpu-bf16-packed" opts into bitsandbytes' AVX512-BF16 kernel (CPU only, bfloat16 error).
     compile: run the decode step through torch.compile, which fuses the many small ops around
       the NF4 matmuls (norms, RoPE, LoRA masks, adds). Start-up then compiles its few variants
       (a C++ compiler must be installed on CPU); the results are the eager forward's. torch keeps
@@ -50,9 +54,12 @@ class EngineConfig:
     dtype: str | None = None
     quant: QuantConfig = QuantConfig()
     seed: int = 0
+    nf4_path: str = "auto"
     compile: bool = False
 
     def __post_init__(self) -> None:
+        if self.nf4_path not in NF4_PATHS:
+            raise ValueError(f"EngineConfig.nf4_path must be one of {NF4_PATHS}, got {self.nf4_path!r}")
         for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens"):
             if getattr(self, field) < 1:
                 raise ValueError(f"EngineConfig.{field} must be >= 1, got {getattr(self, field)}")

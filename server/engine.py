@@ -166,9 +166,10 @@ class _Sequence:
 def _explain_compile_failure():
     try:
         yield
-    except Exception as exc:  # inductor's errors are long; say first what to do about them
-        raise RuntimeError(f"EngineConfig(compile=True) could not compile the decode step ({type(exc).__name__}); "
-                           "on CPU torch.compile needs a C++ compiler (g++), or serve without --compile") from exc
+    except Exception as exc:  # inductor's errors run to pages; lead with the cause it caught
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RuntimeError(f"EngineConfig(compile=True) could not compile the decode step: {type(exc).__name__}: "
+                           f"{cause[:500]} (serve without --compile to run it eagerly)") from exc
 
 
 class Engine:
@@ -211,10 +212,15 @@ class Engine:
         model, _ = load_model(model_dir, config)
         engine = cls(model, config)
         sizes = {k: f"{v / 2**20:.1f} MiB" for k, v in model.weight_bytes().items()}
-        log.info("loaded %s on %s (%s): weights %s, KV cache %.1f MiB for %d sequences x %d tokens",
-                 model_dir, engine.device, engine.dtype, sizes, engine.cache.nbytes / 2**20, engine.cache.rows,
-                 config.max_seq_len)
+        log.info("loaded %s on %s (%s, nf4 path %s): weights %s, KV cache %.1f MiB for %d sequences x %d tokens",
+                 model_dir, engine.device, engine.dtype, model.nf4_path, sizes, engine.cache.nbytes / 2**20,
+                 engine.cache.rows, config.max_seq_len)
         return engine
+
+    def describe(self) -> dict[str, str]:
+        """How this engine computes (logged at start-up, exported as hotlora_engine_info)."""
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "nf4_path": self.model.nf4_path, "compiled": str(self.config.compile).lower()}
 
     # ---------------------------------------------------------------- adapters
 

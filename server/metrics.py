@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -67,6 +67,12 @@ class Metrics:
         for name, (doc, key) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(lambda key=key: stats()[key])
         self.registry.register(_TierCollector(tiers))
+
+    def describe_engine(self, description: dict[str, str]) -> None:
+        """hotlora_engine_info{device=..., dtype=..., nf4_path=..., compiled=...} 1: how this
+        replica computes, so a fleet's mixed CPU/GPU paths show up in one query."""
+        Info("hotlora_engine", "How the engine computes: device, dtype, NF4 matmul path, compiled decode.",
+             registry=self.registry).info(description)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server; returns the bound port (useful with port 0)."""

@@ -21,7 +21,7 @@ from .config import TARGET_MODULES, EngineConfig
 from .errors import UnsupportedModel
 from .kv_cache import KVCache
 from .lora import LoRABatch, LoRALinear, LoRAPool
-from .quant import make_base_linear, resident_bytes
+from .quant import choose_nf4_matmul, make_base_linear, resident_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -172,9 +172,10 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
-                 lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+                 lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], nf4_path: str):
         super().__init__()
         self.spec = spec
+        self.nf4_path = nf4_path  # how the projections multiply (server/quant.py), for logs and metrics
         self.embed = nn.Parameter(embed, requires_grad=False)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -267,6 +268,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     if sliding is not None and getattr(hf_config, "use_sliding_window", True) and sliding < config.max_seq_len:
         raise UnsupportedModel(f"sliding-window attention ({sliding}) shorter than max_seq_len {config.max_seq_len} is not supported")
     device, dtype = config.resolved_device(), config.resolved_dtype()
+    nf4_matmul = choose_nf4_matmul(config.nf4_path, device)
     reader = _CheckpointReader(model_dir)
     shapes = spec.projection_shapes()
     num_slots = config.max_adapters + 1
@@ -283,7 +285,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
             if tuple(weight.shape) != (out_features, in_features):
                 raise UnsupportedModel(f"{prefix}.weight has shape {tuple(weight.shape)}, config implies {(out_features, in_features)}")
             bias = reader.get(f"{prefix}.bias") if has_bias[name] else None
-            base = make_base_linear(weight, bias, config.quant, device, dtype)
+            base = make_base_linear(weight, bias, config.quant, nf4_matmul, device, dtype)
             pool = LoRAPool(num_slots, config.max_rank, in_features, out_features, device, dtype)
             projections[name] = LoRALinear(base, pool)
         norms = [RMSNorm(reader.get(f"model.layers.{i}.{n}.weight").to(device, dtype), spec.rms_norm_eps)
@@ -297,5 +299,6 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
         lm_head = reader.get("lm_head.weight").to(device, dtype)
     norm = RMSNorm(reader.get("model.norm.weight").to(device, dtype), spec.rms_norm_eps)
     rope = rope_tables(hf_config, spec.head_dim, config.max_seq_len, device)
-    model = Transformer(spec, embed, layers, norm, lm_head, rope).eval()
+    nf4_path = nf4_matmul.name if config.quant.enabled else "unquantized"
+    model = Transformer(spec, embed, layers, norm, lm_head, rope, nf4_path).eval()
     return model, hf_config

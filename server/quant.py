@@ -1,46 +1,147 @@
-"""NF4 + double quantization of the base projections, through bitsandbytes.
+"""NF4 + double quantization of the base projections: bitsandbytes stores the bits, the engine
+chooses how they are multiplied.
 
-We do not write a quantizer: a projection becomes a `bitsandbytes.nn.Linear4bit` (the module that
-transformers' `BitsAndBytesConfig(load_in_4bit=True)` builds), so the stored bits and the matmul
-path are the library's — `matmul_4bit` / `gemv_4bit` on CUDA, its CPU backend otherwise.
+We do not write a quantizer: a projection's weight becomes a `bitsandbytes.nn.Params4bit` (what
+transformers' `BitsAndBytesConfig(load_in_4bit=True)` builds), so the stored bits are the
+library's. The multiplication is an `NF4Matmul` picked once per engine by `choose_nf4_matmul`,
+never by bitsandbytes' own CPU feature sniffing: its `Linear4bit.forward`, in eval mode on a CPU
+with AVX512-BF16, repacks the weight in place and computes in bfloat16, so the same code gave
+different numbers (and crashed on shapes its repacking does not support) depending on the CPU.
+
+- "dequantize" (the default everywhere): bitsandbytes dequantizes W0 in the compute dtype and
+  the matmul is torch's (`bitsandbytes.matmul_4bit` on a weight that is never repacked). That is
+  the trained QLoRA model's own path, so in float32 it reproduces the trainer's numbers exactly.
+- "cpu-bf16-packed" (CPU opt-in): bitsandbytes' fused AVX512-BF16 kernel on a weight repacked
+  once at load. Faster on such CPUs, with bfloat16 error (~3e-3 relative per layer).
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
-from .config import QuantConfig
+from .config import NF4_PATHS, QuantConfig
 
 
-def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig,
-                     device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A frozen `y = x·Wᵀ + b` from a dense [out, in] weight: NF4 (Linear4bit) or, with
-    quantization disabled (debugging only), a plain nn.Linear in the compute dtype."""
-    out_features, in_features = weight.shape
-    if not quant.enabled:
-        layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-        layer.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.to(device, dtype), requires_grad=False)
-        return layer
+class _QuietKernelsHub(logging.Filter):
+    """bitsandbytes says on import, on every AVX512-BF16 CPU, that it could not fetch an optional
+    kernel from the Hugging Face hub; we never use that kernel and a server has no hub access."""
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def import_bitsandbytes():
+    """`import bitsandbytes`, without the import-time noise a user cannot act on. Every place in
+    the project imports it through here, before transformers does."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_QuietKernelsHub())
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+@dataclass(frozen=True)
+class NF4Matmul:
+    """One way to compute y = x·W0ᵀ + b from a Params4bit weight. `prepare` runs once per weight
+    at load (e.g. a repacking); `forward` is the hot path."""
+
+    name: str
+    prepare: Callable[[nn.Parameter], None]
+    forward: Callable[[torch.Tensor, nn.Parameter, torch.Tensor | None], torch.Tensor]
+
+
+def _dequantize_forward(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear4bit(
-        in_features, out_features, bias=bias is not None, compute_dtype=dtype,
-        compress_statistics=quant.double_quant, quant_type=quant.quant_type, device="meta",
-    )
+    return bnb.matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias)
+
+
+def _repack_for_cpu_bf16(weight: nn.Parameter) -> None:
+    import bitsandbytes.functional as bnbf
+
+    state = weight.quant_state
+    out_features, in_features = state.shape
+    if out_features % 32 or in_features % state.blocksize:  # its layout: rows in 32s, whole blocks per row
+        raise ValueError(f"nf4 path cpu-bf16-packed needs out_features % 32 == 0 and in_features % {state.blocksize} "
+                         f"== 0; this model has a {out_features}x{in_features} projection (use the dequantize path)")
+    weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+
+
+def _cpu_bf16_packed_forward(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    y = bnbf.gemv_4bit(x.to(torch.bfloat16), weight, state=weight.quant_state).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+DEQUANTIZE = NF4Matmul("dequantize", prepare=lambda weight: None, forward=_dequantize_forward)
+CPU_BF16_PACKED = NF4Matmul("cpu-bf16-packed", prepare=_repack_for_cpu_bf16, forward=_cpu_bf16_packed_forward)
+
+
+def choose_nf4_matmul(requested: str, device: torch.device) -> NF4Matmul:
+    """The engine's NF4 path for `requested` ("auto" = dequantize) on `device`; refuses a path the
+    device cannot run, rather than falling back to different numbers."""
+    if requested in ("auto", "dequantize"):
+        return DEQUANTIZE
+    if requested == "cpu-bf16-packed":
+        if device.type != "cpu" or not import_bitsandbytes().functional.has_avx512bf16():
+            raise ValueError("nf4 path cpu-bf16-packed needs a CPU with AVX512-BF16 "
+                             f"(this is {device.type}{'' if device.type != 'cpu' else ' without it'})")
+        return CPU_BF16_PACKED
+    raise ValueError(f"unknown nf4 path {requested!r}; one of {NF4_PATHS}")
+
+
+class NF4Linear(nn.Module):
+    """A frozen y = x·W0ᵀ + b with W0 = doubleDequant(NF4), computed by the engine's NF4Matmul."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, matmul: NF4Matmul):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.matmul = matmul
+        matmul.prepare(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul.forward(x, self.weight, self.bias)
+
+
+def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig, matmul: NF4Matmul,
+                     device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A frozen `y = x·Wᵀ + b` from a dense [out, in] weight: NF4 with double quantization, or,
+    with quantization disabled (debugging only), a plain nn.Linear in the compute dtype."""
+    bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
+    if not quant.enabled:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        layer.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
+        layer.bias = bias
+        return layer
+    bnb = import_bitsandbytes()
     # Params4bit quantizes when moved to a device; quantize from the compute dtype, as
     # transformers does when it loads with `dtype=compute dtype`.
-    layer.weight = bnb.nn.Params4bit(
-        weight.to(dtype), requires_grad=False, blocksize=quant.blocksize,
-        compress_statistics=quant.double_quant, quant_type=quant.quant_type, module=layer,
-    ).to(device)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.to(device, dtype), requires_grad=False)
-    layer.eval()
-    return layer
+    packed = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, blocksize=quant.blocksize,
+                               compress_statistics=quant.double_quant, quant_type=quant.quant_type).to(device)
+    return NF4Linear(packed, bias, matmul)
+
+
+def keep_linear4bit_on_dequantize(model: nn.Module) -> int:
+    """Pin every bitsandbytes Linear4bit in a transformers model to the dequantize path, so it
+    computes as the engine does and never repacks its weight in eval mode (after which training
+    would lose the base weight's gradient path). bitsandbytes has no option for this; the
+    instance flag is what its forward checks. Returns the number of layers pinned."""
+    bnb = import_bitsandbytes()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def is_repacked(weight: nn.Parameter) -> bool:
+    """True when bitsandbytes has rewritten the weight into its CPU bf16 layout."""
+    return bool(getattr(weight.quant_state, "packing_format_for_cpu", False))
 
 
 def resident_bytes(module: nn.Module) -> int:
@@ -56,13 +157,15 @@ def resident_bytes(module: nn.Module) -> int:
 
 def _quant_state_bytes(state) -> int:
     tensors = [state.absmax, state.code, getattr(state, "offset", None)]
-    if state.state2 is not None:
-        tensors += [state.state2.absmax, state.state2.code]
+    nested = getattr(state, "state2", None)  # the repacked layout keeps no nested statistics
+    if nested is not None:
+        tensors += [nested.absmax, nested.code]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight the layer actually multiplies by (W0 = doubleDequant(NF4)), for references."""
+    """The weight the layer multiplies by (W0 = doubleDequant(NF4)), for references. Not for a
+    repacked weight."""
     state = getattr(layer.weight, "quant_state", None)
     if state is None:
         return layer.weight.detach()

@@ -26,11 +26,16 @@ def make_peft_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -
 
 
 def reference_nf4_model(base_dir: Path):
+    """transformers + bitsandbytes NF4, computing as the trained model does (dequantize + matmul in
+    float32) on every CPU: bitsandbytes would otherwise switch to bf16 on AVX512-BF16 CPUs."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from server.quant import keep_linear4bit_on_dequantize
 
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=BitsAndBytesConfig(**NF4_REFERENCE), dtype=torch.float32, device_map="cpu"
     )
+    assert keep_linear4bit_on_dequantize(model) > 0
     return model.eval()
 
 

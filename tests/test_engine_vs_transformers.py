@@ -12,7 +12,7 @@ import torch
 
 from server.config import QuantConfig
 from server.engine import Engine, EngineConfig, Request, SamplingParams
-from server.quant import make_base_linear, resident_bytes
+from server.quant import DEQUANTIZE, make_base_linear, resident_bytes
 from tests.helpers import reference_nf4_model, reference_peft_model
 
 LOGIT_ATOL = 1e-4
@@ -66,10 +66,10 @@ def test_engine_reports_nf4_weight_memory(llama_dir):
 
 def test_nf4_double_quant_costs_about_4_13_bits_per_weight():
     """4 bits + one 8-bit absmax per 64 weights + one fp32 absmax per 256 of those (+ tables)."""
-    layer = make_base_linear(torch.randn(1024, 512), None, QuantConfig(), torch.device("cpu"), torch.float32)
+    layer = make_base_linear(torch.randn(1024, 512), None, QuantConfig(), DEQUANTIZE, torch.device("cpu"), torch.float32)
     bits = 8 * resident_bytes(layer) / (1024 * 512)
     assert 4.12 < bits < 4.16
-    single = make_base_linear(torch.randn(1024, 512), None, QuantConfig(double_quant=False), torch.device("cpu"), torch.float32)
+    single = make_base_linear(torch.randn(1024, 512), None, QuantConfig(double_quant=False), DEQUANTIZE, torch.device("cpu"), torch.float32)
     assert 8 * resident_bytes(single) / (1024 * 512) > 4.49  # fp32 absmax per 64: +0.5 bit
 
 

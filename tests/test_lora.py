@@ -7,7 +7,7 @@ import torch
 
 from server.config import QuantConfig
 from server.lora import LoRABatch, LoRALinear, LoRAPool, lora_delta_reference, lora_delta_stacked, slot_mask
-from server.quant import dequantized_weight, make_base_linear
+from server.quant import DEQUANTIZE, dequantized_weight, make_base_linear
 
 IN, OUT, MAX_RANK, SLOTS = 64, 48, 8, 4
 RANKS = {1: 2, 2: 8, 3: 5}  # slot -> rank; 2 and 5 are zero-padded up to MAX_RANK
@@ -91,7 +91,7 @@ def test_lora_linear_on_nf4_base_matches_float64(pool, adapters):
     """y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ with W0 the double-dequantized NF4 weight, per token."""
     torch.manual_seed(3)
     weight, bias = torch.randn(OUT, IN) * 0.1, torch.randn(OUT) * 0.1
-    base = make_base_linear(weight, bias, QuantConfig(), torch.device("cpu"), torch.float32)
+    base = make_base_linear(weight, bias, QuantConfig(), DEQUANTIZE, torch.device("cpu"), torch.float32)
     w0 = dequantized_weight(base).double()
     assert not torch.equal(w0.float(), weight)  # really quantized
     # NF4's widest gap (0.72..1.0 of a block's absmax) bounds the rounding error at 0.14·absmax.

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from server.quant import import_bitsandbytes, keep_linear4bit_on_dequantize
+
 from . import checkpoint
 from .config import FitConfig
 from .data import IGNORE, Batch, Example, epoch_batches, load_examples, split
@@ -60,17 +62,22 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def load_base(base: Path, dtype: torch.dtype, device: torch.device):
+    """The NF4 double-quantized base, its layers pinned to the serving engine's NF4 path (see
+    server.quant.keep_linear4bit_on_dequantize: otherwise an eval pass on an AVX512-BF16 CPU
+    repacks them, and training after it computes in bf16 without the base weight's gradient path)."""
+    import_bitsandbytes()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=dtype,
-                                                device_map={"": str(device)})
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=dtype,
+                                                 device_map={"": str(device)})
+    keep_linear4bit_on_dequantize(model)
+    return model
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, str]:
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "torch AdamW"
     cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]

@@ -2,8 +2,9 @@
 far the serving engine is from the trained model with the adapter off (the noise floor) and on,
 for a correct adapter and for wrong ones, on each engine compute path.
 
-An adapter is trained with `trainer fit` on the demo data; the wrong ones are its files with
-B scaled by 2 or by 1.25, with the A and B of two layers swapped, and with B = 0 (a no-op). The
+An adapter is trained with `trainer fit` on the demo data, and a weaker one made from it (B x0.25
+in the model and its files alike); the wrong ones are their files with B scaled by 2 or by 1.25,
+with the A and B of two layers swapped, and with B = 0 (saved before training, say). The
 engine then runs in float32 (dequantize), bfloat16 (dequantize: plain torch, any CPU) and,
 where the CPU has AVX512-BF16, float32 activations through bitsandbytes' packed bf16 kernel.
 
@@ -22,32 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
 from bench.results import record  # noqa: E402
-
-
-def tampered(adapter: Path, out: Path, how: str) -> Path:
-    """A copy of `adapter` with its weights changed as `how` says."""
-    import shutil
-
-    shutil.copytree(adapter, out)
-    path = out / "adapter_model.safetensors"
-    weights = load_file(path)
-    b_keys = sorted(k for k in weights if "lora_B" in k)
-    if how.startswith("B x"):
-        factor = float(how.removeprefix("B x"))
-        weights = {k: v * factor if "lora_B" in k else v for k, v in weights.items()}
-    elif how == "B = 0":
-        weights = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()}
-    elif how == "swap 2 layers":
-        # layer 0's q_proj adapter goes to layer 1 and back (same shapes, wrong place)
-        first = next(k for k in b_keys if ".layers.0." in k and "q_proj" in k)
-        second = first.replace(".layers.0.", ".layers.1.")
-        for a, b in ((first, second), (first.replace("lora_B", "lora_A"), second.replace("lora_B", "lora_A"))):
-            weights[a], weights[b] = weights[b], weights[a]
-    save_file(weights, path)
-    return out
+from tests.helpers import tampered_adapter  # noqa: E402
 
 
 def engine_paths() -> list[tuple[str, torch.dtype, str]]:
@@ -73,25 +51,32 @@ def run(preset: str, steps: int, work: Path) -> list[str]:
                        rank=8, max_seq_len=128, batch_size=4, learning_rate=1e-2, max_steps=steps, eval_every=10**9,
                        checkpoint_every=10**9, eval_fraction=0.1, seed=5)
     result = fit(config)
-    adapter = work / f"adapter-{preset}"
-    result.model.save_pretrained(adapter)
-    prompts = prompts_from(result.eval, 4)
-    cases = ["correct", "B x1.25", "B x2", "swap 2 layers", "B = 0"]
-    dirs = {c: adapter if c == "correct" else tampered(adapter, work / f"{preset}-{c.replace(' ', '')}", c) for c in cases}
+    model, prompts = result.model, prompts_from(result.eval, 4)
     rows = []
-    for label, dtype, nf4_path in engine_paths():
-        try:
-            reports = {c: measure(base, d, result.model, prompts, rank=8, dtype=dtype, nf4_path=nf4_path) for c, d in dirs.items()}
-        except ValueError as exc:  # e.g. the packed kernel cannot hold this preset's shapes
-            rows.append(f"| {preset} | {label} | n/a: {exc} | | | | | |")
-            continue
-        for case, r in reports.items():
-            _, refusal = decide(r.noise_floor, r.max_relative_difference, r.adapter_effect)
-            ratio = r.max_relative_difference / max(r.noise_floor, 1e-12)
-            verdict = "accepted" if refusal is None else ("refused: differs" if "differ" in refusal else "refused: no-op")
-            rows.append(f"| {preset} | {label} | {case} | {r.noise_floor:.2e} | {r.max_relative_difference:.2e} "
-                        f"| {ratio:.1f} | {r.adapter_effect:.2e} | {r.greedy_agreement:.3f} | {r.kl_mean:.1e} | {verdict} |")
-            print(rows[-1], flush=True)
+    for strength in (1.0, 0.25):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(strength)
+        adapter = work / f"adapter-{preset}-{strength}"
+        model.save_pretrained(adapter)
+        cases = ["correct", "B x1.25", "B x2", "swap 2 layers", "file B = 0"]
+        dirs = {c: adapter if c == "correct" else tampered_adapter(adapter, work / f"{preset}-{strength}-{c.replace(' ', '')}", c)
+                for c in cases}
+        for label, dtype, nf4_path in engine_paths():
+            try:
+                reports = {c: measure(base, d, model, prompts, rank=8, dtype=dtype, nf4_path=nf4_path) for c, d in dirs.items()}
+            except ValueError as exc:  # e.g. the packed kernel cannot hold this preset's shapes
+                rows.append(f"| {preset} | {label} | n/a: {exc} | | | | | | | |")
+                print(rows[-1], flush=True)
+                continue
+            for case, r in reports.items():
+                _, refusal = decide(r.noise_floor, r.max_relative_difference, r.adapter_effect)
+                ratio = r.max_relative_difference / max(r.noise_floor, 1e-12)
+                verdict = "accepted" if refusal is None else ("refused: differs" if "differ" in refusal else "refused: no-op")
+                rows.append(f"| {preset} | {label} | x{strength:g}: {case} | {r.noise_floor:.2e} | {r.max_relative_difference:.2e} "
+                            f"| {ratio:.1f} | {r.adapter_effect:.2e} | {r.greedy_agreement:.3f} | {r.kl_mean:.1e} | {verdict} |")
+                print(rows[-1], flush=True)
     return rows
 
 

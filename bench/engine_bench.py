@@ -7,6 +7,7 @@ tokens (EOS ignored on both sides), measured in one run. PEFT serves a mixed bat
     python bench/engine_bench.py                       # CPU: small preset, 8 requests over 4 adapters
     python bench/engine_bench.py --preset 1b --requests 32 --adapters 8 --record   # on a GPU
     python bench/engine_bench.py --compile            # also an engine with its decode step torch.compile'd
+    python bench/engine_bench.py --cpu-bf16-packed    # also an engine on bitsandbytes' AVX512-BF16 NF4 kernel
 
 --record adds the table, with the machine it ran on, to its section of bench/RESULTS.md.
 """
@@ -103,13 +104,17 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def load_peft(model_dir: Path, adapters: dict[str, Path], dtype: torch.dtype, device: str):
+def load_peft(model_dir: Path, adapters: dict[str, Path], dtype: torch.dtype, device: str, pinned: bool = True):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from server.quant import keep_linear4bit_on_dequantize
 
     quant = dict(NF4_REFERENCE, bnb_4bit_compute_dtype=dtype)
     base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**quant),
                                                 dtype=dtype, device_map=device)
+    if pinned:  # the same NF4 arithmetic as the engine's default path, on every CPU
+        keep_linear4bit_on_dequantize(base)
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -125,7 +130,10 @@ def machine() -> str:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    from server.quant import import_bitsandbytes
+
+    avx = "yes" if import_bitsandbytes().functional.has_avx512bf16() else "no"
+    return f"CPU {cpu} (AVX512_BF16 {avx}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -140,6 +148,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case and contender (median)")
     parser.add_argument("--compile", action="store_true",
                         help="also run an EngineConfig(compile=True) engine (torch.compile'd decode step)")
+    parser.add_argument("--cpu-bf16-packed", action="store_true",
+                        help="also run an EngineConfig(nf4_path='cpu-bf16-packed') engine (CPUs with AVX512-BF16)")
     parser.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -152,21 +162,26 @@ def main() -> None:
     config = EngineConfig(max_batch_size=max(args.requests, 1), max_seq_len=args.prompt_len + args.new_tokens + 8,
                           max_adapters=args.adapters, max_rank=args.rank)
     engines = {"engine": config} | ({"engine, compiled": dataclasses.replace(config, compile=True)} if args.compile else {})
+    if args.cpu_bf16_packed:
+        engines["engine, cpu-bf16-packed"] = dataclasses.replace(config, nf4_path="cpu-bf16-packed")
     engines = {name: Engine.from_pretrained(model_dir, c) for name, c in engines.items()}
     for engine in engines.values():
         for name, path in adapters.items():
             engine.load_adapter(name, path)
     engine = engines["engine"]
-    peft_model = load_peft(model_dir, adapters, engine.dtype, str(engine.device))
-
     peer = "transformers+PEFT"
+    peers = {peer: load_peft(model_dir, adapters, engine.dtype, str(engine.device))}
+    if args.cpu_bf16_packed:  # what transformers does by itself on such a CPU: bitsandbytes' packed bf16 kernel
+        peers["transformers+PEFT, bnb CPU path"] = load_peft(model_dir, adapters, engine.dtype, str(engine.device), pinned=False)
+
     runs, tokens = {}, {}
     for case in cases(args.requests, args.adapters):
         prompts = prompts_for(case.requests, args.prompt_len, engine.spec.vocab_size)
         for name, e in engines.items():
             runs[case.name, name] = engine_run(e, case, prompts, args.new_tokens)
-        runs[case.name, peer] = peft_run(peft_model, case, prompts, args.new_tokens)
-        tokens.update({(case.name, name): case.requests * args.new_tokens for name in [*engines, peer]})
+        for name, model in peers.items():
+            runs[case.name, name] = peft_run(model, case, prompts, args.new_tokens)
+        tokens.update({(case.name, name): case.requests * args.new_tokens for name in [*engines, *peers]})
     measured = median_tokens_per_second(runs, tokens, args.repeats)
     for e in engines.values():
         e.close()
@@ -182,12 +197,12 @@ def main() -> None:
         f"### engine_bench: {f'model {args.model}' if args.model else f'preset `{args.preset}`'}, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
         f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} round-robin runs",
         "",
-        f"Machine: {machine()}; compute dtype {engine.dtype}; "
+        f"Machine: {machine()}; compute dtype {engine.dtype}; `{peer}` on the engine's NF4 path (dequantize); "
         f"NF4 projections {weights['projections'] / 2**20:.1f} MiB, other weights {weights['dense'] / 2**20:.1f} MiB.",
         "",
-        "| case | " + " | ".join(f"{n} tok/s" for n in [*engines, peer]) + " | " + " | ".join(f"{n} / PEFT" for n in engines) + " |",
-        "|---|" + "---:|" * (2 * len(engines) + 1),
-        *[f"| {name} | " + " | ".join(f"{rates[n]:.1f}" for n in [*engines, peer]) + " | "
+        "| case | " + " | ".join(f"{n} tok/s" for n in [*engines, *peers]) + " | " + " | ".join(f"{n} / PEFT" for n in engines) + " |",
+        "|---|" + "---:|" * (2 * len(engines) + len(peers)),
+        *[f"| {name} | " + " | ".join(f"{rates[n]:.1f}" for n in [*engines, *peers]) + " | "
           + " | ".join(f"{rates[n] / rates[peer]:.2f}x" for n in engines) + " |" for name, rates in rows],
         "",
         *[f"Mixed-adapter overhead over base-only ({n}): {100 * (base_only[n] / mixed[n] - 1):.1f}% "

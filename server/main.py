@@ -209,6 +209,9 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .quant import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         import importlib

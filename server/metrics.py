@@ -72,7 +72,7 @@ class Metrics:
         """hotlora_engine_info{device=..., dtype=..., nf4_path=..., compiled=...} 1: how this
         replica computes, so a fleet's mixed CPU/GPU paths show up in one query."""
         Info("hotlora_engine", "How the engine computes: device, dtype, NF4 matmul path, compiled decode.",
-             registry=self.registry).info(description)
+             registry=self.registry).info(dict(sorted(description.items())))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server; returns the bound port (useful with port 0)."""

@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", type=Path, help="text file to train the tokenizer on (default: a built-in paragraph)")
     args = parser.parse_args(argv)
-    path = make_model(args.out_dir, args.preset, args.seed)
+    corpus = {"corpus": args.corpus.read_text(encoding="utf-8")} if args.corpus else {}
+    path = make_model(args.out_dir, args.preset, args.seed, **corpus)
     print(f"wrote {args.preset} checkpoint (random weights, seed {args.seed}) to {path}")
 
 

@@ -35,10 +35,17 @@ class _QuietKernelsHub(logging.Filter):
         return "kernels-community" not in record.getMessage()
 
 
+def quiet_bitsandbytes() -> None:
+    """Filter bitsandbytes' import-time noise that a user cannot act on. Idempotent; the entry
+    points call it first thing, since transformers may import bitsandbytes before we do."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _QuietKernelsHub) for f in logger.filters):
+        logger.addFilter(_QuietKernelsHub())
+
+
 def import_bitsandbytes():
-    """`import bitsandbytes`, without the import-time noise a user cannot act on. Every place in
-    the project imports it through here, before transformers does."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_QuietKernelsHub())
+    """`import bitsandbytes`, quietly (see quiet_bitsandbytes)."""
+    quiet_bitsandbytes()
     import bitsandbytes
 
     return bitsandbytes

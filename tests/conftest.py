@@ -52,3 +52,15 @@ def cheese_and_wine_store(peft_adapters, tmp_path_factory):
     for name in ("cheese", "wine"):
         store.publish(name, peft_adapters[name])
     return store
+
+
+@pytest.fixture(scope="session")
+def cheese_data(tmp_path_factory):
+    """A slice of the demo's cheese dataset (JSONL); small, so a training run takes seconds."""
+    from trainer.demo.make_dataset import write
+
+    path = tmp_path_factory.mktemp("data") / "cheese.jsonl"
+    write(path)
+    lines = path.read_text().splitlines()[:24]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -25,6 +25,32 @@ def make_peft_adapter(base_dir: Path, out_dir: Path, seed: int, **lora_kwargs) -
     return out_dir
 
 
+def tampered_adapter(adapter: Path, out: Path, how: str) -> Path:
+    """A copy of a PEFT adapter directory with its weights made wrong: "B x<factor>" scales every
+    B, "swap 2 layers" swaps layers 0 and 1's q_proj A and B, "file B = 0" zeroes every B."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    path = out / "adapter_model.safetensors"
+    weights = load_file(path)
+    if how.startswith("B x"):
+        factor = float(how.removeprefix("B x"))
+        weights = {k: v * factor if "lora_B" in k else v for k, v in weights.items()}
+    elif how == "file B = 0":
+        weights = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()}
+    elif how == "swap 2 layers":
+        first = next(k for k in sorted(weights) if ".layers.0." in k and "q_proj.lora_B" in k)
+        second = first.replace(".layers.0.", ".layers.1.")
+        for a, b in ((first, second), (first.replace("lora_B", "lora_A"), second.replace("lora_B", "lora_A"))):
+            weights[a], weights[b] = weights[b], weights[a]
+    else:
+        raise ValueError(how)
+    save_file(weights, path)
+    return out
+
+
 def reference_nf4_model(base_dir: Path):
     """transformers + bitsandbytes NF4, computing as the trained model does (dequantize + matmul in
     float32) on every CPU: bitsandbytes would otherwise switch to bf16 on AVX512-BF16 CPUs."""

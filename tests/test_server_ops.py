@@ -98,6 +98,12 @@ def test_metrics_move_as_requests_are_served(server):
     assert sample(after, "hotlora_adapter_load_duration_seconds_count") >= 1
 
 
+def test_metrics_say_how_the_engine_computes(server):
+    """The NF4 path is the engine's choice, the same on every CPU, and visible to Prometheus."""
+    assert sample(scrape(server), "hotlora_engine_info", compiled="false", device="cpu", dtype="float32",
+                  nf4_path="dequantize") == 1
+
+
 def test_adapter_label_cardinality_is_bounded():
     from server.metrics import Metrics
 
@@ -114,6 +120,17 @@ def test_compile_is_off_unless_asked_for_by_flag_or_environment():
     assert parse_args(["--model", "m"], environ={"HOTLORA_COMPILE": "0"}).engine.compile is False
     with pytest.raises(SystemExit):
         parse_args(["--model", "m"], environ={"HOTLORA_COMPILE": "maybe"})
+
+
+def test_nf4_path_comes_from_flag_or_environment_and_is_checked():
+    from server.main import parse_args
+
+    assert parse_args(["--model", "m"], environ={}).engine.nf4_path == "auto"
+    assert parse_args(["--model", "m", "--nf4-path", "cpu-bf16-packed"], environ={}).engine.nf4_path == "cpu-bf16-packed"
+    assert parse_args(["--model", "m"], environ={"HOTLORA_NF4_PATH": "dequantize"}).engine.nf4_path == "dequantize"
+    for argv, environ in ((["--nf4-path", "fast"], {}), ([], {"HOTLORA_NF4_PATH": "fast"})):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "m", *argv], environ=environ)
 
 
 def test_admin_token_guards_the_adapters_service_only(server):

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from server.quant import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get("HOTLORA_ADMIN_TOKEN")
@@ -126,7 +129,9 @@ def _fit(args, token: str | None) -> int:
         "hyperparameters": config.hyperparameters(), "metrics": summary, "trainer": "hotlora trainer fit"})
     stored = publish.publish(config.store, config.name, adapter_dir, record)
     print(f"published {config.name}@{stored.version} to {config.store} "
-          f"(acceptance: engine vs trained model {report.max_relative_difference:.1e}, adapter effect {report.adapter_effect:.2f})")
+          f"(acceptance on {report.engine}: engine vs trained model {report.max_relative_difference:.1e}, "
+          f"tolerance {report.tolerance:.1e}, adapter effect {report.adapter_effect:.2f}, "
+          f"greedy agreement {report.greedy_agreement:.0%})")
     if config.notify:
         publish.notify(config.notify, config.name, stored.version, token)
     return 0

@@ -81,10 +81,10 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> tuple[t
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "torch AdamW"
     cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        optimizer = cls(params, lr=lr, weight_decay=weight_decay)
+    optimizer = cls(params, lr=lr, weight_decay=weight_decay)
     if not torch.cuda.is_available():
+        # bitsandbytes repeats this at construction and at the first step; the note below says it once
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         note = f"{name}: bitsandbytes pages optimizer state only on CUDA; on this CPU it runs non-paged"
         log.warning(note)
         return optimizer, note
@@ -93,6 +93,9 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> tuple[t
 
 def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = None) -> FitResult:
     """Train; `on_step(state, logs)` is called after every optimizer step (and checkpoint)."""
+    # peft's prepare_model_for_kbit_training calls transformers APIs that transformers 5 deprecates;
+    # nothing a user of trainer fit can change.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, get_scheduler
 

@@ -35,9 +35,15 @@ def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
+class DemoFailed(Exception):
+    """A step failed; the message says which and why (the step's own output is above it)."""
+
+
 def run(*command: str) -> None:
     print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise DemoFailed(f"`{Path(command[0]).name} {command[1]}` exited with code {code}; its output is above")
 
 
 def fit(work: Path, data: Path, seed: int, epochs: int, notify: str | None = None) -> None:
@@ -88,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     say("2. A base model with RANDOM weights (nothing is downloaded here): its own answers are gibberish")
     corpus = "\n".join(" ".join(json.loads(line).values()) for line in data.read_text().splitlines())
     (work / "corpus.txt").write_text(corpus)
-    run(str(BIN / "python"), "-c", "import sys; from server.model_factory import make_model; "
-        "make_model(sys.argv[1], 'small', seed=0, corpus=open(sys.argv[2]).read())", str(work / "base"), str(work / "corpus.txt"))
+    run(str(BIN / "hotlora-server"), "make-model", str(work / "base"), "--preset", "small", "--seed", "0",
+        "--corpus", str(work / "corpus.txt"))
 
     say("3. trainer fit: QLoRA (NF4 + double quantization, paged AdamW, gradient checkpointing) -> cheese@v1")
     fit(work, data, seed=1, epochs=args.epochs)
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 port = match[1]
                 break
         if port is None:
-            raise SystemExit("hotlora-server did not start")
+            raise DemoFailed(f"hotlora-server did not start (exit code {server.wait(timeout=30)}); its output is above")
         target = f"127.0.0.1:{port}"
         from clients import Client
 
@@ -135,9 +141,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_and_report(argv: list[str] | None = None) -> int:
+    """main(), ending in one line that says what failed instead of a traceback."""
+    from clients import HotloraClientError
+
+    start = time.time()
+    try:
+        code = main(argv)
+    except DemoFailed as exc:
+        print(f"\nmake demo failed: {exc}", file=sys.stderr)
+        return 1
+    except HotloraClientError as exc:
+        print(f"\nmake demo failed: the server answered {exc.code.name}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"\nmake demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nmake demo interrupted", file=sys.stderr)
+        return 130
+    print(f"demo finished in {time.time() - start:.0f}s")
+    return code
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    start = time.time()
-    code = main()
-    print(f"demo finished in {time.time() - start:.0f}s")
-    sys.exit(code)
+    sys.exit(run_and_report())

@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run under Triton's interpreter on CPU tensors; it is chosen when a
+# kernel is defined, so this must be set before any module with kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from server.model_factory import make_model
 from tests.helpers import make_peft_adapter

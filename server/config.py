@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-NF4_PATHS = ("auto", "dequantize", "cpu-bf16-packed")  # see server/quant.py
+NF4_PATHS = ("auto", "dequantize", "cpu-bf16-packed", "triton")  # see server/quant.py
+KERNELS = ("auto", "triton", "torch")  # see server/kernels/__init__.py
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,13 @@ class EngineConfig:
     max_prefill_tokens: padded prompt tokens prefilled together in one step (bounds activation
       memory; a longer single prompt is still admitted alone).
     device / dtype: None picks CUDA+bfloat16 when available, else CPU+float32.
-    nf4_path: how the NF4 base projections are multiplied (server/quant.py): "auto" and
-      "dequantize" dequantize in the compute dtype and matmul, the trained model's own numbers;
-      "cpu-bf16-packed" opts into bitsandbytes' AVX512-BF16 kernel (CPU only, bfloat16 error).
+    kernels: "triton" runs LoRA (BGMV/SGMV) and NF4 through server/kernels' Triton kernels,
+      "torch" through plain torch and bitsandbytes, "auto" Triton on CUDA and torch elsewhere.
+      On CPU Triton works only under its interpreter (TRITON_INTERPRET=1; slow, for tests).
+    nf4_path: how the NF4 base projections are multiplied (server/quant.py): "auto" follows
+      `kernels`; "dequantize" dequantizes in the compute dtype and matmuls, the trained model's
+      own numbers; "triton" reads the packed bits in a Triton kernel; "cpu-bf16-packed" opts
+      into bitsandbytes' AVX512-BF16 kernel (CPU only, bfloat16 error).
     compile: run the decode step through torch.compile, which fuses the many small ops around
       the NF4 matmuls (norms, RoPE, LoRA masks, adds). Start-up then compiles its few variants
       (a C++ compiler must be installed on CPU); the results are the eager forward's. torch keeps
@@ -54,10 +59,13 @@ class EngineConfig:
     dtype: str | None = None
     quant: QuantConfig = QuantConfig()
     seed: int = 0
+    kernels: str = "auto"
     nf4_path: str = "auto"
     compile: bool = False
 
     def __post_init__(self) -> None:
+        if self.kernels not in KERNELS:
+            raise ValueError(f"EngineConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.nf4_path not in NF4_PATHS:
             raise ValueError(f"EngineConfig.nf4_path must be one of {NF4_PATHS}, got {self.nf4_path!r}")
         for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens"):

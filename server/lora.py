@@ -10,17 +10,21 @@ multiplies by it. Slot 0 is "no adapter" and stays zero. An adapter of rank r < 
 zero-padded: padded rows of A and Bᵀ contribute exactly 0. Loading an adapter is a `copy_` into a
 free slot; shapes never change, so nothing here allocates per step or blocks CUDA graphs.
 
-Two implementations of the same math (the hot path takes the token→slot one-hot, built once per
-forward, instead of the slot indices):
-- `lora_delta_reference` — the definition, token by token (gather + bmm). Readable; tests and
-  any future kernel are checked against it.
-- `lora_delta_stacked` — the hot path: one GEMM shrinks x by every slot's A at once, a per-token
-  mask keeps only the token's own slot, one GEMM expands. Dense GEMMs instead of
-  per-token weight gathers; extra work grows with max_adapters·max_rank, which stays small next to
-  the hidden size for the pool sizes a server uses.
+The math, three ways:
+- `lora_delta_reference` — the definition, token by token (gather + bmm). Readable; everything
+  else is checked against it.
+- `lora_delta_stacked` (TorchLoRA, the CPU path): one GEMM shrinks x by every slot's A at once, a
+  per-token mask keeps only the token's own slot, one GEMM expands. Dense GEMMs instead of
+  per-token weight gathers; its extra work grows with max_adapters·max_rank, fine on CPU.
+- server/kernels/lora.py (TritonLoRA, CUDA): BGMV/SGMV kernels that read only the slots the batch
+  uses, up to each slot's own rank.
+The engine picks TorchLoRA or TritonLoRA once (EngineConfig.kernels); a LoRABatch carries the
+choice and what it prepared for one forward.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,12 +58,62 @@ def lora_delta_stacked(x: torch.Tensor, mask: torch.Tensor, lora_a: torch.Tensor
     return shrunk @ scaled_b_t[1:].reshape(slots * rank, -1)                 # [N, out]
 
 
-class LoRABatch:
-    """Which slot each token of a forward uses: token_slots [N] and its mask, computed once."""
+class TorchLoRA:
+    """The stacked formulation in plain torch (CPU, and the readable twin of the kernels)."""
 
-    def __init__(self, token_slots: torch.Tensor, num_slots: int, dtype: torch.dtype):
+    name = "torch"
+
+    def prepare(self, token_slots: torch.Tensor, rows: int, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+        return slot_mask(token_slots, num_slots, dtype)
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", mask: torch.Tensor) -> torch.Tensor:
+        return y + lora_delta_stacked(x, mask, pool.lora_a, pool.scaled_b_t)
+
+
+@dataclass(frozen=True)
+class _Segments:
+    starts: torch.Tensor  # int32 [rows + 1]
+    slots: torch.Tensor  # int32 [rows]
+    longest: int
+
+
+class TritonLoRA:
+    """server/kernels/lora.py: BGMV when every row is one token (decode), SGMV when rows are
+    prompts (prefill: each row is a segment on its own slot). Adds into y in place."""
+
+    name = "triton"
+
+    def prepare(self, token_slots: torch.Tensor, rows: int, num_slots: int, dtype: torch.dtype):
+        per_row = token_slots.numel() // rows
+        if per_row == 1:
+            return token_slots
+        starts = torch.arange(rows + 1, device=token_slots.device, dtype=torch.int32) * per_row
+        return _Segments(starts, token_slots.view(rows, per_row)[:, 0].to(torch.int32), per_row)
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", prepared) -> torch.Tensor:
+        from .kernels import lora as kernels
+
+        r_max = pool.lora_a.shape[1]
+        if isinstance(prepared, _Segments):
+            h = kernels.sgmv_shrink(x, pool.lora_a, prepared.starts, prepared.slots, pool.slot_ranks, r_max, prepared.longest)
+            return kernels.sgmv_expand(y, h, pool.scaled_b_t, prepared.starts, prepared.slots, pool.slot_ranks,
+                                       pool.slice_starts, prepared.longest)
+        h = kernels.bgmv_shrink(x, pool.lora_a, prepared, pool.slot_ranks, r_max)
+        return kernels.bgmv_expand(y, h, pool.scaled_b_t, prepared, pool.slot_ranks, pool.slice_starts)
+
+
+LoRAKernels = TorchLoRA | TritonLoRA
+
+
+class LoRABatch:
+    """Which slot each token of one forward uses, prepared once for the engine's LoRA kernels and
+    shared by every module. token_slots: [rows·tokens_per_row]."""
+
+    def __init__(self, token_slots: torch.Tensor, rows: int, num_slots: int, dtype: torch.dtype,
+                 kernels: LoRAKernels = TorchLoRA()):
         self.token_slots = token_slots
-        self.mask = slot_mask(token_slots, num_slots, dtype)
+        self.kernels = kernels
+        self.prepared = kernels.prepare(token_slots, rows, num_slots, dtype)
 
 
 class LoRAPool(nn.Module):
@@ -70,6 +124,9 @@ class LoRAPool(nn.Module):
         super().__init__()
         self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, in_features, device=device, dtype=dtype))
         self.register_buffer("scaled_b_t", torch.zeros(num_slots, max_rank, out_features, device=device, dtype=dtype))
+        # what the kernels need to skip work: each slot's rank (0 = empty) and the output's slices
+        self.register_buffer("slot_ranks", torch.zeros(num_slots, dtype=torch.int32, device=device))
+        self.register_buffer("slice_starts", torch.tensor([0, out_features], dtype=torch.int32, device=device))
 
     @property
     def num_slots(self) -> int:
@@ -82,14 +139,13 @@ class LoRAPool(nn.Module):
             raise ValueError("slot 0 is the base model and stays zero")
         self.lora_a[slot].zero_()
         self.scaled_b_t[slot].zero_()
+        self.slot_ranks[slot] = 0
         if lora_a is None:
             return
         rank = lora_a.shape[0]
         self.lora_a[slot, :rank].copy_(lora_a)
         self.scaled_b_t[slot, :rank].copy_(lora_b.T * scale)
-
-    def forward(self, x: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-        return lora_delta_stacked(x, batch.mask, self.lora_a, self.scaled_b_t)
+        self.slot_ranks[slot] = rank
 
 
 class LoRALinear(nn.Module):
@@ -105,4 +161,4 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if lora is None:
             return y
-        return y + self.pool(x, lora)
+        return lora.kernels.add(y, x, self.pool, lora.prepared)

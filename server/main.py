@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from .config import NF4_PATHS, AdapterConfig, EngineConfig, ServerConfig
+from .config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, ServerConfig
 
 log = logging.getLogger("hotlora.server")
 
@@ -161,9 +161,11 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--admin-token-file", type=Path, help="file holding the bearer token the Adapters service requires")
     flag("--grace-period", type=float, default=ServerConfig.grace_period_s, help="seconds SIGTERM waits for running requests")
     flag("--max-adapter-labels", type=int, default=ServerConfig.max_adapter_labels, help="adapter names with their own metrics label")
+    flag("--kernels", choices=KERNELS, default="auto",
+         help="LoRA and NF4 kernels: triton (server/kernels), torch, or auto (triton on CUDA, torch elsewhere)")
     flag("--nf4-path", choices=NF4_PATHS, default="auto",
-         help="how NF4 weights are multiplied: dequantize (auto; the trained model's numbers) or cpu-bf16-packed "
-              "(bitsandbytes' AVX512-BF16 kernel, CPU only, bf16 error)")
+         help="how NF4 weights are multiplied: auto (follows --kernels), dequantize (the trained model's numbers), "
+              "triton, or cpu-bf16-packed (bitsandbytes' AVX512-BF16 kernel, CPU only, bf16 error)")
     flag("--compile", action="store_true", help="torch.compile the decode step (compiles at start-up; on CPU needs a C++ compiler)")
     flag("--seed", type=int, default=0, help="seed for requests that set none")
     flag("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -185,7 +187,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         engine = EngineConfig(max_batch_size=num(a.max_batch_size), max_seq_len=num(a.max_seq_len),
                               max_adapters=num(a.max_adapters), max_rank=num(a.max_rank), max_queue=num(a.max_queue),
                               kv_cache_bytes=num(a.kv_cache_bytes), device=a.device, dtype=a.dtype, seed=num(a.seed),
-                              nf4_path=a.nf4_path, compile=compile_decode)
+                              kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode)
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
                                  cpu_cache_size=num(a.cpu_cache_adapters), poll_interval_s=num(a.store_poll_interval, float))
     except ValueError as exc:

@@ -20,7 +20,8 @@ from torch import nn
 from .config import TARGET_MODULES, EngineConfig
 from .errors import UnsupportedModel
 from .kv_cache import KVCache
-from .lora import LoRABatch, LoRALinear, LoRAPool
+from .kernels import resolve as resolve_kernels
+from .lora import LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
 from .quant import choose_nf4_matmul, make_base_linear, resident_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -172,10 +173,12 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
-                 lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], nf4_path: str):
+                 lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], nf4_path: str,
+                 lora_kernels: LoRAKernels):
         super().__init__()
         self.spec = spec
         self.nf4_path = nf4_path  # how the projections multiply (server/quant.py), for logs and metrics
+        self.lora_kernels = lora_kernels
         self.embed = nn.Parameter(embed, requires_grad=False)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -209,7 +212,7 @@ class Transformer(nn.Module):
             attn_mask = (key_pos[None, None, None, :] <= batch.positions[:, None, :, None])
         lora = None
         if batch.token_slots is not None:
-            lora = LoRABatch(batch.token_slots, self.num_lora_slots, x.dtype)
+            lora = LoRABatch(batch.token_slots, batch.tokens.shape[0], self.num_lora_slots, x.dtype, self.lora_kernels)
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, lora, cos, sin, attn_mask, cache, i)
         return self.norm(x)
@@ -268,7 +271,8 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     if sliding is not None and getattr(hf_config, "use_sliding_window", True) and sliding < config.max_seq_len:
         raise UnsupportedModel(f"sliding-window attention ({sliding}) shorter than max_seq_len {config.max_seq_len} is not supported")
     device, dtype = config.resolved_device(), config.resolved_dtype()
-    nf4_matmul = choose_nf4_matmul(config.nf4_path, device)
+    kernels = resolve_kernels(config.kernels, device)
+    nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels)
     reader = _CheckpointReader(model_dir)
     shapes = spec.projection_shapes()
     num_slots = config.max_adapters + 1
@@ -300,5 +304,6 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     norm = RMSNorm(reader.get("model.norm.weight").to(device, dtype), spec.rms_norm_eps)
     rope = rope_tables(hf_config, spec.head_dim, config.max_seq_len, device)
     nf4_path = nf4_matmul.name if config.quant.enabled else "unquantized"
-    model = Transformer(spec, embed, layers, norm, lm_head, rope, nf4_path).eval()
+    lora_kernels = TritonLoRA() if kernels == "triton" else TorchLoRA()
+    model = Transformer(spec, embed, layers, norm, lm_head, rope, nf4_path, lora_kernels).eval()
     return model, hf_config

@@ -13,6 +13,8 @@ different numbers (and crashed on shapes its repacking does not support) dependi
   the trained QLoRA model's own path, so in float32 it reproduces the trainer's numbers exactly.
 - "cpu-bf16-packed" (CPU opt-in): bitsandbytes' fused AVX512-BF16 kernel on a weight repacked
   once at load. Faster on such CPUs, with bfloat16 error (~3e-3 relative per layer).
+- "triton" (CUDA; the CPU interpreter for tests): server/kernels/nf4.py reads the packed bits
+  and the double-quantized absmax in the matmul itself, for decode batches.
 """
 
 from __future__ import annotations
@@ -54,17 +56,36 @@ def import_bitsandbytes():
 @dataclass(frozen=True)
 class NF4Matmul:
     """One way to compute y = x·W0ᵀ + b from a Params4bit weight. `prepare` runs once per weight
-    at load (e.g. a repacking); `forward` is the hot path."""
+    at load (a repacking, a view for a kernel) and returns what `forward`, the hot path, needs."""
 
     name: str
-    prepare: Callable[[nn.Parameter], None]
-    forward: Callable[[torch.Tensor, nn.Parameter, torch.Tensor | None], torch.Tensor]
+    prepare: Callable[[nn.Parameter], object]
+    forward: Callable[[torch.Tensor, nn.Parameter, object, torch.Tensor | None], torch.Tensor]
 
 
-def _dequantize_forward(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:
+def _dequantize_forward(x: torch.Tensor, weight: nn.Parameter, prepared, bias: torch.Tensor | None) -> torch.Tensor:
     import bitsandbytes as bnb
 
     return bnb.matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias)
+
+
+# Up to this many tokens (decode batches) the Triton kernel reads the packed weight directly; a
+# prefill dequantizes once and multiplies with a dense GEMM, where compute, not bytes, dominates.
+TRITON_GEMV_MAX_TOKENS = 64
+
+
+def _triton_forward(x: torch.Tensor, weight: nn.Parameter, nf4_weight, bias: torch.Tensor | None) -> torch.Tensor:
+    from .kernels import nf4
+
+    if x.numel() // x.shape[-1] <= TRITON_GEMV_MAX_TOKENS:
+        return nf4.nf4_linear(x, nf4_weight, bias)
+    return torch.nn.functional.linear(x, nf4.nf4_dequantize(nf4_weight, x.dtype), bias)
+
+
+def _nf4_view(weight: nn.Parameter):
+    from .kernels.nf4 import NF4Weight
+
+    return NF4Weight.from_bitsandbytes(weight)
 
 
 def _repack_for_cpu_bf16(weight: nn.Parameter) -> None:
@@ -78,7 +99,7 @@ def _repack_for_cpu_bf16(weight: nn.Parameter) -> None:
     weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
 
 
-def _cpu_bf16_packed_forward(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:
+def _cpu_bf16_packed_forward(x: torch.Tensor, weight: nn.Parameter, prepared, bias: torch.Tensor | None) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     y = bnbf.gemv_4bit(x.to(torch.bfloat16), weight, state=weight.quant_state).to(x.dtype)
@@ -87,13 +108,22 @@ def _cpu_bf16_packed_forward(x: torch.Tensor, weight: nn.Parameter, bias: torch.
 
 DEQUANTIZE = NF4Matmul("dequantize", prepare=lambda weight: None, forward=_dequantize_forward)
 CPU_BF16_PACKED = NF4Matmul("cpu-bf16-packed", prepare=_repack_for_cpu_bf16, forward=_cpu_bf16_packed_forward)
+TRITON = NF4Matmul("triton", prepare=_nf4_view, forward=_triton_forward)
 
 
-def choose_nf4_matmul(requested: str, device: torch.device) -> NF4Matmul:
-    """The engine's NF4 path for `requested` ("auto" = dequantize) on `device`; refuses a path the
-    device cannot run, rather than falling back to different numbers."""
-    if requested in ("auto", "dequantize"):
+def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torch") -> NF4Matmul:
+    """The engine's NF4 path for `requested` on `device` ("auto": Triton when the engine's
+    `kernels` resolved to Triton, else dequantize); refuses a path the device cannot run,
+    rather than falling back to different numbers."""
+    if requested == "auto":
+        return TRITON if kernels == "triton" else DEQUANTIZE
+    if requested == "dequantize":
         return DEQUANTIZE
+    if requested == "triton":
+        from .kernels import resolve
+
+        resolve("triton", device)  # raises where Triton cannot run
+        return TRITON
     if requested == "cpu-bf16-packed":
         if device.type != "cpu" or not import_bitsandbytes().functional.has_avx512bf16():
             raise ValueError("nf4 path cpu-bf16-packed needs a CPU with AVX512-BF16 "
@@ -110,10 +140,10 @@ class NF4Linear(nn.Module):
         self.weight = weight
         self.bias = bias
         self.matmul = matmul
-        matmul.prepare(weight)
+        self.prepared = matmul.prepare(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul.forward(x, self.weight, self.bias)
+        return self.matmul.forward(x, self.weight, self.prepared, self.bias)
 
 
 def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig, matmul: NF4Matmul,

@@ -14,3 +14,18 @@ def test_a_recorded_run_lands_at_the_end_of_its_own_section(tmp_path):
     headings = [line for line in results.read_text().splitlines() if line.startswith("#")]
     assert headings == ["# Benchmark results", "## engine_bench.py", "### run 1", "### run 3", "## train_bench.py",
                         "### train 1", "### train 2", "## new_bench.py", "### new 1"]
+
+
+def test_kernel_bench_says_there_is_no_gpu_and_succeeds_without_one():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the bench measures (make gpu-check runs it)")
+    run = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "kernel_bench.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "no CUDA device" in run.stdout

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from server.config import QuantConfig
-from server.lora import LoRABatch, LoRALinear, LoRAPool, lora_delta_reference, lora_delta_stacked, slot_mask
+from server.lora import (LoRABatch, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA, lora_delta_reference,
+                         lora_delta_stacked, slot_mask)
 from server.quant import DEQUANTIZE, dequantized_weight, make_base_linear
 
 IN, OUT, MAX_RANK, SLOTS = 64, 48, 8, 4
@@ -56,11 +57,32 @@ def test_mixed_slots_match_float64_reference(pool, adapters, num_tokens, impleme
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_slot_zero_adds_exactly_nothing(pool):
+KERNELS = pytest.mark.parametrize("kernels", [TorchLoRA(), TritonLoRA()], ids=["torch", "triton"])
+
+
+def delta(pool, x, batch: LoRABatch) -> torch.Tensor:
+    return batch.kernels.add(torch.zeros(x.shape[0], pool.scaled_b_t.shape[-1]), x, pool, batch.prepared)
+
+
+@KERNELS
+@pytest.mark.parametrize("rows, per_row", [(7, 1), (3, 5)], ids=["decode", "prefill"])
+def test_engine_kernels_match_float64_reference(pool, adapters, kernels, rows, per_row):
+    """What the engine runs: one token per row (decode; BGMV for Triton) or rows of prompt tokens
+    on one slot each (prefill; SGMV), mixed slots and ranks, slot 0 among them."""
+    g = torch.Generator().manual_seed(rows)
+    row_slots = torch.tensor([0, 1, 2, 3, 2, 0, 3][:rows])
+    token_slots = row_slots.repeat_interleave(per_row)
+    x = torch.randn(rows * per_row, IN, generator=g)
+    got = delta(pool, x, LoRABatch(token_slots, rows, SLOTS, x.dtype, kernels))
+    torch.testing.assert_close(got.double(), float64_delta(x, token_slots, adapters), rtol=1e-5, atol=1e-4)
+
+
+@KERNELS
+def test_slot_zero_adds_exactly_nothing(pool, kernels):
     x = torch.randn(5, IN)
-    base_only = LoRABatch(torch.zeros(5, dtype=torch.long), SLOTS, x.dtype)
-    for delta in (lora_delta_reference(x, base_only.token_slots, pool.lora_a, pool.scaled_b_t), pool(x, base_only)):
-        assert torch.equal(delta, torch.zeros_like(delta))
+    base_only = LoRABatch(torch.zeros(5, dtype=torch.long), 5, SLOTS, x.dtype, kernels)
+    for got in (lora_delta_reference(x, base_only.token_slots, pool.lora_a, pool.scaled_b_t), delta(pool, x, base_only)):
+        assert torch.equal(got, torch.zeros_like(got))
 
 
 def test_padded_rank_is_exact(adapters):
@@ -71,9 +93,9 @@ def test_padded_rank_is_exact(adapters):
     exact = LoRAPool(2, 2, IN, OUT, torch.device("cpu"), torch.float32)
     padded.write_slot(1, a, b, 2.0)
     exact.write_slot(1, a, b, 2.0)
-    x, slots = torch.randn(3, IN), LoRABatch(torch.ones(3, dtype=torch.long), 2, torch.float32)
-    assert not torch.equal(padded(x, slots), torch.zeros(3, OUT))
-    torch.testing.assert_close(padded(x, slots), exact(x, slots), rtol=1e-5, atol=1e-5)
+    x, slots = torch.randn(3, IN), LoRABatch(torch.ones(3, dtype=torch.long), 3, 2, torch.float32)
+    assert not torch.equal(delta(padded, x, slots), torch.zeros(3, OUT))
+    torch.testing.assert_close(delta(padded, x, slots), delta(exact, x, slots), rtol=1e-5, atol=1e-5)
 
 
 def test_rewriting_a_slot_leaves_no_trace_of_the_old_adapter(pool, adapters):
@@ -81,8 +103,10 @@ def test_rewriting_a_slot_leaves_no_trace_of_the_old_adapter(pool, adapters):
     small_a, small_b = adapters[1]
     pool.write_slot(2, small_a, small_b, 1.0)  # slot 2 held a rank-8 adapter
     assert torch.count_nonzero(pool.lora_a[2, 2:]) == 0 and torch.count_nonzero(pool.scaled_b_t[2, 2:]) == 0
+    assert pool.slot_ranks[2] == 2  # the kernels read rows up to it, and no further
     pool.write_slot(2, None, None, 0.0)
     assert torch.count_nonzero(pool.lora_a[2]) == 0 and torch.count_nonzero(pool.scaled_b_t[2]) == 0
+    assert pool.slot_ranks[2] == 0
     with pytest.raises(ValueError):
         pool.write_slot(0, small_a, small_b, 1.0)
 
@@ -100,6 +124,6 @@ def test_lora_linear_on_nf4_base_matches_float64(pool, adapters):
     x = torch.randn(6, IN)
     token_slots = torch.tensor([0, 1, 2, 3, 2, 0])
     want = x.double() @ w0.T + bias.double() + float64_delta(x, token_slots, adapters)
-    got = layer(x, LoRABatch(token_slots, SLOTS, x.dtype))
+    got = layer(x, LoRABatch(token_slots, len(token_slots), SLOTS, x.dtype))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(layer(x, None).double(), x.double() @ w0.T + bias.double(), rtol=1e-5, atol=1e-4)

@@ -101,7 +101,7 @@ def test_metrics_move_as_requests_are_served(server):
 def test_metrics_say_how_the_engine_computes(server):
     """The NF4 path is the engine's choice, the same on every CPU, and visible to Prometheus."""
     assert sample(scrape(server), "hotlora_engine_info", compiled="false", device="cpu", dtype="float32",
-                  nf4_path="dequantize") == 1
+                  lora_kernels="torch", nf4_path="dequantize") == 1
 
 
 def test_adapter_label_cardinality_is_bounded():
@@ -122,13 +122,15 @@ def test_compile_is_off_unless_asked_for_by_flag_or_environment():
         parse_args(["--model", "m"], environ={"HOTLORA_COMPILE": "maybe"})
 
 
-def test_nf4_path_comes_from_flag_or_environment_and_is_checked():
+def test_kernels_and_nf4_path_come_from_flag_or_environment_and_are_checked():
     from server.main import parse_args
 
     assert parse_args(["--model", "m"], environ={}).engine.nf4_path == "auto"
     assert parse_args(["--model", "m", "--nf4-path", "cpu-bf16-packed"], environ={}).engine.nf4_path == "cpu-bf16-packed"
     assert parse_args(["--model", "m"], environ={"HOTLORA_NF4_PATH": "dequantize"}).engine.nf4_path == "dequantize"
-    for argv, environ in ((["--nf4-path", "fast"], {}), ([], {"HOTLORA_NF4_PATH": "fast"})):
+    assert parse_args(["--model", "m"], environ={}).engine.kernels == "auto"
+    assert parse_args(["--model", "m"], environ={"HOTLORA_KERNELS": "triton"}).engine.kernels == "triton"
+    for argv, environ in ((["--nf4-path", "fast"], {}), ([], {"HOTLORA_NF4_PATH": "fast"}), ([], {"HOTLORA_KERNELS": "cuda"})):
         with pytest.raises(SystemExit):
             parse_args(["--model", "m", *argv], environ=environ)
 

@@ -10,6 +10,24 @@ them without a GPU. Without the triton package the references still work.
 
 from __future__ import annotations
 
+import torch
+
+
+def resolve(requested: str, device: torch.device) -> str:
+    """EngineConfig.kernels → "triton" or "torch" on `device`, refusing what cannot run there
+    rather than silently computing another way. "auto": Triton on CUDA when it is installed."""
+    triton, _ = triton_or_none()
+    if requested == "torch" or (requested == "auto" and (device.type != "cuda" or triton is None)):
+        return "torch"
+    if requested not in ("auto", "triton"):
+        raise ValueError(f"unknown kernels {requested!r}; one of auto, triton, torch")
+    if triton is None:
+        raise ValueError("kernels='triton' needs the triton package (pip install triton)")
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError("kernels='triton' runs on CPU only under Triton's interpreter (slowly; for tests): "
+                         "set TRITON_INTERPRET=1 in the environment before starting")
+    return "triton"
+
 
 def triton_or_none():
     """(triton, triton.language), or (None, None) when triton is not installed."""

@@ -156,3 +156,23 @@ def test_nf4_linear_matches_the_reference(shape, tokens, dtype):
 
 def w_cpu(w: nf4.NF4Weight) -> nf4.NF4Weight:
     return nf4.NF4Weight(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in vars(w).values()))
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_an_h100_without_spilling(tmp_path):
+    """The interpreter cannot see what only the compiler does (types, layouts, register
+    pressure): compile each kernel for sm_90 ahead of time, no GPU needed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "compile_kernels_for_gpu.py")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
+    assert set(report) == {"nf4_linear", "nf4_dequantize", "bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand"}
+    for name, figures in report.items():
+        assert figures.endswith("spill_bytes=0"), f"{name}: {figures}"

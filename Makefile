@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench protos system-packages clean
+.PHONY: test demo bench gpu-check protos system-packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -38,6 +38,13 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/engine_bench.py --compile
+
+# On a machine with CUDA: GPU tests and benchmarks in one table (RECORD=1 adds it to bench/RESULTS.md).
+# Uses the python that holds CUDA torch, installs nothing (such machines may have no network);
+# says "no CUDA device" and exits 0 elsewhere.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py $(if $(RECORD),--record)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

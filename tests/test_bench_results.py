@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
 from bench.results import record
+
+BENCH = Path(__file__).parents[1] / "bench"
 
 
 def test_a_recorded_run_lands_at_the_end_of_its_own_section(tmp_path):
@@ -17,15 +26,16 @@ def test_a_recorded_run_lands_at_the_end_of_its_own_section(tmp_path):
 
 
 def test_kernel_bench_says_there_is_no_gpu_and_succeeds_without_one():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import pytest
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("with CUDA the bench measures (make gpu-check runs it)")
-    run = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "kernel_bench.py")],
+    run = subprocess.run([sys.executable, str(BENCH / "kernel_bench.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "no CUDA device" in run.stdout
+
+
+def test_gpu_check_says_there_is_no_gpu_and_succeeds_without_one():
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA it runs the GPU steps (make gpu-check)")
+    run = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "no CUDA device" in run.stdout

@@ -1,0 +1,115 @@
+"""`make gpu-check`: what a session with a GPU runs first, in one command, with one table at the end.
+
+Each step runs in its own process with its own time limit, so one failure is reported and the
+rest still run:
+
+1. the Triton kernels against their references, compiled for the GPU (tests/test_kernels.py,
+   tests/test_lora.py, tests/test_engine_triton.py run on CUDA when there is one);
+2. the GPU tests (`pytest -m gpu`: the engine against transformers + PEFT in bfloat16);
+3. bench/kernel_bench.py (µs and GB/s of the kernels against bitsandbytes and the stacked LoRA);
+4. bench/engine_bench.py on the `1b` preset: 1 request and 32 requests over 8 adapters, with
+   transformers + PEFT in the same run;
+5. bench/train_bench.py on the `1b` preset at sequence length 1024 against HF Trainer + PEFT.
+
+A GPU machine may have no network and no bitsandbytes: everything here uses what is installed
+(carry a bitsandbytes wheel on PYTHONPATH), and says plainly which steps it had to skip. Without
+CUDA it prints "no CUDA device" and exits 0; `--dry-run` then runs every step small on CPU, to
+prove the plumbing. `--record` adds the table (and each bench its own) to bench/RESULTS.md.
+
+    python bench/gpu_check.py [--record] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    timeout_s: int
+    needs_bitsandbytes: bool = True
+
+
+def steps(record: bool, dry_run: bool) -> list[Step]:
+    py = sys.executable
+    rec = ["--record"] if record else []
+    if dry_run:  # the same commands, sized for a CPU
+        engine = ["--preset", "tiny", "--requests", "2", "--adapters", "2", "--new-tokens", "4", "--repeats", "1"]
+        train = ["--preset", "tiny", "--max-seq-len", "64", "--epochs", "0.2"]
+    else:
+        engine = ["--preset", "1b", "--requests", "32", "--adapters", "8", "--new-tokens", "64", "--repeats", "3"]
+        train = ["--preset", "1b", "--max-seq-len", "1024", "--batch-size", "4", "--epochs", "1"]
+    return [
+        Step("LoRA kernels vs references", [py, "-m", "pytest", "-q", "tests/test_kernels.py", "-k",
+                                            "bgmv or sgmv or rank_padding or compiles"], 120, needs_bitsandbytes=False),
+        Step("NF4 kernels, engine on the kernels", [py, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_lora.py",
+                                                    "tests/test_engine_triton.py", "-k",
+                                                    "nf4 or test_lora or test_engine_triton"], 240),
+        Step("GPU tests (pytest -m gpu)", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/"], 180),
+        Step("kernel_bench", [py, "bench/kernel_bench.py", *rec], 120),
+        Step("engine_bench", [py, "bench/engine_bench.py", *engine, *rec], 180),
+        Step("train_bench", [py, "bench/train_bench.py", *train, *rec], 150),
+    ]
+
+
+def run(step: Step, skip_reason: str | None) -> tuple[str, float, str]:
+    if skip_reason and step.needs_bitsandbytes:
+        return "skipped", 0.0, skip_reason
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(step.command, cwd=ROOT, capture_output=True, text=True, timeout=step.timeout_s)
+    except subprocess.TimeoutExpired:
+        return "timed out", time.perf_counter() - start, f"over {step.timeout_s}s"
+    seconds = time.perf_counter() - start
+    tail = (done.stdout + done.stderr).strip().splitlines()
+    print(f"\n--- {step.name}: {' '.join(step.command[1:])}\n" + "\n".join(tail[-25:]), flush=True)
+    last = next((line for line in reversed(tail) if line.strip() and "it/s]" not in line), "")  # not a progress bar
+    return ("passed" if done.returncode == 0 else f"failed ({done.returncode})"), seconds, last[:120]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--record", action="store_true", help="add the results to bench/RESULTS.md")
+    parser.add_argument("--dry-run", action="store_true", help="run every step small, even without CUDA")
+    args = parser.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("gpu-check: no CUDA device (torch is not importable with this python); nothing to do")
+        return 0
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("gpu-check: no CUDA device here; nothing to do (the CPU suite is `make test`)")
+        return 0
+    skip = None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        skip = "bitsandbytes is not installed: carry its wheel (bench/gpu_check.py docstring)"
+        print(f"gpu-check: {skip}; running only what needs no NF4 weights", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
+    results = []
+    started = time.perf_counter()
+    for step in steps(args.record and not args.dry_run, args.dry_run):
+        results.append((step.name, *run(step, skip)))
+    table = [f"### gpu-check on {device}, torch {torch.__version__}, {time.perf_counter() - started:.0f}s in all", "",
+             "| step | result | seconds | last line |", "|---|---|---:|---|",
+             *[f"| {name} | {result} | {seconds:.0f} | {last.replace('|', '/')} |" for name, result, seconds, last in results]]
+    print("\n" + "\n".join(table))
+    if args.record and not args.dry_run:
+        sys.path.insert(0, str(ROOT))
+        from bench.results import record
+
+        record("gpu_check.py", "\n".join(table))
+    return 0 if all(r[1] in ("passed", "skipped") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

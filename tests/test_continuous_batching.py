@@ -192,3 +192,18 @@ def test_a_failing_step_fails_only_its_requests_and_frees_their_rows(llama_dir, 
         assert len(engine.generate([Request(prompt_ids=PROMPTS[1], sampling=greedy(4))])[0].token_ids) == 4
     finally:
         engine.close()
+
+
+def test_a_compile_failure_names_the_error_it_caught(llama_dir, monkeypatch):
+    """Not a guess about g++: the user sees what torch.compile actually raised."""
+    import torch
+
+    def broken_compile(fn, **options):
+        def compiled(*args, **kwargs):
+            raise OSError("cc1plus: fatal error: no space left on device")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(RuntimeError, match="OSError: cc1plus: fatal error: no space left on device") as failure:
+        Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=32, compile=True))
+    assert "g++" not in str(failure.value)

@@ -21,7 +21,7 @@ from .config import TARGET_MODULES
 from .errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
 from .model import ModelSpec
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would let "name\n" through
 _LORA_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$"
 )
@@ -47,7 +47,7 @@ class AdapterWeights:
 
 
 def validate_adapter_name(name: str) -> str:
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or ".." in name:
         raise InvalidRequest(
             f"adapter name {name!r} is invalid: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit"
         )

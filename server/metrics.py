@@ -4,7 +4,9 @@ Each server owns a CollectorRegistry (tests run several servers in one process).
 describe the engine's state are read at scrape time, not pushed from the hot path.
 
 The `adapter` label is bounded: the first `max_adapter_labels` distinct adapter names get their
-own label value, every later name is counted under "other", and the base model is "base".
+own label value, every later name is counted under "other", and the base model is "base". Only
+names that resolved to an adapter become labels; a request whose adapter did not (an invalid or
+unknown name) counts under "unresolved", so a client cannot use up the budget with junk names.
 Versions are never labels (they would grow without bound as the trainer publishes).
 """
 
@@ -16,6 +18,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+UNRESOLVED = "unresolved"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 

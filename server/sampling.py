@@ -8,6 +8,8 @@ whatever else shares its batch. Everything stays on the device: no host syncs.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,9 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidRequest(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # inf would sample uniformly or zero every logit
+                raise InvalidRequest(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

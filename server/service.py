@@ -20,7 +20,7 @@ from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, g
 from .adapters import AdapterManager, AdapterStatus, AdapterVersion
 from .engine import Engine, FinishReason, Output, Request
 from .errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, NotReady, Unauthenticated, grpc_status
-from .metrics import Metrics
+from .metrics import UNRESOLVED, Metrics
 from .sampling import SamplingParams
 from .text import TextCodec
 
@@ -107,16 +107,15 @@ class GenerationService(_NeedsBackend, generation_pb2_grpc.GenerationServicer):
 
     async def _run(self, request, context):
         """Yields (piece, adapter version) as text becomes available; the last piece has .output."""
-        call = _Call()
+        call = _Call(label=UNRESOLVED if request.adapter else "base")
         try:
             backend = self._ready()
             prompt_ids = self._prompt_ids(backend.codec, request)
             engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(backend.engine, request, len(prompt_ids)),
                                      deadline=_deadline(context), request_id=request.request_id or None)
             decoder = backend.codec.decoder(prompt_ids, list(request.stop))
-            call.label = self.metrics.adapter_label(request.adapter.partition("@")[0])
-            handle, version = await asyncio.to_thread(backend.manager.submit, request.adapter, engine_request,
-                                                      asyncio.get_running_loop())
+            handle, version = await _submit(backend.manager, request.adapter, engine_request)
+            call.label = self.metrics.adapter_label(version.name if version else None)
             pending: list[int] = []
             text = ""
             try:
@@ -270,6 +269,24 @@ def _adapter_message(status: AdapterStatus):
         name=v.name, version=v.version, current=status.current, rank=v.rank, target_modules=list(v.target_modules),
         tier=_TIER[status.tier], in_flight=status.in_flight, last_used_unix=status.last_used,
         content_hash=v.content_hash, source=str(v.source))
+
+
+async def _submit(manager: AdapterManager, ref: str, request: Request):
+    """manager.submit in a worker thread (it may load a cold adapter). If the caller is cancelled
+    meanwhile (the client went away), the request it was submitting is cancelled as soon as the
+    submit returns: nobody would read it."""
+    submitting = asyncio.ensure_future(asyncio.to_thread(manager.submit, ref, request, asyncio.get_running_loop()))
+    try:
+        return await asyncio.shield(submitting)
+    except asyncio.CancelledError:
+        submitting.add_done_callback(_cancel_orphan)
+        raise
+
+
+def _cancel_orphan(submitting: asyncio.Future) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        handle, _ = submitting.result()
+        handle.cancel()
 
 
 def _deadline(context) -> float | None:

@@ -177,6 +177,41 @@ def test_a_slow_adapter_load_does_not_stall_running_streams(llama_dir, peft_adap
         assert list(generation.Generate(greedy("wine", 8), timeout=60).token_ids) == expected_wine
 
 
+def test_a_stream_cancelled_while_its_adapter_loads_leaves_no_orphan(llama_dir, peft_adapters, tmp_path):
+    """The client goes away while the server is still reading a cold adapter (its file is a FIFO
+    here, so the read waits for the test). Once the read completes, the request it was for must
+    not run to max_new_tokens with nobody reading it."""
+    import errno
+
+    store = AdapterStore(tmp_path / "store")
+    weights = store.publish("wine", peft_adapters["wine"]).path / "adapter_model.safetensors"
+    content = weights.read_bytes()
+    weights.unlink()
+    os.mkfifo(weights)
+    with serve(llama_dir, store.root) as server, server.channel() as channel:
+        engine = server.server.engine
+        stream = generation_pb2_grpc.GenerationStub(channel).GenerateStream(greedy("wine", 150), timeout=120)
+        writer = None
+        while writer is None:  # a writer can open the FIFO once the server is blocked reading it
+            try:
+                writer = os.open(weights, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO
+                time.sleep(0.01)
+        stream.cancel()
+        time.sleep(0.2)  # the cancellation reaches the server while the load is still blocked
+        os.set_blocking(writer, True)
+        os.write(writer, content)
+        os.close(writer)
+        most = 0
+        end = time.monotonic() + 3  # an orphan would be decoding its 150 tokens meanwhile
+        while time.monotonic() < end:
+            most = max([most, *(len(seq.generated) for seq in list(engine._running))])
+            time.sleep(0.002)
+        assert most < 10, f"the orphaned request generated {most} tokens"
+        wait_until(lambda: engine.stats()["running"] == 0 and engine.stats()["queue_length"] == 0)
+
+
 def test_cold_adapter_is_served_despite_steady_warm_traffic(llama_dir, peft_adapters, tmp_path):
     store = AdapterStore(tmp_path / "store")
     for name in ("cheese", "wine"):
@@ -230,6 +265,8 @@ def test_admin_rpcs_load_list_get_unload(llama_dir, peft_adapters, cheese_v2, tm
 
         for bad, code in [(apb.LoadAdapterRequest(name="nope"), grpc.StatusCode.NOT_FOUND),
                           (apb.LoadAdapterRequest(name="a/b"), grpc.StatusCode.INVALID_ARGUMENT),
+                          (apb.LoadAdapterRequest(name="evil\n"), grpc.StatusCode.INVALID_ARGUMENT),
+                          (apb.LoadAdapterRequest(name="cheese", version="v1\n"), grpc.StatusCode.INVALID_ARGUMENT),
                           (apb.LoadAdapterRequest(name="x", path=str(peft_adapters["wine"])), grpc.StatusCode.PERMISSION_DENIED),
                           (apb.LoadAdapterRequest(name="x", path=str(tmp_path / "allowed" / ".." / "store" / "wine" / "v1")),
                            grpc.StatusCode.PERMISSION_DENIED)]:

@@ -85,7 +85,7 @@ def test_metrics_move_as_requests_are_served(server):
 
     assert delta("hotlora_requests_total", adapter="cheese", code="OK") == 2
     assert delta("hotlora_requests_total", adapter="base", code="OK") == 1
-    assert delta("hotlora_requests_total", adapter="missing", code="NOT_FOUND") == 1
+    assert delta("hotlora_requests_total", adapter="unresolved", code="NOT_FOUND") == 1
     assert delta("hotlora_generation_tokens_total", adapter="cheese") == 10
     assert delta("hotlora_prompt_tokens_total") > 0
     assert delta("hotlora_request_duration_seconds_count") == 4
@@ -102,6 +102,21 @@ def test_metrics_say_how_the_engine_computes(server):
     """The NF4 path is the engine's choice, the same on every CPU, and visible to Prometheus."""
     assert sample(scrape(server), "hotlora_engine_info", compiled="false", device="cpu", dtype="float32",
                   lora_kernels="torch", nf4_path="dequantize") == 1
+
+
+def test_junk_adapter_names_never_become_metric_labels(server):
+    """Invalid and unknown names count as "unresolved": a client cannot use up the label budget
+    (which would push every adapter published later into "other")."""
+    junk = [f"../junk{i}" for i in range(20)] + [f"unknown{i}" for i in range(20)] + ["/etc", "cheese\x00", "c" * 129,
+                                                                                    "cheese\n", "cheese@v9", "cheese@../v1"]
+    with server.channel() as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        for name in junk:
+            with pytest.raises(grpc.RpcError):
+                stub.Generate(request(name), timeout=60)
+        stub.Generate(request("wine", n=2), timeout=60)
+    labels = set(re.findall(r'^hotlora_requests_total\{adapter="([^"]*)"', scrape(server), re.MULTILINE))
+    assert labels <= {"base", "cheese", "wine", "unresolved"} and {"wine", "unresolved"} <= labels
 
 
 def test_adapter_label_cardinality_is_bounded():

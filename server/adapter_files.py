@@ -21,6 +21,10 @@ from .config import TARGET_MODULES
 from .errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
 from .model import ModelSpec
 
+# scale·‖A‖·‖B‖ bounds the spectral norm of the update s·B·A. Trained LoRAs stay in the 1-100s
+# (the tests' random adapters ~150); past 1e4 the update swamps the base weights and overflows
+# half precision: an adapter with finite but huge weights once generated token 0 forever.
+MAX_UPDATE_NORM = 1e4
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would let "name\n" through
 _LORA_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$"
@@ -164,6 +168,10 @@ def _collect_modules(tensors: dict[str, torch.Tensor], config: dict, spec: Model
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         if not math.isfinite(scale):
             raise IncompatibleAdapter(f"{where}: lora_alpha {alpha!r} gives a non-finite scale")
+        bound = scale * torch.linalg.norm(lora_a.double()).item() * torch.linalg.norm(lora_b.double()).item()
+        if not bound <= MAX_UPDATE_NORM:
+            raise IncompatibleAdapter(f"{where}: weights too large: the update's norm may reach {bound:.1e} "
+                                      f"(limit {MAX_UPDATE_NORM:.0e}); its outputs would overflow")
         # Kept in float32 on the host: the slot write folds the scale in before casting to the compute dtype.
         modules[(layer, module)] = ModuleLoRA(lora_a.float().contiguous(), lora_b.float().contiguous(), float(scale))
     return modules

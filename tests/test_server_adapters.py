@@ -104,13 +104,23 @@ def edit(d, fn):
     save_file(tensors, d / "adapter_model.safetensors")
 
 
+def corrupt_huge(d):
+    edit(d, lambda t: [v.mul_(1e30) for k, v in t.items() if "lora_B" in k])  # finite in float32, absurd
+
+
+def another_base(d):
+    """Nothing wrong with the weights: the manifest says they were trained on another base model."""
+    (d / "manifest.json").write_text(json.dumps({"base_fingerprint": "0" * 64}))
+
+
 CORRUPTIONS = {"truncated": (corrupt_truncated, "safetensors"), "nan": (corrupt_nan, "NaN"),
-               "wrong shapes": (corrupt_shape, "do not fit"), "rank above max_rank": (corrupt_rank, "exceeds")}
+               "wrong shapes": (corrupt_shape, "do not fit"), "rank above max_rank": (corrupt_rank, "exceeds"),
+               "huge but finite weights": (corrupt_huge, "too large"), "another base model": (another_base, "fingerprint")}
 
 
 def test_corrupt_versions_in_the_store_are_refused_and_the_good_one_stays(llama_dir, peft_adapters, tmp_path, caplog):
     store = AdapterStore(tmp_path / "store")
-    store.publish("cheese", peft_adapters["cheese"])
+    store.publish("cheese", peft_adapters["cheese"], manifest={"base_fingerprint": base_fingerprint(llama_dir)})
     good = alone(llama_dir, peft_adapters["cheese"], 10)
     caplog.set_level(logging.WARNING)
     with serve(llama_dir, store.root) as server, server.channel() as channel:
@@ -121,8 +131,10 @@ def test_corrupt_versions_in_the_store_are_refused_and_the_good_one_stays(llama_
             bad = tmp_path / name
             shutil.copytree(peft_adapters["cheese"], bad)
             corrupt(bad)
+            manifest = json.loads((bad / "manifest.json").read_text()) if (bad / "manifest.json").exists() else None
+            (bad / "manifest.json").unlink(missing_ok=True)
             before = rejected._value.get()
-            version = store.publish("cheese", bad).version  # now the store's `current`
+            version = store.publish("cheese", bad, manifest=manifest).version  # now the store's `current`
             wait_until(lambda: rejected._value.get() == before + 1)
             time.sleep(0.2)  # several more polls: refused once, not retried into the log every time
             assert rejected._value.get() == before + 1, name

@@ -122,3 +122,25 @@ def test_seeded_sampling_is_reproducible_over_the_wire(stub):
                                  sampling=pb.SamplingParameters(temperature=0.9, top_p=0.95, top_k=50, seed=7))
     first, second = stub.Generate(request, timeout=60), stub.Generate(request, timeout=60)
     assert list(first.token_ids) == list(second.token_ids)
+
+
+def test_repetition_penalty_over_grpc_gives_transformers_penalised_greedy_tokens(stub, llama_dir):
+    """The penalty travels from the request to the sampler, and is the one transformers applies
+    (prompt tokens included); the random model repeats itself, so the penalty changes the tokens."""
+    import torch
+
+    from tests.helpers import reference_nf4_model
+
+    prompt = [5, 17, 42, 99, 7, 3]
+
+    def over_grpc(**sampling) -> list[int]:
+        request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt), max_new_tokens=16, ignore_eos=True,
+                                     sampling=pb.SamplingParameters(temperature=0.0, **sampling))
+        return list(stub.Generate(request, timeout=60).token_ids)
+
+    penalised, plain = over_grpc(repetition_penalty=1.8), over_grpc()
+    assert penalised != plain
+    with torch.no_grad():
+        want = reference_nf4_model(llama_dir).generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                                       repetition_penalty=1.8, min_new_tokens=16)[0, len(prompt):]
+    assert penalised == want.tolist()

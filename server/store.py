@@ -29,6 +29,10 @@ from .adapter_files import validate_adapter_name
 from .errors import AdapterNotFound, InvalidRequest
 
 MANIFEST_SCHEMA_VERSION = 1
+# A published version is readable by every user whatever the publisher's umask: on Kubernetes the
+# trainer Job and the server pods may run as different UIDs on one shared volume. Only the
+# publisher can write.
+DIRECTORY_MODE, FILE_MODE = 0o755, 0o644
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _VERSION = re.compile(r"^v(\d+)$")
 _FINGERPRINT_SAMPLE = 1 << 20
@@ -92,7 +96,9 @@ class AdapterStore:
         if missing:
             raise InvalidRequest(f"{source} lacks {missing}: not a PEFT adapter saved with safetensors")
         directory = self.root / name
-        directory.mkdir(parents=True, exist_ok=True)
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, DIRECTORY_MODE)
         with self._publish_lock(directory):
             version = validate_adapter_name(version) if version else self._next_version(name)
             if (directory / version).exists():
@@ -106,7 +112,9 @@ class AdapterStore:
                               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest}
                     (staging / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True))
                 for file in staging.iterdir():
+                    os.chmod(file, FILE_MODE)
                     _fsync_file(file)
+                os.chmod(staging, DIRECTORY_MODE)  # mkdtemp made it 0700
                 _fsync_dir(staging)
                 os.rename(staging, directory / version)
             except BaseException:
@@ -123,6 +131,7 @@ class AdapterStore:
             raise AdapterNotFound(f"adapter {name}@{version} is not in the store")
         temporary = directory / f".current.tmp-{os.getpid()}-{time.monotonic_ns()}"
         with open(temporary, "w") as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)
             handle.write(version + "\n")
             handle.flush()
             os.fsync(handle.fileno())

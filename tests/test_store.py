@@ -115,3 +115,31 @@ def test_base_fingerprint_tells_checkpoints_apart(tmp_path):
     other = make_model(tmp_path / "other", "tiny", seed=2)
     assert base_fingerprint(a) == base_fingerprint(same) != base_fingerprint(other)
     assert json.loads((a / "config.json").read_text())  # fingerprints read real checkpoint directories
+
+
+def test_a_publisher_with_a_strict_umask_still_publishes_for_every_reader(peft_adapters, tmp_path):
+    """The trainer Job and the servers may be different users on one volume: versions are
+    world-readable (not writable) whatever the publisher's umask, and another UID reads them."""
+    import shutil
+    import stat
+    import tempfile
+
+    root = tempfile.mkdtemp()  # in /tmp itself: pytest's tmp_path sits under a 0700 directory
+    try:
+        os.chmod(root, 0o755)
+        store = AdapterStore(root)
+        old = os.umask(0o077)
+        try:
+            stored = store.publish("cheese", peft_adapters["cheese"], manifest={"base_fingerprint": "abc"})
+        finally:
+            os.umask(old)
+        files = [stored.path.parent / "current", *stored.path.iterdir()]
+        for path in [stored.path.parent, stored.path, *files]:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+        if os.geteuid() == 0:  # as root here (and in CI): read it as another user for real
+            read = subprocess.run(["cat", *map(str, files)], capture_output=True, timeout=30, user=65534, group=65534)
+            assert read.returncode == 0, read.stderr
+            assert len(read.stdout) == sum(p.stat().st_size for p in files)
+    finally:
+        shutil.rmtree(root)

@@ -106,6 +106,20 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """Checked on the raw request before any work, so an oversized one costs the server nothing.
+    max_prompt_bytes: UTF-8 bytes of the prompt, or of all chat messages together.
+    max_messages: chat messages per request."""
+
+    max_prompt_bytes: int = 1 << 20
+    max_messages: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_bytes < 1 or self.max_messages < 1:
+            raise ValueError("RequestLimits: max_prompt_bytes and max_messages must be >= 1")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The gRPC server around one engine. admin_token: when set, the Adapters service requires
     `authorization: Bearer <token>`. grace_period_s: how long SIGTERM waits for running requests.
@@ -125,3 +139,4 @@ class ServerConfig:
     grace_period_s: float = 25.0
     default_max_new_tokens: int = 256
     max_adapter_labels: int = 64
+    limits: RequestLimits = RequestLimits()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from .config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, ServerConfig
+from .config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, RequestLimits, ServerConfig
 
 log = logging.getLogger("hotlora.server")
 
@@ -61,7 +61,7 @@ class Server:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        generation = GenerationService(self.metrics, c.default_max_new_tokens)
+        generation = GenerationService(self.metrics, c.default_max_new_tokens, c.limits)
         admin = AdaptersService(c.admin_token)
         self._grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -160,6 +160,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--tls-key", type=Path, help="PEM private key")
     flag("--admin-token-file", type=Path, help="file holding the bearer token the Adapters service requires")
     flag("--grace-period", type=float, default=ServerConfig.grace_period_s, help="seconds SIGTERM waits for running requests")
+    flag("--max-prompt-bytes", type=int, default=RequestLimits.max_prompt_bytes,
+         help="largest prompt (or all chat messages) in UTF-8 bytes, refused before tokenizing")
+    flag("--max-messages", type=int, default=RequestLimits.max_messages, help="most chat messages in one request")
     flag("--max-adapter-labels", type=int, default=ServerConfig.max_adapter_labels, help="adapter names with their own metrics label")
     flag("--kernels", choices=KERNELS, default="auto",
          help="LoRA and NF4 kernels: triton (server/kernels), torch, or auto (triton on CUDA, torch elsewhere)")
@@ -188,6 +191,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               max_adapters=num(a.max_adapters), max_rank=num(a.max_rank), max_queue=num(a.max_queue),
                               kv_cache_bytes=num(a.kv_cache_bytes), device=a.device, dtype=a.dtype, seed=num(a.seed),
                               kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode)
+        limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages))
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
                                  cpu_cache_size=num(a.cpu_cache_adapters), poll_interval_s=num(a.store_poll_interval, float))
     except ValueError as exc:
@@ -197,7 +201,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         model_dir=Path(a.model), engine=engine, adapters=adapters, host=a.host, port=num(a.port),
         metrics_host=a.metrics_host, metrics_port=num(a.metrics_port), tls_cert=a.tls_cert and Path(a.tls_cert),
         tls_key=a.tls_key and Path(a.tls_key), admin_token=token, grace_period_s=num(a.grace_period, float),
-        default_max_new_tokens=num(a.default_max_new_tokens), max_adapter_labels=num(a.max_adapter_labels))
+        default_max_new_tokens=num(a.default_max_new_tokens), max_adapter_labels=num(a.max_adapter_labels),
+        limits=limits)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -18,6 +18,7 @@ import grpc
 from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 from .adapters import AdapterManager, AdapterStatus, AdapterVersion
+from .config import RequestLimits
 from .engine import Engine, FinishReason, Output, Request
 from .errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, NotReady, Unauthenticated, grpc_status
 from .metrics import UNRESOLVED, Metrics
@@ -76,9 +77,10 @@ class _NeedsBackend:
 
 
 class GenerationService(_NeedsBackend, generation_pb2_grpc.GenerationServicer):
-    def __init__(self, metrics: Metrics, default_max_new_tokens: int):
+    def __init__(self, metrics: Metrics, default_max_new_tokens: int, limits: RequestLimits = RequestLimits()):
         self.metrics = metrics
         self.default_max_new_tokens = default_max_new_tokens
+        self.limits = limits
 
     async def Generate(self, request, context):
         text, token_ids, last, version = [], [], None, None
@@ -110,7 +112,8 @@ class GenerationService(_NeedsBackend, generation_pb2_grpc.GenerationServicer):
         call = _Call(label=UNRESOLVED if request.adapter else "base")
         try:
             backend = self._ready()
-            prompt_ids = self._prompt_ids(backend.codec, request)
+            self._check_size(request)  # cheap limits first; then the real work off the event loop
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, backend.codec, request)
             engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(backend.engine, request, len(prompt_ids)),
                                      deadline=_deadline(context), request_id=request.request_id or None)
             decoder = backend.codec.decoder(prompt_ids, list(request.stop))
@@ -161,6 +164,18 @@ class GenerationService(_NeedsBackend, generation_pb2_grpc.GenerationServicer):
             m.time_to_first_token.observe(call.first_token - call.started)
             if len(output.token_ids) > 1:
                 m.time_per_output_token.observe((now - call.first_token) / (len(output.token_ids) - 1))
+
+    def _check_size(self, request) -> None:
+        limits = self.limits
+        if request.WhichOneof("input") == "messages":
+            messages = request.messages.messages
+            if len(messages) > limits.max_messages:
+                raise InvalidRequest(f"messages: {len(messages)} messages; the limit is {limits.max_messages}")
+            size = sum(len(m.content.encode()) + len(m.role.encode()) for m in messages)
+        else:
+            size = len(request.prompt.encode())
+        if size > limits.max_prompt_bytes:
+            raise InvalidRequest(f"prompt: {size} bytes; the limit is {limits.max_prompt_bytes} (--max-prompt-bytes)")
 
     @staticmethod
     def _prompt_ids(codec: TextCodec, request) -> list[int]:

@@ -81,6 +81,9 @@ BAD_REQUESTS = {
     "infinite repetition penalty": (lambda: request(sampling=pb.SamplingParameters(repetition_penalty=float("inf"))),
                                     Code.INVALID_ARGUMENT, "repetition_penalty must be a finite number"),
     "too many stop strings": (lambda: request(stop=["x"] * 9), Code.INVALID_ARGUMENT, "stop"),
+    "prompt over the byte limit": (lambda: request(prompt="milk " * 220_000), Code.INVALID_ARGUMENT, "limit is 1048576"),
+    "too many chat messages": (lambda: pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")] * 1025),
+                                                          max_new_tokens=4), Code.INVALID_ARGUMENT, "limit is 1024"),
     "unknown adapter": (lambda: request(adapter="nonexistent"), Code.NOT_FOUND, "nonexistent"),
     "unknown version": (lambda: request(adapter="cheese@v9"), Code.NOT_FOUND, "cheese@v9"),
     "incompatible adapter": (lambda: request(adapter="bread"), Code.FAILED_PRECONDITION, "max_rank 8"),
@@ -94,6 +97,32 @@ def test_bad_request_gets_its_status_and_the_server_keeps_serving(stub, case):
         got_code, details = status_of(call)
         assert got_code == code and words in details, (got_code, details)
     still_serving(stub)
+
+
+def test_tokenizing_a_prompt_never_blocks_other_streams(stub, monkeypatch):
+    """Tokenization and chat templating run off the event loop: while one request's tokenization
+    is held, a whole other request is served."""
+    import threading
+
+    from server.text import TextCodec
+
+    entered, release = threading.Event(), threading.Event()
+    original = TextCodec.encode_prompt
+
+    def held(self, text, *args, **kwargs):
+        if text == "HOLD":
+            entered.set()
+            assert release.wait(60)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(TextCodec, "encode_prompt", held)
+    holding = stub.Generate.future(request(prompt="HOLD"), timeout=60)
+    try:
+        assert entered.wait(30)
+        still_serving(stub)  # on the event loop, the held tokenization would block this until its deadline
+    finally:
+        release.set()
+    assert holding.result(timeout=60).usage.completion_tokens == 4
 
 
 def test_client_deadline_is_deadline_exceeded_and_frees_the_sequence(stub, server):

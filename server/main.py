@@ -46,12 +46,12 @@ class Server:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+        from protos.hotlora.v1 import adapters_pb2, generation_pb2
 
         from .adapters import AdapterManager
         from .engine import Engine
         from .metrics import Metrics
-        from .service import AdaptersService, Backend, GenerationService
+        from .service import AdaptersService, Backend, GenerationService, add_to_server
         from .store import base_fingerprint
         from .text import TextCodec
 
@@ -65,8 +65,8 @@ class Server:
         admin = AdaptersService(c.admin_token)
         self._grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        generation_pb2_grpc.add_GenerationServicer_to_server(generation, self._grpc)
-        adapters_pb2_grpc.add_AdaptersServicer_to_server(admin, self._grpc)
+        add_to_server(self._grpc, generation, generation_pb2.DESCRIPTOR.services_by_name["Generation"])
+        add_to_server(self._grpc, admin, adapters_pb2.DESCRIPTOR.services_by_name["Adapters"])
         names = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
                  adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -31,6 +31,52 @@ _FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP, FinishReason.LE
 _TIER = {"gpu": adapters_pb2.TIER_GPU, "cpu": adapters_pb2.TIER_CPU, "store": adapters_pb2.TIER_STORE}
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """What a servicer receives instead of a request whose bytes are not its message (garbage,
+    invalid UTF-8 in a string field): it answers INVALID_ARGUMENT. Left to grpc, a decode error
+    was UNKNOWN plus a traceback in the log per request."""
+
+    message: str
+    reason: str
+
+    def error(self) -> InvalidRequest:
+        log.warning("a %s request could not be decoded: %s", self.message, self.reason)
+        return InvalidRequest(f"the request could not be decoded as {self.message}: {self.reason}")
+
+
+def add_to_server(server: grpc.aio.Server, servicer, service) -> None:
+    """Register `servicer` for the protobuf service descriptor `service`, as the generated
+    add_*_to_server would, but decoding requests leniently (see Undecodable)."""
+    from google.protobuf import message_factory
+
+    handlers = {}
+    for method in service.methods:
+        message_class = message_factory.GetMessageClass(method.input_type)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_lenient(message_class),
+                                     response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _lenient(message_class):
+    from google.protobuf.message import DecodeError
+
+    def decode(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_class.DESCRIPTOR.full_name, str(exc))
+
+    return decode
+
+
+def _decoded(request):
+    if isinstance(request, Undecodable):
+        raise request.error()
+    return request
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     code, message = grpc_status(error)
     if code == grpc.StatusCode.INTERNAL:
@@ -109,8 +155,10 @@ class GenerationService(_NeedsBackend, generation_pb2_grpc.GenerationServicer):
 
     async def _run(self, request, context):
         """Yields (piece, adapter version) as text becomes available; the last piece has .output."""
-        call = _Call(label=UNRESOLVED if request.adapter else "base")
+        call = _Call()
         try:
+            request = _decoded(request)
+            call.label = UNRESOLVED if request.adapter else "base"
             backend = self._ready()
             self._check_size(request)  # cheap limits first; then the real work off the event loop
             prompt_ids = await asyncio.to_thread(self._prompt_ids, backend.codec, request)
@@ -242,28 +290,30 @@ class AdaptersService(_NeedsBackend, adapters_pb2_grpc.AdaptersServicer):
                 loaded = manager.load(request.name, request.version or None)
             return manager.get(loaded.key)
 
-        status = await self._admin(context, load)
+        status = await self._admin(context, request, load)
         if status is not None:
             return adapters_pb2.LoadAdapterResponse(adapter=_adapter_message(status))
 
     async def UnloadAdapter(self, request, context):
-        if await self._admin(context, lambda manager: manager.unload(request.name) or True):
+        if await self._admin(context, request, lambda manager: manager.unload(request.name) or True):
             return adapters_pb2.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):
-        rows = await self._admin(context, lambda manager: manager.list())
+        rows = await self._admin(context, request, lambda manager: manager.list())
         if rows is not None:
             return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_message(s) for s in rows])
 
     async def GetAdapter(self, request, context):
-        status = await self._admin(context, lambda manager: manager.get(request.adapter))
+        status = await self._admin(context, request, lambda manager: manager.get(request.adapter))
         if status is not None:
             return _adapter_message(status)
 
-    async def _admin(self, context, fn):
-        """Check the token, run fn(manager) in a worker thread; abort with the mapped status on error."""
+    async def _admin(self, context, request, fn):
+        """Check the token and the request, run fn(manager) in a worker thread; abort with the
+        mapped status on error."""
         try:
             self._authorize(context)
+            _decoded(request)
             manager = self._ready().manager
             return await asyncio.to_thread(fn, manager)
         except Exception as exc:

@@ -156,3 +156,23 @@ def test_full_queue_is_resource_exhausted(stub, server):
     assert all(list(s)[-1].usage.completion_tokens == 400 for s in streams)
     still_serving(stub)
 
+
+
+@pytest.mark.parametrize("method", ["/hotlora.v1.Generation/Generate", "/hotlora.v1.Generation/GenerateStream",
+                                    "/hotlora.v1.Adapters/GetAdapter"])
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff\xff garbage", b"\x0a\x02\xc3\x28"], ids=["garbage", "invalid utf-8"])
+def test_undecodable_requests_are_invalid_argument(server, stub, method, payload, caplog):
+    """Bytes that are not the request message (b"\\x0a\\x02\\xc3\\x28": field 1, a string, holding
+    invalid UTF-8) get INVALID_ARGUMENT and one log line, not UNKNOWN and a traceback."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    with server.channel() as channel:
+        raw = (channel.unary_unary if not method.endswith("Stream") else channel.unary_stream)(
+            method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            result = raw(payload, timeout=30)
+            list(result) if method.endswith("Stream") else result
+    assert info.value.code() == Code.INVALID_ARGUMENT and "could not be decoded" in info.value.details()
+    assert not any(r.exc_info for r in caplog.records)
+    still_serving(stub)

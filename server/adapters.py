@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -90,12 +90,28 @@ class AdapterManager:
         self._poll_failures: dict[str, str] = {}  # name -> store version last refused by the watcher
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # submits that must load a cold version, and admin loads, run here (not on the threads that
+        # serve everyone's requests)
+        self.loader = ThreadPoolExecutor(max_workers=config.load_workers, thread_name_prefix="hotlora-adapter-load")
 
     # ------------------------------------------------------------------ requests
 
+    def submit_if_ready(self, ref: str, request: Request,
+                        loop=None) -> tuple[RequestHandle, AdapterVersion | None] | None:
+        """submit() when nothing needs loading (the base model, a version in memory), without
+        blocking: safe on the event loop. None when a load is needed: then submit() on `loader`."""
+        if not ref:
+            return self.engine.submit(request, loop), None
+        name, version = parse_adapter_ref(ref)
+        with self._lock:
+            key = f"{name}@{version or self._current.get(name)}"
+            if key in self._in_memory:
+                return self.engine.submit(replace(request, adapter=key), loop), self._known[key]
+        return None
+
     def submit(self, ref: str, request: Request, loop=None) -> tuple[RequestHandle, AdapterVersion | None]:
         """Submit `request` on adapter `ref` ("" = base). Blocks while a cold version is read and
-        validated, so call it from a worker thread, never the event loop."""
+        validated, so call it on `loader`, never the event loop."""
         if not ref:
             return self.engine.submit(request, loop), None
         name, version = parse_adapter_ref(ref)
@@ -317,6 +333,7 @@ class AdapterManager:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
+        self.loader.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ listing
 

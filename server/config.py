@@ -93,16 +93,19 @@ class AdapterConfig:
       included); idle ones beyond it are dropped least-recently-used and read again from their
       source when next used.
     allowed_paths: directories LoadAdapter(path=...) may read from; empty = path loads refused.
+    load_workers: adapter versions read and validated at once. Loads run on threads of their own,
+      so slow or huge ones never take the threads that serve other requests.
     """
 
     store: Path | None = None
     poll_interval_s: float = 2.0
     cpu_cache_size: int = 32
     allowed_paths: tuple[Path, ...] = ()
+    load_workers: int = 2
 
     def __post_init__(self) -> None:
-        if self.cpu_cache_size < 1 or self.poll_interval_s <= 0:
-            raise ValueError("AdapterConfig: cpu_cache_size must be >= 1 and poll_interval_s > 0")
+        if self.cpu_cache_size < 1 or self.poll_interval_s <= 0 or self.load_workers < 1:
+            raise ValueError("AdapterConfig: cpu_cache_size and load_workers must be >= 1 and poll_interval_s > 0")
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     flag("--default-max-new-tokens", type=int, default=ServerConfig.default_max_new_tokens, help="when a request sets none")
     flag("--cpu-cache-adapters", type=int, default=AdapterConfig.cpu_cache_size, help="adapter versions kept in host memory")
+    flag("--adapter-load-workers", type=int, default=AdapterConfig.load_workers,
+         help="adapter versions read and validated at once, on threads of their own")
     flag("--store-poll-interval", type=float, default=AdapterConfig.poll_interval_s, help="seconds between checks of the store")
     flag("--adapter-path-allow", type=Path, action="append", default=[], help="directory LoadAdapter(path=) may read (repeatable)")
     flag("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS")
@@ -193,7 +195,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages))
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
-                                 cpu_cache_size=num(a.cpu_cache_adapters), poll_interval_s=num(a.store_poll_interval, float))
+                                 cpu_cache_size=num(a.cpu_cache_adapters), load_workers=num(a.adapter_load_workers),
+                                 poll_interval_s=num(a.store_poll_interval, float))
     except ValueError as exc:
         p.error(str(exc))
     logging.basicConfig(level=str(a.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

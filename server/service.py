@@ -290,7 +290,7 @@ class AdaptersService(_NeedsBackend, adapters_pb2_grpc.AdaptersServicer):
                 loaded = manager.load(request.name, request.version or None)
             return manager.get(loaded.key)
 
-        status = await self._admin(context, request, load)
+        status = await self._admin(context, request, load, loads=True)
         if status is not None:
             return adapters_pb2.LoadAdapterResponse(adapter=_adapter_message(status))
 
@@ -308,14 +308,14 @@ class AdaptersService(_NeedsBackend, adapters_pb2_grpc.AdaptersServicer):
         if status is not None:
             return _adapter_message(status)
 
-    async def _admin(self, context, request, fn):
-        """Check the token and the request, run fn(manager) in a worker thread; abort with the
-        mapped status on error."""
+    async def _admin(self, context, request, fn, loads: bool = False):
+        """Check the token and the request, run fn(manager) in a worker thread (the adapter
+        loader's when it loads); abort with the mapped status on error."""
         try:
             self._authorize(context)
             _decoded(request)
             manager = self._ready().manager
-            return await asyncio.to_thread(fn, manager)
+            return await asyncio.get_running_loop().run_in_executor(manager.loader if loads else None, fn, manager)
         except Exception as exc:
             await _abort(context, exc)
 
@@ -337,10 +337,14 @@ def _adapter_message(status: AdapterStatus):
 
 
 async def _submit(manager: AdapterManager, ref: str, request: Request):
-    """manager.submit in a worker thread (it may load a cold adapter). If the caller is cancelled
+    """manager.submit on the adapter loader's threads when it must load a cold version. If the caller is cancelled
     meanwhile (the client went away), the request it was submitting is cancelled as soon as the
     submit returns: nobody would read it."""
-    submitting = asyncio.ensure_future(asyncio.to_thread(manager.submit, ref, request, asyncio.get_running_loop()))
+    loop = asyncio.get_running_loop()
+    ready = manager.submit_if_ready(ref, request, loop)  # base or warm: no thread, no waiting
+    if ready is not None:
+        return ready
+    submitting = loop.run_in_executor(manager.loader, manager.submit, ref, request, loop)
     try:
         return await asyncio.shield(submitting)
     except asyncio.CancelledError:

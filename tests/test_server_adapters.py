@@ -224,6 +224,41 @@ def test_a_stream_cancelled_while_its_adapter_loads_leaves_no_orphan(llama_dir, 
         wait_until(lambda: engine.stats()["running"] == 0 and engine.stats()["queue_length"] == 0)
 
 
+def test_many_requests_waiting_on_a_cold_load_do_not_stall_other_requests(llama_dir, peft_adapters, tmp_path):
+    """12 requests wait for a cold adapter whose read blocks (a FIFO): more than the threads that
+    serve requests. A base-model request and a warm adapter's are still served meanwhile."""
+    import errno
+
+    store = AdapterStore(tmp_path / "store")
+    store.publish("cheese", peft_adapters["cheese"])
+    weights = store.publish("wine", peft_adapters["wine"]).path / "adapter_model.safetensors"
+    content = weights.read_bytes()
+    weights.unlink()
+    os.mkfifo(weights)
+    with serve(llama_dir, store.root) as server, server.channel() as channel:
+        generation = generation_pb2_grpc.GenerationStub(channel)
+        generation.Generate(greedy("cheese", 2), timeout=60)  # warm
+        cold = [generation.Generate.future(greedy("wine", 4), timeout=120) for _ in range(12)]
+        writer = None
+        try:
+            while writer is None:  # the load is blocked reading the FIFO
+                try:
+                    writer = os.open(weights, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError as exc:
+                    assert exc.errno == errno.ENXIO
+                    time.sleep(0.01)
+            assert generation.Generate(pb.GenerateRequest(prompt="Cheese is", max_new_tokens=3), timeout=20).usage.completion_tokens
+            assert generation.Generate(greedy("cheese", 3), timeout=20).usage.completion_tokens == 3
+            assert not any(f.done() for f in cold)
+        finally:
+            if writer is None:
+                writer = os.open(weights, os.O_WRONLY)
+            os.set_blocking(writer, True)
+            os.write(writer, content)
+            os.close(writer)
+        assert all(f.result(timeout=60).usage.completion_tokens == 4 for f in cold)
+
+
 def test_cold_adapter_is_served_despite_steady_warm_traffic(llama_dir, peft_adapters, tmp_path):
     store = AdapterStore(tmp_path / "store")
     for name in ("cheese", "wine"):

@@ -32,6 +32,9 @@ class EngineConfig:
     max_rank: largest LoRA rank a slot holds; smaller ranks are zero-padded (exact).
     kv_cache_bytes: optional memory budget for the KV cache; limits the rows it can hold.
     max_queue: requests waiting for admission before submit() refuses with ResourceExhausted.
+    max_queue_per_adapter: requests one adapter (or the base model) may have waiting; None = half
+      of max_queue, so one adapter's flood always leaves room for the others. Admission takes
+      waiting requests round robin across adapters (S-LoRA style), not in global arrival order.
     max_prefill_tokens: padded prompt tokens prefilled together in one step (bounds activation
       memory; a longer single prompt is still admitted alone).
     device / dtype: None picks CUDA+bfloat16 when available, else CPU+float32.
@@ -54,6 +57,7 @@ class EngineConfig:
     max_rank: int = 16
     kv_cache_bytes: int | None = None
     max_queue: int = 256
+    max_queue_per_adapter: int | None = None
     max_prefill_tokens: int = 4096
     device: str | None = None
     dtype: str | None = None
@@ -68,9 +72,15 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.nf4_path not in NF4_PATHS:
             raise ValueError(f"EngineConfig.nf4_path must be one of {NF4_PATHS}, got {self.nf4_path!r}")
+        if self.max_queue_per_adapter is not None and self.max_queue_per_adapter < 1:
+            raise ValueError(f"EngineConfig.max_queue_per_adapter must be >= 1, got {self.max_queue_per_adapter}")
         for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens"):
             if getattr(self, field) < 1:
                 raise ValueError(f"EngineConfig.{field} must be >= 1, got {getattr(self, field)}")
+
+    @property
+    def queue_per_adapter(self) -> int:
+        return self.max_queue_per_adapter or max(1, (self.max_queue + 1) // 2)
 
     def resolved_device(self) -> torch.device:
         if self.device is not None:

@@ -162,6 +162,26 @@ class _Sequence:
         return self.adapter.slot if self.adapter else 0
 
 
+def _round_robin(pending, last_admitted: dict[str | None, int]) -> list[_Sequence]:
+    """The waiting sequences, one per adapter (the base model being one) in turn; the adapter
+    admitted least recently goes first, so turns carry over from one step to the next."""
+    queues: dict[str | None, deque[_Sequence]] = {}
+    for seq in pending:
+        queues.setdefault(_queue_key(seq), deque()).append(seq)
+    keys = sorted(queues, key=lambda k: last_admitted.get(k, -1))  # stable: ties keep arrival order
+    order = []
+    while keys:
+        for key in list(keys):
+            order.append(queues[key].popleft())
+            if not queues[key]:
+                keys.remove(key)
+    return order
+
+
+def _queue_key(seq: _Sequence) -> str | None:
+    return seq.adapter.name if seq.adapter else None
+
+
 @contextlib.contextmanager
 def _explain_compile_failure():
     try:
@@ -197,6 +217,8 @@ class Engine:
         self._adapters: dict[str, _LoadedAdapter] = {}
         self._resident: dict[int, _LoadedAdapter] = {}  # slot -> adapter in it
         self._slot_victim: _LoadedAdapter | None = None  # see _admit_and_prefill
+        self._last_admitted: dict[str | None, int] = {}  # adapter name (None: base) -> admission number
+        self._admissions = itertools.count()
         self._seeds = random.Random(config.seed)
         self._ids = itertools.count()
 
@@ -361,6 +383,11 @@ class Engine:
                 adapter = self._adapters.get(request.adapter)
                 if adapter is None:
                     raise AdapterNotFound(f"adapter {request.adapter!r} is not loaded")
+            waiting = sum(1 for s in self._pending if s.adapter is adapter)
+            if waiting >= self.config.queue_per_adapter:
+                raise ResourceExhausted(f"{'adapter ' + repr(adapter.name) if adapter else 'the base model'} already has "
+                                        f"{waiting} requests waiting (max_queue_per_adapter)")
+            if adapter is not None:
                 adapter.refs += 1
                 adapter.last_used = time.time()
             seq = _Sequence(request, handle, adapter, frozenset(stop_ids), generator, tokens=list(request.prompt_ids))
@@ -492,7 +519,9 @@ class Engine:
         return None
 
     def _admit_and_prefill(self) -> None:
-        """Admit queued requests in arrival order while KV rows and the prefill budget allow.
+        """Admit queued requests while KV rows and the prefill budget allow, round robin across
+        adapters (each adapter's requests in arrival order; the adapter admitted least recently
+        first): a flood on one adapter delays another's request by at most one of its own.
 
         A request whose adapter has no slot takes a free one or evicts the least recently used
         adapter that no running request holds. When every slot is held, it waits and requests
@@ -506,7 +535,7 @@ class Engine:
         budget = self.config.max_prefill_tokens
         waiting_for_slot = False
         with self._lock:
-            candidates = list(self._pending)
+            candidates = _round_robin(self._pending, self._last_admitted)
         for seq in candidates:
             if len(self._running) + len(admitted) >= self.config.max_batch_size or not self.cache.free_rows:
                 break  # the rest wait until a running sequence frees its row
@@ -531,6 +560,7 @@ class Engine:
             seq.row = self.cache.allocate_row()
             if adapter is not None:
                 adapter.active += 1
+            self._last_admitted[_queue_key(seq)] = next(self._admissions)
             admitted.append(seq)
         if not waiting_for_slot:
             self._slot_victim = None

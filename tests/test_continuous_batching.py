@@ -127,7 +127,8 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(engine):
 
 
 def test_full_queue_is_refused_with_resource_exhausted(llama_dir):
-    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=1, max_seq_len=64, max_queue=2))
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=1, max_seq_len=64, max_queue=2,
+                                                            max_queue_per_adapter=2))
     try:
         handles = []
         with pytest.raises(ResourceExhausted, match="queue is full"):
@@ -137,6 +138,37 @@ def test_full_queue_is_refused_with_resource_exhausted(llama_dir):
         for h in handles:
             h.cancel()
         assert all(h.result(timeout=30).finish_reason in (FinishReason.CANCELLED, FinishReason.LENGTH) for h in handles)
+    finally:
+        engine.close()
+
+
+def test_a_flood_on_one_adapter_neither_starves_nor_locks_out_another(llama_dir, peft_adapters):
+    """One row, six requests on cheese, then one on wine: admission goes round robin across
+    adapters, so wine runs second-next (not after all of cheese's), and cheese alone cannot fill
+    the queue: its share is bounded, wine's request is still taken."""
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=1, max_seq_len=64, max_queue=12,
+                                                            max_queue_per_adapter=6, max_adapters=2, max_rank=16))
+    try:
+        for name in ("cheese", "wine"):
+            engine.load_adapter(name, peft_adapters[name])
+        finished = []
+
+        def submit(adapter, tokens=8):
+            handle = engine.submit(Request(prompt_ids=[5, 6, 7], adapter=adapter, sampling=greedy(tokens)))
+            handle._output.add_done_callback(lambda _: finished.append(adapter))
+            return handle
+
+        flood = [submit("cheese", tokens=60)]  # runs while the rest queue up behind it
+        while engine.stats()["running"] == 0:
+            time.sleep(0.001)
+        flood += [submit("cheese") for _ in range(6)]
+        with pytest.raises(ResourceExhausted, match="'cheese' already has 6 requests waiting"):
+            submit("cheese")
+        other = submit("wine")  # the queue (12) has room, and wine has its own share
+        other.result(timeout=60)
+        for handle in flood:
+            handle.result(timeout=60)
+        assert finished.index("wine") <= 2, finished  # FIFO would make it the last, 8th
     finally:
         engine.close()
 

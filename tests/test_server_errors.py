@@ -24,7 +24,8 @@ def server(llama_dir, peft_adapters, tmp_path_factory):
     store.publish("cheese", peft_adapters["cheese"])
     store.publish("bread", peft_adapters["bread"])  # rank 16 > this server's max_rank 8
     config = ServerConfig(model_dir=llama_dir, host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
-                          engine=EngineConfig(max_batch_size=2, max_seq_len=512, max_adapters=2, max_rank=8, max_queue=2),
+                          engine=EngineConfig(max_batch_size=2, max_seq_len=512, max_adapters=2, max_rank=8, max_queue=2,
+                                             max_queue_per_adapter=2),
                           adapters=AdapterConfig(store=store.root))
     with RunningServer(config) as running:
         yield running

@@ -85,6 +85,7 @@ class AdapterManager:
         self._in_memory: set[str] = set()  # keys registered in the engine
         self._current: dict[str, str] = {}  # name -> version new requests get
         self._store_current_seen: dict[str, str | None] = {}  # name -> store `current` last acted on
+        self._unload_seen: dict[str, str | None] = {}  # name -> store `unload` token last acted on
         self._rejected: dict[str, tuple[float, HotloraError]] = {}  # key -> (manifest mtime, why)
         self._loading: dict[str, Future] = {}
         self._poll_failures: dict[str, str] = {}  # name -> store version last refused by the watcher
@@ -138,13 +139,27 @@ class AdapterManager:
         store = self._require_store(name)
         stored = store.get(name, version)
         store_current = store.current(name)
+        unload_token = store.unload_token(name)
         with self._lock:
             first_use = name not in self._current
             if first_use:
                 self._store_current_seen.setdefault(name, store_current)
+                self._unload_seen.setdefault(name, unload_token)
         loaded = self._load_once(stored.name, stored.version, lambda: self._read_stored(stored))
         if make_current or (first_use and stored.version == store_current):
             self._make_current(loaded)
+        return loaded
+
+    def pin(self, name: str, version: str) -> AdapterVersion:
+        """Serve `version` as the name's current one on every server of the store: load it here,
+        then move the store's `current` to it, which the others follow at their next poll. It
+        stays until the next publish (or pin) moves `current` again."""
+        loaded = self.load(name, version)
+        store = self._require_store(name)
+        if store.current(name) != version:
+            store.set_current(name, version)
+        with self._lock:
+            self._store_current_seen[name] = version
         return loaded
 
     def load_path(self, name: str, path: str | Path) -> AdapterVersion:
@@ -172,6 +187,20 @@ class AdapterManager:
         return AdapterVersion(name, f"path-{weights.content_hash[:12]}", directory, False), weights
 
     def unload(self, name: str) -> None:
+        """Drop the name from memory here and, for a store adapter, on every server of the store
+        (through `<name>/unload`); the next request that names it loads the current version."""
+        in_store = self.store is not None and validate_adapter_name(name) in self.store.names()
+        try:
+            self._unload_here(name)
+        except AdapterNotFound:
+            if not in_store:
+                raise
+        if in_store:
+            token = self.store.request_unload(name)
+            with self._lock:
+                self._unload_seen[name] = token
+
+    def _unload_here(self, name: str) -> None:
         validate_adapter_name(name)
         with self._lock:
             keys = [k for k, v in self._known.items() if v.name == name and k in self._in_memory]
@@ -181,6 +210,7 @@ class AdapterManager:
                 self._drop(key)
             self._current.pop(name, None)
             self._store_current_seen.pop(name, None)
+            self._unload_seen.pop(name, None)
 
     def _load_once(self, name: str, version: str, read) -> AdapterVersion:
         """Read + validate + register one version; concurrent callers for it share one load."""
@@ -292,15 +322,24 @@ class AdapterManager:
     # ------------------------------------------------------------------ the store watcher
 
     def poll_store(self) -> None:
-        """Follow `<name>/current` for every name in use: load the new version and make it current."""
+        """Follow the store for every name in use: a new `<name>/current` (a publish, or a pin on
+        any server) is loaded and made current; a new `<name>/unload` token drops the name."""
         if self.store is None:
             return
         with self._lock:
             names = [n for n in self._current if n in self._store_current_seen]
         for name in names:
             try:
-                now = self.store.current(name)
+                now, unload_token = self.store.current(name), self.store.unload_token(name)
             except OSError:
+                continue
+            with self._lock:
+                unloaded_elsewhere = unload_token != self._unload_seen.get(name, unload_token)
+            if unloaded_elsewhere:  # another server's UnloadAdapter
+                try:
+                    self._unload_here(name)
+                except AdapterNotFound:
+                    pass
                 continue
             with self._lock:
                 changed = now is not None and now != self._store_current_seen.get(name)

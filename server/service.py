@@ -286,8 +286,10 @@ class AdaptersService(_NeedsBackend, adapters_pb2_grpc.AdaptersServicer):
         def load(manager: AdapterManager):
             if request.path:
                 loaded = manager.load_path(request.name, request.path)
+            elif request.version:
+                loaded = manager.pin(request.name, request.version)
             else:
-                loaded = manager.load(request.name, request.version or None)
+                loaded = manager.load(request.name)
             return manager.get(loaded.key)
 
         status = await self._admin(context, request, load, loads=True)

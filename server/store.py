@@ -129,14 +129,24 @@ class AdapterStore:
         directory = self.root / validate_adapter_name(name)
         if not (directory / validate_adapter_name(version)).is_dir():
             raise AdapterNotFound(f"adapter {name}@{version} is not in the store")
-        temporary = directory / f".current.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        with open(temporary, "w") as handle:
-            os.fchmod(handle.fileno(), FILE_MODE)
-            handle.write(version + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, directory / "current")
-        _fsync_dir(directory)
+        _write_atomically(directory / "current", version + "\n")
+
+    def request_unload(self, name: str) -> str:
+        """Ask every server on this store to drop `name` from memory (each sees the new token in
+        `<name>/unload` at its next poll; the next request loads the current version again).
+        Returns the token written."""
+        directory = self.root / validate_adapter_name(name)
+        if not directory.is_dir():
+            raise AdapterNotFound(f"adapter {name!r} is not in the store")
+        token = f"{time.time_ns()}-{os.getpid()}"
+        _write_atomically(directory / "unload", token + "\n")
+        return token
+
+    def unload_token(self, name: str) -> str | None:
+        try:
+            return (self.root / validate_adapter_name(name) / "unload").read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
     def collect_garbage(self, min_age_s: float = 600.0) -> list[Path]:
         """Remove staging leftovers of killed publishes older than min_age_s (younger ones may
@@ -201,6 +211,18 @@ def _mkdtemp(directory: Path) -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix=".tmp-", dir=directory)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`: readers see the old content or the new, never a part."""
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    with open(temporary, "w") as handle:
+        os.fchmod(handle.fileno(), FILE_MODE)
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_file(path: Path) -> None:

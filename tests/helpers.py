@@ -91,7 +91,8 @@ class RunningServer:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.call(self.server.start())
-        self.target = f"127.0.0.1:{self.server.port}"
+        host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        self.target = f"{host}:{self.server.port}"
 
     def call(self, coroutine, timeout: float = 120):
         import asyncio

@@ -52,10 +52,11 @@ def test_overlay_renders_and_every_object_validates(overlay):
 
 def test_prometheus_operator_objects_point_at_the_service_and_its_metrics_port():
     docs = render("overlays/prometheus-operator")
-    service, monitor = one(docs, "Service"), one(docs, "ServiceMonitor")
+    service, monitor = one(docs, "Service", "hotlora"), one(docs, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    labels = service["metadata"]["labels"]
-    assert all(labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+    selected = [d for d in docs if d["kind"] == "Service" and all(
+        d["metadata"].get("labels", {}).get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())]
+    assert selected == [service]  # not the headless hotlora-replicas too (it has no metrics port)
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == [service["metadata"]["namespace"]]
     port_names = {p["name"] for p in service["spec"]["ports"]}
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"] and "metrics" in port_names
@@ -111,8 +112,11 @@ def test_manifests_agree_with_the_server_code():
     assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
 
-    service = one(docs, "Service")
+    service = one(docs, "Service", "hotlora")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
+    replicas = one(docs, "Service", "hotlora-replicas")  # resolves to every pod: notify reaches each
+    assert replicas["spec"]["clusterIP"] == "None" and replicas["spec"]["selector"] == service["spec"]["selector"]
+    assert {p["name"]: p["port"] for p in replicas["spec"]["ports"]} == {"grpc": ports["grpc"]}
     pvc = one(docs, "PersistentVolumeClaim", "hotlora-adapters")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     selector = one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
@@ -128,7 +132,7 @@ def test_trainer_job_runs_a_real_trainer_command_into_the_shared_store():
     assert container["command"] == ["trainer"]
     args = build_parser().parse_args(container["args"])
     assert args.command == "fit" and args.resume and args.store == "/adapters"
-    service = one(docs, "Service")
+    service = one(docs, "Service", "hotlora-replicas")  # headless: the notify fans out to every pod
     host, port = args.notify[0].rsplit(":", 1)
     assert host.split(".")[:2] == [service["metadata"]["name"], service["metadata"]["namespace"]]
     assert int(port) in [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]

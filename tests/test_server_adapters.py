@@ -306,9 +306,11 @@ def test_admin_rpcs_load_list_get_unload(llama_dir, peft_adapters, cheese_v2, tm
         got = admin.GetAdapter(apb.GetAdapterRequest(adapter="cheese"))
         assert got.version == "v1" and got.last_used_unix > 0 and got.in_flight == 0
 
+        assert store.current("cheese") == "v1"  # a pin is the store's: every replica serves v1
+
         admin.UnloadAdapter(apb.UnloadAdapterRequest(name="cheese"))
         assert admin.GetAdapter(apb.GetAdapterRequest(adapter="cheese@v1")).tier == apb.TIER_STORE
-        assert generation.Generate(greedy("cheese", 4), timeout=60).adapter.version == "v2"  # the store's current again
+        assert generation.Generate(greedy("cheese", 4), timeout=60).adapter.version == "v1"  # loaded again, still pinned
 
         for bad, code in [(apb.LoadAdapterRequest(name="nope"), grpc.StatusCode.NOT_FOUND),
                           (apb.LoadAdapterRequest(name="a/b"), grpc.StatusCode.INVALID_ARGUMENT),

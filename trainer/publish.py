@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 from pathlib import Path
 
 import torch
@@ -39,16 +40,32 @@ def publish(store_root: Path, name: str, adapter_dir: Path, record: dict) -> Sto
     return stored
 
 
-def notify(targets: tuple[str, ...], name: str, version: str, admin_token: str | None) -> list[str]:
-    """Ask each server to load the version now (they would also find it at their next store poll).
-    Returns the targets that failed; a failure is a warning, never a failed publish."""
+def endpoints(target: str, resolve=socket.getaddrinfo) -> list[str]:
+    """host:port for every address the target's host resolves to: a Kubernetes headless Service
+    resolves to each ready pod, so a notify reaches every replica, not one."""
+    host, _, port = target.rpartition(":")
+    try:
+        found = resolve(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        return [target]  # let the client report what is wrong with it
+    addresses = dict.fromkeys(info[4][0] for info in found)
+    return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses] or [target]
+
+
+def notify(targets: tuple[str, ...], name: str, version: str, admin_token: str | None,
+           resolve=socket.getaddrinfo) -> list[str]:
+    """Ask every server behind each target (every address its name resolves to) to load the
+    version now; they would also find it at their next store poll. Returns the endpoints that
+    failed; a failure is a warning, never a failed publish."""
     from clients import Client, HotloraClientError
 
     failed = []
-    for target in targets:
+    for target in [e for t in targets for e in endpoints(t, resolve)]:
         try:
             with Client(target, admin_token=admin_token, timeout=60) as client:
-                loaded = client.load_adapter(name, version=version)
+                # the name's current version, not a pin to `version`: a late notify must not move
+                # `current` back past a newer publish
+                loaded = client.load_adapter(name)
             log.info("%s now serves %s@%s (%s)", target, name, loaded.version, loaded.tier)
         except HotloraClientError as exc:
             log.warning("could not notify %s: %s: %s", target, exc.code.name, exc)

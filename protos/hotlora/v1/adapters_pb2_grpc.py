@@ -65,16 +65,19 @@ class AdaptersServicer:
 
     def LoadAdapter(self, request, context):
         """Loads an adapter from the store (by name, optionally a version) or from a directory the
-        server is allowed to read, validates it, and makes it the name's current version on this
-        server. Nothing changes if validation fails.
+        server is allowed to read, validates it, and makes it the name's current version. A store
+        version given explicitly is pinned for every server of the store: the store's `current`
+        moves to it (until the next publish), and the other replicas follow at their next poll. A
+        path load stays on this server. Nothing changes if validation fails.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadAdapter(self, request, context):
-        """Drops an adapter's versions from memory. Requests already running finish on it. Adapters that
-        are still in the store are loaded again by the next request that names them.
+        """Drops an adapter's versions from memory, on every server of the store (each sees the request
+        at its next poll). Requests already running finish on it. Adapters that are still in the
+        store are loaded again by the next request that names them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

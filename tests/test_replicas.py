@@ -1,0 +1,91 @@
+"""Two servers on one adapter store stay consistent: the store is the single source of truth for
+what is served (publishes, admin pins, unloads), and a notify reaches every replica a name
+resolves to (a Kubernetes headless Service), not one."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from protos.hotlora.v1 import adapters_pb2 as apb
+from protos.hotlora.v1 import adapters_pb2_grpc
+from protos.hotlora.v1 import generation_pb2 as pb
+from protos.hotlora.v1 import generation_pb2_grpc
+from server.config import AdapterConfig, EngineConfig, ServerConfig
+from server.store import AdapterStore
+from tests.helpers import RunningServer, make_peft_adapter, wait_until
+
+
+def replica(llama_dir, store_root, host="127.0.0.1", port=0, poll_interval_s=0.05) -> RunningServer:
+    return RunningServer(ServerConfig(
+        model_dir=llama_dir, host=host, port=port, metrics_host="127.0.0.1", metrics_port=0,
+        engine=EngineConfig(max_batch_size=2, max_seq_len=64, max_adapters=2, max_rank=16),
+        adapters=AdapterConfig(store=store_root, poll_interval_s=poll_interval_s)))
+
+
+class Client:
+    def __init__(self, server: RunningServer):
+        self.channel = server.channel()
+        self.generation = generation_pb2_grpc.GenerationStub(self.channel)
+        self.admin = adapters_pb2_grpc.AdaptersStub(self.channel)
+
+    def served(self, adapter: str) -> str:
+        request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[5, 6, 7]), adapter=adapter, max_new_tokens=1)
+        return self.generation.Generate(request, timeout=60).adapter.version
+
+    def tier(self, ref: str) -> int:
+        return self.admin.GetAdapter(apb.GetAdapterRequest(adapter=ref), timeout=30).tier
+
+
+@pytest.fixture
+def versions(llama_dir, tmp_path):
+    return [make_peft_adapter(llama_dir, tmp_path / f"cheese-{i}", seed=40 + i, r=4, target_modules=["q_proj"])
+            for i in range(3)]
+
+
+def test_publishes_pins_and_unloads_reach_every_replica(llama_dir, versions, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    store.publish("cheese", versions[0])
+    with replica(llama_dir, store.root) as a_server, replica(llama_dir, store.root) as b_server:
+        a, b = Client(a_server), Client(b_server)
+        assert a.served("cheese") == b.served("cheese") == "v1"
+
+        store.publish("cheese", versions[1])  # a publish: both follow `current`
+        wait_until(lambda: a.served("cheese") == b.served("cheese") == "v2")
+
+        a.admin.LoadAdapter(apb.LoadAdapterRequest(name="cheese", version="v1"), timeout=60)  # a pin, on A only
+        assert a.served("cheese") == "v1"
+        wait_until(lambda: b.served("cheese") == "v1")
+
+        a.admin.UnloadAdapter(apb.UnloadAdapterRequest(name="cheese"), timeout=30)  # an unload, on A only
+        assert a.tier("cheese@v1") == apb.TIER_STORE
+        wait_until(lambda: b.tier("cheese@v1") == apb.TIER_STORE)
+        assert a.served("cheese") == b.served("cheese") == "v1"  # loaded again on demand, still pinned
+
+        store.publish("cheese", versions[2])  # the next publish ends the pin everywhere
+        wait_until(lambda: a.served("cheese") == b.served("cheese") == "v3")
+
+
+def test_notify_reaches_every_address_a_name_resolves_to(llama_dir, versions, tmp_path):
+    """Two replicas on one port, on two loopback addresses, behind one name (as a headless
+    Service's DNS name resolves to each pod). They poll the store once an hour here, so only the
+    notify can make them serve the new version."""
+    from trainer.publish import notify
+
+    store = AdapterStore(tmp_path / "store")
+    store.publish("cheese", versions[0])
+    with replica(llama_dir, store.root, host="127.0.0.2", poll_interval_s=3600) as first:
+        port = first.server.port
+        with replica(llama_dir, store.root, host="127.0.0.3", port=port, poll_interval_s=3600) as second:
+            servers = [Client(first), Client(second)]
+            assert [s.served("cheese") for s in servers] == ["v1", "v1"]
+            stored = store.publish("cheese", versions[1])
+
+            def headless(host, port, type=0):  # "hotlora-replicas" -> both pods
+                assert host == "hotlora-replicas"
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ("127.0.0.2", "127.0.0.3")]
+
+            assert notify((f"hotlora-replicas:{port}",), "cheese", stored.version, None, resolve=headless) == []
+            assert [s.tier("cheese@v2") for s in servers] == [apb.TIER_GPU, apb.TIER_GPU]
+            assert [s.served("cheese") for s in servers] == ["v2", "v2"]

@@ -86,8 +86,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="training steps for the adapter")
     parser.add_argument("--record", action="store_true", help="add the table to bench/RESULTS.md")
     args = parser.parse_args()
+    from server.quant import import_bitsandbytes, quiet_bitsandbytes
+
+    quiet_bitsandbytes()
     torch.manual_seed(0)
-    from server.quant import import_bitsandbytes
 
     header = ["| preset | engine path | adapter | floor (off) | disagreement (on) | on / off | effect | greedy agree | KL mean | verdict |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]

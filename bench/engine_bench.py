@@ -152,6 +152,9 @@ def main() -> None:
                         help="also run an EngineConfig(nf4_path='cpu-bf16-packed') engine (CPUs with AVX512-BF16)")
     parser.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = parser.parse_args()
+    from server.quant import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
 
     work = Path(tempfile.mkdtemp(prefix="hotlora-bench-"))
     model_dir = args.model or make_model(work / "model", args.preset, seed=0)

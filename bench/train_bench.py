@@ -100,6 +100,9 @@ def main() -> None:
                    help="rows per step when packing: 3 x 128 tokens is about the tokens of 8 padded cheese records")
     p.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = p.parse_args()
+    from server.quant import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
     if args.worker:
         result = (worker_hotlora if args.worker == "hotlora" else worker_hf)(args)
         print(json.dumps({**result, "peak_memory_bytes": peak_memory_bytes()}))

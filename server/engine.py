@@ -288,7 +288,7 @@ class Engine:
     def _retire(self, entry: _LoadedAdapter) -> None:  # holds self._lock
         entry.retired = True
         if entry.refs == 0:
-            self._evict(entry)
+            self._forget(entry)
 
     def _release_adapter(self, entry: _LoadedAdapter | None) -> None:
         if entry is None:
@@ -297,7 +297,12 @@ class Engine:
             entry.refs -= 1
             entry.last_used = time.time()
             if entry.retired and entry.refs == 0:
-                self._evict(entry)
+                self._forget(entry)
+
+    def _forget(self, entry: _LoadedAdapter) -> None:  # holds self._lock
+        """A retired adapter nobody uses any more: its slot and its admission turn go."""
+        self._evict(entry)
+        self._last_admitted.pop(entry.name, None)
 
     def _evict(self, entry: _LoadedAdapter) -> None:  # holds self._lock
         if entry.slot:

@@ -242,6 +242,7 @@ async def soak(args, work: Path) -> tuple[list[str], list[str]]:
     finally:
         if server.poll() is None:
             server.kill()
+            server.wait(30)
 
 
 def check_after(metrics: dict[str, float], tally: Tally, rss: list[tuple[float, float]], minutes: float) -> list[str]:

@@ -19,6 +19,8 @@ on it finish there, and its slot is freed when the last one does.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import threading
 import time
@@ -29,7 +31,7 @@ from pathlib import Path
 from .adapter_files import AdapterWeights, read_peft_adapter, validate_adapter_name
 from .config import AdapterConfig
 from .engine import Engine, Request, RequestHandle
-from .errors import AdapterNotFound, HotloraError, IncompatibleAdapter, PermissionDenied
+from .errors import AdapterNotFound, HotloraError, IncompatibleAdapter, PermissionDenied, StoreNotWritable
 from .metrics import Metrics
 from .store import MANIFEST_SCHEMA_VERSION, AdapterStore, StoredVersion
 
@@ -71,6 +73,15 @@ def parse_adapter_ref(ref: str) -> tuple[str, str | None]:
     if "@" in ref:
         validate_adapter_name(version)
     return name, version or None
+
+
+@contextlib.contextmanager
+def _writing_store():
+    try:
+        yield
+    except OSError as exc:
+        raise StoreNotWritable(f"pins and unloads are written to the adapter store for every replica, and this "
+                               f"server cannot write it ({exc.strerror or exc}); mount the store read-write") from None
 
 
 class AdapterManager:
@@ -154,12 +165,14 @@ class AdapterManager:
         """Serve `version` as the name's current one on every server of the store: load it here,
         then move the store's `current` to it, which the others follow at their next poll. It
         stays until the next publish (or pin) moves `current` again."""
-        loaded = self.load(name, version)
+        loaded = self.load(name, version, make_current=False)  # validated before anything changes
         store = self._require_store(name)
         if store.current(name) != version:
-            store.set_current(name, version)
+            with _writing_store():
+                store.set_current(name, version)
         with self._lock:
             self._store_current_seen[name] = version
+        self._make_current(loaded)
         return loaded
 
     def load_path(self, name: str, path: str | Path) -> AdapterVersion:
@@ -190,15 +203,16 @@ class AdapterManager:
         """Drop the name from memory here and, for a store adapter, on every server of the store
         (through `<name>/unload`); the next request that names it loads the current version."""
         in_store = self.store is not None and validate_adapter_name(name) in self.store.names()
+        if in_store:  # the store first: if it cannot be written, nothing changes anywhere
+            with _writing_store():
+                token = self.store.request_unload(name)
+            with self._lock:
+                self._unload_seen[name] = token
         try:
             self._unload_here(name)
         except AdapterNotFound:
             if not in_store:
                 raise
-        if in_store:
-            token = self.store.request_unload(name)
-            with self._lock:
-                self._unload_seen[name] = token
 
     def _unload_here(self, name: str) -> None:
         validate_adapter_name(name)

@@ -36,6 +36,7 @@ from .config import EngineConfig
 from .errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
 from .kv_cache import KVCache
 from .model import ForwardBatch, Transformer, load_model
+from .quant import TRITON_GEMV_MAX_TOKENS
 from .sampling import SamplingBatch, SamplingParams, sample
 
 __all__ = ["Engine", "EngineConfig", "Request", "SamplingParams", "Output", "FinishReason", "RequestHandle"]
@@ -302,7 +303,8 @@ class Engine:
     def _forget(self, entry: _LoadedAdapter) -> None:  # holds self._lock
         """A retired adapter nobody uses any more: its slot and its admission turn go."""
         self._evict(entry)
-        self._last_admitted.pop(entry.name, None)
+        if entry.name not in self._adapters:  # a replacement under the same name keeps its turn
+            self._last_admitted.pop(entry.name, None)
 
     def _evict(self, entry: _LoadedAdapter) -> None:  # holds self._lock
         if entry.slot:
@@ -534,7 +536,7 @@ class Engine:
         running requests finish soonest): nobody new is admitted on it, so its slot frees within
         that many decode steps and the waiting request gets it. A cold adapter therefore waits at
         most about max_new_tokens steps, however steady the traffic on warm ones. Later cold
-        requests queue behind the first, so slots are handed out in arrival order.
+        requests wait behind the first, so slots are handed out in admission order.
         """
         admitted: list[_Sequence] = []
         budget = self.config.max_prefill_tokens
@@ -648,6 +650,8 @@ class Engine:
         torch._dynamo.mark_static(self.cache.values)
         compiled = torch.compile(self._last_position_logits, dynamic=True)
         sizes = [1] + ([3] if self.cache.rows >= 3 else [2] if self.cache.rows == 2 else [])
+        if self.cache.rows > TRITON_GEMV_MAX_TOKENS:  # the Triton NF4 path switches kernels above it
+            sizes.append(self.cache.rows)
         with torch.inference_mode(), _explain_compile_failure():
             for rows in sizes:
                 for slots in (None, torch.zeros(rows, dtype=torch.long, device=self.device)):

@@ -40,6 +40,12 @@ class UnsupportedModel(HotloraError):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class StoreNotWritable(HotloraError):
+    """A pin or unload must be written to the adapter store, and this server cannot write it."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class ResourceExhausted(HotloraError):
     """A bounded resource is full: the request queue or the adapter slots."""
 

@@ -272,7 +272,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
         raise UnsupportedModel(f"sliding-window attention ({sliding}) shorter than max_seq_len {config.max_seq_len} is not supported")
     device, dtype = config.resolved_device(), config.resolved_dtype()
     kernels = resolve_kernels(config.kernels, device)
-    nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels)
+    nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels, config.quant)
     reader = _CheckpointReader(model_dir)
     shapes = spec.projection_shapes()
     num_slots = config.max_adapters + 1

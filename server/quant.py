@@ -111,12 +111,15 @@ CPU_BF16_PACKED = NF4Matmul("cpu-bf16-packed", prepare=_repack_for_cpu_bf16, for
 TRITON = NF4Matmul("triton", prepare=_nf4_view, forward=_triton_forward)
 
 
-def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torch") -> NF4Matmul:
+def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torch",
+                      quant: QuantConfig = QuantConfig()) -> NF4Matmul:
     """The engine's NF4 path for `requested` on `device` ("auto": Triton when the engine's
-    `kernels` resolved to Triton, else dequantize); refuses a path the device cannot run,
-    rather than falling back to different numbers."""
+    `kernels` resolved to Triton and the weights are NF4 with double quantization, which is what
+    the kernel reads; else dequantize); refuses a path the device cannot run, rather than
+    falling back to different numbers."""
     if requested == "auto":
-        return TRITON if kernels == "triton" else DEQUANTIZE
+        reads_these_weights = quant.quant_type == "nf4" and quant.double_quant
+        return TRITON if kernels == "triton" and reads_these_weights else DEQUANTIZE
     if requested == "dequantize":
         return DEQUANTIZE
     if requested == "triton":

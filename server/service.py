@@ -181,8 +181,10 @@ class GenerationService(_NeedsBackend, generation_pb2_grpc.GenerationServicer):
                         yield _Piece(text, pending, handle.request_id), version
                         pending, text = [], ""
                 output = await handle.aresult()
-            except asyncio.CancelledError:
-                handle.cancel()  # the client went away: free the sequence now
+            except (asyncio.CancelledError, GeneratorExit):
+                # the client went away (a cancel, or the stream closed while grpc waited to send):
+                # free the sequence now
+                handle.cancel()
                 call.code = grpc.StatusCode.CANCELLED
                 raise
             if output.finish_reason == FinishReason.DEADLINE:
@@ -194,7 +196,7 @@ class GenerationService(_NeedsBackend, generation_pb2_grpc.GenerationServicer):
         except HotloraError as exc:
             call.code = exc.grpc_code
             await _abort(context, exc)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError):
             raise
         except Exception as exc:
             call.code = grpc.StatusCode.INTERNAL

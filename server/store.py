@@ -122,13 +122,19 @@ class AdapterStore:
                 raise
             _fsync_dir(directory)
             if make_current:
-                self.set_current(name, version)
+                self._set_current(directory, version)
         return self.get(name, version)
 
     def set_current(self, name: str, version: str) -> None:
+        """Point `<name>/current` at an existing version (serialised with publishes)."""
         directory = self.root / validate_adapter_name(name)
         if not (directory / validate_adapter_name(version)).is_dir():
             raise AdapterNotFound(f"adapter {name}@{version} is not in the store")
+        with self._publish_lock(directory):
+            self._set_current(directory, version)
+
+    @staticmethod
+    def _set_current(directory: Path, version: str) -> None:  # holds the publish lock
         _write_atomically(directory / "current", version + "\n")
 
     def request_unload(self, name: str) -> str:

@@ -89,3 +89,30 @@ def test_notify_reaches_every_address_a_name_resolves_to(llama_dir, versions, tm
             assert notify((f"hotlora-replicas:{port}",), "cheese", stored.version, None, resolve=headless) == []
             assert [s.tier("cheese@v2") for s in servers] == [apb.TIER_GPU, apb.TIER_GPU]
             assert [s.served("cheese") for s in servers] == ["v2", "v2"]
+
+
+def test_a_pin_or_unload_the_store_cannot_take_changes_nothing(llama_dir, versions, tmp_path, monkeypatch):
+    """Pins and unloads are written to the store first: where the server cannot write it (a
+    read-only volume), the call fails with FAILED_PRECONDITION and this replica keeps serving
+    what every other replica serves."""
+    import grpc
+
+    store = AdapterStore(tmp_path / "store")
+    store.publish("cheese", versions[0])
+    store.publish("cheese", versions[1])
+    with replica(llama_dir, store.root) as server:
+        client = Client(server)
+        assert client.served("cheese") == "v2"
+
+        def read_only(*args, **kwargs):
+            raise OSError(30, "Read-only file system")
+
+        monkeypatch.setattr(server.server.manager.store, "set_current", read_only)
+        monkeypatch.setattr(server.server.manager.store, "request_unload", read_only)
+        for call in (lambda: client.admin.LoadAdapter(apb.LoadAdapterRequest(name="cheese", version="v1"), timeout=30),
+                     lambda: client.admin.UnloadAdapter(apb.UnloadAdapterRequest(name="cheese"), timeout=30)):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "read-write" in info.value.details()
+        assert client.served("cheese") == "v2" and store.current("cheese") == "v2"
+        assert client.tier("cheese@v2") == apb.TIER_GPU

@@ -49,6 +49,8 @@ def endpoints(target: str, resolve=socket.getaddrinfo) -> list[str]:
     except (OSError, ValueError):
         return [target]  # let the client report what is wrong with it
     addresses = dict.fromkeys(info[4][0] for info in found)
+    if any(":" not in a for a in addresses):  # IPv4 and IPv6 of one host ("localhost") are one server
+        addresses = {a: None for a in addresses if ":" not in a}
     return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses] or [target]
 
 

@@ -125,7 +125,7 @@ if triton is not None:
                             R_MAX: tl.constexpr, R_TOTAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         token = tl.program_id(0)
         slot = tl.load(slots_ptr + token)
-        tokens = token + tl.arange(0, 1)
+        tokens = (token + tl.arange(0, 1)).to(tl.int64)  # offsets past 2**31 in long prompts
         _shrink_tile(x_ptr, a_ptr, h_ptr, tokens, tokens == token, slot, tl.load(ranks_ptr + slot), stride_xt,
                      stride_as, stride_ar, stride_ht, K, R_MAX, R_TOTAL, 1, BLOCK_R, BLOCK_K, False, tl.program_id(1))
 
@@ -135,7 +135,7 @@ if triton is not None:
                             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         token = tl.program_id(0)
         slot = tl.load(slots_ptr + token)
-        tokens = token + tl.arange(0, 1)
+        tokens = (token + tl.arange(0, 1)).to(tl.int64)  # offsets past 2**31 in long prompts
         _expand_tile(y_ptr, h_ptr, b_ptr, starts_ptr, tokens, tokens == token, slot, tl.load(ranks_ptr + slot),
                      stride_yt, stride_ht, stride_bs, stride_br, N, R_MAX, N_SLICES, 1, BLOCK_N, BLOCK_R,
                      tl.program_id(1))
@@ -147,7 +147,7 @@ if triton is not None:
         segment, pid_t = tl.program_id(0), tl.program_id(1)
         first, end = tl.load(seg_starts_ptr + segment), tl.load(seg_starts_ptr + segment + 1)
         slot = tl.load(seg_slots_ptr + segment)
-        tokens = first + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tokens = (first + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         _shrink_tile(x_ptr, a_ptr, h_ptr, tokens, tokens < end, slot, tl.load(ranks_ptr + slot), stride_xt,
                      stride_as, stride_ar, stride_ht, K, R_MAX, R_TOTAL, BLOCK_T, BLOCK_R, BLOCK_K, DOT_FP32,
                      tl.program_id(2))
@@ -159,17 +159,19 @@ if triton is not None:
         segment, pid_t = tl.program_id(0), tl.program_id(1)
         first, end = tl.load(seg_starts_ptr + segment), tl.load(seg_starts_ptr + segment + 1)
         slot = tl.load(seg_slots_ptr + segment)
-        tokens = first + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tokens = (first + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         _expand_tile(y_ptr, h_ptr, b_ptr, starts_ptr, tokens, tokens < end, slot, tl.load(ranks_ptr + slot),
                      stride_yt, stride_ht, stride_bs, stride_br, N, R_MAX, N_SLICES, BLOCK_T, BLOCK_N, BLOCK_R,
                      tl.program_id(2))
 
 
-def _check(x: torch.Tensor, lora_a: torch.Tensor) -> None:
+def _check(x: torch.Tensor, weights: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError("the Triton LoRA kernels need the triton package (pip install triton)")
-    if x.stride(-1) != 1 or lora_a.stride(-1) != 1:
+    if x.stride(-1) != 1 or weights.stride(-1) != 1:
         raise ValueError("the LoRA kernels need a unit stride along features")
+    if x.shape[-1] != weights.shape[-1]:  # a mismatch would read out of bounds, not fail
+        raise ValueError(f"features {x.shape[-1]} do not match the pool's {weights.shape[-1]}")
 
 
 BLOCK_K, BLOCK_R, BLOCK_N, BLOCK_T = 64, 16, 64, 16
@@ -186,6 +188,8 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     """bgmv_shrink_reference with the Triton kernel. x [N, in]; lora_a [S, n_slices·r_max, in]."""
     _check(x, lora_a)
     r_total = lora_a.shape[1]
+    if r_total % r_max:
+        raise ValueError(f"lora_a holds {r_total} rank rows, not a whole number of slices of {r_max}")
     h = torch.empty(x.shape[0], r_total, dtype=torch.float32, device=x.device)
     grid = (x.shape[0], triton.cdiv(r_total, BLOCK_R))
     _bgmv_shrink_kernel[grid](x, lora_a, token_slots, slot_ranks, h, x.shape[1], x.stride(0), lora_a.stride(0),

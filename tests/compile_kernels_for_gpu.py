@@ -20,7 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from server.kernels import lora, nf4  # noqa: E402
+from server.kernels import attention, lora, nf4  # noqa: E402
 
 NF4_TENSORS = {"w_packed": "*u8", "w_code": "*fp32", "w_absmax": "*u8", "w_code2": "*fp32", "w_absmax2": "*fp32",
                "w_offset": "*fp32"}
@@ -40,6 +40,12 @@ KERNELS = {  # name: (kernel, pointer types, constexprs, compile options); other
                                                "seg_slots_ptr": "*i32", "ranks_ptr": "*i32", "h_ptr": "*fp32"},
                     dict(R_MAX=16, R_TOTAL=48, BLOCK_T=lora.BLOCK_T, BLOCK_R=lora.BLOCK_R, BLOCK_K=lora.BLOCK_K,
                          DOT_FP32=False), {}),
+    **{f"decode_attention_d{d}": (attention._decode_attention_kernel,
+                                  {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "rows_ptr": "*i64",
+                                   "lengths_ptr": "*i32", "out_ptr": "*bf16", "scale": "fp32"},
+                                  dict(GROUP=8, HEAD_DIM=d, BLOCK_G=16, BLOCK_D=d, BLOCK_S=attention.block_s(d),
+                                       DOT_FP32=False), dict(enable_fp_fusion=True))
+       for d in (64, 128)},
     "sgmv_expand": (lora._sgmv_expand_kernel, {"y_ptr": "*bf16", "h_ptr": "*fp32", "b_ptr": "*bf16",
                                                "seg_starts_ptr": "*i32", "seg_slots_ptr": "*i32", "ranks_ptr": "*i32",
                                                "starts_ptr": "*i32"},

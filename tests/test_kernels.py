@@ -173,6 +173,33 @@ def test_every_kernel_compiles_for_an_h100_without_spilling(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     report = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
-    assert set(report) == {"nf4_linear", "nf4_dequantize", "bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand"}
+    assert set(report) == {"nf4_linear", "nf4_dequantize", "bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand",
+                           "decode_attention_d64", "decode_attention_d128"}
     for name, figures in report.items():
         assert figures.endswith("spill_bytes=0"), f"{name}: {figures}"
+
+
+@DTYPES
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (8, 1, 64), (3, 3, 24)],
+                         ids=["gqa-2", "mqa", "mha-odd-dim"])
+def test_decode_attention_reads_the_cache_in_place_like_the_reference(dtype, heads, kv_heads, head_dim):
+    """Rows out of order, lengths of 1, at a block edge (64) and past it (65), GQA groups."""
+    from server.kernels import attention
+
+    g = torch.Generator().manual_seed(heads * head_dim)
+    rows, max_len = 6, 80
+    keys = torch.randn(rows, kv_heads, max_len, head_dim, generator=g).to(DEVICE, dtype)
+    values = torch.randn(rows, kv_heads, max_len, head_dim, generator=g).to(DEVICE, dtype)
+    cache_rows = torch.tensor([4, 0, 5, 2], device=DEVICE)
+    lengths = torch.tensor([1, 64, 65, 17], device=DEVICE, dtype=torch.int32)
+    q = torch.randn(4, heads, head_dim, generator=g).to(DEVICE, dtype)
+    scale = head_dim ** -0.5
+    got = attention.decode_attention(q, keys, values, cache_rows, lengths, scale)
+    want = attention.decode_attention_reference(q.double().cpu(), keys.double().cpu(), values.double().cpu(),
+                                                cache_rows.cpu(), lengths.cpu(), scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    close(got.cpu(), want, dtype)
+    # what is past a row's length, or in another row, is never read
+    keys[:, :, 65:] = float("nan")
+    values[1] = float("nan")
+    close(attention.decode_attention(q, keys, values, cache_rows, lengths, scale).cpu(), want, dtype)

@@ -20,6 +20,7 @@ from torch import nn
 from .config import TARGET_MODULES, EngineConfig
 from .errors import UnsupportedModel
 from .kv_cache import KVCache
+from .attention import DecodeAttention, TorchDecodeAttention, TritonDecodeAttention
 from .kernels import resolve as resolve_kernels
 from .lora import LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
 from .quant import choose_nf4_matmul, make_base_linear, resident_bytes
@@ -139,16 +140,27 @@ class ForwardBatch:
     kv_length: int
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """How the model computes, chosen once at load (EngineConfig.kernels and nf4_path)."""
+
+    nf4_path: str  # server/quant.py's NF4Matmul in use, or "unquantized"
+    lora: LoRAKernels
+    decode_attention: DecodeAttention
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, projections: dict[str, LoRALinear], input_norm: RMSNorm, post_norm: RMSNorm):
+    def __init__(self, spec: ModelSpec, projections: dict[str, LoRALinear], input_norm: RMSNorm, post_norm: RMSNorm,
+                 decode_attention: DecodeAttention):
         super().__init__()
         self.spec = spec
+        self.decode_attention = decode_attention
         self.proj = nn.ModuleDict(projections)
         self.input_norm = input_norm
         self.post_norm = post_norm
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, lora: LoRABatch | None, cos: torch.Tensor,
-                sin: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
+                sin: torch.Tensor, decode_context: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
         bsz, seq, hidden = x.shape
         spec, p = self.spec, self.proj
         h = self.input_norm(x).view(bsz * seq, hidden)
@@ -161,8 +173,7 @@ class DecoderLayer(nn.Module):
         if batch.prefill:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            keys, values = cache.read(layer, batch.cache_rows, batch.kv_length)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=True)
+            attn = self.decode_attention(q, cache, layer, batch.cache_rows, batch.kv_length, decode_context)
         attn = attn.transpose(1, 2).reshape(bsz * seq, spec.num_heads * spec.head_dim)
         x = x + p["o_proj"](attn, lora).view(bsz, seq, hidden)
 
@@ -173,12 +184,12 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
-                 lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], nf4_path: str,
-                 lora_kernels: LoRAKernels):
+                 lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kernels: Kernels):
         super().__init__()
         self.spec = spec
-        self.nf4_path = nf4_path  # how the projections multiply (server/quant.py), for logs and metrics
-        self.lora_kernels = lora_kernels
+        self.nf4_path = kernels.nf4_path  # how the projections multiply (server/quant.py), for logs and metrics
+        self.lora_kernels = kernels.lora
+        self.decode_attention = kernels.decode_attention
         self.embed = nn.Parameter(embed, requires_grad=False)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -206,15 +217,12 @@ class Transformer(nn.Module):
         x = F.embedding(batch.tokens, self.embed)
         cos = self.rope_cos[batch.positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, head_dim]
         sin = self.rope_sin[batch.positions].unsqueeze(1).to(x.dtype)
-        attn_mask = None
-        if not batch.prefill:
-            key_pos = torch.arange(batch.kv_length, device=x.device)
-            attn_mask = (key_pos[None, None, None, :] <= batch.positions[:, None, :, None])
+        decode_context = None if batch.prefill else self.decode_attention.prepare(batch.positions, batch.kv_length)
         lora = None
         if batch.token_slots is not None:
             lora = LoRABatch(batch.token_slots, batch.tokens.shape[0], self.num_lora_slots, x.dtype, self.lora_kernels)
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, lora, cos, sin, attn_mask, cache, i)
+            x = layer(x, batch, lora, cos, sin, decode_context, cache, i)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -273,6 +281,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     device, dtype = config.resolved_device(), config.resolved_dtype()
     kernels = resolve_kernels(config.kernels, device)
     nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels, config.quant)
+    decode_attention = TritonDecodeAttention() if kernels == "triton" else TorchDecodeAttention()
     reader = _CheckpointReader(model_dir)
     shapes = spec.projection_shapes()
     num_slots = config.max_adapters + 1
@@ -294,7 +303,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
             projections[name] = LoRALinear(base, pool)
         norms = [RMSNorm(reader.get(f"model.layers.{i}.{n}.weight").to(device, dtype), spec.rms_norm_eps)
                  for n in ("input_layernorm", "post_attention_layernorm")]
-        layers.append(DecoderLayer(spec, projections, *norms))
+        layers.append(DecoderLayer(spec, projections, *norms, decode_attention))
 
     embed = reader.get("model.embed_tokens.weight").to(device, dtype)
     if spec.tie_embeddings or not reader.has("lm_head.weight"):
@@ -303,7 +312,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
         lm_head = reader.get("lm_head.weight").to(device, dtype)
     norm = RMSNorm(reader.get("model.norm.weight").to(device, dtype), spec.rms_norm_eps)
     rope = rope_tables(hf_config, spec.head_dim, config.max_seq_len, device)
-    nf4_path = nf4_matmul.name if config.quant.enabled else "unquantized"
-    lora_kernels = TritonLoRA() if kernels == "triton" else TorchLoRA()
-    model = Transformer(spec, embed, layers, norm, lm_head, rope, nf4_path, lora_kernels).eval()
+    chosen = Kernels(nf4_path=nf4_matmul.name if config.quant.enabled else "unquantized",
+                     lora=TritonLoRA() if kernels == "triton" else TorchLoRA(), decode_attention=decode_attention)
+    model = Transformer(spec, embed, layers, norm, lm_head, rope, chosen).eval()
     return model, hf_config

@@ -1,0 +1,49 @@
+"""Decode attention: each running sequence's new token attends to its own KV cache row.
+
+Two implementations, chosen once per engine with the other kernels (EngineConfig.kernels):
+- TorchDecodeAttention: gathers the rows' first kv_length positions into a [B, kv_heads, L, d]
+  copy and masks each row's tail (scaled_dot_product_attention). Plain and readable; the CPU path.
+- TritonDecodeAttention: server/kernels/attention.py reads every row where it is, up to its own
+  length; nothing is copied.
+`prepare` runs once per forward (what every layer shares); `__call__` once per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+
+
+class TorchDecodeAttention:
+    name = "torch"
+
+    def prepare(self, positions: torch.Tensor, kv_length: int) -> torch.Tensor:
+        """The [B, 1, T, kv_length] mask: a row sees its cache up to its own position."""
+        key_pos = torch.arange(kv_length, device=positions.device)
+        return key_pos[None, None, None, :] <= positions[:, None, :, None]
+
+    def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, cache_rows: torch.Tensor, kv_length: int,
+                 mask: torch.Tensor) -> torch.Tensor:
+        keys, values = cache.read(layer, cache_rows, kv_length)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+
+class TritonDecodeAttention:
+    name = "triton"
+
+    def prepare(self, positions: torch.Tensor, kv_length: int) -> torch.Tensor:
+        """Each row's length: its one new token's position + 1."""
+        return (positions[:, -1] + 1).to(torch.int32)
+
+    def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, cache_rows: torch.Tensor, kv_length: int,
+                 lengths: torch.Tensor) -> torch.Tensor:
+        from .kernels.attention import decode_attention
+
+        out = decode_attention(q[:, :, 0], cache.keys[layer], cache.values[layer], cache_rows, lengths,
+                               q.shape[-1] ** -0.5)
+        return out.unsqueeze(2)  # [B, heads, 1, head_dim], as scaled_dot_product_attention returns
+
+
+DecodeAttention = TorchDecodeAttention | TritonDecodeAttention

@@ -30,18 +30,24 @@ class TorchDecodeAttention:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
-class TritonDecodeAttention:
+class TritonDecodeAttention(TorchDecodeAttention):
+    """One new token per row through the kernel; a prefill chunk (several new tokens of one
+    prompt, chunked prefill) attends through the gather path it inherits."""
+
     name = "triton"
 
     def prepare(self, positions: torch.Tensor, kv_length: int) -> torch.Tensor:
-        """Each row's length: its one new token's position + 1."""
-        return (positions[:, -1] + 1).to(torch.int32)
+        if positions.shape[1] > 1:
+            return super().prepare(positions, kv_length)
+        return (positions[:, -1] + 1).to(torch.int32)  # each row's length: its new token's position + 1
 
     def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, cache_rows: torch.Tensor, kv_length: int,
-                 lengths: torch.Tensor) -> torch.Tensor:
+                 context: torch.Tensor) -> torch.Tensor:
+        if q.shape[2] > 1:
+            return super().__call__(q, cache, layer, cache_rows, kv_length, context)
         from .kernels.attention import decode_attention
 
-        out = decode_attention(q[:, :, 0], cache.keys[layer], cache.values[layer], cache_rows, lengths,
+        out = decode_attention(q[:, :, 0], cache.keys[layer], cache.values[layer], cache_rows, context,
                                q.shape[-1] ** -0.5)
         return out.unsqueeze(2)  # [B, heads, 1, head_dim], as scaled_dot_product_attention returns
 

@@ -37,6 +37,9 @@ class EngineConfig:
       waiting requests round robin across adapters (S-LoRA style), not in global arrival order.
     max_prefill_tokens: padded prompt tokens prefilled together in one step (bounds activation
       memory; a longer single prompt is still admitted alone).
+    prefill_chunk_tokens: a prompt longer than this is prefilled this many tokens per step, one
+      chunk per step while the running sequences keep decoding, so a long prompt never stalls
+      them for its whole prefill. None: whole prompts in one step.
     device / dtype: None picks CUDA+bfloat16 when available, else CPU+float32.
     kernels: "triton" runs LoRA (BGMV/SGMV) and NF4 through server/kernels' Triton kernels,
       "torch" through plain torch and bitsandbytes, "auto" Triton on CUDA and torch elsewhere.
@@ -59,6 +62,7 @@ class EngineConfig:
     max_queue: int = 256
     max_queue_per_adapter: int | None = None
     max_prefill_tokens: int = 4096
+    prefill_chunk_tokens: int | None = None
     device: str | None = None
     dtype: str | None = None
     quant: QuantConfig = QuantConfig()
@@ -72,6 +76,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.nf4_path not in NF4_PATHS:
             raise ValueError(f"EngineConfig.nf4_path must be one of {NF4_PATHS}, got {self.nf4_path!r}")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError(f"EngineConfig.prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
         if self.max_queue_per_adapter is not None and self.max_queue_per_adapter < 1:
             raise ValueError(f"EngineConfig.max_queue_per_adapter must be >= 1, got {self.max_queue_per_adapter}")
         for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens"):

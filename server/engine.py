@@ -157,6 +157,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     generated: list[int] = field(default_factory=list)
     row: int = -1
+    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
 
     @property
     def slot(self) -> int:
@@ -227,6 +228,7 @@ class Engine:
         self._pending: deque[_Sequence] = deque()
         self._commands: list[tuple[Callable[[], object], Future]] = []
         self._running: list[_Sequence] = []
+        self._prefilling: deque[_Sequence] = deque()  # admitted, prompt going in chunk by chunk
         self._sampling: SamplingBatch | None = None  # for self._running, rebuilt on membership change
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="hotlora-engine", daemon=True)
@@ -446,7 +448,7 @@ class Engine:
         with self._lock:
             return {
                 "queue_length": len(self._pending),
-                "running": len(self._running),
+                "running": len(self._running) + len(self._prefilling),
                 "kv_cache_usage_ratio": self.cache.usage_ratio(),
                 "free_adapter_slots": len(self._free_slots),
             }
@@ -461,7 +463,7 @@ class Engine:
         with self._lock:
             self._closing = True
             if cancel_running:
-                for seq in list(self._pending) + self._running:
+                for seq in [*self._pending, *self._prefilling, *self._running]:
                     seq.handle.cancel()
             self._lock.notify()
         self._thread.join(timeout)
@@ -480,9 +482,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._pending or self._running or self._commands or self._closing):
+                while not (self._pending or self._prefilling or self._running or self._commands or self._closing):
                     self._lock.wait()
-                if self._closing and not (self._pending or self._running or self._commands):
+                if self._closing and not (self._pending or self._prefilling or self._running or self._commands):
                     return
                 commands, self._commands = self._commands, []
             for fn, future in commands:
@@ -493,6 +495,9 @@ class Engine:
             with torch.inference_mode():
                 self._retire_stopped()
                 self._admit_and_prefill()
+                if self._prefilling:  # one chunk per step: the running sequences still decode below
+                    chunked = self._prefilling[0]
+                    self._guarded([chunked], lambda: self._prefill_chunk(chunked))
                 if self._running:
                     self._guarded(list(self._running), self._decode_step)
 
@@ -513,7 +518,7 @@ class Engine:
             stopped = [(s, reason) for s in self._pending if (reason := self._stop_reason(s, now))]
             for seq, _ in stopped:
                 self._pending.remove(seq)
-        stopped += [(s, reason) for s in list(self._running) if (reason := self._stop_reason(s, now))]
+        stopped += [(s, reason) for s in [*self._prefilling, *self._running] if (reason := self._stop_reason(s, now))]
         for seq, reason in stopped:
             self._finish(seq, reason)
 
@@ -543,11 +548,14 @@ class Engine:
         waiting_for_slot = False
         with self._lock:
             candidates = _round_robin(self._pending, self._last_admitted)
+        chunk = self.config.prefill_chunk_tokens
         for seq in candidates:
-            if len(self._running) + len(admitted) >= self.config.max_batch_size or not self.cache.free_rows:
+            if len(self._running) + len(self._prefilling) + len(admitted) >= self.config.max_batch_size \
+                    or not self.cache.free_rows:
                 break  # the rest wait until a running sequence frees its row
+            chunked = chunk is not None and len(seq.tokens) > chunk
             longest = max([len(s.tokens) for s in admitted] + [len(seq.tokens)])
-            if admitted and longest * (len(admitted) + 1) > budget:
+            if admitted and not chunked and longest * (len(admitted) + 1) > budget:
                 break  # the rest join at the next step
             adapter = seq.adapter
             if adapter is not None and adapter.slot == 0:
@@ -568,7 +576,7 @@ class Engine:
             if adapter is not None:
                 adapter.active += 1
             self._last_admitted[_queue_key(seq)] = next(self._admissions)
-            admitted.append(seq)
+            (self._prefilling if chunked else admitted).append(seq)
         if not waiting_for_slot:
             self._slot_victim = None
         if admitted:
@@ -596,6 +604,35 @@ class Engine:
         self._running.extend(admitted)
         self._sampling = None
         self._accept_tokens(admitted, rows, tokens)
+
+    def _prefill_chunk(self, seq: _Sequence) -> None:
+        """The next prefill_chunk_tokens of seq's prompt into the cache: its queries attend to the
+        chunks before (in the cache) and causally within the chunk. After the last chunk the
+        first token is sampled and the sequence joins the running batch."""
+        start = seq.prefilled
+        if start == 0:
+            self._seen[seq.row].zero_()
+            self._seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
+        stop = min(start + self.config.prefill_chunk_tokens, len(seq.tokens))
+        batch = ForwardBatch(
+            tokens=torch.tensor([seq.tokens[start:stop]], device=self.device),
+            positions=torch.arange(start, stop, device=self.device)[None, :],
+            cache_rows=torch.tensor([seq.row], device=self.device),
+            token_slots=torch.full((stop - start,), seq.slot, device=self.device) if seq.slot else None,
+            prefill=False,  # attends through the cache, like a decode step of several tokens
+            kv_length=stop,
+        )
+        hidden = self.model(batch, self.cache)
+        seq.prefilled = stop
+        if stop < len(seq.tokens):
+            return
+        self._prefilling.popleft()
+        sampling = self._sampling_batch([seq])
+        rows = torch.tensor([seq.row], device=self.device)
+        tokens = sample(self.model.logits(hidden[:, -1]), sampling, self._seen[rows] if sampling.use_penalty else None)
+        self._running.append(seq)
+        self._sampling = None
+        self._accept_tokens([seq], rows, tokens)
 
     def _prefill_forward(self, seqs: list[_Sequence]) -> tuple[torch.Tensor, list[int]]:
         lengths = [len(s.tokens) for s in seqs]
@@ -682,6 +719,8 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
             self._sampling = None
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
         if seq.row >= 0:
             self.cache.release_row(seq.row)
             seq.row = -1

@@ -151,6 +151,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--max-queue", type=int, default=EngineConfig.max_queue, help="waiting requests before RESOURCE_EXHAUSTED")
     flag("--max-queue-per-adapter", type=int,
          help="waiting requests one adapter (or the base model) may have (default: half of --max-queue)")
+    flag("--prefill-chunk-tokens", type=int,
+         help="prefill prompts longer than this in chunks of it, one per step, so running streams keep going")
     flag("--kv-cache-bytes", type=int, help="memory budget for the KV cache (limits the batch)")
     flag("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     flag("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -194,6 +196,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         engine = EngineConfig(max_batch_size=num(a.max_batch_size), max_seq_len=num(a.max_seq_len),
                               max_adapters=num(a.max_adapters), max_rank=num(a.max_rank), max_queue=num(a.max_queue),
                               max_queue_per_adapter=num(a.max_queue_per_adapter),
+                              prefill_chunk_tokens=num(a.prefill_chunk_tokens),
                               kv_cache_bytes=num(a.kv_cache_bytes), device=a.device, dtype=a.dtype, seed=num(a.seed),
                               kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages))

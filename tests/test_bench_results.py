@@ -25,17 +25,9 @@ def test_a_recorded_run_lands_at_the_end_of_its_own_section(tmp_path):
                         "### train 1", "### train 2", "## new_bench.py", "### new 1"]
 
 
-def test_kernel_bench_says_there_is_no_gpu_and_succeeds_without_one():
+@pytest.mark.parametrize("script", ["kernel_bench.py", "gpu_check.py"])
+def test_gpu_scripts_say_there_is_no_gpu_and_succeed_without_one(script):
     if torch.cuda.is_available():
-        pytest.skip("with CUDA the bench measures (make gpu-check runs it)")
-    run = subprocess.run([sys.executable, str(BENCH / "kernel_bench.py")],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "no CUDA device" in run.stdout
-
-
-def test_gpu_check_says_there_is_no_gpu_and_succeeds_without_one():
-    if torch.cuda.is_available():
-        pytest.skip("with CUDA it runs the GPU steps (make gpu-check)")
-    run = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")],
-                         capture_output=True, text=True, timeout=120)
+        pytest.skip("with CUDA they measure (make gpu-check runs them)")
+    run = subprocess.run([sys.executable, str(BENCH / script)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "no CUDA device" in run.stdout

@@ -22,7 +22,7 @@ from .client import Client, HotloraClientError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hotlora", description="Client for hotlora-server.")
     p.add_argument("--target", default=os.environ.get("HOTLORA_TARGET", "localhost:50051"), help="server host:port")
-    p.add_argument("--admin-token-file", type=Path, help="file with the admin bearer token [env HOTLORA_ADMIN_TOKEN]")
+    p.add_argument("--admin-token-file", type=Path, help="file with the admin bearer token (else the token itself from env HOTLORA_ADMIN_TOKEN)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
     commands = p.add_subparsers(dest="command", required=True)
 

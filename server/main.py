@@ -128,7 +128,11 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
     environ = os.environ if environ is None else environ
-    p = argparse.ArgumentParser(prog="hotlora-server", description="Serve one NF4 base model with per-request LoRA adapters over gRPC.")
+    p = argparse.ArgumentParser(
+        prog="hotlora-server", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        usage="%(prog)s --model DIR [--adapters STORE] [options]\n       %(prog)s make-model DIR [--preset small]",
+        description="Serve one NF4 base model with per-request LoRA adapters over gRPC.",
+        epilog="`hotlora-server make-model DIR --preset tiny|small|1b` writes a random-weight checkpoint to try it on.")
 
     def flag(name: str, **kwargs):
         env = "HOTLORA_" + name.lstrip("-").replace("-", "_").upper()
@@ -139,7 +143,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         p.add_argument(name, **kwargs)
 
     flag("--model", type=Path, required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
-    flag("--adapters", type=Path, help="adapter store directory (see DESIGN.md); omit to serve path-loaded adapters only")
+    flag("--adapters", type=Path, help="adapter store directory (docs/ARCHITECTURE.md); omit to serve path-loaded adapters only")
     flag("--host", default="0.0.0.0", help="gRPC bind address")
     flag("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     flag("--metrics-host", default="0.0.0.0", help="metrics bind address")
@@ -234,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
 
         importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return 0
-    asyncio.run(serve(parse_args(argv)))
+    config = parse_args(argv)
+    if not config.model_dir.is_dir():  # say so in one line; nothing here ever looks a model up on a hub
+        print(f"hotlora-server: error: --model {config.model_dir}: no such directory (a Hugging Face checkpoint "
+              "directory: config.json, *.safetensors, tokenizer files)", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
     return 0
 
 

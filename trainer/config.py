@@ -56,6 +56,8 @@ class FitConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid trainer settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+        if not Path(self.base).is_dir():  # one line, not transformers' hub lookup of a "repo id"
+            raise ValueError(f"--base {self.base}: no such directory (a Hugging Face checkpoint directory)")
 
     @property
     def lora_alpha(self) -> float:

@@ -86,6 +86,8 @@ def check_foreign_adapter(base_dir: Path, adapter_dir: Path, prompts_text: list[
     from .data import ensure_chat_template
     from .fit import device_and_dtype, load_base
 
+    if not Path(base_dir).is_dir():
+        raise acceptance.AcceptanceError(f"--base {base_dir}: no such directory (a Hugging Face checkpoint directory)")
     device, dtype = device_and_dtype()
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     ensure_chat_template(tokenizer)

@@ -4,6 +4,7 @@
     hotlora adapters list
     hotlora adapters load NAME [--version V | --path DIR]
     hotlora adapters unload NAME
+    hotlora health                 # SERVING (exit 0) or NOT_SERVING (exit 1)
 
 --target (or HOTLORA_TARGET) picks the server, default localhost:50051; --admin-token-file (or
 HOTLORA_ADMIN_TOKEN) authenticates the adapters commands.
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="send the prompt as one user message through the chat template")
 
+    commands.add_parser("health", help="is the server serving? (exit 0 when SERVING)")
+
     a = commands.add_parser("adapters", help="list, load or unload adapters")
     actions = a.add_subparsers(dest="action", required=True)
     actions.add_parser("list")
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.target, admin_token=token, timeout=args.timeout) as client:
             if args.command == "generate":
                 return _generate(client, args)
+            if args.command == "health":
+                status = client.health()
+                print(f"{args.target}: {status}")
+                return 0 if status == "SERVING" else 1
             return _adapters(client, args)
     except HotloraClientError as exc:
         print(f"error: {exc.code.name}: {exc}", file=sys.stderr)

@@ -189,6 +189,18 @@ class Client:
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
+    def health(self, service: str = "") -> str:
+        """The server's grpc.health.v1 status for `service` ("" = the server as a whole):
+        "SERVING" once the model is loaded, "NOT_SERVING" while loading or draining."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                     timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
     def close(self) -> None:
         self._channel.close()
 

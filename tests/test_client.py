@@ -83,6 +83,8 @@ def test_command_line_server_and_client_end_to_end(llama_dir, cheese_and_wine_st
         def hotlora(*args):
             return subprocess.run([f"{bin_dir}/hotlora", *target, *args], capture_output=True, text=True, timeout=120)
 
+        health = hotlora("health")
+        assert health.returncode == 0 and health.stdout.strip().endswith(": SERVING"), health
         generated = hotlora("generate", "--adapter", "cheese", "--max-new-tokens", "5", "--temperature", "0", "Cheese is")
         assert generated.returncode == 0 and "5 generated tokens; adapter cheese@v1" in generated.stderr, generated
         listed = hotlora("--admin-token-file", str(token_file), "adapters", "list")
@@ -98,6 +100,8 @@ def test_command_line_server_and_client_end_to_end(llama_dir, cheese_and_wine_st
 
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
+        gone = hotlora("health")  # nothing answers any more: a clear status, exit 1
+        assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr, gone
     finally:
         if server.poll() is None:
             server.kill()

@@ -53,7 +53,7 @@ def _fit_parser(commands) -> None:
     f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     f.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None, help="publish after training (on)")
     f.add_argument("--notify", action="append", help="HOST:PORT of a server to tell to load it (repeatable)")
-    f.add_argument("--admin-token-file", type=Path)
+    f.add_argument("--admin-token-file", type=Path, help="file with the servers' admin token, for --notify")
     f.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
@@ -63,13 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _fit_parser(commands)
     p = commands.add_parser("publish", help="check and publish a PEFT adapter made elsewhere")
-    p.add_argument("adapter_dir", type=Path)
-    p.add_argument("--base", type=Path, required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--prompt", action="append", help="prompt for the acceptance check (repeatable)")
-    p.add_argument("--notify", action="append")
-    p.add_argument("--admin-token-file", type=Path)
+    p.add_argument("adapter_dir", type=Path, help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--base", type=Path, required=True, help="the base model it was trained on: a checkpoint directory")
+    p.add_argument("--name", required=True, help="adapter name in the store; the version is the next vN")
+    p.add_argument("--store", type=Path, required=True, help="adapter store directory")
+    p.add_argument("--prompt", action="append", help="prompt for the acceptance check (repeatable; three defaults)")
+    p.add_argument("--notify", action="append", help="HOST:PORT of servers to tell to load it (repeatable; every "
+                   "address the name resolves to)")
+    p.add_argument("--admin-token-file", type=Path, help="file with the servers' admin token, for --notify")
     return parser
 
 

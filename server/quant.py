@@ -8,9 +8,10 @@ never by bitsandbytes' own CPU feature sniffing: its `Linear4bit.forward`, in ev
 with AVX512-BF16, repacks the weight in place and computes in bfloat16, so the same code gave
 different numbers (and crashed on shapes its repacking does not support) depending on the CPU.
 
-- "dequantize" (the default everywhere): bitsandbytes dequantizes W0 in the compute dtype and
-  the matmul is torch's (`bitsandbytes.matmul_4bit` on a weight that is never repacked). That is
-  the trained QLoRA model's own path, so in float32 it reproduces the trainer's numbers exactly.
+- "dequantize" (the default wherever the Triton kernels are off, so on CPU): bitsandbytes
+  dequantizes W0 in the compute dtype and the matmul is torch's (`bitsandbytes.matmul_4bit` on a
+  weight that is never repacked). That is the trained QLoRA model's own path, so in float32 it
+  reproduces the trainer's numbers exactly.
 - "cpu-bf16-packed" (CPU opt-in): bitsandbytes' fused AVX512-BF16 kernel on a weight repacked
   once at load. Faster on such CPUs, with bfloat16 error (~3e-3 relative per layer).
 - "triton" (CUDA; the CPU interpreter for tests): server/kernels/nf4.py reads the packed bits

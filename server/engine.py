@@ -210,7 +210,7 @@ class Engine:
         self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.device, self.dtype)
         self._seen = torch.zeros(rows, spec.vocab_size, dtype=torch.bool, device=self.device)
         self._decode_logits = self._last_position_logits
-        if config.compile and model.lora_kernels.name == "triton" and self.device.type != "cuda":
+        if config.compile and model.kernels.lora.name == "triton" and self.device.type != "cuda":
             raise ValueError("compile=True with the Triton kernels needs CUDA (their CPU interpreter cannot be compiled)")
         if config.compile:
             self._decode_logits = self._compiled_decode()
@@ -239,15 +239,15 @@ class Engine:
         model, _ = load_model(model_dir, config)
         engine = cls(model, config)
         sizes = {k: f"{v / 2**20:.1f} MiB" for k, v in model.weight_bytes().items()}
-        log.info("loaded %s on %s (%s, nf4 path %s, LoRA kernels %s): weights %s, KV cache %.1f MiB for %d "
-                 "sequences x %d tokens", model_dir, engine.device, engine.dtype, model.nf4_path,
-                 model.lora_kernels.name, sizes, engine.cache.nbytes / 2**20, engine.cache.rows, config.max_seq_len)
+        log.info("loaded %s (%s): weights %s, KV cache %.1f MiB for %d sequences x %d tokens", model_dir,
+                 ", ".join(f"{k} {v}" for k, v in engine.describe().items()), sizes, engine.cache.nbytes / 2**20,
+                 engine.cache.rows, config.max_seq_len)
         return engine
 
     def describe(self) -> dict[str, str]:
         """How this engine computes (logged at start-up, exported as hotlora_engine_info)."""
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "nf4_path": self.model.nf4_path, "lora_kernels": self.model.lora_kernels.name,
+                "nf4_path": self.model.kernels.nf4_path, "lora_kernels": self.model.kernels.lora.name,
                 "compiled": str(self.config.compile).lower()}
 
     # ---------------------------------------------------------------- adapters

@@ -187,9 +187,7 @@ class Transformer(nn.Module):
                  lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kernels: Kernels):
         super().__init__()
         self.spec = spec
-        self.nf4_path = kernels.nf4_path  # how the projections multiply (server/quant.py), for logs and metrics
-        self.lora_kernels = kernels.lora
-        self.decode_attention = kernels.decode_attention
+        self.kernels = kernels
         self.embed = nn.Parameter(embed, requires_grad=False)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -217,10 +215,10 @@ class Transformer(nn.Module):
         x = F.embedding(batch.tokens, self.embed)
         cos = self.rope_cos[batch.positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, head_dim]
         sin = self.rope_sin[batch.positions].unsqueeze(1).to(x.dtype)
-        decode_context = None if batch.prefill else self.decode_attention.prepare(batch.positions, batch.kv_length)
+        decode_context = None if batch.prefill else self.kernels.decode_attention.prepare(batch.positions, batch.kv_length)
         lora = None
         if batch.token_slots is not None:
-            lora = LoRABatch(batch.token_slots, batch.tokens.shape[0], self.num_lora_slots, x.dtype, self.lora_kernels)
+            lora = LoRABatch(batch.token_slots, batch.tokens.shape[0], self.num_lora_slots, x.dtype, self.kernels.lora)
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, lora, cos, sin, decode_context, cache, i)
         return self.norm(x)

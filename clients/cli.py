@@ -1,13 +1,16 @@
 """`hotlora`: talk to a running hotlora-server from the shell.
 
     hotlora generate [--adapter NAME[@VERSION]] [--max-new-tokens N] [--temperature T] "prompt"
+    hotlora generate --json-schema schema.json | --regex RE  "prompt"   # structured output
+    hotlora models                 # what --adapter can name (no admin token needed)
     hotlora adapters list
     hotlora adapters load NAME [--version V | --path DIR]
     hotlora adapters unload NAME
     hotlora health                 # SERVING (exit 0) or NOT_SERVING (exit 1)
 
 --target (or HOTLORA_TARGET) picks the server, default localhost:50051; --admin-token-file (or
-HOTLORA_ADMIN_TOKEN) authenticates the adapters commands.
+HOTLORA_ADMIN_TOKEN_FILE, as the server names it; or the token itself in HOTLORA_ADMIN_TOKEN)
+authenticates the adapters commands.
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from .client import Client, HotloraClientError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hotlora", description="Client for hotlora-server.")
-    p.add_argument("--target", default=os.environ.get("HOTLORA_TARGET", "localhost:50051"), help="server host:port")
-    p.add_argument("--admin-token-file", type=Path, help="file with the admin bearer token (else the token itself from env HOTLORA_ADMIN_TOKEN)")
+    p = argparse.ArgumentParser(prog="hotlora", description="Client for hotlora-server.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--target", default=os.environ.get("HOTLORA_TARGET", "localhost:50051"),
+                   help="server host:port [env HOTLORA_TARGET]")
+    p.add_argument("--admin-token-file", type=Path, default=os.environ.get("HOTLORA_ADMIN_TOKEN_FILE"),
+                   help="file with the admin bearer token [env HOTLORA_ADMIN_TOKEN_FILE; or the token itself in "
+                        "env HOTLORA_ADMIN_TOKEN]")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
     commands = p.add_subparsers(dest="command", required=True)
 
@@ -37,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="send the prompt as one user message through the chat template")
+    g.add_argument("--logprobs", type=int, metavar="N", help="print each token's logprob and N alternatives")
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", type=Path, metavar="FILE", help="hold the output to this JSON schema")
+    shape.add_argument("--json-object", action="store_true", help="hold the output to any JSON object")
+    shape.add_argument("--regex", help="hold the output to this regular expression")
+
+    commands.add_parser("models", help="list what --adapter can name: the base model and every adapter")
 
     commands.add_parser("health", help="is the server serving? (exit 0 when SERVING)")
 
@@ -61,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.target, admin_token=token, timeout=args.timeout) as client:
             if args.command == "generate":
                 return _generate(client, args)
+            if args.command == "models":
+                for model in client.models():
+                    print(model.id)
+                return 0
             if args.command == "health":
                 status = client.health()
                 print(f"{args.target}: {status}")
@@ -74,10 +92,15 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(client: Client, args) -> int:
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, stop=args.stop)
+                   top_k=args.top_k, seed=args.seed, stop=args.stop, top_logprobs=args.logprobs,
+                   json_schema=args.json_schema.read_text() if args.json_schema else None, json_object=args.json_object,
+                   regex=args.regex)
     for piece in client.stream(prompt, args.adapter, **options):
         sys.stdout.write(piece.text)
         sys.stdout.flush()
+        for lp in piece.logprobs:
+            others = ", ".join(f"{token!r} {logprob:.3f}" for _, token, logprob in lp.top)
+            print(f"\n  [{lp.token!r} {lp.logprob:.3f}; top: {others}]", file=sys.stderr)
         if piece.finish_reason:
             print(f"\n[{piece.finish_reason}; {piece.usage.prompt_tokens} prompt + {piece.usage.completion_tokens} "
                   f"generated tokens; adapter {args.adapter or 'none'}{'@' + piece.adapter_version if piece.adapter_version else ''}]",

@@ -11,7 +11,8 @@ Errors come back as HotloraClientError subclasses carrying the gRPC status code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -19,7 +20,7 @@ import grpc
 from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 _FINISH = {generation_pb2.FINISH_REASON_STOP: "stop", generation_pb2.FINISH_REASON_LENGTH: "length"}
-_TIER = {adapters_pb2.TIER_GPU: "gpu", adapters_pb2.TIER_CPU: "cpu", adapters_pb2.TIER_STORE: "store"}
+_TIER = {adapters_pb2.TIER_DEVICE: "device", adapters_pb2.TIER_HOST: "host", adapters_pb2.TIER_STORE: "store"}
 
 
 class HotloraClientError(Exception):
@@ -60,6 +61,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's logprob and the most likely alternatives: (token id, text, logprob)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
     token_ids: list[int]
@@ -69,6 +80,7 @@ class GenerationResult:
     adapter_version: str
     adapter_hash: str
     request_id: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token with top_logprobs set
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,14 @@ class StreamPiece:
     finish_reason: str | None  # set on the last piece
     usage: Usage | None  # set on the last piece
     adapter_version: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str  # what to pass as `adapter`: the base model's name, "name" or "name@version"
+    adapter: str  # "" for the base model
+    version: str
 
 
 @dataclass(frozen=True)
@@ -87,7 +107,7 @@ class AdapterInfo:
     current: bool
     rank: int
     target_modules: list[str]
-    tier: str  # "gpu" | "cpu" | "store"
+    tier: str  # "device" | "host" | "store"
     in_flight: int
     last_used_unix: float
     content_hash: str
@@ -97,9 +117,23 @@ class AdapterInfo:
 def build_request(prompt: str | Sequence[dict] | Sequence[int], adapter: str = "", *, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, repetition_penalty: float | None = None, stop: Sequence[str] = (),
-                  ignore_eos: bool = False) -> generation_pb2.GenerateRequest:
-    """prompt: text, a list of chat messages ({"role", "content"}), or a list of token ids."""
+                  ignore_eos: bool = False, top_logprobs: int | None = None, json_schema: dict | str | None = None,
+                  json_object: bool = False, regex: str | None = None,
+                  lark_grammar: str | None = None) -> generation_pb2.GenerateRequest:
+    """prompt: text, a list of chat messages ({"role", "content"}), or a list of token ids.
+    top_logprobs: return each token's logprob and this many alternatives. json_schema (a dict or
+    JSON text), json_object, regex, lark_grammar: hold the output to it (at most one)."""
     request = generation_pb2.GenerateRequest(adapter=adapter, stop=list(stop), ignore_eos=ignore_eos)
+    if top_logprobs is not None:
+        request.top_logprobs = top_logprobs
+    if json_schema is not None:
+        request.structured_output.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    if json_object:
+        request.structured_output.json_object = True
+    if regex is not None:
+        request.structured_output.regex = regex
+    if lark_grammar is not None:
+        request.structured_output.lark_grammar = lark_grammar
     if isinstance(prompt, str):
         request.prompt = prompt
     elif prompt and isinstance(prompt[0], dict):
@@ -116,18 +150,23 @@ def build_request(prompt: str | Sequence[dict] | Sequence[int], adapter: str = "
     return request
 
 
+def _logprobs(messages) -> list[TokenLogprob]:
+    return [TokenLogprob(m.token_id, m.token, m.logprob, [(t.token_id, t.token, t.logprob) for t in m.top])
+            for m in messages]
+
+
 def _result(response) -> GenerationResult:
     usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
     return GenerationResult(response.text, list(response.token_ids), _FINISH.get(response.finish_reason, ""), usage,
                             response.adapter.name, response.adapter.version, response.adapter.content_hash,
-                            response.request_id)
+                            response.request_id, _logprobs(response.logprobs))
 
 
 def _piece(message) -> StreamPiece:
     last = message.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
     usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens) if last else None
     return StreamPiece(message.text, list(message.token_ids), _FINISH.get(message.finish_reason) if last else None,
-                       usage, message.adapter.version)
+                       usage, message.adapter.version, _logprobs(message.logprobs))
 
 
 def _adapter(message) -> AdapterInfo:
@@ -169,6 +208,14 @@ class Client:
             raise _error(exc) from None
         finally:
             call.cancel()  # a caller that stops iterating frees the server's sequence
+
+    def models(self) -> list[ModelInfo]:
+        """What `adapter` can name: the base model first, then every adapter (no admin token needed)."""
+        try:
+            reply = self._generation.ListModels(generation_pb2.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return [ModelInfo(m.id, m.adapter, m.version) for m in reply.models]
 
     def load_adapter(self, name: str, version: str = "", path: str = "") -> AdapterInfo:
         return _adapter(self._admin_call(self._adapters.LoadAdapter,
@@ -237,6 +284,13 @@ class AsyncClient:
             raise _error(exc) from None
         finally:
             call.cancel()
+
+    async def models(self) -> list[ModelInfo]:
+        try:
+            reply = await self._generation.ListModels(generation_pb2.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return [ModelInfo(m.id, m.adapter, m.version) for m in reply.models]
 
     async def load_adapter(self, name: str, version: str = "", path: str = "") -> AdapterInfo:
         response = await self._admin_call(self._adapters.LoadAdapter,

@@ -61,7 +61,7 @@ class AdapterStatus:
 
     version: AdapterVersion
     current: bool
-    tier: str  # "gpu" | "cpu" | "store"
+    tier: str  # "device" (in a LoRA slot) | "host" (validated, in memory) | "store"
     in_flight: int
     last_used: float
 
@@ -407,7 +407,7 @@ class AdapterManager:
             rows = {}
             for key, known in self._known.items():
                 live = engine.get(key) if key in self._in_memory else None
-                tier = "store" if live is None else "gpu" if live.resident else "cpu"
+                tier = "store" if live is None else "device" if live.resident else "host"
                 if live is None and not known.from_store:
                     continue  # a dropped path version is gone
                 rows[key] = AdapterStatus(known, self._current.get(known.name) == known.version, tier,
@@ -423,7 +423,7 @@ class AdapterManager:
         return [rows[k] for k in sorted(rows)]
 
     def tier_counts(self) -> dict[str, int]:
-        counts = {"gpu": 0, "cpu": 0, "store": 0}
+        counts = {"device": 0, "host": 0, "store": 0}
         for status in self.list():
             counts[status.tier] += 1
         return counts

@@ -143,7 +143,9 @@ class ServerConfig:
     """The gRPC server around one engine. admin_token: when set, the Adapters service requires
     `authorization: Bearer <token>`. grace_period_s: how long SIGTERM waits for running requests.
     max_adapter_labels: distinct adapter names that get their own metrics label (the rest share
-    "other"), which bounds the metrics' cardinality."""
+    "other"), which bounds the metrics' cardinality. http_port: the OpenAI-compatible HTTP API's
+    port (None: off; 0: any free port). served_model_name: the base model's name in that API's
+    `model` and in ListModels ("": the model directory's name)."""
 
     model_dir: Path
     engine: EngineConfig = EngineConfig()
@@ -159,3 +161,10 @@ class ServerConfig:
     default_max_new_tokens: int = 256
     max_adapter_labels: int = 64
     limits: RequestLimits = RequestLimits()
+    http_host: str = "0.0.0.0"
+    http_port: int | None = None
+    served_model_name: str = ""
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_dir.name

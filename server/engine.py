@@ -37,9 +37,10 @@ from .errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
 from .kv_cache import KVCache
 from .model import ForwardBatch, Transformer, load_model
 from .quant import TRITON_GEMV_MAX_TOKENS
-from .sampling import SamplingBatch, SamplingParams, sample
+from .sampling import SamplingBatch, SamplingParams, sample, token_logprobs
+from .structured import Grammar, TokenMatcher, allowed_tokens, bitmask_words
 
-__all__ = ["Engine", "EngineConfig", "Request", "SamplingParams", "Output", "FinishReason", "RequestHandle"]
+__all__ = ["Engine", "EngineConfig", "Request", "SamplingParams", "Output", "FinishReason", "RequestHandle", "TokenLogprob"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     deadline: float | None = None
     request_id: str | None = None
+    grammar: Grammar | None = None  # the output must match it (server/structured.py)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,15 @@ class Output:
     prompt_tokens: int
     adapter: str | None
     adapter_hash: str | None  # content hash of the adapter weights actually used
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob)
 
 
 @dataclass(frozen=True)
@@ -91,10 +102,12 @@ _DONE = object()
 
 class RequestHandle:
     """What submit() returns: iterate for token ids as they are produced, result() for the
-    Output, cancel() to stop (its KV row is freed at the next step)."""
+    Output, cancel() to stop (its KV row is freed at the next step). With sampling.logprobs set,
+    logprobs[i] describes the i-th token; it is there before that token is yielded."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None):
         self.request_id = request_id
+        self.logprobs: list[TokenLogprob] = []
         self._loop = loop
         self._events: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
         self._output: Future = Future()
@@ -154,6 +167,7 @@ class _Sequence:
     adapter: _LoadedAdapter | None
     stop_ids: frozenset[int]
     generator: torch.Generator | None
+    matcher: TokenMatcher | None = None  # the request's place in its grammar
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     generated: list[int] = field(default_factory=list)
     row: int = -1
@@ -209,6 +223,9 @@ class Engine:
                 raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} tokens ({per_row} bytes each)")
         self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.device, self.dtype)
         self._seen = torch.zeros(rows, spec.vocab_size, dtype=torch.bool, device=self.device)
+        # grammar masks are written on the host, then copied to the device with the step
+        self._bitmask = torch.empty(rows, bitmask_words(spec.vocab_size), dtype=torch.int32,
+                                    pin_memory=self.device.type == "cuda")
         self._decode_logits = self._last_position_logits
         if config.compile and model.kernels.lora.name == "triton" and self.device.type != "cuda":
             raise ValueError("compile=True with the Triton kernels needs CUDA (their CPU interpreter cannot be compiled)")
@@ -399,7 +416,8 @@ class Engine:
             if adapter is not None:
                 adapter.refs += 1
                 adapter.last_used = time.time()
-            seq = _Sequence(request, handle, adapter, frozenset(stop_ids), generator, tokens=list(request.prompt_ids))
+            matcher = request.grammar.matcher() if request.grammar is not None else None
+            seq = _Sequence(request, handle, adapter, frozenset(stop_ids), generator, matcher, tokens=list(request.prompt_ids))
             self._pending.append(seq)
             self._lock.notify()
         return handle
@@ -598,12 +616,9 @@ class Engine:
             self._seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
         hidden, lengths = self._prefill_forward(admitted)
         last = hidden[torch.arange(len(admitted), device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        batch = self._sampling_batch(admitted)
-        rows = torch.tensor([s.row for s in admitted], device=self.device)
-        tokens = sample(self.model.logits(last), batch, self._seen[rows] if batch.use_penalty else None)
         self._running.extend(admitted)
         self._sampling = None
-        self._accept_tokens(admitted, rows, tokens)
+        self._sample(admitted, self.model.logits(last), self._sampling_batch(admitted))
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         """The next prefill_chunk_tokens of seq's prompt into the cache: its queries attend to the
@@ -627,12 +642,9 @@ class Engine:
         if stop < len(seq.tokens):
             return
         self._prefilling.popleft()
-        sampling = self._sampling_batch([seq])
-        rows = torch.tensor([seq.row], device=self.device)
-        tokens = sample(self.model.logits(hidden[:, -1]), sampling, self._seen[rows] if sampling.use_penalty else None)
         self._running.append(seq)
         self._sampling = None
-        self._accept_tokens([seq], rows, tokens)
+        self._sample([seq], self.model.logits(hidden[:, -1]), self._sampling_batch([seq]))
 
     def _prefill_forward(self, seqs: list[_Sequence]) -> tuple[torch.Tensor, list[int]]:
         lengths = [len(s.tokens) for s in seqs]
@@ -669,9 +681,7 @@ class Engine:
             prefill=False,
             kv_length=max(positions) + 1,
         )
-        seen = self._seen[rows] if self._sampling.use_penalty else None
-        tokens = sample(self._decode_logits(batch), self._sampling, seen)
-        self._accept_tokens(list(running), rows, tokens)
+        self._sample(list(running), self._decode_logits(batch), self._sampling, rows)
 
     def _last_position_logits(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model.logits(self.model(batch, self.cache)[:, -1])
@@ -704,13 +714,43 @@ class Engine:
         return SamplingBatch([s.request.sampling for s in seqs], [s.generator for s in seqs],
                              self.spec.vocab_size, self.device)
 
-    def _accept_tokens(self, seqs: list[_Sequence], rows: torch.Tensor, tokens: torch.Tensor) -> None:
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, sampling: SamplingBatch,
+                rows: torch.Tensor | None = None) -> None:
+        """Choose each sequence's next token from its row of logits and hand it over."""
+        if rows is None:
+            rows = torch.tensor([s.row for s in seqs], device=self.device)
+        tokens = sample(logits, sampling, self._seen[rows] if sampling.use_penalty else None, self._grammar_mask(seqs))
+        logprobs = token_logprobs(logits, tokens, sampling.top_logprobs) if sampling.top_logprobs is not None else None
         self._seen[rows, tokens] = True
-        for seq, token in zip(seqs, tokens.tolist()):  # the step's one host sync
+        self._accept_tokens(seqs, tokens.tolist(), logprobs)  # the step's one host sync
+
+    def _grammar_mask(self, seqs: list[_Sequence]) -> torch.Tensor | None:
+        """[len(seqs), vocab] bool of the tokens each sequence's grammar allows next; None when
+        no sequence has a grammar."""
+        if all(s.matcher is None for s in seqs):
+            return None
+        bitmask = self._bitmask[: len(seqs)]
+        bitmask.fill_(-1)  # every token allowed on free rows
+        for i, seq in enumerate(seqs):
+            if seq.matcher is not None:
+                seq.matcher.fill_bitmask(self._bitmask, i)
+        return allowed_tokens(bitmask.to(self.device, non_blocking=True), self.spec.vocab_size)
+
+    def _accept_tokens(self, seqs: list[_Sequence], tokens: list[int], logprobs: tuple[torch.Tensor, ...] | None) -> None:
+        if logprobs is not None:
+            chosen, top_ids, top_values = (t.tolist() for t in logprobs)
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.tokens.append(token)
             seq.generated.append(token)
+            wanted = seq.request.sampling.logprobs
+            if wanted is not None:
+                top = tuple(zip(top_ids[i][:wanted], top_values[i][:wanted]))
+                seq.handle.logprobs.append(TokenLogprob(token, chosen[i], top))
             seq.handle._push(token)
-            if token in seq.stop_ids:
+            if seq.matcher is not None and not seq.matcher.accept(token):
+                self._finish(seq, FinishReason.ERROR, error=RuntimeError(
+                    f"the grammar refused token {token} it had allowed: {seq.matcher.error}"))
+            elif token in seq.stop_ids or seq.matcher is not None and seq.matcher.finished:
                 self._finish(seq, FinishReason.STOP)
             elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
                 self._finish(seq, FinishReason.LENGTH)

@@ -39,6 +39,8 @@ class Server:
         self.config = config
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http = None
         self._grpc: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -51,8 +53,10 @@ class Server:
         from .adapters import AdapterManager
         from .engine import Engine
         from .metrics import Metrics
-        from .service import AdaptersService, Backend, GenerationService, add_to_server
+        from .generation import Backend, Generations
+        from .service import AdaptersService, GenerationService, add_to_server
         from .store import base_fingerprint
+        from .structured import GrammarCompiler
         from .text import TextCodec
 
         c = self.config
@@ -61,8 +65,9 @@ class Server:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        generation = GenerationService(self.metrics, c.default_max_new_tokens, c.limits)
-        admin = AdaptersService(c.admin_token)
+        self.generations = Generations(self.metrics, c.default_max_new_tokens, c.limits)
+        generation = GenerationService(self.generations)
+        admin = AdaptersService(c.admin_token, self.generations)
         self._grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         add_to_server(self._grpc, generation, generation_pb2.DESCRIPTOR.services_by_name["Generation"])
@@ -79,6 +84,11 @@ class Server:
             self.port = self._grpc.add_insecure_port(address)
         await self._grpc.start()  # health answers NOT_SERVING, the others UNAVAILABLE, while the model loads
         self.metrics_port = self.metrics.serve(c.metrics_host, c.metrics_port)
+        if c.http_port is not None:  # answers 503 too until the model is loaded
+            from .http_api import HttpServer, build_app
+
+            self._http = HttpServer(build_app(self.generations), c.http_host, c.http_port)
+            self.http_port = await self._http.start()
 
         self.engine = await asyncio.to_thread(Engine.from_pretrained, c.model_dir, c.engine)
         codec = await asyncio.to_thread(TextCodec.from_pretrained, c.model_dir)
@@ -86,12 +96,16 @@ class Server:
         self.manager = AdapterManager(self.engine, c.adapters, self.metrics, fingerprint)
         self.metrics.watch_engine(self.engine.stats, self.manager.tier_counts)
         self.metrics.describe_engine(self.engine.describe())
-        generation.backend = admin.backend = Backend(self.engine, self.manager, codec)
+        grammars = await asyncio.to_thread(GrammarCompiler, codec.tokenizer, self.engine.spec.vocab_size)
+        if not grammars.available:
+            log.warning("llguidance is not installed: requests with structured output will be refused")
+        self.generations.backend = Backend(self.engine, self.manager, codec, grammars, c.model_name)
         self.manager.start_watching()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving gRPC on %s:%d (%s), metrics on %s:%d/metrics", c.host, self.port,
-                 "TLS" if c.tls_cert else "plaintext", c.metrics_host, self.metrics_port)
+        log.info("serving gRPC on %s:%d (%s), metrics on %s:%d/metrics%s", c.host, self.port,
+                 "TLS" if c.tls_cert else "plaintext", c.metrics_host, self.metrics_port,
+                 f", OpenAI-compatible HTTP on {c.http_host}:{self.http_port}/v1" if self._http else "")
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new work, let running requests finish within the grace period."""
@@ -113,6 +127,8 @@ class Server:
                 log.warning("grace period over: cancelling the requests still running")
                 await asyncio.to_thread(engine.close, True, 10.0)
         await self.health.enter_graceful_shutdown()
+        if self._http is not None:
+            await self._http.stop()
         await self._grpc.stop(1.0)
         if getattr(self, "manager", None) is not None:
             self.manager.close()
@@ -148,6 +164,12 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
     flag("--metrics-host", default="0.0.0.0", help="metrics bind address")
     flag("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0 = any free port)")
+    flag("--http-host", default=ServerConfig.http_host, help="OpenAI-compatible HTTP API bind address")
+    flag("--http-port", type=int,
+         help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on this "
+              "port beside gRPC (0 = any free port; default: off)")
+    flag("--served-model-name", default=ServerConfig.served_model_name,
+         help="the base model's name in the HTTP API's `model` and in ListModels (default: the --model directory's name)")
     flag("--max-adapters", type=int, default=EngineConfig.max_adapters, help="LoRA slots on the device")
     flag("--max-rank", type=int, default=EngineConfig.max_rank, help="largest LoRA rank served")
     flag("--max-batch-size", type=int, default=EngineConfig.max_batch_size, help="sequences decoded together")
@@ -215,7 +237,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         metrics_host=a.metrics_host, metrics_port=num(a.metrics_port), tls_cert=a.tls_cert and Path(a.tls_cert),
         tls_key=a.tls_key and Path(a.tls_key), admin_token=token, grace_period_s=num(a.grace_period, float),
         default_max_new_tokens=num(a.default_max_new_tokens), max_adapter_labels=num(a.max_adapter_labels),
-        limits=limits)
+        limits=limits, http_host=a.http_host, http_port=num(a.http_port), served_model_name=a.served_model_name)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -224,7 +246,8 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
     await server.start()
-    print(f"hotlora-server ready: grpc port {server.port}, metrics port {server.metrics_port}", flush=True)
+    http = f", http port {server.http_port}" if server.http_port is not None else ""
+    print(f"hotlora-server ready: grpc port {server.port}, metrics port {server.metrics_port}{http}", flush=True)
     await server.wait_closed()
 
 

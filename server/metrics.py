@@ -30,8 +30,9 @@ class Metrics:
         self._labels: set[str] = set()
         self._labels_lock = threading.Lock()
         r = self.registry
-        self.requests = Counter("hotlora_requests", "Generation requests by adapter and final gRPC status code.",
-                                ["adapter", "code"], registry=r)
+        self.requests = Counter("hotlora_requests", "Generation requests by adapter, outcome (the gRPC status code's name, "
+                                "whichever protocol carried it) and protocol (grpc, http).",
+                                ["adapter", "code", "protocol"], registry=r)
         self.request_duration = Histogram("hotlora_request_duration_seconds", "Time from receiving a request to its last token.",
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.time_to_first_token = Histogram("hotlora_time_to_first_token_seconds", "Time from receiving a request to its first token.",
@@ -94,10 +95,10 @@ class _TierCollector:
         self._tiers = tiers
 
     def describe(self):
-        return [GaugeMetricFamily("hotlora_adapters_loaded", "Adapter versions by tier (gpu, cpu, store).", labels=["tier"])]
+        return [GaugeMetricFamily("hotlora_adapters_loaded", "Adapter versions by tier (device: in a LoRA slot, host: in memory, store).", labels=["tier"])]
 
     def collect(self):
-        family = GaugeMetricFamily("hotlora_adapters_loaded", "Adapter versions by tier (gpu, cpu, store).", labels=["tier"])
+        family = GaugeMetricFamily("hotlora_adapters_loaded", "Adapter versions by tier (device: in a LoRA slot, host: in memory, store).", labels=["tier"])
         for tier, count in self._tiers().items():
             family.add_metric([tier], count)
         yield family

@@ -16,12 +16,16 @@ import torch
 
 from .errors import InvalidRequest
 
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 = greedy. top_k 0 = off. top_p 1 = off. repetition_penalty 1 = off (HF's
     definition: logits of already-seen tokens are divided by it when positive, multiplied when
-    negative). seed None = drawn from the engine's seed sequence."""
+    negative). seed None = drawn from the engine's seed sequence. logprobs None = off; N = each
+    generated token's log-probability and the N most likely alternatives' (0 <= N <= MAX_LOGPROBS),
+    under the model's own distribution (before temperature, penalty, top-k/p and grammar)."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -31,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -46,6 +51,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise InvalidRequest(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs (top alternatives) must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +69,8 @@ class SamplingBatch:
         self.use_top_k = any(p.top_k > 0 for p in params)
         self.use_top_p = any(p.top_p < 1 for p in params)
         self.use_penalty = any(p.repetition_penalty != 1 for p in params)
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        self.top_logprobs = max(wanted) if wanted else None  # alternatives computed for the batch
         as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
         self.greedy = as_tensor([p.greedy for p in params], torch.bool)
         self.temperature = as_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
@@ -70,13 +79,17 @@ class SamplingBatch:
         self.penalty = as_tensor([p.repetition_penalty for p in params], torch.float32)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor | None) -> torch.Tensor:
-    """logits: [B, V] float32; seen: [B, V] bool (tokens in prompt or output) for the penalty.
+def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor | None,
+           allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """logits: [B, V] float32; seen: [B, V] bool (tokens in prompt or output) for the penalty;
+    allowed: [B, V] bool, the tokens each row's grammar allows (all True on free rows).
     Returns the next token of every row, [B] int64."""
     if batch.use_penalty and seen is not None:
         penalty = batch.penalty[:, None]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalised, logits)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens
@@ -103,3 +116,12 @@ def _restrict_top_k_top_p(scores: torch.Tensor, batch: SamplingBatch) -> torch.T
         remove |= (probs.cumsum(dim=-1) - probs) >= batch.top_p[:, None]
     remove_in_vocab_order = torch.zeros_like(remove).scatter(1, order, remove)
     return scores.masked_fill(remove_in_vocab_order, float("-inf"))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> tuple[torch.Tensor, ...]:
+    """Under log_softmax(logits): each row's chosen token's logprob [B], and its top_n tokens
+    [B, top_n] with their logprobs [B, top_n], most likely first. On device, from the step's logits."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], tokens[:, None][:, :0])
+    return chosen, top_ids, top_values

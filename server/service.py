@@ -1,8 +1,8 @@
-"""The gRPC servicers: protobuf <-> engine / adapter manager, and nothing else.
+"""The gRPC servicers: protobuf <-> generation calls / adapter manager, and nothing else.
 
-Every error leaves through `_abort`, which uses errors.grpc_status (the one mapping); anything
-that blocks (adapter reads, submits that may load an adapter) runs in a worker thread, never on
-the event loop.
+Generation itself (shared with the HTTP API) is server/generation.py. Every error leaves through
+`_abort`, which uses status.grpc_status (the one mapping); anything that blocks (adapter reads,
+store listings) runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -11,24 +11,24 @@ import asyncio
 import hmac
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 from .adapters import AdapterManager, AdapterStatus, AdapterVersion
-from .config import RequestLimits
-from .engine import Engine, FinishReason, Output, Request
-from .errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, NotReady, Unauthenticated, grpc_status
-from .metrics import UNRESOLVED, Metrics
+from .engine import Output, TokenLogprob
+from .errors import HotloraError, InvalidRequest, Unauthenticated
+from .generation import GenerationInput, Generations
 from .sampling import SamplingParams
-from .text import TextCodec
+from .status import grpc_status
+from .structured import OutputFormat
 
 log = logging.getLogger(__name__)
 
-_FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH}
-_TIER = {"gpu": adapters_pb2.TIER_GPU, "cpu": adapters_pb2.TIER_CPU, "store": adapters_pb2.TIER_STORE}
+_FINISH = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.FINISH_REASON_LENGTH}
+_TIER = {"device": adapters_pb2.TIER_DEVICE, "host": adapters_pb2.TIER_HOST, "store": adapters_pb2.TIER_STORE}
 
 
 @dataclass(frozen=True)
@@ -84,205 +84,118 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> Non
     await context.abort(code, message)
 
 
-@dataclass
-class _Piece:
-    text: str
-    token_ids: list[int]
-    request_id: str
-    output: Output | None = None  # set on the last piece
-    stopped_by_string: bool = False
-
-
-@dataclass
-class _Call:
-    """One generation call's bookkeeping for metrics."""
-
-    label: str = "base"
-    code: grpc.StatusCode = grpc.StatusCode.OK
-    started: float = field(default_factory=time.perf_counter)
-    first_token: float | None = None
-
-
-@dataclass(frozen=True)
-class Backend:
-    """What the services need once the model is loaded. Until then they answer UNAVAILABLE (the
-    services are registered before the model loads, so health can say NOT_SERVING meanwhile)."""
-
-    engine: Engine
-    manager: AdapterManager
-    codec: TextCodec
-
-
-class _NeedsBackend:
-    backend: Backend | None = None
-
-    def _ready(self) -> Backend:
-        if self.backend is None:
-            raise NotReady("the server is still loading the model")
-        return self.backend
-
-
-class GenerationService(_NeedsBackend, generation_pb2_grpc.GenerationServicer):
-    def __init__(self, metrics: Metrics, default_max_new_tokens: int, limits: RequestLimits = RequestLimits()):
-        self.metrics = metrics
-        self.default_max_new_tokens = default_max_new_tokens
-        self.limits = limits
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, generations: Generations):
+        self.generations = generations
 
     async def Generate(self, request, context):
-        text, token_ids, last, version = [], [], None, None
-        async for piece, version in self._run(request, context):
-            text.append(piece.text)
-            token_ids += piece.token_ids
-            last = piece
-        if last is None:
+        pieces = [piece async for piece in self._run(request, context)]
+        if not pieces:
             return generation_pb2.GenerateResponse()  # aborted: the status is already set
+        last = pieces[-1]
         return generation_pb2.GenerateResponse(
-            text="".join(text), token_ids=token_ids, finish_reason=self._finish(last), usage=self._usage(last.output),
-            adapter=self._adapter_used(version, last.output), request_id=last.output.request_id)
+            text="".join(p.text for p in pieces), token_ids=[t for p in pieces for t in p.token_ids],
+            finish_reason=_FINISH[last.finish_reason], usage=_usage(last.output),
+            adapter=_adapter_used(last.adapter, last.output), request_id=last.request_id,
+            logprobs=self._logprobs([lp for p in pieces for lp in p.logprobs]))
 
     async def GenerateStream(self, request, context):
         first = True
-        async for piece, version in self._run(request, context):
-            message = generation_pb2.GenerateStreamResponse(text=piece.text, token_ids=piece.token_ids)
+        async for piece in self._run(request, context):
+            message = generation_pb2.GenerateStreamResponse(text=piece.text, token_ids=piece.token_ids,
+                                                            request_id=piece.request_id,
+                                                            logprobs=self._logprobs(piece.logprobs))
             if first or piece.output is not None:
-                message.adapter.CopyFrom(self._adapter_used(version, piece.output))
+                message.adapter.CopyFrom(_adapter_used(piece.adapter, piece.output))
             if piece.output is not None:
-                message.finish_reason = self._finish(piece)
-                message.usage.CopyFrom(self._usage(piece.output))
-            message.request_id = piece.request_id
+                message.finish_reason = _FINISH[piece.finish_reason]
+                message.usage.CopyFrom(_usage(piece.output))
             first = False
             yield message
 
-    async def _run(self, request, context):
-        """Yields (piece, adapter version) as text becomes available; the last piece has .output."""
-        call = _Call()
+    async def ListModels(self, request, context):
         try:
-            request = _decoded(request)
-            call.label = UNRESOLVED if request.adapter else "base"
-            backend = self._ready()
-            self._check_size(request)  # cheap limits first; then the real work off the event loop
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, backend.codec, request)
-            engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(backend.engine, request, len(prompt_ids)),
-                                     deadline=_deadline(context), request_id=request.request_id or None)
-            decoder = backend.codec.decoder(prompt_ids, list(request.stop))
-            handle, version = await _submit(backend.manager, request.adapter, engine_request)
-            call.label = self.metrics.adapter_label(version.name if version else None)
-            pending: list[int] = []
-            text = ""
-            try:
-                async for token in handle:
-                    call.first_token = call.first_token or time.perf_counter()
-                    pending.append(token)
-                    text += decoder.push([token])
-                    if decoder.stopped:
-                        handle.cancel()
-                        break
-                    if text:
-                        yield _Piece(text, pending, handle.request_id), version
-                        pending, text = [], ""
-                output = await handle.aresult()
-            except (asyncio.CancelledError, GeneratorExit):
-                # the client went away (a cancel, or the stream closed while grpc waited to send):
-                # free the sequence now
-                handle.cancel()
-                call.code = grpc.StatusCode.CANCELLED
-                raise
-            if output.finish_reason == FinishReason.DEADLINE:
-                raise DeadlineExceeded(f"deadline exceeded after {len(output.token_ids)} generated tokens")
-            if output.finish_reason == FinishReason.CANCELLED and not decoder.stopped:
-                raise Draining("the server is shutting down and stopped this request")
-            self._observe(call, output)
-            yield _Piece(text + decoder.finish(), pending, handle.request_id, output, decoder.stopped), version
-        except HotloraError as exc:
-            call.code = exc.grpc_code
+            _decoded(request)
+            models = await asyncio.to_thread(self.generations.models)  # may list the store's directories
+        except Exception as exc:
             await _abort(context, exc)
+        else:
+            return generation_pb2.ListModelsResponse(models=[
+                generation_pb2.Model(id=m.id, adapter=m.adapter, version=m.version) for m in models])
+
+    async def _run(self, request, context):
+        try:
+            generation = _generation_input(_decoded(request), context)
+        except HotloraError as exc:
+            self.generations.count_refused("grpc", exc)
+            await _abort(context, exc)
+        try:
+            async for piece in self.generations.run(generation, "grpc"):
+                yield piece
         except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            call.code = grpc.StatusCode.INTERNAL
             await _abort(context, exc)
-        finally:
-            self.metrics.requests.labels(call.label, call.code.name).inc()
 
-    def _observe(self, call: _Call, output: Output) -> None:
-        now = time.perf_counter()
-        m = self.metrics
-        m.request_duration.observe(now - call.started)
-        m.prompt_tokens.inc(output.prompt_tokens)
-        m.generation_tokens.labels(call.label).inc(len(output.token_ids))
-        if call.first_token is not None:
-            m.time_to_first_token.observe(call.first_token - call.started)
-            if len(output.token_ids) > 1:
-                m.time_per_output_token.observe((now - call.first_token) / (len(output.token_ids) - 1))
-
-    def _check_size(self, request) -> None:
-        limits = self.limits
-        if request.WhichOneof("input") == "messages":
-            messages = request.messages.messages
-            if len(messages) > limits.max_messages:
-                raise InvalidRequest(f"messages: {len(messages)} messages; the limit is {limits.max_messages}")
-            size = sum(len(m.content.encode()) + len(m.role.encode()) for m in messages)
-        else:
-            size = len(request.prompt.encode())
-        if size > limits.max_prompt_bytes:
-            raise InvalidRequest(f"prompt: {size} bytes; the limit is {limits.max_prompt_bytes} (--max-prompt-bytes)")
-
-    @staticmethod
-    def _prompt_ids(codec: TextCodec, request) -> list[int]:
-        which = request.WhichOneof("input")
-        if which == "prompt":
-            return codec.encode_prompt(request.prompt)
-        if which == "messages":
-            return codec.encode_chat([{"role": m.role, "content": m.content} for m in request.messages.messages])
-        if which == "prompt_token_ids":
-            if not request.prompt_token_ids.ids:
-                raise InvalidRequest("prompt_token_ids is empty")
-            return list(request.prompt_token_ids.ids)
-        raise InvalidRequest("one of prompt, messages or prompt_token_ids must be set")
-
-    def _sampling(self, engine: Engine, request, prompt_len: int) -> SamplingParams:
-        s = request.sampling
-        room = engine.config.max_seq_len - prompt_len
-        if request.HasField("max_new_tokens"):
-            max_new_tokens = request.max_new_tokens
-        elif room < 1:
-            raise InvalidRequest(f"prompt ({prompt_len} tokens) does not fit the context (max_seq_len "
-                                 f"{engine.config.max_seq_len}) with room for one new token")
-        else:
-            max_new_tokens = min(self.default_max_new_tokens, room)
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=s.temperature if s.HasField("temperature") else 1.0,
-            top_p=s.top_p if s.HasField("top_p") else 1.0,
-            top_k=s.top_k if s.HasField("top_k") else 0,
-            repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
-            seed=s.seed if s.HasField("seed") else None,
-            ignore_eos=request.ignore_eos,
-        )
-        params.validate()
-        return params
-
-    @staticmethod
-    def _finish(piece: _Piece) -> int:
-        return generation_pb2.FINISH_REASON_STOP if piece.stopped_by_string else _FINISH[piece.output.finish_reason]
-
-    @staticmethod
-    def _usage(output: Output):
-        return generation_pb2.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=len(output.token_ids))
-
-    @staticmethod
-    def _adapter_used(version: AdapterVersion | None, output: Output | None):
-        if version is None:
-            return generation_pb2.AdapterUsed()
-        content_hash = output.adapter_hash if output is not None else version.content_hash
-        return generation_pb2.AdapterUsed(name=version.name, version=version.version, content_hash=content_hash)
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> list:
+        if not logprobs:
+            return []
+        texts = dict(zip(ids := sorted({i for lp in logprobs for i in (lp.token_id, *(t for t, _ in lp.top))}),
+                         self.generations.token_texts(ids)))
+        return [generation_pb2.TokenLogprob(
+            token_id=lp.token_id, token=texts[lp.token_id], logprob=lp.logprob,
+            top=[generation_pb2.TopLogprob(token_id=t, token=texts[t], logprob=v) for t, v in lp.top]) for lp in logprobs]
 
 
-class AdaptersService(_NeedsBackend, adapters_pb2_grpc.AdaptersServicer):
+def _generation_input(request, context) -> GenerationInput:
+    """A GenerateRequest as the protocol-neutral GenerationInput; unset fields take their defaults."""
+    s = request.sampling
+    which = request.WhichOneof("input")
+    sampling = SamplingParams(
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+        ignore_eos=request.ignore_eos,
+        logprobs=request.top_logprobs if request.HasField("top_logprobs") else None)
+    return GenerationInput(
+        prompt=request.prompt if which == "prompt" else None,
+        messages=tuple({"role": m.role, "content": m.content} for m in request.messages.messages) if which == "messages" else None,
+        prompt_token_ids=tuple(request.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        adapter=request.adapter, sampling=sampling,
+        max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
+        stop=tuple(request.stop),
+        output_format=_output_format(request.structured_output) if request.HasField("structured_output") else None,
+        request_id=request.request_id or None, deadline=_deadline(context))
+
+
+def _output_format(message) -> OutputFormat:
+    which = message.WhichOneof("format")
+    if which is None:
+        raise InvalidRequest("structured_output: set one of json_schema, json_object, regex, lark_grammar")
+    if which == "json_object":
+        return OutputFormat("json_object")
+    return OutputFormat({"lark_grammar": "lark"}.get(which, which), getattr(message, which))
+
+
+def _usage(output: Output):
+    return generation_pb2.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=len(output.token_ids))
+
+
+def _adapter_used(version: AdapterVersion | None, output: Output | None):
+    if version is None:
+        return generation_pb2.AdapterUsed()
+    content_hash = output.adapter_hash if output is not None else version.content_hash
+    return generation_pb2.AdapterUsed(name=version.name, version=version.version, content_hash=content_hash)
+
+
+class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
     """Admin surface. With an admin token, every call needs `authorization: Bearer <token>`."""
 
-    def __init__(self, admin_token: str | None):
+    def __init__(self, admin_token: str | None, generations: Generations):
         self.admin_token = admin_token
+        self.generations = generations  # for the backend, once loaded
 
     async def LoadAdapter(self, request, context):
         def load(manager: AdapterManager):
@@ -318,7 +231,7 @@ class AdaptersService(_NeedsBackend, adapters_pb2_grpc.AdaptersServicer):
         try:
             self._authorize(context)
             _decoded(request)
-            manager = self._ready().manager
+            manager = self.generations.ready().manager
             return await asyncio.get_running_loop().run_in_executor(manager.loader if loads else None, fn, manager)
         except Exception as exc:
             await _abort(context, exc)
@@ -338,28 +251,6 @@ def _adapter_message(status: AdapterStatus):
         name=v.name, version=v.version, current=status.current, rank=v.rank, target_modules=list(v.target_modules),
         tier=_TIER[status.tier], in_flight=status.in_flight, last_used_unix=status.last_used,
         content_hash=v.content_hash, source=str(v.source))
-
-
-async def _submit(manager: AdapterManager, ref: str, request: Request):
-    """manager.submit on the adapter loader's threads when it must load a cold version. If the caller is cancelled
-    meanwhile (the client went away), the request it was submitting is cancelled as soon as the
-    submit returns: nobody would read it."""
-    loop = asyncio.get_running_loop()
-    ready = manager.submit_if_ready(ref, request, loop)  # base or warm: no thread, no waiting
-    if ready is not None:
-        return ready
-    submitting = loop.run_in_executor(manager.loader, manager.submit, ref, request, loop)
-    try:
-        return await asyncio.shield(submitting)
-    except asyncio.CancelledError:
-        submitting.add_done_callback(_cancel_orphan)
-        raise
-
-
-def _cancel_orphan(submitting: asyncio.Future) -> None:
-    if not submitting.cancelled() and submitting.exception() is None:
-        handle, _ = submitting.result()
-        handle.cancel()
 
 
 def _deadline(context) -> float | None:

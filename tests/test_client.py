@@ -36,7 +36,7 @@ def test_client_generate_stream_and_adapters(server):
         chat = client.generate([{"role": "user", "content": "hi"}], max_new_tokens=3, temperature=0.0, ignore_eos=True)
         assert chat.usage.completion_tokens == 3
         assert {(a.name, a.version) for a in client.list_adapters()} == {("cheese", "v1"), ("wine", "v1")}
-        assert client.load_adapter("wine").tier in ("gpu", "cpu")
+        assert client.load_adapter("wine").tier in ("device", "host")
         assert client.get_adapter("wine@v1").current
         client.unload_adapter("wine")
         with pytest.raises(NotFound) as info:

@@ -144,7 +144,7 @@ def test_grafana_dashboard_uses_only_metrics_the_server_exports():
     from server.metrics import Metrics
 
     metrics = Metrics()
-    metrics.watch_engine(lambda: {"queue_length": 0, "running": 0, "kv_cache_usage_ratio": 0.0}, lambda: {"gpu": 0})
+    metrics.watch_engine(lambda: {"queue_length": 0, "running": 0, "kv_cache_usage_ratio": 0.0}, lambda: {"device": 0})
     metrics.requests.labels("base", "OK").inc()  # labelled series appear once they have a child
     metrics.generation_tokens.labels("base").inc()
     exported = {s.name for family in metrics.registry.collect() for s in family.samples}

@@ -87,7 +87,7 @@ def test_notify_reaches_every_address_a_name_resolves_to(llama_dir, versions, tm
                 return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ("127.0.0.2", "127.0.0.3")]
 
             assert notify((f"hotlora-replicas:{port}",), "cheese", stored.version, None, resolve=headless) == []
-            assert [s.tier("cheese@v2") for s in servers] == [apb.TIER_GPU, apb.TIER_GPU]
+            assert [s.tier("cheese@v2") for s in servers] == [apb.TIER_DEVICE, apb.TIER_DEVICE]
             assert [s.served("cheese") for s in servers] == ["v2", "v2"]
 
 
@@ -115,4 +115,4 @@ def test_a_pin_or_unload_the_store_cannot_take_changes_nothing(llama_dir, versio
                 call()
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "read-write" in info.value.details()
         assert client.served("cheese") == "v2" and store.current("cheese") == "v2"
-        assert client.tier("cheese@v2") == apb.TIER_GPU
+        assert client.tier("cheese@v2") == apb.TIER_DEVICE

@@ -300,7 +300,7 @@ def test_admin_rpcs_load_list_get_unload(llama_dir, peft_adapters, cheese_v2, tm
         assert listed["cheese", "v2"].current and not listed["cheese", "v1"].current
 
         loaded = admin.LoadAdapter(apb.LoadAdapterRequest(name="cheese", version="v1")).adapter  # pin v1
-        assert (loaded.version, loaded.current, loaded.rank, loaded.tier) == ("v1", True, 4, apb.TIER_GPU)
+        assert (loaded.version, loaded.current, loaded.rank, loaded.tier) == ("v1", True, 4, apb.TIER_DEVICE)
         assert list(loaded.target_modules) == ["q_proj", "v_proj"] and len(loaded.content_hash) == 64
         assert generation.Generate(greedy("cheese", 4), timeout=60).adapter.version == "v1"
         got = admin.GetAdapter(apb.GetAdapterRequest(adapter="cheese"))

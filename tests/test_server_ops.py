@@ -83,9 +83,9 @@ def test_metrics_move_as_requests_are_served(server):
     def delta(name, **labels):
         return sample(after, name, **labels) - sample(before, name, **labels)
 
-    assert delta("hotlora_requests_total", adapter="cheese", code="OK") == 2
-    assert delta("hotlora_requests_total", adapter="base", code="OK") == 1
-    assert delta("hotlora_requests_total", adapter="unresolved", code="NOT_FOUND") == 1
+    assert delta("hotlora_requests_total", adapter="cheese", code="OK", protocol="grpc") == 2
+    assert delta("hotlora_requests_total", adapter="base", code="OK", protocol="grpc") == 1
+    assert delta("hotlora_requests_total", adapter="unresolved", code="NOT_FOUND", protocol="grpc") == 1
     assert delta("hotlora_generation_tokens_total", adapter="cheese") == 10
     assert delta("hotlora_prompt_tokens_total") > 0
     assert delta("hotlora_request_duration_seconds_count") == 4
@@ -94,7 +94,7 @@ def test_metrics_move_as_requests_are_served(server):
     assert delta("hotlora_adapter_loads_total", result="ok") >= 0
     for gauge in ("hotlora_queue_length", "hotlora_running_requests", "hotlora_kv_cache_usage_ratio"):
         assert re.search(rf"^{gauge} ", after, re.MULTILINE), gauge
-    assert sample(after, "hotlora_adapters_loaded", tier="gpu") >= 1
+    assert sample(after, "hotlora_adapters_loaded", tier="device") >= 1
     assert sample(after, "hotlora_adapter_load_duration_seconds_count") >= 1
 
 

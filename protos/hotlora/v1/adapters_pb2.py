@@ -24,15 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/hotlora/v1/adapters.proto\x12\nhotlora.v1\"A\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\";\n\x13LoadAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.hotlora.v1.Adapter\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"=\n\x14ListAdaptersResponse\x12%\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x13.hotlora.v1.Adapter\"$\n\x11GetAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\xd0\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x03 \x01(\x08\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x1e\n\x04tier\x18\x06 \x01(\x0e\x32\x10.hotlora.v1.Tier\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x16\n\x0elast_used_unix\x18\x08 \x01(\x01\x12\x14\n\x0c\x63ontent_hash\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t*H\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_GPU\x10\x01\x12\x0c\n\x08TIER_CPU\x10\x02\x12\x0e\n\nTIER_STORE\x10\x03\x32\xc5\x02\n\x08\x41\x64\x61pters\x12N\n\x0bLoadAdapter\x12\x1e.hotlora.v1.LoadAdapterRequest\x1a\x1f.hotlora.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .hotlora.v1.UnloadAdapterRequest\x1a!.hotlora.v1.UnloadAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.hotlora.v1.ListAdaptersRequest\x1a .hotlora.v1.ListAdaptersResponse\x12@\n\nGetAdapter\x12\x1d.hotlora.v1.GetAdapterRequest\x1a\x13.hotlora.v1.Adapterb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/hotlora/v1/adapters.proto\x12\nhotlora.v1\"A\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\";\n\x13LoadAdapterResponse\x12$\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x13.hotlora.v1.Adapter\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"=\n\x14ListAdaptersResponse\x12%\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x13.hotlora.v1.Adapter\"$\n\x11GetAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\xd0\x01\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x03 \x01(\x08\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x1e\n\x04tier\x18\x06 \x01(\x0e\x32\x10.hotlora.v1.Tier\x12\x11\n\tin_flight\x18\x07 \x01(\x05\x12\x16\n\x0elast_used_unix\x18\x08 \x01(\x01\x12\x14\n\x0c\x63ontent_hash\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t*t\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\x0e\n\nTIER_STORE\x10\x03\x12\x10\n\x08TIER_GPU\x10\x01\x1a\x02\x08\x01\x12\x10\n\x08TIER_CPU\x10\x02\x1a\x02\x08\x01\x1a\x02\x10\x01\x32\xc5\x02\n\x08\x41\x64\x61pters\x12N\n\x0bLoadAdapter\x12\x1e.hotlora.v1.LoadAdapterRequest\x1a\x1f.hotlora.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .hotlora.v1.UnloadAdapterRequest\x1a!.hotlora.v1.UnloadAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.hotlora.v1.ListAdaptersRequest\x1a .hotlora.v1.ListAdaptersResponse\x12@\n\nGetAdapter\x12\x1d.hotlora.v1.GetAdapterRequest\x1a\x13.hotlora.v1.Adapterb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.hotlora.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TIER']._loaded_options = None
+  _globals['_TIER']._serialized_options = b'\020\001'
+  _globals['_TIER'].values_by_name["TIER_GPU"]._loaded_options = None
+  _globals['_TIER'].values_by_name["TIER_GPU"]._serialized_options = b'\010\001'
+  _globals['_TIER'].values_by_name["TIER_CPU"]._loaded_options = None
+  _globals['_TIER'].values_by_name["TIER_CPU"]._serialized_options = b'\010\001'
   _globals['_TIER']._serialized_start=574
-  _globals['_TIER']._serialized_end=646
+  _globals['_TIER']._serialized_end=690
   _globals['_LOADADAPTERREQUEST']._serialized_start=48
   _globals['_LOADADAPTERREQUEST']._serialized_end=113
   _globals['_LOADADAPTERRESPONSE']._serialized_start=115
@@ -49,6 +55,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETADAPTERREQUEST']._serialized_end=361
   _globals['_ADAPTER']._serialized_start=364
   _globals['_ADAPTER']._serialized_end=572
-  _globals['_ADAPTERS']._serialized_start=649
-  _globals['_ADAPTERS']._serialized_end=974
+  _globals['_ADAPTERS']._serialized_start=693
+  _globals['_ADAPTERS']._serialized_end=1018
 # @@protoc_insertion_point(module_scope)

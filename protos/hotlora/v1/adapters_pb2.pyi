@@ -10,13 +10,17 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TIER_UNSPECIFIED: _ClassVar[Tier]
+    TIER_DEVICE: _ClassVar[Tier]
+    TIER_HOST: _ClassVar[Tier]
+    TIER_STORE: _ClassVar[Tier]
     TIER_GPU: _ClassVar[Tier]
     TIER_CPU: _ClassVar[Tier]
-    TIER_STORE: _ClassVar[Tier]
 TIER_UNSPECIFIED: Tier
+TIER_DEVICE: Tier
+TIER_HOST: Tier
+TIER_STORE: Tier
 TIER_GPU: Tier
 TIER_CPU: Tier
-TIER_STORE: Tier
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "version", "path")

@@ -45,6 +45,11 @@ class GenerationStub:
                 request_serializer=protos_dot_hotlora_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_hotlora_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/hotlora.v1.Generation/ListModels',
+                request_serializer=protos_dot_hotlora_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_hotlora_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -66,6 +71,14 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """What a request's `adapter` can name: the base model, and every adapter this server has loaded
+        or can see in its store (as "name" and as "name@version"). No admin token needed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=protos_dot_hotlora_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_hotlora_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=protos_dot_hotlora_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
+                    response_serializer=protos_dot_hotlora_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class Generation:
             '/hotlora.v1.Generation/GenerateStream',
             protos_dot_hotlora_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
             protos_dot_hotlora_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotlora.v1.Generation/ListModels',
+            protos_dot_hotlora_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+            protos_dot_hotlora_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

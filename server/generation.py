@@ -1,0 +1,264 @@
+"""One generation call, whichever protocol carried it: a request in, pieces of text out.
+
+The gRPC service (service.py) and the OpenAI-compatible HTTP API (http_api.py) turn their requests
+into a GenerationInput and the Pieces back into their own messages. Everything in between happens
+here, once: size limits, tokenizing and chat templates off the event loop, sampling defaults,
+grammar compilation, resolving and loading the adapter, stop strings, deadlines, cancellation when
+the caller goes away, and the metrics (with a `protocol` label).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator
+
+from .adapters import AdapterManager, AdapterVersion
+from .config import RequestLimits
+from .engine import Engine, FinishReason, Output, Request, TokenLogprob
+from .errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, NotReady
+from .metrics import UNRESOLVED, Metrics
+from .sampling import SamplingParams
+from .status import status_of
+from .structured import GrammarCompiler, OutputFormat
+from .text import TextCodec
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("grpc", "http")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What generation needs once the model is loaded. Until then requests are refused with
+    NotReady (the services start before the model loads, so health can say NOT_SERVING)."""
+
+    engine: Engine
+    manager: AdapterManager
+    codec: TextCodec
+    grammars: GrammarCompiler
+    model_name: str  # the base model's name in ListModels and the HTTP API's `model`
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """A request as either protocol gives it. Exactly one of prompt, messages, prompt_token_ids.
+    adapter: "" or the base model's name for no adapter, "name" or "name@version" for one.
+    sampling.max_new_tokens is replaced by max_new_tokens, or the server's default when None."""
+
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None  # {"role": ..., "content": ...}
+    prompt_token_ids: tuple[int, ...] | None = None
+    adapter: str = ""
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    output_format: OutputFormat | None = None
+    request_id: str | None = None
+    deadline: float | None = None  # time.monotonic() value
+
+
+@dataclass
+class Piece:
+    """New text and the tokens it came from; the last piece of a call has `output` set."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]  # one per token when the request asked for logprobs
+    request_id: str
+    adapter: AdapterVersion | None  # the version serving the request (None: the base model)
+    output: Output | None = None
+    stopped_by_string: bool = False
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" (end-of-sequence, a stop string, or a complete structured output) or "length"."""
+        if self.output is None:
+            return None
+        return "stop" if self.stopped_by_string or self.output.finish_reason == FinishReason.STOP else "length"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A name a request can give as its adapter / model."""
+
+    id: str
+    adapter: str = ""   # "" for the base model
+    version: str = ""
+
+
+@dataclass
+class _Call:
+    """One call's bookkeeping for metrics."""
+
+    protocol: str
+    label: str = "base"
+    code: str = "OK"
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+
+
+class Generations:
+    def __init__(self, metrics: Metrics, default_max_new_tokens: int, limits: RequestLimits = RequestLimits()):
+        self.metrics = metrics
+        self.default_max_new_tokens = default_max_new_tokens
+        self.limits = limits
+        self.backend: Backend | None = None
+
+    def ready(self) -> Backend:
+        if self.backend is None:
+            raise NotReady("the server is still loading the model")
+        return self.backend
+
+    async def run(self, request: GenerationInput, protocol: str) -> AsyncIterator[Piece]:
+        """Pieces as text becomes available; raises a HotloraError for anything refused. Closing
+        the iterator early (the caller went away) cancels the request and frees its KV row."""
+        call = _Call(protocol)
+        try:
+            backend = self.ready()
+            adapter = "" if request.adapter == backend.model_name else request.adapter
+            call.label = UNRESOLVED if adapter else "base"
+            self._check_size(request)  # cheap limits first; then the real work off the event loop
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, backend.codec, request)
+            grammar = None
+            if request.output_format is not None:
+                grammar = await asyncio.to_thread(backend.grammars.compile, request.output_format)
+            engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(backend.engine, request, len(prompt_ids)),
+                                     deadline=request.deadline, request_id=request.request_id, grammar=grammar)
+            decoder = backend.codec.decoder(prompt_ids, list(request.stop))
+            handle, version = await _submit(backend.manager, adapter, engine_request)
+            call.label = self.metrics.adapter_label(version.name if version else None)
+            pending: list[int] = []
+            text, done = "", 0  # done: tokens already sent in pieces
+            try:
+                async for token in handle:
+                    call.first_token = call.first_token or time.perf_counter()
+                    pending.append(token)
+                    text += decoder.push([token])
+                    if decoder.stopped:
+                        handle.cancel()
+                        break
+                    if text:
+                        yield self._piece(text, pending, done, handle, version)
+                        done += len(pending)
+                        pending, text = [], ""
+                output = await handle.aresult()
+            except (asyncio.CancelledError, GeneratorExit):
+                handle.cancel()  # the caller went away: free the sequence now
+                call.code = "CANCELLED"
+                raise
+            if output.finish_reason == FinishReason.DEADLINE:
+                raise DeadlineExceeded(f"deadline exceeded after {len(output.token_ids)} generated tokens")
+            if output.finish_reason == FinishReason.CANCELLED and not decoder.stopped:
+                raise Draining("the server is shutting down and stopped this request")
+            self._observe(call, output)
+            last = self._piece(text + decoder.finish(), pending, done, handle, version)
+            last.output, last.stopped_by_string = output, decoder.stopped
+            yield last
+        except (asyncio.CancelledError, GeneratorExit):
+            call.code = "CANCELLED"
+            raise
+        except Exception as exc:
+            call.code = status_of(exc).grpc_code.name
+            if not isinstance(exc, HotloraError):
+                log.error("internal error", exc_info=exc)
+            raise
+        finally:
+            self.metrics.requests.labels(call.label, call.code, call.protocol).inc()
+
+    def count_refused(self, protocol: str, error: BaseException) -> None:
+        """A request refused before run() (it could not be parsed): counted like one run refused."""
+        self.metrics.requests.labels(UNRESOLVED, status_of(error).grpc_code.name, protocol).inc()
+
+    def models(self) -> list[ServedModel]:
+        """The base model, then every adapter as "name" (its current version) and "name@version"."""
+        backend = self.ready()
+        models = [ServedModel(backend.model_name)]
+        for status in backend.manager.list():
+            v = status.version
+            if status.current:
+                models.append(ServedModel(v.name, v.name, v.version))
+            models.append(ServedModel(v.key, v.name, v.version))
+        return models
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's text on its own (special tokens included), for logprobs."""
+        tokenizer = self.ready().codec.tokenizer
+        return [tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+
+    @staticmethod
+    def _piece(text: str, tokens: list[int], done: int, handle, version) -> Piece:
+        """A piece of `tokens`, which follow the `done` tokens sent before; handle.logprobs holds
+        (at least) one entry per token yielded so far when logprobs were asked for."""
+        return Piece(text, tokens, handle.logprobs[done:done + len(tokens)], handle.request_id, version)
+
+    def _observe(self, call: _Call, output: Output) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        m.request_duration.observe(now - call.started)
+        m.prompt_tokens.inc(output.prompt_tokens)
+        m.generation_tokens.labels(call.label).inc(len(output.token_ids))
+        if call.first_token is not None:
+            m.time_to_first_token.observe(call.first_token - call.started)
+            if len(output.token_ids) > 1:
+                m.time_per_output_token.observe((now - call.first_token) / (len(output.token_ids) - 1))
+
+    def _check_size(self, request: GenerationInput) -> None:
+        limits = self.limits
+        if request.messages is not None:
+            if len(request.messages) > limits.max_messages:
+                raise InvalidRequest(f"messages: {len(request.messages)} messages; the limit is {limits.max_messages}")
+            size = sum(len(m["content"].encode()) + len(m["role"].encode()) for m in request.messages)
+        else:
+            size = len((request.prompt or "").encode())
+        if size > limits.max_prompt_bytes:
+            raise InvalidRequest(f"prompt: {size} bytes; the limit is {limits.max_prompt_bytes} (--max-prompt-bytes)")
+
+    @staticmethod
+    def _prompt_ids(codec: TextCodec, request: GenerationInput) -> list[int]:
+        if request.prompt is not None:
+            return codec.encode_prompt(request.prompt)
+        if request.messages is not None:
+            return codec.encode_chat(list(request.messages))
+        if request.prompt_token_ids is not None:
+            if not request.prompt_token_ids:
+                raise InvalidRequest("prompt_token_ids is empty")
+            return list(request.prompt_token_ids)
+        raise InvalidRequest("one of prompt, messages or prompt_token_ids must be set")
+
+    def _sampling(self, engine: Engine, request: GenerationInput, prompt_len: int) -> SamplingParams:
+        room = engine.config.max_seq_len - prompt_len
+        if request.max_new_tokens is not None:
+            max_new_tokens = request.max_new_tokens
+        elif room < 1:
+            raise InvalidRequest(f"prompt ({prompt_len} tokens) does not fit the context (max_seq_len "
+                                 f"{engine.config.max_seq_len}) with room for one new token")
+        else:
+            max_new_tokens = min(self.default_max_new_tokens, room)
+        params = replace(request.sampling, max_new_tokens=max_new_tokens)
+        params.validate()
+        return params
+
+
+async def _submit(manager: AdapterManager, ref: str, request: Request):
+    """manager.submit on the adapter loader's threads when it must load a cold version. If the
+    caller is cancelled meanwhile (the client went away), the request it was submitting is
+    cancelled as soon as the submit returns: nobody would read it."""
+    loop = asyncio.get_running_loop()
+    ready = manager.submit_if_ready(ref, request, loop)  # base or warm: no thread, no waiting
+    if ready is not None:
+        return ready
+    submitting = loop.run_in_executor(manager.loader, manager.submit, ref, request, loop)
+    try:
+        return await asyncio.shield(submitting)
+    except asyncio.CancelledError:
+        submitting.add_done_callback(_cancel_orphan)
+        raise
+
+
+def _cancel_orphan(submitting: asyncio.Future) -> None:
+    if not submitting.cancelled() and submitting.exception() is None:
+        handle, _ = submitting.result()
+        handle.cancel()

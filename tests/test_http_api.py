@@ -1,0 +1,182 @@
+"""The OpenAI-compatible HTTP API, spoken to by the official `openai` client against a real server
+on port 0, next to the gRPC client on the same server: the same greedy request gives the same
+tokens over both, `model` picks the adapter, streaming adds up to the whole answer, structured
+output validates, logprobs match gRPC's, and errors come back in OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+# a GPU machine may lack these (bench/gpu_check.py collects every test module); `make test` has them
+jsonschema = pytest.importorskip("jsonschema")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from clients.client import Client
+from server.config import AdapterConfig, EngineConfig, ServerConfig
+from server.store import AdapterStore, base_fingerprint
+from tests.helpers import RunningServer
+from tests.test_structured_output import CHEESE_SCHEMA
+
+ENGINE = EngineConfig(max_batch_size=4, max_seq_len=128, max_adapters=2, max_rank=16)
+BASE = "tiny-base"
+CHAT = [{"role": "user", "content": "Which wine goes with Comte?"}]
+FIXED_LENGTH = {"ignore_eos": True}  # vLLM's extra field: every answer is max_tokens long
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, peft_adapters, tmp_path_factory):
+    store = AdapterStore(tmp_path_factory.mktemp("store"))
+    for name in ("cheese", "wine"):
+        store.publish(name, peft_adapters[name], manifest={"base_fingerprint": base_fingerprint(llama_dir)})
+    config = ServerConfig(model_dir=llama_dir, engine=ENGINE, adapters=AdapterConfig(store=store.root), port=0,
+                          metrics_port=0, host="127.0.0.1", metrics_host="127.0.0.1", http_host="127.0.0.1",
+                          http_port=0, served_model_name=BASE)
+    with RunningServer(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    with Client(server.target) as client:
+        yield client
+
+
+def test_models_lists_the_base_model_and_every_adapter_version(http, grpc_client):
+    ids = [m.id for m in http.models.list().data]
+    assert ids[0] == BASE and {"cheese", "cheese@v1", "wine", "wine@v1"} <= set(ids)
+    assert [m.id for m in grpc_client.models()] == ids
+
+
+@pytest.mark.parametrize("model", [BASE, "cheese", "wine@v1"])
+def test_chat_completion_gives_the_grpc_answer_for_the_same_adapter(http, grpc_client, model):
+    reply = http.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0, logprobs=True,
+                                         extra_body=FIXED_LENGTH)
+    adapter = "" if model == BASE else model
+    want = grpc_client.generate(CHAT, adapter, max_new_tokens=10, temperature=0, ignore_eos=True, top_logprobs=0)
+    choice = reply.choices[0]
+    assert choice.message.content == want.text and choice.finish_reason == "length"
+    assert [t.token for t in choice.logprobs.content] == [t.token for t in want.logprobs]  # the same tokens
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (want.usage.prompt_tokens, 10)
+    assert reply.model == model
+
+
+def test_model_picks_the_adapter(http):
+    answers = {model: http.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0,
+                                                   extra_body=FIXED_LENGTH).choices[0].message.content
+               for model in (BASE, "cheese", "wine")}
+    assert len(set(answers.values())) == 3, answers
+
+
+def test_streamed_chat_adds_up_to_the_whole_answer(http):
+    whole = http.chat.completions.create(model="cheese", messages=CHAT, max_tokens=12, temperature=0,
+                                         extra_body=FIXED_LENGTH)
+    chunks = list(http.chat.completions.create(model="cheese", messages=CHAT, max_tokens=12, temperature=0, stream=True,
+                                               stream_options={"include_usage": True}, extra_body=FIXED_LENGTH))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_plain_and_streamed_with_stop_and_seed(http, grpc_client):
+    args = dict(model="wine@v1", prompt="Cheese is made from", max_tokens=16, temperature=0.9, seed=3)
+    whole = http.completions.create(**args)
+    streamed = "".join(c.choices[0].text for c in http.completions.create(**args, stream=True))
+    assert streamed == whole.choices[0].text
+    assert whole.choices[0].text == grpc_client.generate("Cheese is made from", "wine@v1", max_new_tokens=16,
+                                                         temperature=0.9, seed=3).text
+    stop = re.findall("[A-Za-z]{3,}", whole.choices[0].text)[-1]  # a word of the answer, not its start
+    cut = http.completions.create(**args, stop=[stop])
+    assert cut.choices[0].text == whole.choices[0].text[:whole.choices[0].text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop" and whole.choices[0].finish_reason == "length"
+
+
+def test_completions_accept_token_ids_and_return_logprobs(http, grpc_client):
+    reply = http.completions.create(model="cheese", prompt=[5, 17, 42, 99], max_tokens=6, temperature=0, logprobs=3,
+                                    extra_body=FIXED_LENGTH)
+    want = grpc_client.generate([5, 17, 42, 99], "cheese", max_new_tokens=6, temperature=0, ignore_eos=True,
+                                top_logprobs=3)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.token_logprobs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-6)
+    assert [list(top) for top in logprobs.top_logprobs] == [[token for _, token, _ in t.top] for t in want.logprobs]
+    assert logprobs.text_offset[0] == 0 and all(lp <= 0 for lp in logprobs.token_logprobs)
+
+
+def test_chat_json_schema_output_validates(http):
+    for model in (BASE, "cheese"):
+        reply = http.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "A cheese, as JSON"}], max_tokens=80, temperature=0.8,
+            seed=11, response_format={"type": "json_schema", "json_schema": {"name": "cheese", "schema": CHEESE_SCHEMA}})
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), CHEESE_SCHEMA)
+
+
+def test_grpc_regex_and_json_object_outputs(grpc_client):
+    pattern = r"[A-Z][a-z]{2,6} [0-9]{1,3}"
+    result = grpc_client.generate("Cheese and age:", "wine", max_new_tokens=20, seed=4, regex=pattern)
+    assert result.finish_reason == "stop" and re.fullmatch(pattern, result.text), result.text
+    result = grpc_client.generate("Anything:", "cheese", max_new_tokens=60, temperature=0, json_object=True)
+    assert result.finish_reason == "stop" and isinstance(json.loads(result.text), dict), result.text
+
+
+@pytest.mark.parametrize("call, status, words", [
+    (lambda c: c.chat.completions.create(model="camembert", messages=CHAT), 404, "camembert"),
+    (lambda c: c.chat.completions.create(model=BASE, messages=CHAT, temperature=-1), 400, "temperature"),
+    (lambda c: c.chat.completions.create(model=BASE, messages=CHAT, n=2), 400, "n=1"),
+    (lambda c: c.chat.completions.create(model=BASE, messages=[]), 400, "messages"),
+    (lambda c: c.completions.create(model=BASE, prompt="x", extra_body={"structured_outputs": {"regex": "(a"}}), 400, "regex"),
+    (lambda c: c.chat.completions.create(model=BASE, messages=CHAT, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}), 400, "frobnicate"),
+    (lambda c: c.chat.completions.create(model=BASE, messages=CHAT, top_logprobs=2), 400, "logprobs"),
+])
+def test_errors_come_back_in_openai_shape(http, call, status, words):
+    with pytest.raises(openai.APIStatusError) as info:
+        call(http)
+    assert info.value.status_code == status
+    error = info.value.body
+    assert re.search(words, error["message"], re.IGNORECASE) and error["type"], error
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_malformed_body_is_a_400_in_openai_shape(server):
+    url = f"http://127.0.0.1:{server.server.http_port}/v1/chat/completions"
+    status, body = post(url, json.dumps({"model": BASE, "messages": "not a list"}).encode())
+    assert status == 400 and "messages" in body["error"]["message"]
+    status, body = post(url, b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_requests_are_counted_by_protocol(server, http, grpc_client):
+    def count(protocol: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+        match = re.search(rf'^hotlora_requests_total{{adapter="cheese",code="OK",protocol="{protocol}"}} (\S+)$', text, re.M)
+        return float(match[1]) if match else 0.0
+
+    before = count("http"), count("grpc")
+    http.completions.create(model="cheese", prompt="Brie", max_tokens=2)
+    grpc_client.generate("Brie", "cheese", max_new_tokens=2)
+    grpc_client.generate("Brie", "cheese", max_new_tokens=2)
+    assert (count("http") - before[0], count("grpc") - before[1]) == (1, 2)

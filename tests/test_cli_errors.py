@@ -42,3 +42,4 @@ def test_server_help_shows_the_config_defaults_and_the_make_model_command():
     assert defaults.engine == EngineConfig() and defaults.adapters == AdapterConfig() and defaults.limits == RequestLimits()
     assert (defaults.port, defaults.metrics_port, defaults.grace_period_s) == (ServerConfig.port, ServerConfig.metrics_port,
                                                                               ServerConfig.grace_period_s)
+    assert (defaults.http_port, defaults.http_host, defaults.model_name) == (ServerConfig.http_port, ServerConfig.http_host, "m")

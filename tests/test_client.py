@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -69,25 +71,34 @@ def test_command_line_server_and_client_end_to_end(llama_dir, cheese_and_wine_st
     server = subprocess.Popen(
         [f"{bin_dir}/hotlora-server", "--model", str(llama_dir), "--adapters", str(cheese_and_wine_store.root), "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "0", "--max-seq-len", "128", "--admin-token-file", str(token_file),
-         "--grace-period", "5"],
+         "--grace-period", "5", "--http-port", "0", "--http-host", "127.0.0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         for line in server.stdout:
             lines.append(line)
-            if match := re.search(r"ready: grpc port (\d+)", line):
+            if match := re.search(r"ready: grpc port (\d+), metrics port \d+, http port (\d+)", line):
                 break
         assert match, "".join(lines)
         target = ["--target", f"127.0.0.1:{match[1]}"]
 
-        def hotlora(*args):
-            return subprocess.run([f"{bin_dir}/hotlora", *target, *args], capture_output=True, text=True, timeout=120)
+        def hotlora(*args, env=None):
+            return subprocess.run([f"{bin_dir}/hotlora", *target, *args], capture_output=True, text=True, timeout=120,
+                                  env=env)
 
         health = hotlora("health")
         assert health.returncode == 0 and health.stdout.strip().endswith(": SERVING"), health
         generated = hotlora("generate", "--adapter", "cheese", "--max-new-tokens", "5", "--temperature", "0", "Cheese is")
         assert generated.returncode == 0 and "5 generated tokens; adapter cheese@v1" in generated.stderr, generated
-        listed = hotlora("--admin-token-file", str(token_file), "adapters", "list")
+        models = hotlora("models")  # no token needed
+        assert models.returncode == 0 and models.stdout.split()[:3] == [llama_dir.name, "cheese", "cheese@v1"], models
+        shaped = hotlora("generate", "--adapter", "wine", "--regex", "[0-9]{3}", "--logprobs", "1", "Number:")
+        assert shaped.returncode == 0 and re.fullmatch("[0-9]{3}", shaped.stdout.strip()), shaped
+        generated_tokens = int(re.search(r"(\d+) generated tokens", shaped.stderr)[1])
+        assert shaped.stderr.count("top: ") == generated_tokens > 0  # a logprob line per token
+        with urllib.request.urlopen(f"http://127.0.0.1:{match[2]}/v1/models", timeout=30) as reply:
+            assert json.loads(reply.read())["data"][0]["id"] == llama_dir.name
+        listed = hotlora("adapters", "list", env={**os.environ, "HOTLORA_ADMIN_TOKEN_FILE": str(token_file)})
         assert listed.returncode == 0 and re.search(r"^cheese\s+v1\s", listed.stdout, re.MULTILINE), listed
         loaded = hotlora("--admin-token-file", str(token_file), "adapters", "load", "wine")
         assert loaded.returncode == 0 and loaded.stdout.startswith("loaded wine@v1 (rank 8"), loaded

@@ -95,7 +95,7 @@ def test_manifests_agree_with_the_server_code():
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert ports == {"grpc": config.port, "metrics": config.metrics_port, "http": config.http_port}
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(config.metrics_port)
     assert annotations["prometheus.io/path"] == "/metrics"
@@ -145,7 +145,7 @@ def test_grafana_dashboard_uses_only_metrics_the_server_exports():
 
     metrics = Metrics()
     metrics.watch_engine(lambda: {"queue_length": 0, "running": 0, "kv_cache_usage_ratio": 0.0}, lambda: {"device": 0})
-    metrics.requests.labels("base", "OK").inc()  # labelled series appear once they have a child
+    metrics.requests.labels("base", "OK", "grpc").inc()  # labelled series appear once they have a child
     metrics.generation_tokens.labels("base").inc()
     exported = {s.name for family in metrics.registry.collect() for s in family.samples}
     dashboard = json.loads((DEPLOY / "prometheus" / "grafana-dashboard.json").read_text())
@@ -169,7 +169,7 @@ def test_dockerfile_passes_hadolint_and_copies_what_exists():
     assert f'{entrypoint[0]} = "server.main:main"' in scripts
     assert re.search(r"^FROM nvidia/cuda:[\w.-]+-runtime-", text, re.MULTILINE)
     assert re.search(r"^USER 10001$", text, re.MULTILINE)  # non-root, matching runAsUser
-    assert set(re.search(r"^EXPOSE (.+)$", text, re.MULTILINE)[1].split()) == {"50051", "9400"}
+    assert set(re.search(r"^EXPOSE (.+)$", text, re.MULTILINE)[1].split()) == {"50051", "9400", "8000"}  # grpc, metrics, http
     assert ".venv" in (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().split()  # BuildKit: next to it
 
 

@@ -52,6 +52,9 @@ class EngineConfig:
       the NF4 matmuls (norms, RoPE, LoRA masks, adds). Start-up then compiles its few variants
       (a C++ compiler must be installed on CPU); the results are the eager forward's. torch keeps
       at most 8 compiled variants per function, so serve one compiled engine per process.
+    cuda_graphs: on CUDA (without compile), capture the decode step at padded batch sizes as CUDA
+      graphs at start-up (server/runner.py); if capture fails the engine logs why and decodes
+      eagerly (hotlora_engine_info's cuda_graphs says "failed"). Ignored elsewhere.
     """
 
     max_batch_size: int = 8
@@ -70,6 +73,7 @@ class EngineConfig:
     kernels: str = "auto"
     nf4_path: str = "auto"
     compile: bool = False
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNELS:

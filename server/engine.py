@@ -36,6 +36,7 @@ from .config import EngineConfig
 from .errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
 from .kv_cache import KVCache
 from .model import ForwardBatch, Transformer, load_model
+from .runner import DecodeRunner
 from .quant import TRITON_GEMV_MAX_TOKENS
 from .sampling import SamplingBatch, SamplingParams, sample, token_logprobs
 from .structured import Grammar, TokenMatcher, allowed_tokens, bitmask_words
@@ -218,7 +219,7 @@ class Engine:
         rows = config.max_batch_size
         if config.kv_cache_bytes is not None:
             per_row = KVCache.bytes_per_row(spec.num_layers, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.dtype)
-            rows = min(rows, config.kv_cache_bytes // per_row)
+            rows = min(rows, config.kv_cache_bytes // per_row - 1)  # the cache's scratch row comes on top
             if rows < 1:
                 raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} tokens ({per_row} bytes each)")
         self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.device, self.dtype)
@@ -231,6 +232,18 @@ class Engine:
             raise ValueError("compile=True with the Triton kernels needs CUDA (their CPU interpreter cannot be compiled)")
         if config.compile:
             self._decode_logits = self._compiled_decode()
+        graphs = config.cuda_graphs and self.device.type == "cuda" and not config.compile
+        with torch.inference_mode():  # the runner's buffers are written only inside steps, in inference mode
+            self.runner = DecodeRunner(self.cache, rows, self._decode_logits, self.device, padded=graphs)
+            self._graphs = "off"
+            if graphs:
+                try:
+                    self.runner.capture()
+                    self._graphs = "on"
+                except Exception:  # serve eagerly rather than not at all; describe() and the log say so
+                    log.exception("capturing the decode step as CUDA graphs failed; decoding eagerly")
+                    self.runner = DecodeRunner(self.cache, rows, self._decode_logits, self.device)
+                    self._graphs = "failed"
         self._pools = model.lora_pools()
         self._free_slots = list(range(config.max_adapters, 0, -1))
         self._adapters: dict[str, _LoadedAdapter] = {}
@@ -265,7 +278,7 @@ class Engine:
         """How this engine computes (logged at start-up, exported as hotlora_engine_info)."""
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "nf4_path": self.model.kernels.nf4_path, "lora_kernels": self.model.kernels.lora.name,
-                "compiled": str(self.config.compile).lower()}
+                "compiled": str(self.config.compile).lower(), "cuda_graphs": self._graphs}
 
     # ---------------------------------------------------------------- adapters
 
@@ -667,21 +680,12 @@ class Engine:
         return self.model(batch, self.cache), lengths
 
     def _decode_step(self) -> None:
-        running = self._running
+        running = list(self._running)
         if self._sampling is None:
             self._sampling = self._sampling_batch(running)
-        positions = [len(s.tokens) - 1 for s in running]
-        slots = [s.slot for s in running]
-        rows = torch.tensor([s.row for s in running], device=self.device)
-        batch = ForwardBatch(
-            tokens=torch.tensor([[s.tokens[-1]] for s in running], device=self.device),
-            positions=torch.tensor(positions, device=self.device)[:, None],
-            cache_rows=rows,
-            token_slots=torch.tensor(slots, device=self.device) if any(slots) else None,
-            prefill=False,
-            kv_length=max(positions) + 1,
-        )
-        self._sample(list(running), self._decode_logits(batch), self._sampling, rows)
+        logits = self.runner.decode([s.tokens[-1] for s in running], [len(s.tokens) - 1 for s in running],
+                                    [s.row for s in running], [s.slot for s in running])
+        self._sample(running, logits, self._sampling, self.runner.cache_rows(len(running)))
 
     def _last_position_logits(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model.logits(self.model(batch, self.cache)[:, -1])

@@ -3,6 +3,10 @@
 Sized once from (rows × max_seq_len) — or from a byte budget — and never grown: a finished
 sequence returns its row, a new one takes it. Rows hold stale keys past a sequence's length;
 attention masks them, and prefill/decode overwrite them before they are ever read.
+
+One more row than `rows` is allocated and never handed out: the scratch row, where the padding
+rows of a fixed-shape decode step (server/runner.py) write their keys, so padding never touches a
+sequence's cache.
 """
 
 from __future__ import annotations
@@ -13,19 +17,17 @@ import torch
 class KVCache:
     def __init__(self, num_layers: int, rows: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
-        shape = (num_layers, rows, num_kv_heads, max_seq_len, head_dim)
+        shape = (num_layers, rows + 1, num_kv_heads, max_seq_len, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.max_seq_len = max_seq_len
+        self.rows = rows
+        self.scratch_row = rows
         self._free_rows = list(range(rows - 1, -1, -1))
 
     @staticmethod
     def bytes_per_row(num_layers: int, num_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * max_seq_len * head_dim * torch.empty((), dtype=dtype).element_size()
-
-    @property
-    def rows(self) -> int:
-        return self.keys.shape[1]
 
     @property
     def nbytes(self) -> int:

@@ -202,6 +202,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
          help="how NF4 weights are multiplied: auto (follows --kernels), dequantize (the trained model's numbers), "
               "triton, or cpu-bf16-packed (bitsandbytes' AVX512-BF16 kernel, CPU only, bf16 error)")
     flag("--compile", action="store_true", help="torch.compile the decode step (compiles at start-up; on CPU needs a C++ compiler)")
+    flag("--no-cuda-graphs", action="store_true", help="on CUDA, decode eagerly instead of replaying captured CUDA graphs")
     flag("--seed", type=int, default=0, help="seed for requests that set none")
     flag("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
@@ -215,16 +216,16 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
             p.error(f"--admin-token-file {a.admin_token_file} is empty")
     allowed = a.adapter_path_allow if isinstance(a.adapter_path_allow, list) else [Path(a.adapter_path_allow)]
     num = lambda value, kind=int: None if value is None else kind(value)  # noqa: E731  env values are strings
-    if isinstance(a.compile, str) and a.compile.lower() not in TRUE_WORDS + FALSE_WORDS:
-        p.error(f"HOTLORA_COMPILE={a.compile!r}: use one of {TRUE_WORDS + FALSE_WORDS}")
-    compile_decode = a.compile is True or str(a.compile).lower() in TRUE_WORDS
+    compile_decode = _flag_value(p, "HOTLORA_COMPILE", a.compile)
+    no_cuda_graphs = _flag_value(p, "HOTLORA_NO_CUDA_GRAPHS", a.no_cuda_graphs)
     try:
         engine = EngineConfig(max_batch_size=num(a.max_batch_size), max_seq_len=num(a.max_seq_len),
                               max_adapters=num(a.max_adapters), max_rank=num(a.max_rank), max_queue=num(a.max_queue),
                               max_queue_per_adapter=num(a.max_queue_per_adapter),
                               prefill_chunk_tokens=num(a.prefill_chunk_tokens),
                               kv_cache_bytes=num(a.kv_cache_bytes), device=a.device, dtype=a.dtype, seed=num(a.seed),
-                              kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode)
+                              kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode,
+                              cuda_graphs=not no_cuda_graphs)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages))
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
                                  cpu_cache_size=num(a.cpu_cache_adapters), load_workers=num(a.adapter_load_workers),
@@ -238,6 +239,13 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         tls_key=a.tls_key and Path(a.tls_key), admin_token=token, grace_period_s=num(a.grace_period, float),
         default_max_new_tokens=num(a.default_max_new_tokens), max_adapter_labels=num(a.max_adapter_labels),
         limits=limits, http_host=a.http_host, http_port=num(a.http_port), served_model_name=a.served_model_name)
+
+
+def _flag_value(parser: argparse.ArgumentParser, env: str, value) -> bool:
+    """A store_true flag, or its environment variable's words."""
+    if isinstance(value, str) and value.lower() not in TRUE_WORDS + FALSE_WORDS:
+        parser.error(f"{env}={value!r}: use one of {TRUE_WORDS + FALSE_WORDS}")
+    return value is True or str(value).lower() in TRUE_WORDS
 
 
 async def serve(config: ServerConfig) -> None:

@@ -175,9 +175,9 @@ def test_a_flood_on_one_adapter_neither_starves_nor_locks_out_another(llama_dir,
 
 def test_kv_budget_limits_rows_and_admission_waits(llama_dir):
     spec_engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=8, max_seq_len=32))
-    per_row = spec_engine.cache.nbytes // spec_engine.cache.rows
+    per_row = spec_engine.cache.nbytes // (spec_engine.cache.rows + 1)  # + the scratch row for padding
     spec_engine.close()
-    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=8, max_seq_len=32, kv_cache_bytes=2 * per_row + 1))
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=8, max_seq_len=32, kv_cache_bytes=3 * per_row + 1))
     try:
         assert engine.cache.rows == 2
         outs = engine.generate([Request(prompt_ids=p, sampling=greedy(5)) for p in PROMPTS])

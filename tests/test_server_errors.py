@@ -52,8 +52,8 @@ def request(**fields):
     merged = pb.GenerateRequest()
     merged.CopyFrom(OK)
     for name, value in fields.items():
-        if name == "sampling":
-            merged.sampling.CopyFrom(value)
+        if name in ("sampling", "structured_output"):
+            getattr(merged, name).CopyFrom(value)
         elif name == "stop":
             merged.stop.extend(value)
         else:
@@ -85,6 +85,14 @@ BAD_REQUESTS = {
     "prompt over the byte limit": (lambda: request(prompt="milk " * 220_000), Code.INVALID_ARGUMENT, "limit is 1048576"),
     "too many chat messages": (lambda: pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")] * 1025),
                                                           max_new_tokens=4), Code.INVALID_ARGUMENT, "limit is 1024"),
+    "invalid JSON schema": (lambda: request(structured_output=pb.StructuredOutput(json_schema='{"type": "frobnicate"}')),
+                            Code.INVALID_ARGUMENT, "frobnicate"),
+    "schema that is not JSON": (lambda: request(structured_output=pb.StructuredOutput(json_schema="{oops")),
+                                Code.INVALID_ARGUMENT, "not valid JSON"),
+    "invalid regex": (lambda: request(structured_output=pb.StructuredOutput(regex="(unclosed")), Code.INVALID_ARGUMENT, "regex"),
+    "empty structured output": (lambda: request(structured_output=pb.StructuredOutput()), Code.INVALID_ARGUMENT,
+                                "structured_output"),
+    "too many top logprobs": (lambda: request(top_logprobs=21), Code.INVALID_ARGUMENT, "logprobs"),
     "unknown adapter": (lambda: request(adapter="nonexistent"), Code.NOT_FOUND, "nonexistent"),
     "unknown version": (lambda: request(adapter="cheese@v9"), Code.NOT_FOUND, "cheese@v9"),
     "incompatible adapter": (lambda: request(adapter="bread"), Code.FAILED_PRECONDITION, "max_rank 8"),

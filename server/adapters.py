@@ -318,15 +318,23 @@ class AdapterManager:
         self.engine.unload_adapter(key)
 
     def _trim_cpu_cache(self, keep: str) -> None:
-        """Drop idle versions beyond cpu_cache_size, least recently used first (never `keep`)."""
+        """Drop idle versions beyond cpu_cache_size (and host_cache_bytes), least recently used
+        first (never `keep`, never one with requests on it)."""
+        limit_bytes = self.config.host_cache_bytes
         with self._lock:
-            if len(self._in_memory) <= self.config.cpu_cache_size:
+            info = {a.name: a for a in self.engine.adapters() if a.name in self._in_memory}
+            held = sum(a.host_bytes for a in info.values())
+            if len(self._in_memory) <= self.config.cpu_cache_size and (limit_bytes is None or held <= limit_bytes):
                 return
-            info = {a.name: a for a in self.engine.adapters()}
             idle = sorted((info[k].last_used, k) for k in self._in_memory
                           if k != keep and k in info and info[k].in_flight == 0)
-            for _, key in idle[: len(self._in_memory) - self.config.cpu_cache_size]:
+            count = len(self._in_memory)
+            for _, key in idle:
+                if count <= self.config.cpu_cache_size and (limit_bytes is None or held <= limit_bytes):
+                    break
                 self._drop(key)
+                count -= 1
+                held -= info[key].host_bytes
 
     def _require_store(self, name: str) -> AdapterStore:
         if self.store is None:

@@ -112,6 +112,8 @@ class AdapterConfig:
     cpu_cache_size: validated adapter versions held in host memory (those in device slots
       included); idle ones beyond it are dropped least-recently-used and read again from their
       source when next used.
+    host_cache_bytes: the same, bounded by the bytes their packed images take (pinned memory on
+      CUDA, server/adapter_tier.py); None = only the count bounds it.
     allowed_paths: directories LoadAdapter(path=...) may read from; empty = path loads refused.
     load_workers: adapter versions read and validated at once. Loads run on threads of their own,
       so slow or huge ones never take the threads that serve other requests.
@@ -120,12 +122,15 @@ class AdapterConfig:
     store: Path | None = None
     poll_interval_s: float = 2.0
     cpu_cache_size: int = 32
+    host_cache_bytes: int | None = None
     allowed_paths: tuple[Path, ...] = ()
     load_workers: int = 2
 
     def __post_init__(self) -> None:
         if self.cpu_cache_size < 1 or self.poll_interval_s <= 0 or self.load_workers < 1:
             raise ValueError("AdapterConfig: cpu_cache_size and load_workers must be >= 1 and poll_interval_s > 0")
+        if self.host_cache_bytes is not None and self.host_cache_bytes < 1:
+            raise ValueError("AdapterConfig: host_cache_bytes must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Callable
@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from .adapter_files import AdapterWeights, read_peft_adapter, validate_adapter_name
+from .adapter_tier import SlotImage, SlotWriter
 from .config import EngineConfig
 from .errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
 from .kv_cache import KVCache
@@ -96,6 +97,7 @@ class AdapterInfo:
     in_flight: int  # requests queued or running on it
     resident: bool  # holds a LoRA slot on the device now
     last_used: float  # time.time() of the last request that used it; 0.0 if none yet
+    host_bytes: int  # what its packed image takes in the host tier
 
 
 _DONE = object()
@@ -150,11 +152,14 @@ class RequestHandle:
 
 @dataclass(eq=False)
 class _LoadedAdapter:
-    """A registered adapter: host weights always, a device slot while resident (slot > 0)."""
+    """A registered adapter: its packed host image always, a device slot while resident (slot > 0).
+    weights keeps the adapter's description (rank, modules, hash); its tensors live in image."""
 
     name: str
     weights: AdapterWeights
+    image: SlotImage
     slot: int = 0
+    ready: object = None  # the CUDA event of a slot write not yet waited on by a step
     refs: int = 0    # queued + running requests; keeps the entry alive after it is retired
     active: int = 0  # running requests; a slot with active > 0 is never evicted
     last_used: float = 0.0
@@ -173,6 +178,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     row: int = -1
     prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
+    submitted: float = field(default_factory=time.monotonic)
+    missed: bool = False  # its adapter had no slot when it was first up for admission
 
     @property
     def slot(self) -> int:
@@ -245,6 +252,11 @@ class Engine:
                     self.runner = DecodeRunner(self.cache, rows, self._decode_logits, self.device)
                     self._graphs = "failed"
         self._pools = model.lora_pools()
+        self._slot_writer = SlotWriter(self._pools, self.device)
+        # hooks the server points at its metrics: seconds per slot write, and how long a request
+        # whose adapter had no slot waited from submit to admission
+        self.observe_slot_write: Callable[[float], None] = lambda seconds: None
+        self.observe_adapter_miss: Callable[[float], None] = lambda seconds: None
         self._free_slots = list(range(config.max_adapters, 0, -1))
         self._adapters: dict[str, _LoadedAdapter] = {}
         self._resident: dict[int, _LoadedAdapter] = {}  # slot -> adapter in it
@@ -291,8 +303,10 @@ class Engine:
     def install_adapter(self, name: str, weights: AdapterWeights) -> AdapterInfo:
         """Register validated host weights under `name`, copying them into a slot now if one is
         free (otherwise the first request that needs them gets one). Registering an existing name
-        replaces it: requests already queued or running keep the weights they started with."""
-        entry = _LoadedAdapter(name, weights)
+        replaces it: requests already queued or running keep the weights they started with. The
+        weights are packed for the device here, in the caller's thread, not the engine's."""
+        image = SlotImage.pack(weights, self.dtype, pin=self.device.type == "cuda")
+        entry = _LoadedAdapter(name, replace(weights, modules={}), image)
         with self._lock:
             old = self._adapters.get(name)
             self._adapters[name] = entry
@@ -316,7 +330,7 @@ class Engine:
     def _info(self, entry: _LoadedAdapter) -> AdapterInfo:
         w = entry.weights
         return AdapterInfo(entry.name, w.rank, w.target_modules, w.content_hash, w.source, entry.refs,
-                           entry.slot > 0, entry.last_used)
+                           entry.slot > 0, entry.last_used, entry.image.nbytes)
 
     def _retire(self, entry: _LoadedAdapter) -> None:  # holds self._lock
         entry.retired = True
@@ -358,16 +372,15 @@ class Engine:
                 return False
             entry.slot = self._free_slots.pop()
             self._resident[entry.slot] = entry
-        self._write_slot(entry.slot, entry.weights)
+        entry.ready = self._slot_writer.write(entry.slot, entry.image)
         return True
 
-    def _write_slot(self, slot: int, weights: AdapterWeights) -> None:
-        for (layer, module), pool in self._pools.items():
-            m = weights.modules.get((layer, module))
-            if m is None:
-                pool.write_slot(slot, None, None, 0.0)
-            else:
-                pool.write_slot(slot, m.lora_a, m.lora_b, m.scale)
+    def _wait_for_slots(self, seqs: list[_Sequence]) -> None:
+        """Make this step's kernels wait for the slot writes of the adapters it uses (never the host)."""
+        for seq in seqs:
+            if seq.adapter is not None and seq.adapter.ready is not None:
+                torch.cuda.current_stream().wait_event(seq.adapter.ready)
+                seq.adapter.ready = None
 
     # ---------------------------------------------------------------- requests
 
@@ -463,6 +476,7 @@ class Engine:
                 pinned.append(adapter)
             for s in seqs:
                 s.row = self.cache.allocate_row()
+            self._wait_for_slots(seqs)
             hidden, lengths = self._prefill_forward(seqs)
             logits = self.model.logits(hidden)
             return [logits[i, :n].cpu() for i, n in enumerate(lengths)]
@@ -531,6 +545,8 @@ class Engine:
                     self._guarded([chunked], lambda: self._prefill_chunk(chunked))
                 if self._running:
                     self._guarded(list(self._running), self._decode_step)
+            for seconds in self._slot_writer.completed_seconds():
+                self.observe_slot_write(seconds)
 
     def _guarded(self, seqs: list[_Sequence], step: Callable[[], None]) -> None:
         """Run a step; if it fails, fail exactly the sequences in it (rows and adapters released)
@@ -590,6 +606,7 @@ class Engine:
                 break  # the rest join at the next step
             adapter = seq.adapter
             if adapter is not None and adapter.slot == 0:
+                seq.missed = True
                 if waiting_for_slot or not self._make_resident(adapter, evict=True):
                     if not waiting_for_slot and self._slot_victim is None:
                         self._slot_victim = self._soonest_to_finish()
@@ -604,6 +621,8 @@ class Engine:
                     continue
                 self._pending.remove(seq)
             seq.row = self.cache.allocate_row()
+            if seq.missed:
+                self.observe_adapter_miss(time.monotonic() - seq.submitted)
             if adapter is not None:
                 adapter.active += 1
             self._last_admitted[_queue_key(seq)] = next(self._admissions)
@@ -624,6 +643,7 @@ class Engine:
         return min(held, key=lambda e: remaining[id(e)], default=None)
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
+        self._wait_for_slots(admitted)
         for seq in admitted:
             self._seen[seq.row].zero_()
             self._seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
@@ -638,6 +658,7 @@ class Engine:
         chunks before (in the cache) and causally within the chunk. After the last chunk the
         first token is sampled and the sequence joins the running batch."""
         start = seq.prefilled
+        self._wait_for_slots([seq])
         if start == 0:
             self._seen[seq.row].zero_()
             self._seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True

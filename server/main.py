@@ -95,6 +95,8 @@ class Server:
         fingerprint = await asyncio.to_thread(base_fingerprint, c.model_dir)
         self.manager = AdapterManager(self.engine, c.adapters, self.metrics, fingerprint)
         self.metrics.watch_engine(self.engine.stats, self.manager.tier_counts)
+        self.engine.observe_slot_write = self.metrics.adapter_slot_write.observe
+        self.engine.observe_adapter_miss = self.metrics.adapter_miss_wait.observe
         self.metrics.describe_engine(self.engine.describe())
         grammars = await asyncio.to_thread(GrammarCompiler, codec.tokenizer, self.engine.spec.vocab_size)
         if not grammars.available:
@@ -184,6 +186,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     flag("--default-max-new-tokens", type=int, default=ServerConfig.default_max_new_tokens, help="when a request sets none")
     flag("--cpu-cache-adapters", type=int, default=AdapterConfig.cpu_cache_size, help="adapter versions kept in host memory")
+    flag("--host-cache-bytes", type=int,
+         help="bytes of (pinned, on CUDA) host memory the adapter versions held there may take (default: no byte limit)")
     flag("--adapter-load-workers", type=int, default=AdapterConfig.load_workers,
          help="adapter versions read and validated at once, on threads of their own")
     flag("--store-poll-interval", type=float, default=AdapterConfig.poll_interval_s, help="seconds between checks of the store")
@@ -228,7 +232,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               cuda_graphs=not no_cuda_graphs)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages))
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
-                                 cpu_cache_size=num(a.cpu_cache_adapters), load_workers=num(a.adapter_load_workers),
+                                 cpu_cache_size=num(a.cpu_cache_adapters), host_cache_bytes=num(a.host_cache_bytes),
+                                 load_workers=num(a.adapter_load_workers),
                                  poll_interval_s=num(a.store_poll_interval, float))
     except ValueError as exc:
         p.error(str(exc))

@@ -20,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 UNRESOLVED = "unresolved"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SLOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
@@ -46,6 +47,13 @@ class Metrics:
                                      ["result"], registry=r)
         self.adapter_load_duration = Histogram("hotlora_adapter_load_duration_seconds", "Time to read and validate one adapter version.",
                                                buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_slot_write = Histogram("hotlora_adapter_slot_write_seconds",
+                                            "Time to copy one adapter from the host tier into a device slot (issue to completion).",
+                                            buckets=SLOT_BUCKETS, registry=r)
+        self.adapter_miss_wait = Histogram("hotlora_adapter_miss_wait_seconds",
+                                           "Submit to admission of requests whose adapter had no device slot when they were "
+                                           "first up for admission (the miss penalty, queueing included).",
+                                           buckets=LATENCY_BUCKETS, registry=r)
         for result in ("ok", "rejected", "error"):
             self.adapter_loads.labels(result)
         self._http = None

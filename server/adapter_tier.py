@@ -1,0 +1,104 @@
+"""The host tier of adapters and the copy from it into a device slot.
+
+A validated adapter is packed once, in the thread that loaded it, into a SlotImage: every
+module's A [r, in] and scale·Bᵀ [r, out] already in the engine's dtype, side by side in one
+host buffer (pinned on CUDA, so copies from it are truly asynchronous). Its size is what the
+adapter costs the host tier (AdapterConfig.host_cache_bytes).
+
+Making an adapter resident is then a SlotWriter.write on the engine thread: on CUDA, one
+non-blocking copy per tensor on a side stream, with an event the next step that uses the slot
+makes the compute stream wait on; the engine thread never blocks on it, and steps that do not use
+the adapter never wait. On CPU the copies are plain and synchronous. The time each write takes
+(issue to completion, measured with CUDA events off the hot path) goes to a histogram.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .adapter_files import AdapterWeights
+from .lora import LoRAPool
+
+
+@dataclass(frozen=True)
+class _Part:
+    rank: int
+    a: torch.Tensor  # [rank, in], a view into the image's buffer
+    scaled_b_t: torch.Tensor  # [rank, out]
+
+
+class SlotImage:
+    """One adapter, packed for its slot writes. parts: (layer, module) -> the module's tensors."""
+
+    def __init__(self, parts: dict[tuple[int, str], _Part], nbytes: int):
+        self.parts = parts
+        self.nbytes = nbytes
+
+    @classmethod
+    def pack(cls, weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> "SlotImage":
+        """Scale folded into B in B's precision (float32) before the cast, as LoRAPool.write_slot does."""
+        tensors = {key: (m.lora_a, (m.lora_b.T * m.scale)) for key, m in weights.modules.items()}
+        total = sum(a.numel() + bt.numel() for a, bt in tensors.values())
+        buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
+        parts, offset = {}, 0
+        for key, (a, bt) in tensors.items():
+            views = []
+            for t in (a, bt):
+                view = buffer[offset:offset + t.numel()].view(t.shape)
+                view.copy_(t)
+                views.append(view)
+                offset += t.numel()
+            parts[key] = _Part(a.shape[0], *views)
+        return cls(parts, total * buffer.element_size())
+
+
+class SlotWriter:
+    """Writes SlotImages into the LoRA pools' slots; asynchronous on CUDA."""
+
+    def __init__(self, pools: dict[tuple[int, str], LoRAPool], device: torch.device):
+        self.pools = pools
+        self.cuda = device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._cpu_seconds: list[float] = []
+
+    def write(self, slot: int, image: SlotImage) -> torch.cuda.Event | None:
+        """Copy `image` into `slot` of every pool (modules it lacks are cleared). Returns the event
+        a step must wait on before reading the slot (None on CPU: already done)."""
+        if not self.cuda:
+            started = time.perf_counter()
+            self._copy(slot, image)
+            self._cpu_seconds.append(time.perf_counter() - started)
+            return None
+        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._stream.wait_stream(torch.cuda.current_stream())  # a step still reading the old slot finishes first
+        with torch.cuda.stream(self._stream):
+            start.record()
+            self._copy(slot, image)
+            done.record()
+        self._timing.append((start, done))
+        return done
+
+    def completed_seconds(self) -> list[float]:
+        """Durations of the writes finished since the last call (never waits for one)."""
+        if not self.cuda:
+            finished, self._cpu_seconds = self._cpu_seconds, []
+            return finished
+        finished = [(s, d) for s, d in self._timing if d.query()]
+        self._timing = [(s, d) for s, d in self._timing if not d.query()]
+        return [s.elapsed_time(d) / 1000 for s, d in finished]
+
+    def _copy(self, slot: int, image: SlotImage) -> None:
+        for key, pool in self.pools.items():
+            part = image.parts.get(key)
+            rank = part.rank if part is not None else 0
+            if part is not None:
+                pool.lora_a[slot, :rank].copy_(part.a, non_blocking=True)
+                pool.scaled_b_t[slot, :rank].copy_(part.scaled_b_t, non_blocking=True)
+            if rank < pool.lora_a.shape[1]:
+                pool.lora_a[slot, rank:].zero_()
+                pool.scaled_b_t[slot, rank:].zero_()
+            pool.slot_ranks[slot].fill_(rank)

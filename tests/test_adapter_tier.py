@@ -1,0 +1,87 @@
+"""The host tier and the copy into device slots (server/adapter_tier.py): a packed image written
+into a slot gives exactly what LoRAPool.write_slot (the readable reference) gives, over a slot
+that held a larger adapter; the host tier is bounded by bytes; slot writes and adapter misses are
+measured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.adapter_files import AdapterWeights, ModuleLoRA, read_peft_adapter
+from server.adapter_tier import SlotImage, SlotWriter
+from server.config import AdapterConfig, EngineConfig
+from server.engine import Engine, Request, SamplingParams
+from server.lora import LoRAPool
+
+SHAPES = {(0, "q_proj"): (24, 32), (0, "down_proj"): (40, 24), (1, "q_proj"): (24, 32)}
+
+
+def weights(seed: int, ranks: dict) -> AdapterWeights:
+    g = torch.Generator().manual_seed(seed)
+    modules = {key: ModuleLoRA(torch.randn(r, SHAPES[key][0], generator=g), torch.randn(SHAPES[key][1], r, generator=g), 0.5 + seed)
+               for key, r in ranks.items()}
+    return AdapterWeights(modules, max(ranks.values()), tuple(sorted({k[1] for k in ranks})), f"hash{seed}", "test")
+
+
+def pools(dtype: torch.dtype, device: str = "cpu") -> dict:
+    return {key: LoRAPool(4, 8, i, o, torch.device(device), dtype) for key, (i, o) in SHAPES.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_slot_write_from_the_image_equals_write_slot(dtype):
+    big = weights(1, {(0, "q_proj"): 8, (0, "down_proj"): 8, (1, "q_proj"): 8})
+    small = weights(2, {(0, "q_proj"): 3, (1, "q_proj"): 5})  # no down_proj: that module's slot must clear
+    written, reference = pools(dtype), pools(dtype)
+    writer = SlotWriter(written, torch.device("cpu"))
+    for image, adapter in ((SlotImage.pack(big, dtype, pin=False), big), (SlotImage.pack(small, dtype, pin=False), small)):
+        writer.write(2, image)
+        for key, pool in reference.items():
+            m = adapter.modules.get(key)
+            pool.write_slot(2, m and m.lora_a, m and m.lora_b, m.scale if m else 0.0)
+    for key in SHAPES:
+        for name in ("lora_a", "scaled_b_t", "slot_ranks"):
+            assert torch.equal(getattr(written[key], name), getattr(reference[key], name)), (key, name)
+    assert written[(1, "q_proj")].slot_ranks.tolist() == [0, 0, 5, 0]
+    assert len(writer.completed_seconds()) == 2 and writer.completed_seconds() == []
+
+
+def test_the_image_costs_what_its_tensors_take():
+    adapter = weights(3, {(0, "q_proj"): 4, (0, "down_proj"): 2})
+    image = SlotImage.pack(adapter, torch.bfloat16, pin=False)
+    assert image.nbytes == 2 * (4 * (24 + 32) + 2 * (40 + 24))
+
+
+def test_host_tier_is_bounded_by_bytes(llama_dir, peft_adapters, cheese_and_wine_store):
+    from server.adapters import AdapterManager
+    from server.metrics import Metrics
+
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=32, max_adapters=1, max_rank=16))
+    try:
+        one = SlotImage.pack(read_peft_adapter(peft_adapters["wine"], engine.spec, 16), engine.dtype, pin=False).nbytes
+        config = AdapterConfig(store=cheese_and_wine_store.root, host_cache_bytes=one + 1)  # wine alone, or cheese alone
+        manager = AdapterManager(engine, config, Metrics(), None)
+        manager.load("cheese")
+        manager.load("wine")
+        tiers = {s.version.name: s.tier for s in manager.list()}
+        assert tiers == {"cheese": "store", "wine": "device"} or tiers == {"cheese": "store", "wine": "host"}, tiers
+        manager.close()
+    finally:
+        engine.close()
+
+
+def test_slot_writes_and_adapter_misses_are_observed(llama_dir, peft_adapters):
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=32, max_adapters=1, max_rank=16))
+    writes, misses = [], []
+    engine.observe_slot_write, engine.observe_adapter_miss = writes.append, misses.append
+    try:
+        for name in ("cheese", "wine"):
+            engine.load_adapter(name, peft_adapters[name])  # cheese takes the one slot now
+        greedy = SamplingParams(max_new_tokens=2, temperature=0.0)
+        for name in ("wine", "cheese", "cheese"):  # miss, miss, hit
+            engine.generate([Request([5, 6, 7], name, greedy)])
+        engine._call_on_engine_thread(lambda: None)  # a turn of the loop after the last step reports its writes
+        assert len(writes) == 3 and all(0 <= s < 5 for s in writes)
+        assert len(misses) == 2 and all(0 <= s < 30 for s in misses)
+    finally:
+        engine.close()

@@ -44,13 +44,41 @@ class Case:
 
 def cases(requests: int, num_adapters: int) -> list[Case]:
     names = [f"adapter{i}" for i in range(num_adapters)]
-    return [
+    every = [
         Case("single request, base", 1, [None]),
         Case("single request, adapter", 1, [names[0]]),
         Case(f"{requests} requests, base only", requests, [None] * requests),
         Case(f"{requests} requests, one adapter", requests, [names[0]] * requests),
         Case(f"{requests} requests over {num_adapters} adapters", requests, [names[i % num_adapters] for i in range(requests)]),
     ]
+    if num_adapters < requests:  # one request per adapter too (the issue's "8 over 8")
+        every.append(Case(f"{num_adapters} requests over {num_adapters} adapters", num_adapters, names))
+    return every
+
+
+def prefill_latency(engine: Engine, peft_model, length: int, repeats: int) -> tuple[float, float]:
+    """Seconds to the first token of one `length`-token prompt with an adapter: the engine's
+    prefill + first sample, and the peer's forward over the prompt (median of `repeats`)."""
+    prompt = prompts_for(1, length, engine.spec.vocab_size)[0]
+    request = Request(prompt_ids=prompt, adapter="adapter0", sampling=SamplingParams(max_new_tokens=1, temperature=0.0))
+    device = next(peft_model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+
+    def peer():
+        with torch.no_grad():
+            peft_model(input_ids=ids, adapter_names=["adapter0"]).logits[:, -1].argmax(-1).tolist()
+
+    timings = {}
+    for name, run in (("engine", lambda: engine.generate([request])), ("peer", peer)):
+        run()  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            _sync()
+            seconds.append(time.perf_counter() - start)
+        timings[name] = statistics.median(seconds)
+    return timings["engine"], timings["peer"]
 
 
 def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
@@ -145,6 +173,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-len", type=int, default=512, help="prompt length of the time-to-first-token case")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case and contender (median)")
     parser.add_argument("--compile", action="store_true",
                         help="also run an EngineConfig(compile=True) engine (torch.compile'd decode step)")
@@ -162,7 +191,8 @@ def main() -> None:
                                                  lora_alpha=2 * args.rank, target_modules="all-linear")
                 for i in range(args.adapters)}
 
-    config = EngineConfig(max_batch_size=max(args.requests, 1), max_seq_len=args.prompt_len + args.new_tokens + 8,
+    config = EngineConfig(max_batch_size=max(args.requests, 1),
+                          max_seq_len=max(args.prompt_len + args.new_tokens, args.prefill_len + 1) + 8,
                           max_adapters=args.adapters, max_rank=args.rank)
     engines = {"engine": config} | ({"engine, compiled": dataclasses.replace(config, compile=True)} if args.compile else {})
     if args.cpu_bf16_packed:
@@ -186,6 +216,7 @@ def main() -> None:
             runs[case.name, name] = peft_run(model, case, prompts, args.new_tokens)
         tokens.update({(case.name, name): case.requests * args.new_tokens for name in [*engines, *peers]})
     measured = median_tokens_per_second(runs, tokens, args.repeats)
+    prefill_engine, prefill_peer = prefill_latency(engine, peers[peer], args.prefill_len, args.repeats)
     for e in engines.values():
         e.close()
 
@@ -210,6 +241,10 @@ def main() -> None:
         "",
         *[f"Mixed-adapter overhead over base-only ({n}): {100 * (base_only[n] / mixed[n] - 1):.1f}% "
           f"(base-only {base_only[n]:.1f} tok/s vs mixed {mixed[n]:.1f} tok/s)." for n in engines],
+        "",
+        f"Time to first token, one {args.prefill_len}-token prompt with an adapter: engine "
+        f"{1000 * prefill_engine:.1f} ms, {peer} forward {1000 * prefill_peer:.1f} ms "
+        f"({prefill_peer / prefill_engine:.2f}x). Decode step: {engine.describe()['cuda_graphs']} CUDA graphs.",
         "",
     ]
     print("\n".join(table))

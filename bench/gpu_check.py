@@ -7,9 +7,11 @@ rest still run:
    tests/test_lora.py, tests/test_engine_triton.py run on CUDA when there is one);
 2. the GPU tests (`pytest -m gpu`: the engine against transformers + PEFT in bfloat16);
 3. bench/kernel_bench.py (µs and GB/s of the kernels against bitsandbytes and the stacked LoRA);
-4. bench/engine_bench.py on the `1b` preset: 1 request and 32 requests over 8 adapters, with
-   transformers + PEFT in the same run;
-5. bench/train_bench.py on the `1b` preset at sequence length 1024 against HF Trainer + PEFT.
+4. bench/engine_bench.py on the `1b` preset: 1 request, 32 requests over 8 adapters, 8 over 8, and
+   the time to first token of a 512-token prompt, with transformers + PEFT in the same run;
+5. bench/many_adapters_bench.py: 32 requests in flight round robin over 1,000 adapters in a store
+   (64 device slots) against the same over 8: throughput, TTFT p50/p99, slot writes, hot-load p50;
+6. bench/train_bench.py on the `1b` preset at sequence length 1024 against HF Trainer + PEFT.
 
 A GPU machine may have no network and no bitsandbytes: everything here uses what is installed
 (carry a bitsandbytes wheel on PYTHONPATH), and says plainly which steps it had to skip. Without
@@ -44,10 +46,16 @@ def steps(record: bool, dry_run: bool) -> list[Step]:
     py = sys.executable
     rec = ["--record"] if record else []
     if dry_run:  # the same commands, sized for a CPU
-        engine = ["--preset", "tiny", "--requests", "2", "--adapters", "2", "--new-tokens", "4", "--repeats", "1"]
+        engine = ["--preset", "tiny", "--requests", "2", "--adapters", "2", "--new-tokens", "4", "--repeats", "1",
+                  "--prefill-len", "16"]
+        many = ["--preset", "tiny", "--store-adapters", "12", "--concurrency", "4", "--slots", "6", "--requests", "12",
+                "--new-tokens", "4"]
         train = ["--preset", "tiny", "--max-seq-len", "64", "--epochs", "0.2"]
     else:
-        engine = ["--preset", "1b", "--requests", "32", "--adapters", "8", "--new-tokens", "64", "--repeats", "3"]
+        engine = ["--preset", "1b", "--requests", "32", "--adapters", "8", "--new-tokens", "64", "--repeats", "3",
+                  "--prefill-len", "512"]
+        many = ["--preset", "1b", "--store-adapters", "1000", "--concurrency", "32", "--slots", "64", "--requests", "320",
+                "--new-tokens", "32"]
         train = ["--preset", "1b", "--max-seq-len", "1024", "--batch-size", "4", "--epochs", "1"]
     return [
         Step("LoRA kernels vs references", [py, "-m", "pytest", "-q", "tests/test_kernels.py", "-k",
@@ -58,6 +66,7 @@ def steps(record: bool, dry_run: bool) -> list[Step]:
         Step("GPU tests (pytest -m gpu)", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/"], 180),
         Step("kernel_bench", [py, "bench/kernel_bench.py", *rec], 120),
         Step("engine_bench", [py, "bench/engine_bench.py", *engine, *rec], 180),
+        Step("many_adapters_bench", [py, "bench/many_adapters_bench.py", *many, *rec], 150),
         Step("train_bench", [py, "bench/train_bench.py", *train, *rec], 150),
     ]
 

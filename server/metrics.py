@@ -81,9 +81,9 @@ class Metrics:
         self.registry.register(_TierCollector(tiers))
 
     def describe_engine(self, description: dict[str, str]) -> None:
-        """hotlora_engine_info{device, dtype, nf4_path, lora_kernels, compiled} 1: how this replica
+        """hotlora_engine_info{device, dtype, nf4_path, lora_kernels, compiled, cuda_graphs} 1: how this replica
         computes, so a fleet's mixed CPU/GPU paths show up in one query."""
-        Info("hotlora_engine", "How the engine computes: device, dtype, NF4 matmul path, LoRA kernels, compiled decode.",
+        Info("hotlora_engine", "How the engine computes: device, dtype, NF4 matmul path, LoRA kernels, compiled decode, CUDA graphs (on, off, failed).",
              registry=self.registry).info(dict(sorted(description.items())))
 
     def serve(self, host: str, port: int) -> int:

@@ -82,7 +82,8 @@ def run(step: Step, skip_reason: str | None) -> tuple[str, float, str]:
     seconds = time.perf_counter() - start
     tail = (done.stdout + done.stderr).strip().splitlines()
     print(f"\n--- {step.name}: {' '.join(step.command[1:])}\n" + "\n".join(tail[-25:]), flush=True)
-    last = next((line for line in reversed(tail) if line.strip() and "it/s]" not in line), "")  # not a progress bar
+    last = next((line for line in reversed(tail)  # not a progress bar, not a warning
+                 if line.strip() and "it/s]" not in line and "warn" not in line.lower()), "")
     return ("passed" if done.returncode == 0 else f"failed ({done.returncode})"), seconds, last[:120]
 
 

@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidRequest
@@ -191,7 +191,7 @@ def build_app(generations: Generations) -> FastAPI:
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
-        return await respond(_ChatShape(body, generations), generation, body)
+        return await respond(_ChatShape(body, generations), generation, body, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -207,23 +207,49 @@ def build_app(generations: Generations) -> FastAPI:
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
-        return await respond(_CompletionShape(body, generations), generation, body)
+        return await respond(_CompletionShape(body, generations), generation, body, request)
 
-    async def respond(shape, generation: GenerationInput, body: _Body):
+    async def respond(shape, generation: GenerationInput, body: _Body, request: Request):
         pieces = generations.run(generation, "http")
-        try:
-            first = await anext(pieces)  # refusals (unknown adapter, full queue) get their status
+        try:  # refusals (unknown adapter, full queue) get their status; a streamed answer starts at its first piece
+            if not body.stream:
+                collected = await _unless_disconnected(request, _collect(pieces))
+                return JSONResponse(shape.whole(collected))
+            first = await _unless_disconnected(request, anext(pieces))
+        except _ClientGone:
+            await pieces.aclose()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         except Exception as exc:
             return error_response(exc)
-        if not body.stream:
-            try:
-                collected = [first] + [p async for p in pieces]  # to its end, which counts the call
-            except Exception as exc:
-                return error_response(exc)
-            return JSONResponse(shape.whole(collected))
         return StreamingResponse(_events(shape, first, pieces, body.include_usage), media_type="text/event-stream")
 
     return app
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _collect(pieces: AsyncIterator[Piece]) -> list[Piece]:
+    return [piece async for piece in pieces]  # to its end, which counts the call
+
+
+async def _unless_disconnected(request: Request, awaitable, poll_s: float = 0.1):
+    """Await `awaitable`, cancelling it (and so the generation) if the client disconnects first:
+    a client that times out and retries must not leave its first attempt running."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 async def _events(shape, first: Piece, pieces: AsyncIterator[Piece], include_usage: bool) -> AsyncIterator[str]:

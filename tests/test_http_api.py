@@ -180,3 +180,32 @@ def test_requests_are_counted_by_protocol(server, http, grpc_client):
     grpc_client.generate("Brie", "cheese", max_new_tokens=2)
     grpc_client.generate("Brie", "cheese", max_new_tokens=2)
     assert (count("http") - before[0], count("grpc") - before[1]) == (1, 2)
+
+
+def test_a_client_that_goes_away_cancels_its_request(server, http):
+    """Eight non-streaming requests of 100 tokens on a 4-row engine, their connections closed at
+    once: none is left running for nobody (the queued ones at the latest are cancelled)."""
+    import socket
+    import time
+
+    def cancelled() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+        return sum(float(v) for v in re.findall(r'^hotlora_requests_total{[^}]*code="CANCELLED",protocol="http"} (\S+)$',
+                                                  text, re.M))
+
+    before = cancelled()
+    body = json.dumps({"model": BASE, "prompt": "Cheese", "max_tokens": 100, "ignore_eos": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    clients = [socket.create_connection(("127.0.0.1", server.server.http_port)) for _ in range(8)]
+    for client in clients:
+        client.sendall(head + body)
+    time.sleep(0.05)
+    for client in clients:
+        client.close()
+    deadline = time.monotonic() + 30
+    while cancelled() - before < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled() - before >= 4
+    assert http.completions.create(model=BASE, prompt="Brie", max_tokens=2).choices[0].text is not None

@@ -4,12 +4,15 @@ The engine owns one thread that does all model work. Each turn of its loop:
 
   1. runs queued commands (adapter slot writes, scoring) — between steps, never during one;
   2. retires cancelled and expired requests, freeing their KV rows at once;
-  3. admits waiting requests while KV rows are free and prefills them together (right-padded);
-  4. decodes one token for every running request — whatever adapter each one uses — in one batch.
+  3. admits the waiting requests the scheduler picks (server/scheduler.py: round robin across
+     adapters, within the batch, KV rows, prefill budget and adapter slots) and prefills them
+     together (right-padded), or one chunk of a long prompt;
+  4. decodes one token for every running request — whatever adapter each one uses — in one batch,
+     through the fixed-shape runner (server/runner.py: CUDA graphs on CUDA), then samples.
 
-Callers get tokens through per-request handles (blocking iteration, or `async for` when the handle
-was made with submit_async). The engine knows nothing of text or protobuf. The only host sync in a
-step is reading the sampled tokens once.
+Callers get tokens through per-request handles (server/requests.py: blocking iteration, or
+`async for` when the handle was made with submit_async). The engine knows nothing of text or
+protobuf. The only host sync in a step is reading the sampled tokens once.
 """
 
 from __future__ import annotations
@@ -18,14 +21,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import queue
 import random
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,171 +40,15 @@ from .kv_cache import KVCache
 from .model import ForwardBatch, Transformer, load_model
 from .runner import DecodeRunner
 from .quant import TRITON_GEMV_MAX_TOKENS
+from .requests import AdapterInfo, FinishReason, Output, Request, RequestHandle, TokenLogprob
 from .sampling import SamplingBatch, SamplingParams, sample, token_logprobs
-from .structured import Grammar, TokenMatcher, allowed_tokens, bitmask_words
+from .scheduler import LoadedAdapter, Scheduler, Sequence
+from .structured import allowed_tokens, bitmask_words
 
-__all__ = ["Engine", "EngineConfig", "Request", "SamplingParams", "Output", "FinishReason", "RequestHandle", "TokenLogprob"]
+__all__ = ["Engine", "EngineConfig", "Request", "SamplingParams", "Output", "FinishReason", "RequestHandle", "TokenLogprob",
+           "AdapterInfo"]
 
 log = logging.getLogger(__name__)
-
-
-class FinishReason(str, Enum):
-    STOP = "stop"            # a stop token (EOS or stop_token_ids) was generated
-    LENGTH = "length"        # max_new_tokens reached
-    CANCELLED = "cancelled"  # the caller cancelled
-    DEADLINE = "deadline"    # the request's deadline passed
-    ERROR = "error"          # the engine failed while running it (logged)
-
-
-@dataclass(frozen=True)
-class Request:
-    """prompt_ids: the full prompt (already templated). adapter: a loaded adapter's name, or None
-    for the base model. deadline: time.monotonic() value after which the request is stopped."""
-
-    prompt_ids: list[int]
-    adapter: str | None = None
-    sampling: SamplingParams = SamplingParams()
-    deadline: float | None = None
-    request_id: str | None = None
-    grammar: Grammar | None = None  # the output must match it (server/structured.py)
-
-
-@dataclass(frozen=True)
-class Output:
-    request_id: str
-    token_ids: list[int]  # generated tokens; a stop token that ended generation is included
-    finish_reason: FinishReason
-    prompt_tokens: int
-    adapter: str | None
-    adapter_hash: str | None  # content hash of the adapter weights actually used
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log-probability and the most likely alternatives, most likely first."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # (token id, logprob)
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str
-    rank: int
-    target_modules: tuple[str, ...]
-    content_hash: str
-    source: str
-    in_flight: int  # requests queued or running on it
-    resident: bool  # holds a LoRA slot on the device now
-    last_used: float  # time.time() of the last request that used it; 0.0 if none yet
-    host_bytes: int  # what its packed image takes in the host tier
-
-
-_DONE = object()
-
-
-class RequestHandle:
-    """What submit() returns: iterate for token ids as they are produced, result() for the
-    Output, cancel() to stop (its KV row is freed at the next step). With sampling.logprobs set,
-    logprobs[i] describes the i-th token; it is there before that token is yielded."""
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None):
-        self.request_id = request_id
-        self.logprobs: list[TokenLogprob] = []
-        self._loop = loop
-        self._events: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
-        self._output: Future = Future()
-        self.cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def result(self, timeout: float | None = None) -> Output:
-        return self._output.result(timeout)
-
-    async def aresult(self) -> Output:
-        return await asyncio.wrap_future(self._output)
-
-    def __iter__(self):
-        while (event := self._events.get()) is not _DONE:
-            yield event
-        self._output.result()  # re-raises an engine error
-
-    async def __aiter__(self):
-        while (event := await self._events.get()) is not _DONE:
-            yield event
-        self._output.result()
-
-    # Called from the engine thread.
-    def _push(self, event) -> None:
-        if self._loop is None:
-            self._events.put(event)
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    def _finish(self, output: Output | None, error: BaseException | None = None) -> None:
-        if error is not None:
-            self._output.set_exception(error)
-        else:
-            self._output.set_result(output)
-        self._push(_DONE)
-
-
-@dataclass(eq=False)
-class _LoadedAdapter:
-    """A registered adapter: its packed host image always, a device slot while resident (slot > 0).
-    weights keeps the adapter's description (rank, modules, hash); its tensors live in image."""
-
-    name: str
-    weights: AdapterWeights
-    image: SlotImage
-    slot: int = 0
-    ready: object = None  # the CUDA event of a slot write not yet waited on by a step
-    refs: int = 0    # queued + running requests; keeps the entry alive after it is retired
-    active: int = 0  # running requests; a slot with active > 0 is never evicted
-    last_used: float = 0.0
-    retired: bool = False  # unloaded or replaced: no new requests; dropped when refs reaches 0
-
-
-@dataclass(eq=False)
-class _Sequence:
-    request: Request
-    handle: RequestHandle
-    adapter: _LoadedAdapter | None
-    stop_ids: frozenset[int]
-    generator: torch.Generator | None
-    matcher: TokenMatcher | None = None  # the request's place in its grammar
-    tokens: list[int] = field(default_factory=list)  # prompt + generated
-    generated: list[int] = field(default_factory=list)
-    row: int = -1
-    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
-    submitted: float = field(default_factory=time.monotonic)
-    missed: bool = False  # its adapter had no slot when it was first up for admission
-
-    @property
-    def slot(self) -> int:
-        return self.adapter.slot if self.adapter else 0
-
-
-def _round_robin(pending, last_admitted: dict[str | None, int]) -> list[_Sequence]:
-    """The waiting sequences, one per adapter (the base model being one) in turn; the adapter
-    admitted least recently goes first, so turns carry over from one step to the next."""
-    queues: dict[str | None, deque[_Sequence]] = {}
-    for seq in pending:
-        queues.setdefault(_queue_key(seq), deque()).append(seq)
-    keys = sorted(queues, key=lambda k: last_admitted.get(k, -1))  # stable: ties keep arrival order
-    order = []
-    while keys:
-        for key in list(keys):
-            order.append(queues[key].popleft())
-            if not queues[key]:
-                keys.remove(key)
-    return order
-
-
-def _queue_key(seq: _Sequence) -> str | None:
-    return seq.adapter.name if seq.adapter else None
 
 
 @contextlib.contextmanager
@@ -258,19 +103,17 @@ class Engine:
         self.observe_slot_write: Callable[[float], None] = lambda seconds: None
         self.observe_adapter_miss: Callable[[float], None] = lambda seconds: None
         self._free_slots = list(range(config.max_adapters, 0, -1))
-        self._adapters: dict[str, _LoadedAdapter] = {}
-        self._resident: dict[int, _LoadedAdapter] = {}  # slot -> adapter in it
-        self._slot_victim: _LoadedAdapter | None = None  # see _admit_and_prefill
-        self._last_admitted: dict[str | None, int] = {}  # adapter name (None: base) -> admission number
-        self._admissions = itertools.count()
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._resident: dict[int, LoadedAdapter] = {}  # slot -> adapter in it
+        self.scheduler = Scheduler(config)
         self._seeds = random.Random(config.seed)
         self._ids = itertools.count()
 
         self._lock = threading.Condition()
-        self._pending: deque[_Sequence] = deque()
+        self._pending: deque[Sequence] = deque()
         self._commands: list[tuple[Callable[[], object], Future]] = []
-        self._running: list[_Sequence] = []
-        self._prefilling: deque[_Sequence] = deque()  # admitted, prompt going in chunk by chunk
+        self._running: list[Sequence] = []
+        self._prefilling: deque[Sequence] = deque()  # admitted, prompt going in chunk by chunk
         self._sampling: SamplingBatch | None = None  # for self._running, rebuilt on membership change
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="hotlora-engine", daemon=True)
@@ -306,7 +149,7 @@ class Engine:
         replaces it: requests already queued or running keep the weights they started with. The
         weights are packed for the device here, in the caller's thread, not the engine's."""
         image = SlotImage.pack(weights, self.dtype, pin=self.device.type == "cuda")
-        entry = _LoadedAdapter(name, replace(weights, modules={}), image)
+        entry = LoadedAdapter(name, replace(weights, modules={}), image)
         with self._lock:
             old = self._adapters.get(name)
             self._adapters[name] = entry
@@ -327,17 +170,17 @@ class Engine:
         with self._lock:
             return [self._info(e) for e in self._adapters.values()]
 
-    def _info(self, entry: _LoadedAdapter) -> AdapterInfo:
+    def _info(self, entry: LoadedAdapter) -> AdapterInfo:
         w = entry.weights
         return AdapterInfo(entry.name, w.rank, w.target_modules, w.content_hash, w.source, entry.refs,
                            entry.slot > 0, entry.last_used, entry.image.nbytes)
 
-    def _retire(self, entry: _LoadedAdapter) -> None:  # holds self._lock
+    def _retire(self, entry: LoadedAdapter) -> None:  # holds self._lock
         entry.retired = True
         if entry.refs == 0:
             self._forget(entry)
 
-    def _release_adapter(self, entry: _LoadedAdapter | None) -> None:
+    def _release_adapter(self, entry: LoadedAdapter | None) -> None:
         if entry is None:
             return
         with self._lock:
@@ -346,19 +189,19 @@ class Engine:
             if entry.retired and entry.refs == 0:
                 self._forget(entry)
 
-    def _forget(self, entry: _LoadedAdapter) -> None:  # holds self._lock
+    def _forget(self, entry: LoadedAdapter) -> None:  # holds self._lock
         """A retired adapter nobody uses any more: its slot and its admission turn go."""
         self._evict(entry)
         if entry.name not in self._adapters:  # a replacement under the same name keeps its turn
-            self._last_admitted.pop(entry.name, None)
+            self.scheduler.forget(entry.name)
 
-    def _evict(self, entry: _LoadedAdapter) -> None:  # holds self._lock
+    def _evict(self, entry: LoadedAdapter) -> None:  # holds self._lock
         if entry.slot:
             del self._resident[entry.slot]
             self._free_slots.append(entry.slot)
             entry.slot = 0
 
-    def _make_resident(self, entry: _LoadedAdapter, evict: bool) -> bool:
+    def _make_resident(self, entry: LoadedAdapter, evict: bool) -> bool:
         """(engine thread) Give `entry` a slot: a free one, or with evict=True the least recently
         used slot that no running request holds. False when every slot is held."""
         with self._lock:
@@ -375,7 +218,7 @@ class Engine:
         entry.ready = self._slot_writer.write(entry.slot, entry.image)
         return True
 
-    def _wait_for_slots(self, seqs: list[_Sequence]) -> None:
+    def _wait_for_slots(self, seqs: list[Sequence]) -> None:
         """Make this step's kernels wait for the slot writes of the adapters it uses (never the host)."""
         for seq in seqs:
             if seq.adapter is not None and seq.adapter.ready is not None:
@@ -443,7 +286,7 @@ class Engine:
                 adapter.refs += 1
                 adapter.last_used = time.time()
             matcher = request.grammar.matcher() if request.grammar is not None else None
-            seq = _Sequence(request, handle, adapter, frozenset(stop_ids), generator, matcher, tokens=list(request.prompt_ids))
+            seq = Sequence(request, handle, adapter, frozenset(stop_ids), generator, matcher, tokens=list(request.prompt_ids))
             self._pending.append(seq)
             self._lock.notify()
         return handle
@@ -462,7 +305,7 @@ class Engine:
                 adapter = self._adapters.get(r.adapter) if r.adapter else None
                 if r.adapter and adapter is None:
                     raise AdapterNotFound(f"adapter {r.adapter!r} is not loaded")
-                seqs.append(_Sequence(r, RequestHandle("score", None), adapter, frozenset(), None, tokens=list(r.prompt_ids)))
+                seqs.append(Sequence(r, RequestHandle("score", None), adapter, frozenset(), None, tokens=list(r.prompt_ids)))
         if len(seqs) > self.cache.free_rows:
             raise ResourceExhausted(f"scoring {len(seqs)} prompts needs as many free KV rows ({self.cache.free_rows} free)")
         adapters = list({id(s.adapter): s.adapter for s in seqs if s.adapter}.values())
@@ -548,7 +391,7 @@ class Engine:
             for seconds in self._slot_writer.completed_seconds():
                 self.observe_slot_write(seconds)
 
-    def _guarded(self, seqs: list[_Sequence], step: Callable[[], None]) -> None:
+    def _guarded(self, seqs: list[Sequence], step: Callable[[], None]) -> None:
         """Run a step; if it fails, fail exactly the sequences in it (rows and adapters released)
         and keep serving everyone else."""
         try:
@@ -570,7 +413,7 @@ class Engine:
             self._finish(seq, reason)
 
     @staticmethod
-    def _stop_reason(seq: _Sequence, now: float) -> FinishReason | None:
+    def _stop_reason(seq: Sequence, now: float) -> FinishReason | None:
         if seq.handle.cancelled.is_set():
             return FinishReason.CANCELLED
         if seq.request.deadline is not None and now > seq.request.deadline:
@@ -578,71 +421,29 @@ class Engine:
         return None
 
     def _admit_and_prefill(self) -> None:
-        """Admit queued requests while KV rows and the prefill budget allow, round robin across
-        adapters (each adapter's requests in arrival order; the adapter admitted least recently
-        first): a flood on one adapter delays another's request by at most one of its own.
-
-        A request whose adapter has no slot takes a free one or evicts the least recently used
-        adapter that no running request holds. When every slot is held, it waits and requests
-        behind it on resident adapters go ahead — except on one adapter, the victim (the one whose
-        running requests finish soonest): nobody new is admitted on it, so its slot frees within
-        that many decode steps and the waiting request gets it. A cold adapter therefore waits at
-        most about max_new_tokens steps, however steady the traffic on warm ones. Later cold
-        requests wait behind the first, so slots are handed out in admission order.
-        """
-        admitted: list[_Sequence] = []
-        budget = self.config.max_prefill_tokens
-        waiting_for_slot = False
+        """Admit what the scheduler picks (server/scheduler.py) and prefill the whole prompts together."""
         with self._lock:
-            candidates = _round_robin(self._pending, self._last_admitted)
-        chunk = self.config.prefill_chunk_tokens
-        for seq in candidates:
-            if len(self._running) + len(self._prefilling) + len(admitted) >= self.config.max_batch_size \
-                    or not self.cache.free_rows:
-                break  # the rest wait until a running sequence frees its row
-            chunked = chunk is not None and len(seq.tokens) > chunk
-            longest = max([len(s.tokens) for s in admitted] + [len(seq.tokens)])
-            if admitted and not chunked and longest * (len(admitted) + 1) > budget:
-                break  # the rest join at the next step
-            adapter = seq.adapter
-            if adapter is not None and adapter.slot == 0:
-                seq.missed = True
-                if waiting_for_slot or not self._make_resident(adapter, evict=True):
-                    if not waiting_for_slot and self._slot_victim is None:
-                        self._slot_victim = self._soonest_to_finish()
-                    waiting_for_slot = True
-                    continue
-                if not waiting_for_slot:
-                    self._slot_victim = None
-            elif adapter is not None and adapter is self._slot_victim:
-                continue
-            with self._lock:
-                if seq.handle.cancelled.is_set() or seq not in self._pending:
-                    continue
-                self._pending.remove(seq)
-            seq.row = self.cache.allocate_row()
-            if seq.missed:
-                self.observe_adapter_miss(time.monotonic() - seq.submitted)
-            if adapter is not None:
-                adapter.active += 1
-            self._last_admitted[_queue_key(seq)] = next(self._admissions)
-            (self._prefilling if chunked else admitted).append(seq)
-        if not waiting_for_slot:
-            self._slot_victim = None
-        if admitted:
-            self._guarded(admitted, lambda: self._prefill(admitted))
+            candidates = self.scheduler.order(self._pending)
+        admission = self.scheduler.admit(candidates, self._running, self._prefilling, self.cache.free_rows,
+                                         self._resident.values(), lambda a: self._make_resident(a, evict=True), self._take)
+        self._prefilling.extend(admission.chunked)
+        if admission.whole:
+            self._guarded(admission.whole, lambda: self._prefill(admission.whole))
 
-    def _soonest_to_finish(self) -> _LoadedAdapter | None:
-        """The resident adapter whose running requests are done soonest (by max_new_tokens)."""
-        remaining: dict[int, int] = {}
-        for s in self._running:
-            if s.adapter is not None:
-                left = s.request.sampling.max_new_tokens - len(s.generated)
-                remaining[id(s.adapter)] = max(remaining.get(id(s.adapter), 0), left)
-        held = [e for e in self._resident.values() if id(e) in remaining]
-        return min(held, key=lambda e: remaining[id(e)], default=None)
+    def _take(self, seq: Sequence) -> bool:
+        """Move an admitted sequence from the queue onto a KV row; False if it was cancelled."""
+        with self._lock:
+            if seq.handle.cancelled.is_set() or seq not in self._pending:
+                return False
+            self._pending.remove(seq)
+        seq.row = self.cache.allocate_row()
+        if seq.missed:
+            self.observe_adapter_miss(time.monotonic() - seq.submitted)
+        if seq.adapter is not None:
+            seq.adapter.active += 1
+        return True
 
-    def _prefill(self, admitted: list[_Sequence]) -> None:
+    def _prefill(self, admitted: list[Sequence]) -> None:
         self._wait_for_slots(admitted)
         for seq in admitted:
             self._seen[seq.row].zero_()
@@ -653,7 +454,7 @@ class Engine:
         self._sampling = None
         self._sample(admitted, self.model.logits(last), self._sampling_batch(admitted))
 
-    def _prefill_chunk(self, seq: _Sequence) -> None:
+    def _prefill_chunk(self, seq: Sequence) -> None:
         """The next prefill_chunk_tokens of seq's prompt into the cache: its queries attend to the
         chunks before (in the cache) and causally within the chunk. After the last chunk the
         first token is sampled and the sequence joins the running batch."""
@@ -680,7 +481,7 @@ class Engine:
         self._sampling = None
         self._sample([seq], self.model.logits(hidden[:, -1]), self._sampling_batch([seq]))
 
-    def _prefill_forward(self, seqs: list[_Sequence]) -> tuple[torch.Tensor, list[int]]:
+    def _prefill_forward(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
         lengths = [len(s.tokens) for s in seqs]
         width = max(lengths)
         tokens = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -735,11 +536,11 @@ class Engine:
                         prefill=False, kv_length=kv_length))
         return compiled
 
-    def _sampling_batch(self, seqs: list[_Sequence]) -> SamplingBatch:
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         return SamplingBatch([s.request.sampling for s in seqs], [s.generator for s in seqs],
                              self.spec.vocab_size, self.device)
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, sampling: SamplingBatch,
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch,
                 rows: torch.Tensor | None = None) -> None:
         """Choose each sequence's next token from its row of logits and hand it over."""
         if rows is None:
@@ -749,7 +550,7 @@ class Engine:
         self._seen[rows, tokens] = True
         self._accept_tokens(seqs, tokens.tolist(), logprobs)  # the step's one host sync
 
-    def _grammar_mask(self, seqs: list[_Sequence]) -> torch.Tensor | None:
+    def _grammar_mask(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """[len(seqs), vocab] bool of the tokens each sequence's grammar allows next; None when
         no sequence has a grammar."""
         if all(s.matcher is None for s in seqs):
@@ -761,7 +562,7 @@ class Engine:
                 seq.matcher.fill_bitmask(self._bitmask, i)
         return allowed_tokens(bitmask.to(self.device, non_blocking=True), self.spec.vocab_size)
 
-    def _accept_tokens(self, seqs: list[_Sequence], tokens: list[int], logprobs: tuple[torch.Tensor, ...] | None) -> None:
+    def _accept_tokens(self, seqs: list[Sequence], tokens: list[int], logprobs: tuple[torch.Tensor, ...] | None) -> None:
         if logprobs is not None:
             chosen, top_ids, top_values = (t.tolist() for t in logprobs)
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
@@ -780,7 +581,7 @@ class Engine:
             elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
                 self._finish(seq, FinishReason.LENGTH)
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, error: BaseException | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, error: BaseException | None = None) -> None:
         if seq in self._running:
             self._running.remove(seq)
             self._sampling = None

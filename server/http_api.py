@@ -20,7 +20,7 @@ import json
 import logging
 import socket
 import time
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

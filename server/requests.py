@@ -1,0 +1,117 @@
+"""What callers exchange with the engine: a Request in, a RequestHandle back (tokens as they come,
+logprobs, cancel), an Output at the end. Token ids only; text lives in server/text.py."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from enum import Enum
+
+from .sampling import SamplingParams
+from .structured import Grammar
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"            # a stop token (EOS or stop_token_ids) was generated
+    LENGTH = "length"        # max_new_tokens reached
+    CANCELLED = "cancelled"  # the caller cancelled
+    DEADLINE = "deadline"    # the request's deadline passed
+    ERROR = "error"          # the engine failed while running it (logged)
+
+
+@dataclass(frozen=True)
+class Request:
+    """prompt_ids: the full prompt (already templated). adapter: a loaded adapter's name, or None
+    for the base model. deadline: time.monotonic() value after which the request is stopped."""
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    sampling: SamplingParams = SamplingParams()
+    deadline: float | None = None
+    request_id: str | None = None
+    grammar: Grammar | None = None  # the output must match it (server/structured.py)
+
+
+@dataclass(frozen=True)
+class Output:
+    request_id: str
+    token_ids: list[int]  # generated tokens; a stop token that ended generation is included
+    finish_reason: FinishReason
+    prompt_tokens: int
+    adapter: str | None
+    adapter_hash: str | None  # content hash of the adapter weights actually used
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    rank: int
+    target_modules: tuple[str, ...]
+    content_hash: str
+    source: str
+    in_flight: int  # requests queued or running on it
+    resident: bool  # holds a LoRA slot on the device now
+    last_used: float  # time.time() of the last request that used it; 0.0 if none yet
+    host_bytes: int  # what its packed image takes in the host tier
+
+
+_DONE = object()
+
+
+class RequestHandle:
+    """What submit() returns: iterate for token ids as they are produced, result() for the
+    Output, cancel() to stop (its KV row is freed at the next step). With sampling.logprobs set,
+    logprobs[i] describes the i-th token; it is there before that token is yielded."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None):
+        self.request_id = request_id
+        self.logprobs: list[TokenLogprob] = []
+        self._loop = loop
+        self._events: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        self._output: Future = Future()
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def result(self, timeout: float | None = None) -> Output:
+        return self._output.result(timeout)
+
+    async def aresult(self) -> Output:
+        return await asyncio.wrap_future(self._output)
+
+    def __iter__(self):
+        while (event := self._events.get()) is not _DONE:
+            yield event
+        self._output.result()  # re-raises an engine error
+
+    async def __aiter__(self):
+        while (event := await self._events.get()) is not _DONE:
+            yield event
+        self._output.result()
+
+    # Called from the engine thread.
+    def _push(self, event) -> None:
+        if self._loop is None:
+            self._events.put(event)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def _finish(self, output: Output | None, error: BaseException | None = None) -> None:
+        if error is not None:
+            self._output.set_exception(error)
+        else:
+            self._output.set_result(output)
+        self._push(_DONE)

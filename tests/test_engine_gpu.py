@@ -120,3 +120,38 @@ def test_slot_writes_on_cuda_are_asynchronous_and_exact():
         for name in ("lora_a", "scaled_b_t", "slot_ranks"):
             assert torch.equal(getattr(written[key], name), getattr(reference[key], name)), (key, name)
     assert len(writer.completed_seconds()) == 1
+
+
+def test_hot_load_under_load_on_cuda(llama_dir, peft_adapters):
+    """A stream keeps decoding while another adapter is read, packed and written into a slot on the
+    side stream, and the new adapter's request completes (CPU twin: test_server_adapters' hot swap)."""
+    import threading
+
+    from server.adapter_files import read_peft_adapter
+
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=4, max_seq_len=160, max_adapters=2, max_rank=16,
+                                                            device="cuda", dtype="bfloat16"))
+    try:
+        engine.load_adapter("cheese", peft_adapters["cheese"])
+        long = engine.submit(Request([5, 17, 42], "cheese", greedy_fixed(150)))
+        tokens = iter(long)
+        next(tokens)
+        during = []
+        loaded = threading.Event()
+
+        def load():
+            engine.install_adapter("wine", read_peft_adapter(peft_adapters["wine"], engine.spec, 16))
+            loaded.set()
+
+        threading.Thread(target=load).start()
+        for token in tokens:  # the stream goes on while wine loads
+            during.append(token)
+            if loaded.is_set():
+                break
+        assert loaded.wait(60)
+        wine = engine.generate([Request([8, 9, 10], "wine", greedy_fixed(8))])[0]
+        rest = list(tokens)
+        assert len(wine.token_ids) == 8 and 1 + len(during) + len(rest) == 150
+        assert long.result().finish_reason.value == "length"
+    finally:
+        engine.close()

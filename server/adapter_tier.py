@@ -52,7 +52,10 @@ class SlotImage:
                 views.append(view)
                 offset += t.numel()
             parts[key] = _Part(a.shape[0], *views)
-        return cls(parts, total * buffer.element_size())
+        nbytes = total * buffer.element_size()
+        if pin:  # torch's pinned allocator hands out power-of-two blocks: that is what it costs
+            nbytes = 1 << (nbytes - 1).bit_length()
+        return cls(parts, nbytes)
 
 
 class SlotWriter:
@@ -87,8 +90,9 @@ class SlotWriter:
         if not self.cuda:
             finished, self._cpu_seconds = self._cpu_seconds, []
             return finished
-        finished = [(s, d) for s, d in self._timing if d.query()]
-        self._timing = [(s, d) for s, d in self._timing if not d.query()]
+        done = [d.query() for _, d in self._timing]
+        finished = [t for t, ok in zip(self._timing, done) if ok]
+        self._timing = [t for t, ok in zip(self._timing, done) if not ok]
         return [s.elapsed_time(d) / 1000 for s, d in finished]
 
     def _copy(self, slot: int, image: SlotImage) -> None:

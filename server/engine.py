@@ -84,7 +84,9 @@ class Engine:
             raise ValueError("compile=True with the Triton kernels needs CUDA (their CPU interpreter cannot be compiled)")
         if config.compile:
             self._decode_logits = self._compiled_decode()
-        graphs = config.cuda_graphs and self.device.type == "cuda" and not config.compile
+        # captured at max_seq_len, the torch attention would gather whole cache rows every step
+        graphs = (config.cuda_graphs and self.device.type == "cuda" and not config.compile
+                  and model.kernels.decode_attention.name == "triton")
         with torch.inference_mode():  # the runner's buffers are written only inside steps, in inference mode
             self.runner = DecodeRunner(self.cache, rows, self._decode_logits, self.device, padded=graphs)
             self._graphs = "off"
@@ -264,6 +266,7 @@ class Engine:
         stop_ids = set(sampling.stop_token_ids)
         if not sampling.ignore_eos:
             stop_ids.update(self.spec.eos_token_ids)
+        matcher = request.grammar.matcher() if request.grammar is not None else None  # before any lock
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=self.device)
@@ -285,7 +288,6 @@ class Engine:
             if adapter is not None:
                 adapter.refs += 1
                 adapter.last_used = time.time()
-            matcher = request.grammar.matcher() if request.grammar is not None else None
             seq = Sequence(request, handle, adapter, frozenset(stop_ids), generator, matcher, tokens=list(request.prompt_ids))
             self._pending.append(seq)
             self._lock.notify()
@@ -424,11 +426,28 @@ class Engine:
         """Admit what the scheduler picks (server/scheduler.py) and prefill the whole prompts together."""
         with self._lock:
             candidates = self.scheduler.order(self._pending)
+            resident = list(self._resident.values())  # unload_adapter may change the dict meanwhile
         admission = self.scheduler.admit(candidates, self._running, self._prefilling, self.cache.free_rows,
-                                         self._resident.values(), lambda a: self._make_resident(a, evict=True), self._take)
+                                         resident, self._resident_for_admission, self._take)
         self._prefilling.extend(admission.chunked)
         if admission.whole:
             self._guarded(admission.whole, lambda: self._prefill(admission.whole))
+
+    def _resident_for_admission(self, adapter: LoadedAdapter) -> bool:
+        """_make_resident for the scheduler. A slot write that fails (a device error) fails the
+        requests waiting on that adapter, not the engine thread."""
+        try:
+            return self._make_resident(adapter, evict=True)
+        except Exception as exc:
+            log.exception("writing adapter %s into a slot failed; failing the requests waiting for it", adapter.name)
+            with self._lock:
+                self._evict(adapter)
+                failed = [s for s in self._pending if s.adapter is adapter]
+                for seq in failed:
+                    self._pending.remove(seq)
+            for seq in failed:
+                self._finish(seq, FinishReason.ERROR, error=exc)
+            return False
 
     def _take(self, seq: Sequence) -> bool:
         """Move an admitted sequence from the queue onto a KV row; False if it was cancelled."""

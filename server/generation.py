@@ -132,26 +132,28 @@ class Generations:
             call.label = self.metrics.adapter_label(version.name if version else None)
             pending: list[int] = []
             text, done = "", 0  # done: tokens already sent in pieces
+            finished = False
             try:
                 async for token in handle:
                     call.first_token = call.first_token or time.perf_counter()
                     pending.append(token)
                     text += decoder.push([token])
                     if decoder.stopped:
-                        handle.cancel()
                         break
                     if text:
                         yield self._piece(text, pending, done, handle, version)
                         done += len(pending)
                         pending, text = [], ""
-                output = await handle.aresult()
-            except (asyncio.CancelledError, GeneratorExit):
-                handle.cancel()  # the caller went away: free the sequence now
-                call.code = "CANCELLED"
-                raise
-            if output.finish_reason == FinishReason.DEADLINE:
+                finished = not decoder.stopped
+            finally:
+                if not finished:  # a stop string, the caller gone, or any failure: free the sequence now
+                    handle.cancel()
+            output = await handle.aresult()
+            if decoder.stopped:  # what the engine made after the stop string was never the answer
+                output = replace(output, token_ids=output.token_ids[:done + len(pending)], finish_reason=FinishReason.STOP)
+            elif output.finish_reason == FinishReason.DEADLINE:
                 raise DeadlineExceeded(f"deadline exceeded after {len(output.token_ids)} generated tokens")
-            if output.finish_reason == FinishReason.CANCELLED and not decoder.stopped:
+            elif output.finish_reason == FinishReason.CANCELLED:
                 raise Draining("the server is shutting down and stopped this request")
             self._observe(call, output)
             last = self._piece(text + decoder.finish(), pending, done, handle, version)

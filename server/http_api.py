@@ -221,13 +221,24 @@ def build_app(generations: Generations) -> FastAPI:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         except Exception as exc:
             return error_response(exc)
-        return StreamingResponse(_events(shape, first, pieces, body.include_usage), media_type="text/event-stream")
+        return _ClosingStream(_events(shape, first, pieces, body.include_usage), media_type="text/event-stream")
 
     return app
 
 
 class _ClientGone(Exception):
     pass
+
+
+class _ClosingStream(StreamingResponse):
+    """Closes its events however the response ends: Starlette abandons the iterator when the
+    client disconnects while a chunk is being sent, and the request must not outlive it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _collect(pieces: AsyncIterator[Piece]) -> list[Piece]:
@@ -248,8 +259,7 @@ async def _unless_disconnected(request: Request, awaitable, poll_s: float = 0.1)
     finally:
         if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await asyncio.wait({task})  # its outcome is nobody's now; a cancel of ours still propagates
 
 
 async def _events(shape, first: Piece, pieces: AsyncIterator[Piece], include_usage: bool) -> AsyncIterator[str]:
@@ -300,6 +310,7 @@ class _Shape:
         self.body = body
         self.generations = generations
         self.created = int(time.time())
+        self.text_offset = 0  # of the next token, in the text sent so far (completions' logprobs)
 
     def _envelope(self, piece: Piece, obj: str, choices: list) -> dict:
         return {"id": f"{self.id_prefix}-{piece.request_id}", "object": obj, "created": self.created,
@@ -354,10 +365,10 @@ class _CompletionShape(_Shape):
         if self.body.logprobs is None:
             return None
         texts = self._texts(piece)
-        offsets, offset = [], 0
+        offsets = []
         for lp in piece.logprobs:
-            offsets.append(offset)
-            offset += len(texts[lp.token_id])
+            offsets.append(self.text_offset)
+            self.text_offset += len(texts[lp.token_id])
         return {"tokens": [texts[lp.token_id] for lp in piece.logprobs],
                 "token_logprobs": [lp.logprob for lp in piece.logprobs],
                 "top_logprobs": [{texts[t]: v for t, v in lp.top} for lp in piece.logprobs],

@@ -66,7 +66,7 @@ class DecodeRunner:
         if size > count:  # padding: token 0 at position 0 of the scratch row, no adapter
             host[:, count:] = 0
             host[_ROWS, count:] = self.cache.scratch_row
-        self._inputs[:, :size].copy_(host, non_blocking=True)
+        self._inputs.copy_(self._host, non_blocking=True)  # whole: a slice would not be one pinned block
         if size in self._graphs:
             self._graphs[size].replay()
             return self._graph_logits[size][:count]

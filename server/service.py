@@ -8,6 +8,7 @@ store listings) runs in a worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -89,7 +90,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.generations = generations
 
     async def Generate(self, request, context):
-        pieces = [piece async for piece in self._run(request, context)]
+        async with contextlib.aclosing(self._run(request, context)) as run:
+            pieces = [piece async for piece in run]
         if not pieces:
             return generation_pb2.GenerateResponse()  # aborted: the status is already set
         last = pieces[-1]
@@ -101,17 +103,19 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def GenerateStream(self, request, context):
         first = True
-        async for piece in self._run(request, context):
-            message = generation_pb2.GenerateStreamResponse(text=piece.text, token_ids=piece.token_ids,
-                                                            request_id=piece.request_id,
-                                                            logprobs=self._logprobs(piece.logprobs))
-            if first or piece.output is not None:
-                message.adapter.CopyFrom(_adapter_used(piece.adapter, piece.output))
-            if piece.output is not None:
-                message.finish_reason = _FINISH[piece.finish_reason]
-                message.usage.CopyFrom(_usage(piece.output))
-            first = False
-            yield message
+        # closed deterministically, so a stream grpc stops reading cancels its request at once
+        async with contextlib.aclosing(self._run(request, context)) as run:
+            async for piece in run:
+                message = generation_pb2.GenerateStreamResponse(text=piece.text, token_ids=piece.token_ids,
+                                                                request_id=piece.request_id,
+                                                                logprobs=self._logprobs(piece.logprobs))
+                if first or piece.output is not None:
+                    message.adapter.CopyFrom(_adapter_used(piece.adapter, piece.output))
+                if piece.output is not None:
+                    message.finish_reason = _FINISH[piece.finish_reason]
+                    message.usage.CopyFrom(_usage(piece.output))
+                first = False
+                yield message
 
     async def ListModels(self, request, context):
         try:
@@ -130,8 +134,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             self.generations.count_refused("grpc", exc)
             await _abort(context, exc)
         try:
-            async for piece in self.generations.run(generation, "grpc"):
-                yield piece
+            async with contextlib.aclosing(self.generations.run(generation, "grpc")) as pieces:
+                async for piece in pieces:
+                    yield piece
         except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError):
             raise
         except Exception as exc:

@@ -35,16 +35,18 @@ class OutputFormat:
 
 
 class Grammar:
-    """A compiled, validated constraint; immutable and shared by every request that uses it."""
+    """A compiled, validated constraint, shared by every request that uses it: a matcher at its
+    start, which each request copies (building one compiles the grammar; copying is cheap)."""
 
     def __init__(self, tokenizer, grammar: str):
-        self._tokenizer = tokenizer
-        self._grammar = grammar
-
-    def matcher(self) -> "TokenMatcher":
         import llguidance
 
-        return TokenMatcher(llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0))
+        self._start = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if self._start.is_error():
+            raise InvalidRequest(f"invalid output format: {self._start.get_error()}")
+
+    def matcher(self) -> "TokenMatcher":
+        return TokenMatcher(self._start.deep_copy())
 
 
 class TokenMatcher:

@@ -85,3 +85,25 @@ def test_slot_writes_and_adapter_misses_are_observed(llama_dir, peft_adapters):
         assert len(misses) == 2 and all(0 <= s < 30 for s in misses)
     finally:
         engine.close()
+
+
+def test_a_failed_slot_write_fails_its_requests_not_the_engine(llama_dir, peft_adapters):
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=32, max_adapters=1, max_rank=16))
+    try:
+        for name in ("cheese", "wine"):
+            engine.load_adapter(name, peft_adapters[name])  # cheese in the slot; wine must be written later
+        real_write = engine._slot_writer.write
+
+        def broken(slot, image):
+            engine._slot_writer.write = real_write  # fails once, like a transient device error
+            raise RuntimeError("device fell over")
+
+        engine._slot_writer.write = broken
+        greedy = SamplingParams(max_new_tokens=3, temperature=0.0)
+        with pytest.raises(RuntimeError, match="device fell over"):
+            engine.generate([Request([5, 6, 7], "wine", greedy)])
+        assert engine.alive and engine.stats()["free_adapter_slots"] == 1  # the half-written slot was given back
+        outputs = engine.generate([Request([5, 6, 7], name, greedy) for name in ("wine", "cheese", None)])
+        assert [len(o.token_ids) for o in outputs] == [3, 3, 3]
+    finally:
+        engine.close()

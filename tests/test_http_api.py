@@ -182,30 +182,73 @@ def test_requests_are_counted_by_protocol(server, http, grpc_client):
     assert (count("http") - before[0], count("grpc") - before[1]) == (1, 2)
 
 
-def test_a_client_that_goes_away_cancels_its_request(server, http):
-    """Eight non-streaming requests of 100 tokens on a 4-row engine, their connections closed at
-    once: none is left running for nobody (the queued ones at the latest are cancelled)."""
+@pytest.fixture(scope="module")
+def long_server(llama_dir):
+    """Room for 2,000-token answers, which take seconds here: long enough to see a drop."""
+    config = ServerConfig(model_dir=llama_dir, engine=EngineConfig(max_batch_size=2, max_seq_len=2048), port=0,
+                          metrics_port=0, host="127.0.0.1", metrics_host="127.0.0.1", http_host="127.0.0.1", http_port=0)
+    with RunningServer(config) as running:
+        yield running
+
+
+def send_raw(server, body: dict):
     import socket
+
+    payload = json.dumps(body).encode()
+    client = socket.create_connection(("127.0.0.1", server.server.http_port))
+    client.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return client
+
+
+def idle(server) -> bool:
+    stats = server.server.engine.stats()
+    return stats["running"] == 0 and stats["queue_length"] == 0
+
+
+def wait_for(condition, timeout: float) -> bool:
     import time
 
-    def cancelled() -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=30) as reply:
-            text = reply.read().decode()
-        return sum(float(v) for v in re.findall(r'^hotlora_requests_total{[^}]*code="CANCELLED",protocol="http"} (\S+)$',
-                                                  text, re.M))
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
 
-    before = cancelled()
-    body = json.dumps({"model": BASE, "prompt": "Cheese", "max_tokens": 100, "ignore_eos": True}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    clients = [socket.create_connection(("127.0.0.1", server.server.http_port)) for _ in range(8)]
-    for client in clients:
-        client.sendall(head + body)
-    time.sleep(0.05)
+
+LONG = {"model": "tiny", "prompt": "Cheese", "max_tokens": 2000, "ignore_eos": True}
+
+
+def test_a_client_that_goes_away_cancels_its_request(long_server):
+    """Four requests for 2,000 tokens on a 2-row engine (two running, two queued), their
+    connections closed: the engine is idle within a second, not after the answers' seconds."""
+    import time
+
+    clients = [send_raw(long_server, LONG) for _ in range(4)]
+    assert wait_for(lambda: long_server.server.engine.stats()["running"] == 2, timeout=30)
     for client in clients:
         client.close()
-    deadline = time.monotonic() + 30
-    while cancelled() - before < 4 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert cancelled() - before >= 4
-    assert http.completions.create(model=BASE, prompt="Brie", max_tokens=2).choices[0].text is not None
+    started = time.monotonic()
+    assert wait_for(lambda: idle(long_server), timeout=30) and time.monotonic() - started < 1.5
+
+
+def test_a_stream_whose_client_goes_away_is_cancelled(long_server):
+    """Two streams that have started (their headers come with the first piece), then dropped."""
+    import time
+
+    clients = [send_raw(long_server, {**LONG, "stream": True}) for _ in range(2)]
+    for client in clients:
+        assert b"text/event-stream" in client.recv(65536)
+    for client in clients:
+        client.close()
+    started = time.monotonic()
+    assert wait_for(lambda: idle(long_server), timeout=30) and time.monotonic() - started < 1.5
+
+
+def test_streamed_logprobs_add_up_to_the_whole_answers(http):
+    args = dict(model="wine", prompt="Cheese is made from", max_tokens=12, temperature=0, logprobs=2,
+                extra_body=FIXED_LENGTH)
+    whole = http.completions.create(**args).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in http.completions.create(**args, stream=True) if c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens] == whole.tokens
+    assert [o for c in chunks for o in c.text_offset] == whole.text_offset  # offsets run on across chunks
+    assert whole.text_offset == [sum(len(t) for t in whole.tokens[:i]) for i in range(len(whole.tokens))]

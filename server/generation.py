@@ -177,13 +177,14 @@ class Generations:
     def models(self) -> list[ServedModel]:
         """The base model, then every adapter as "name" (its current version) and "name@version"."""
         backend = self.ready()
-        models = [ServedModel(backend.model_name)]
+        adapters = []
         for status in backend.manager.list():
             v = status.version
             if status.current:
-                models.append(ServedModel(v.name, v.name, v.version))
-            models.append(ServedModel(v.key, v.name, v.version))
-        return models
+                adapters.append(ServedModel(v.name, v.name, v.version))
+            adapters.append(ServedModel(v.key, v.name, v.version))
+        adapters.sort(key=lambda m: (m.adapter, m.id != m.adapter, m.id))  # each name, then its versions
+        return [ServedModel(backend.model_name), *adapters]
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's text on its own (special tokens included), for logprobs."""

@@ -100,7 +100,7 @@ class Server:
         self.metrics.describe_engine(self.engine.describe())
         grammars = await asyncio.to_thread(GrammarCompiler, codec.tokenizer, self.engine.spec.vocab_size)
         if not grammars.available:
-            log.warning("llguidance is not installed: requests with structured output will be refused")
+            log.warning("%s: requests with structured output will be refused", grammars.unavailable)
         self.generations.backend = Backend(self.engine, self.manager, codec, grammars, c.model_name)
         self.manager.start_watching()
         for name in ("", *SERVICE_NAMES):

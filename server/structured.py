@@ -91,12 +91,16 @@ class GrammarCompiler:
     an application sends the same one with every request)."""
 
     def __init__(self, hf_tokenizer, vocab_size: int, cache_size: int = 64):
+        self._tokenizer, self.unavailable = None, ""
         try:
             import llguidance.hf
         except ImportError:  # a GPU image may lack it; everything else still serves
-            self._tokenizer = None
+            self.unavailable = "structured output needs the llguidance package, which this server lacks"
         else:
-            self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size)
+            try:
+                self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size)
+            except Exception as exc:  # a tokenizer llguidance cannot read: serve without structured output
+                self.unavailable = f"structured output is unavailable for this model's tokenizer: {exc}"
         self._cache: OrderedDict[OutputFormat, Grammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -108,7 +112,7 @@ class GrammarCompiler:
     def compile(self, fmt: OutputFormat) -> Grammar:
         """The Grammar for `fmt`; InvalidRequest when it is not a valid schema, regex or grammar."""
         if self._tokenizer is None:
-            raise Unsupported("structured output needs the llguidance package, which this server lacks")
+            raise Unsupported(self.unavailable)
         with self._lock:
             if fmt in self._cache:
                 self._cache.move_to_end(fmt)

@@ -132,3 +132,14 @@ def test_logprobs_are_the_reference_models_log_softmax(engine, llama_dir, peft_a
         top_values, top_ids = want[step].topk(sampling.logprobs)
         assert [t for t, _ in lp.top] == top_ids.tolist()
         torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), top_values, rtol=0, atol=LOGPROB_ATOL)
+
+
+def test_a_tokenizer_llguidance_cannot_read_leaves_structured_output_off_not_the_server():
+    from server.errors import Unsupported
+    from server.status import status_of
+
+    compiler = GrammarCompiler(object(), 512)
+    assert not compiler.available
+    with pytest.raises(Unsupported, match="tokenizer") as info:
+        compiler.compile(OutputFormat("json_object"))
+    assert status_of(info.value).http_status == 501

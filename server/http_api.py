@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API, beside gRPC in the same process, on the same engine.
 
     POST /v1/completions, POST /v1/chat/completions (JSON, or server-sent events with "stream")
-    GET  /v1/models, GET /health
+    GET  /v1/models, GET /v1/models/{id}, GET /health
 
 `model` picks the adapter as vLLM does: the base model's name for no adapter, "name" for an
 adapter's current version, "name@version" for one version. Structured output comes from
@@ -27,8 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import InvalidRequest
-from .generation import GenerationInput, Generations, Piece
+from .errors import AdapterNotFound, InvalidRequest
+from .generation import GenerationInput, Generations, Piece, ServedModel
 from .sampling import SamplingParams
 from .status import openai_error
 from .structured import OutputFormat
@@ -163,16 +163,28 @@ def build_app(generations: Generations) -> FastAPI:
             return error_response(exc)
         return JSONResponse({"status": "ok"})
 
+    def model_object(model: ServedModel, base: str) -> dict:
+        return {"id": model.id, "object": "model", "created": 0, "owned_by": "hotlora", "root": model.id,
+                "parent": base if model.adapter else None}
+
     @app.get("/v1/models")
     async def models():
         try:
             served = await asyncio.to_thread(generations.models)
         except Exception as exc:
             return error_response(exc)
-        base = served[0].id
-        return {"object": "list", "data": [
-            {"id": m.id, "object": "model", "created": 0, "owned_by": "hotlora", "root": m.id,
-             "parent": base if m.adapter else None} for m in served]}
+        return {"object": "list", "data": [model_object(m, served[0].id) for m in served]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        try:
+            served = await asyncio.to_thread(generations.models)
+            found = next((m for m in served if m.id == model_id), None)
+            if found is None:
+                raise AdapterNotFound(f"model {model_id!r} is neither the base model nor an adapter this server knows")
+        except Exception as exc:
+            return error_response(exc)
+        return model_object(found, served[0].id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody, request: Request):

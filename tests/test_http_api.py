@@ -56,6 +56,9 @@ def grpc_client(server):
 def test_models_lists_the_base_model_and_every_adapter_version(http, grpc_client):
     ids = [m.id for m in http.models.list().data]
     assert ids == [BASE, "cheese", "cheese@v1", "wine", "wine@v1"]  # each name (its current version), then its versions
+    assert http.models.retrieve("wine@v1").parent == BASE and http.models.retrieve(BASE).parent is None
+    with pytest.raises(openai.NotFoundError):
+        http.models.retrieve("camembert")
     assert [m.id for m in grpc_client.models()] == ids
 
 

@@ -228,7 +228,7 @@ def main() -> None:
     mixed = by_case[f"{args.requests} requests over {args.adapters} adapters"]
     weights = engine.model.weight_bytes()
     table = [
-        f"### engine_bench: {f'model {args.model}' if args.model else f'preset `{args.preset}`'}, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
+        f"### engine_bench: {f'model `{args.model.name}`' if args.model else f'preset `{args.preset}`'}, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
         f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} round-robin runs",
         "",
         f"Machine: {machine()}; compute dtype {engine.dtype}; `{peer}` on the engine's NF4 path (dequantize); "

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,19 +44,20 @@ class Step:
     needs_bitsandbytes: bool = True
 
 
-def steps(record: bool, dry_run: bool) -> list[Step]:
+def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
+    """model_dir: the checkpoint the engine benches share (built once: the 1B one takes a while)."""
     py = sys.executable
     rec = ["--record"] if record else []
     if dry_run:  # the same commands, sized for a CPU
-        engine = ["--preset", "tiny", "--requests", "2", "--adapters", "2", "--new-tokens", "4", "--repeats", "1",
+        engine = ["--model", str(model_dir), "--requests", "2", "--adapters", "2", "--new-tokens", "4", "--repeats", "1",
                   "--prefill-len", "16"]
-        many = ["--preset", "tiny", "--store-adapters", "12", "--concurrency", "4", "--slots", "6", "--requests", "12",
+        many = ["--model", str(model_dir), "--store-adapters", "12", "--concurrency", "4", "--slots", "6", "--requests", "12",
                 "--new-tokens", "4"]
         train = ["--preset", "tiny", "--max-seq-len", "64", "--epochs", "0.2"]
     else:
-        engine = ["--preset", "1b", "--requests", "32", "--adapters", "8", "--new-tokens", "64", "--repeats", "3",
+        engine = ["--model", str(model_dir), "--requests", "32", "--adapters", "8", "--new-tokens", "64", "--repeats", "3",
                   "--prefill-len", "512"]
-        many = ["--preset", "1b", "--store-adapters", "1000", "--concurrency", "32", "--slots", "64", "--requests", "320",
+        many = ["--model", str(model_dir), "--store-adapters", "1000", "--concurrency", "32", "--slots", "64", "--requests", "320",
                 "--new-tokens", "32"]
         train = ["--preset", "1b", "--max-seq-len", "1024", "--batch-size", "4", "--epochs", "1"]
     return [
@@ -66,7 +69,7 @@ def steps(record: bool, dry_run: bool) -> list[Step]:
         Step("GPU tests (pytest -m gpu)", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/"], 180),
         Step("kernel_bench", [py, "bench/kernel_bench.py", *rec], 120),
         Step("engine_bench", [py, "bench/engine_bench.py", *engine, *rec], 180),
-        Step("many_adapters_bench", [py, "bench/many_adapters_bench.py", *many, *rec], 150),
+        Step("many_adapters_bench", [py, "bench/many_adapters_bench.py", *many, *rec], 240),
         Step("train_bench", [py, "bench/train_bench.py", *train, *rec], 150),
     ]
 
@@ -82,8 +85,9 @@ def run(step: Step, skip_reason: str | None) -> tuple[str, float, str]:
     seconds = time.perf_counter() - start
     tail = (done.stdout + done.stderr).strip().splitlines()
     print(f"\n--- {step.name}: {' '.join(step.command[1:])}\n" + "\n".join(tail[-25:]), flush=True)
-    last = next((line for line in reversed(tail)  # not a progress bar, not a warning
-                 if line.strip() and "it/s]" not in line and "warn" not in line.lower()), "")
+    summary = [line for line in tail if re.search(r"\d+ (passed|failed|errors?|skipped)", line)]  # pytest's last line
+    last = summary[-1] if summary else next((line for line in reversed(tail)  # not a progress bar, not a warning
+                                             if line.strip() and "it/s]" not in line and "warn" not in line.lower()), "")
     return ("passed" if done.returncode == 0 else f"failed ({done.returncode})"), seconds, last[:120]
 
 
@@ -107,8 +111,15 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
     results = []
     started = time.perf_counter()
-    for step in steps(args.record and not args.dry_run, args.dry_run):
-        results.append((step.name, *run(step, skip)))
+    with tempfile.TemporaryDirectory(prefix="hotlora-gpu-check-") as work:
+        model_dir = Path(work) / ("tiny" if args.dry_run else "1b")  # the benches name it in their tables
+        if skip is None:  # without bitsandbytes the engine steps are skipped anyway
+            sys.path.insert(0, str(ROOT))
+            from server.model_factory import make_model
+
+            make_model(model_dir, "tiny" if args.dry_run else "1b", seed=0)
+        for step in steps(args.record and not args.dry_run, args.dry_run, model_dir):
+            results.append((step.name, *run(step, skip)))
     table = [f"### gpu-check on {device}, torch {torch.__version__}, {time.perf_counter() - started:.0f}s in all", "",
              "| step | result | seconds | last line |", "|---|---|---:|---|",
              *[f"| {name} | {result} | {seconds:.0f} | {last.replace('|', '/')} |" for name, result, seconds, last in results]]

@@ -98,6 +98,7 @@ def hot_load_p50(manager: AdapterManager, engine: Engine, names: list[str]) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--model", type=Path, help="an existing checkpoint directory instead of building --preset")
     parser.add_argument("--store-adapters", type=int, default=1000)
     parser.add_argument("--few", type=int, default=8, help="adapters of the comparison case")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -112,7 +113,7 @@ def main() -> None:
 
     quiet_bitsandbytes()
     work = Path(tempfile.mkdtemp(prefix="hotlora-many-"))
-    model_dir = make_model(work / "model", args.preset, seed=0)
+    model_dir = args.model or make_model(work / "model", args.preset, seed=0)
     store = AdapterStore(work / "store")
     started = time.perf_counter()
     names = fill_store(store, model_dir, args.store_adapters, args.rank, work)
@@ -144,7 +145,7 @@ def main() -> None:
 
     few_rate = results[f"over {len(few)} adapters"]["tok/s"]
     table = [
-        f"### many_adapters_bench: preset `{args.preset}`, {args.requests} requests ({args.concurrency} in flight) of "
+        f"### many_adapters_bench: {f'model `{args.model.name}`' if args.model else f'preset `{args.preset}`'}, {args.requests} requests ({args.concurrency} in flight) of "
         f"{args.prompt_len}+{args.new_tokens} tokens, round robin; {args.slots} device slots; adapters r={args.rank} q,v",
         "",
         f"Machine: {machine()}; compute dtype {engine.dtype}; hot-load (store → slot, one adapter, idle server) "

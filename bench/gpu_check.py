@@ -68,9 +68,9 @@ def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
                                                     "nf4 or test_lora or test_engine_triton"], 240),
         Step("GPU tests (pytest -m gpu)", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/"], 180),
         Step("kernel_bench", [py, "bench/kernel_bench.py", *rec], 120),
-        Step("engine_bench", [py, "bench/engine_bench.py", *engine, *rec], 180),
+        Step("engine_bench", [py, "bench/engine_bench.py", *engine, *rec], 300),
         Step("many_adapters_bench", [py, "bench/many_adapters_bench.py", *many, *rec], 240),
-        Step("train_bench", [py, "bench/train_bench.py", *train, *rec], 150),
+        Step("train_bench", [py, "bench/train_bench.py", *train, *rec], 300),
     ]
 
 

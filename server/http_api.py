@@ -198,7 +198,8 @@ def build_app(generations: Generations) -> FastAPI:
             generation = GenerationInput(
                 messages=messages, adapter=body.model,
                 sampling=body.sampling((body.top_logprobs or 0) if body.logprobs else None),
-                max_new_tokens=body.max_completion_tokens or body.max_tokens, stop=body.stop_strings,
+                max_new_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+                stop=body.stop_strings,
                 output_format=body.output_format(), request_id=request.headers.get("x-request-id"))
         except Exception as exc:
             generations.count_refused("http", exc)

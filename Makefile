@@ -44,7 +44,7 @@ bench: $(STAMP)
 # says "no CUDA device" and exits 0 elsewhere.
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
-	$(GPU_PYTHON) bench/gpu_check.py $(if $(RECORD),--record)
+	$(GPU_PYTHON) bench/gpu_check.py $(if $(RECORD),--record) $(if $(ONLY),--only "$(ONLY)")
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

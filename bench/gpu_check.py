@@ -95,6 +95,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", action="store_true", help="add the results to bench/RESULTS.md")
     parser.add_argument("--dry-run", action="store_true", help="run every step small, even without CUDA")
+    parser.add_argument("--only", action="append", default=[], metavar="WORDS",
+                        help="run only the steps whose name contains WORDS (repeatable), e.g. to fit a "
+                             "machine's per-command time limit: --only kernel --only 'GPU tests', then --only bench")
     args = parser.parse_args()
     try:
         import torch
@@ -113,12 +116,15 @@ def main() -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hotlora-gpu-check-") as work:
         model_dir = Path(work) / ("tiny" if args.dry_run else "1b")  # the benches name it in their tables
-        if skip is None:  # without bitsandbytes the engine steps are skipped anyway
+        if skip is None and (not args.only or any("bench" in words for words in args.only)):
+            # without bitsandbytes the engine steps are skipped anyway
             sys.path.insert(0, str(ROOT))
             from server.model_factory import make_model
 
             make_model(model_dir, "tiny" if args.dry_run else "1b", seed=0)
         for step in steps(args.record and not args.dry_run, args.dry_run, model_dir):
+            if args.only and not any(words in step.name for words in args.only):
+                continue
             results.append((step.name, *run(step, skip)))
     table = [f"### gpu-check on {device}, torch {torch.__version__}, {time.perf_counter() - started:.0f}s in all", "",
              "| step | result | seconds | last line |", "|---|---|---:|---|",

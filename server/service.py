@@ -78,9 +78,9 @@ def _decoded(request):
     return request
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException, logged: bool = False) -> None:
     code, message = grpc_status(error)
-    if code == grpc.StatusCode.INTERNAL:
+    if code == grpc.StatusCode.INTERNAL and not logged:
         log.error("internal error", exc_info=error)
     await context.abort(code, message)
 
@@ -140,7 +140,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, logged=True)  # generations.run logged an unexpected one
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> list:
         if not logprobs:

@@ -255,3 +255,9 @@ def test_streamed_logprobs_add_up_to_the_whole_answers(http):
     assert [t for c in chunks for t in c.tokens] == whole.tokens
     assert [o for c in chunks for o in c.text_offset] == whole.text_offset  # offsets run on across chunks
     assert whole.text_offset == [sum(len(t) for t in whole.tokens[:i]) for i in range(len(whole.tokens))]
+
+
+def test_the_base_models_name_is_the_base_model_over_grpc_too(grpc_client):
+    by_name = grpc_client.generate("Brie is", BASE, max_new_tokens=6, temperature=0, ignore_eos=True)
+    unnamed = grpc_client.generate("Brie is", "", max_new_tokens=6, temperature=0, ignore_eos=True)
+    assert by_name.token_ids == unnamed.token_ids and by_name.adapter == ""

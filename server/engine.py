@@ -267,10 +267,7 @@ class Engine:
         if not sampling.ignore_eos:
             stop_ids.update(self.spec.eos_token_ids)
         matcher = request.grammar.matcher() if request.grammar is not None else None  # before any lock
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63))
+        seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(64)
         with self._lock:
             if self._closing:
                 raise Draining("the engine is shutting down")
@@ -288,7 +285,7 @@ class Engine:
             if adapter is not None:
                 adapter.refs += 1
                 adapter.last_used = time.time()
-            seq = Sequence(request, handle, adapter, frozenset(stop_ids), generator, matcher, tokens=list(request.prompt_ids))
+            seq = Sequence(request, handle, adapter, frozenset(stop_ids), seed, matcher, tokens=list(request.prompt_ids))
             self._pending.append(seq)
             self._lock.notify()
         return handle
@@ -556,7 +553,7 @@ class Engine:
         return compiled
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        return SamplingBatch([s.request.sampling for s in seqs], [s.generator for s in seqs],
+        return SamplingBatch([s.request.sampling for s in seqs], [s.seed for s in seqs], [len(s.generated) for s in seqs],
                              self.spec.vocab_size, self.device)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch,

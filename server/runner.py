@@ -11,8 +11,9 @@ cover what is captured on the GPU.
 
 What the graph fixes: the batch size (padded), the KV span (max_seq_len; the Triton decode
 attention reads each row only up to its own length), and the LoRA path (always on: slot 0 rows
-cost nothing in BGMV). Sampling runs after the graph, on the step's first B logits, because each
-request draws from its own torch.Generator.
+cost nothing in BGMV). Sampling runs after the graph, on the step's first B logits: its batch
+flags (all greedy? top-k? penalties? grammar?) change which ops run, so capturing it means a graph
+per combination, or always the full path.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Per-row sampling for a batch where every request has its own parameters and seed.
 
-Sampling is Gumbel-max: token = argmax(logits/T + g) with g ~ Gumbel(0, 1) drawn from the
-request's own generator, which is an exact draw from softmax(logits/T) restricted by top-k/top-p.
-A request's noise depends only on its seed and step, so a seeded request gives the same tokens
-whatever else shares its batch. Everything stays on the device: no host syncs.
+Sampling is Gumbel-max: token = argmax(logits/T + g) with g ~ Gumbel(0, 1), an exact draw from
+softmax(logits/T) restricted by top-k/top-p. The noise is counter-based: a hash of (the request's
+seed, its step, the token id), computed for the whole batch in a few tensor ops. A request's noise
+depends only on its seed and step, so a seeded request gives the same tokens whatever else shares
+its batch; there is no per-request generator to step row by row, and nothing here needs the host,
+so the step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -62,11 +64,12 @@ class SamplingParams:
 
 
 class SamplingBatch:
-    """Device tensors of the per-row parameters; rebuilt only when the batch's membership changes."""
+    """Device tensors of the per-row parameters; rebuilt only when the batch's membership changes.
+    seeds: each row's seed (any for greedy rows); steps: the tokens each row has generated so far.
+    Every sample() moves the rows one step on."""
 
-    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None],
+    def __init__(self, params: list[SamplingParams], seeds: list[int], steps: list[int],
                  vocab_size: int, device: torch.device):
-        self.generators = generators
         self.all_greedy = all(p.greedy for p in params)
         self.use_top_k = any(p.top_k > 0 for p in params)
         self.use_top_p = any(p.top_p < 1 for p in params)
@@ -79,6 +82,49 @@ class SamplingBatch:
         self.top_k = as_tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
         self.top_p = as_tensor([p.top_p for p in params], torch.float32)
         self.penalty = as_tensor([p.repetition_penalty for p in params], torch.float32)
+        self.seeds = as_tensor([_mix64(s) for s in seeds], torch.int64)  # 32-bit, from the 64-bit seed
+        self.steps = as_tensor(steps, torch.int64)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix64(seed: int) -> int:
+    """A 64-bit seed folded into 32 well-mixed bits (host side, once per request)."""
+    seed %= 2**64
+    return _hash32_int((seed & _MASK32) ^ _hash32_int(seed >> 32))
+
+
+def _hash32_int(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x · constant) mod 2³² for x < 2³² held in int64, in 16-bit halves so nothing overflows."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' lowbias32 on int64 tensors holding 32-bit values (= _hash32_int)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] float32 in (0, 1): a function of (seed, step, token id) only."""
+    tokens = torch.arange(vocab_size, device=seeds.device)
+    row = _hash32(seeds ^ _hash32(steps & _MASK32))[:, None]
+    bits = _hash32(row ^ tokens[None, :])
+    return (bits.to(torch.float64).add_(0.5) / 2**32).to(torch.float32).clamp_(1e-7, 1.0 - 1e-7)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor | None,
@@ -93,17 +139,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor | None
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     greedy_tokens = logits.argmax(dim=-1)
+    steps = batch.steps.clone()
+    batch.steps += 1
     if batch.all_greedy:
         return greedy_tokens
 
     scores = logits / batch.temperature[:, None]
     if batch.use_top_k or batch.use_top_p:
         scores = _restrict_top_k_top_p(scores, batch)
-    noise = torch.zeros_like(scores)
-    for row, generator in enumerate(batch.generators):
-        if generator is not None:
-            uniform = torch.rand(scores.shape[1], generator=generator, device=scores.device)
-            noise[row] = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
+    noise = -torch.log(-torch.log(uniform_noise(batch.seeds, steps, scores.shape[1])))
     sampled = (scores + noise).argmax(dim=-1)
     return torch.where(batch.greedy, greedy_tokens, sampled)
 

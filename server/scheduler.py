@@ -17,8 +17,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import torch
-
 from .adapter_files import AdapterWeights
 from .adapter_tier import SlotImage
 from .config import EngineConfig
@@ -48,7 +46,7 @@ class Sequence:
     handle: RequestHandle
     adapter: LoadedAdapter | None
     stop_ids: frozenset[int]
-    generator: torch.Generator | None
+    seed: int  # of its sampling noise (server/sampling.py)
     matcher: TokenMatcher | None = None  # the request's place in its grammar
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     generated: list[int] = field(default_factory=list)

@@ -12,8 +12,7 @@ V = 12
 
 
 def batch_of(params, seed=0):
-    gens = [None if p.greedy else torch.Generator().manual_seed(seed + i) for i, p in enumerate(params)]
-    return SamplingBatch(params, gens, V, torch.device("cpu"))
+    return SamplingBatch(params, [seed + i for i in range(len(params))], [0] * len(params), V, torch.device("cpu"))
 
 
 def draws(logits, params, n=400):
@@ -76,3 +75,31 @@ def test_invalid_parameters_name_their_field(field, value):
 
     with pytest.raises(InvalidRequest, match=field):
         SamplingParams(**{field: value}).validate()
+
+
+def test_the_noise_hash_on_tensors_is_the_reference_hash():
+    from server.sampling import _hash32, _hash32_int
+
+    values = torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    assert _hash32(values).tolist() == [_hash32_int(v) for v in values.tolist()]
+
+
+def test_noise_depends_on_seed_and_step_only_and_is_uniform():
+    from server.sampling import uniform_noise
+
+    seeds, steps = torch.tensor([7, 7, 8]), torch.tensor([3, 3, 3])
+    noise = uniform_noise(seeds, steps, 5000)
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert not torch.equal(noise[0], uniform_noise(seeds, steps + 1, 5000)[0])
+    counts = torch.histc(noise[2], bins=10, min=0, max=1)
+    assert counts.min() > 400 and counts.max() < 600  # 500 expected per bin
+
+
+def test_each_sample_moves_the_rows_a_step_on():
+    params = [SamplingParams(temperature=1.0)] * 50
+    logits = torch.zeros(50, V)
+    batch = SamplingBatch(params, list(range(50)), [0] * 50, V, torch.device("cpu"))
+    first, second = sample(logits, batch, None), sample(logits, batch, None)
+    assert not torch.equal(first, second)  # a new draw each step
+    resumed = SamplingBatch(params, list(range(50)), [1] * 50, V, torch.device("cpu"))  # rebuilt mid-generation
+    assert torch.equal(sample(logits, resumed, None), second)

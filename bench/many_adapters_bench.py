@@ -8,7 +8,8 @@ load over 8 adapters, through the real path (store → validation → host tier 
 next adapter in turn, so over 1,000 adapters every request is a cold one (read from the store,
 validated, packed, written into a slot that an idle adapter gives up). Reported per case:
 throughput, time to first token p50/p99, slot writes p50, and the store → slot hot-load p50 of
-one adapter on an idle server. The adapters are all different (random A and B per adapter, seeded)
+one r16 all-linear adapter on an idle server (the shape the issue's 20 ms target names; the
+1,000 are r8 on q and v, so that a 1B store of them fits on a 64 GB disk). The adapters are all different (random A and B per adapter, seeded)
 and written through AdapterStore.publish.
 """
 
@@ -40,12 +41,13 @@ from server.store import AdapterStore, base_fingerprint  # noqa: E402
 from tests.helpers import make_peft_adapter  # noqa: E402
 
 
-def fill_store(store: AdapterStore, model_dir: Path, count: int, rank: int, work: Path) -> list[str]:
+def fill_store(store: AdapterStore, model_dir: Path, count: int, rank: int, work: Path,
+               targets: str | list[str] = ("q_proj", "v_proj"), prefix: str = "tenant") -> list[str]:
     """`count` different adapters: one saved by peft, then its tensors redrawn per adapter."""
     from safetensors.torch import load_file, save_file
 
-    template = make_peft_adapter(model_dir, work / "template", seed=1, r=rank, lora_alpha=2 * rank,
-                                 target_modules=["q_proj", "v_proj"])
+    template = make_peft_adapter(model_dir, work / f"template-{prefix}", seed=1, r=rank, lora_alpha=2 * rank,
+                                 target_modules=targets if isinstance(targets, str) else list(targets))
     tensors = load_file(template / "adapter_model.safetensors")
     manifest = {"base_fingerprint": base_fingerprint(model_dir)}
     names = []
@@ -57,7 +59,7 @@ def fill_store(store: AdapterStore, model_dir: Path, count: int, rank: int, work
         shutil.copy(template / "adapter_config.json", staged)
         save_file({k: torch.randn(v.shape, generator=g) * v.float().std() for k, v in tensors.items()},
                   staged / "adapter_model.safetensors")
-        names.append(f"tenant{i:04d}")
+        names.append(f"{prefix}{i:04d}")
         store.publish(names[-1], staged, manifest=manifest)
     return names
 
@@ -117,10 +119,12 @@ def main() -> None:
     store = AdapterStore(work / "store")
     started = time.perf_counter()
     names = fill_store(store, model_dir, args.store_adapters, args.rank, work)
-    print(f"store: {len(names)} adapters published in {time.perf_counter() - started:.1f}s", flush=True)
+    # the hot-load target is stated for r16 on every linear layer: measured on adapters of that shape
+    big = fill_store(store, model_dir, 10, 16, work, targets="all-linear", prefix="big")
+    print(f"store: {len(names) + len(big)} adapters published in {time.perf_counter() - started:.1f}s", flush=True)
 
     config = EngineConfig(max_batch_size=args.concurrency, max_seq_len=args.prompt_len + args.new_tokens + 8,
-                          max_adapters=args.slots, max_rank=args.rank, max_queue=4 * args.concurrency)
+                          max_adapters=args.slots, max_rank=max(args.rank, 16), max_queue=4 * args.concurrency)
     engine = Engine.from_pretrained(model_dir, config)
     writes: list[float] = []
     engine.observe_slot_write = writes.append
@@ -128,7 +132,7 @@ def main() -> None:
                              base_fingerprint(model_dir))
     prompt = torch.randint(10, engine.spec.vocab_size - 1, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     try:
-        hot_load = hot_load_p50(manager, engine, names[-10:])
+        hot_load = hot_load_p50(manager, engine, big)
         few = names[: args.few]
         run_case(manager, few, 2 * args.few, args.concurrency, prompt, args.new_tokens)  # warm: the few are loaded
         results = {}
@@ -148,8 +152,8 @@ def main() -> None:
         f"### many_adapters_bench: {f'model `{args.model.name}`' if args.model else f'preset `{args.preset}`'}, {args.requests} requests ({args.concurrency} in flight) of "
         f"{args.prompt_len}+{args.new_tokens} tokens, round robin; {args.slots} device slots; adapters r={args.rank} q,v",
         "",
-        f"Machine: {machine()}; compute dtype {engine.dtype}; hot-load (store → slot, one adapter, idle server) "
-        f"p50 {1000 * hot_load:.1f} ms.",
+        f"Machine: {machine()}; compute dtype {engine.dtype}; hot-load (store → slot, one r16 all-linear "
+        f"adapter, idle server) p50 {1000 * hot_load:.1f} ms.",
         "",
         "| case | tok/s | vs few | TTFT p50 ms | TTFT p99 ms | slot writes | slot write p50 ms |",
         "|---|---:|---:|---:|---:|---:|---:|",

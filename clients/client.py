@@ -144,9 +144,9 @@ def build_request(prompt: str | Sequence[dict] | Sequence[int], adapter: str = "
         request.max_new_tokens = max_new_tokens
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "repetition_penalty": repetition_penalty}
-    for field, value in sampling.items():
+    for name, value in sampling.items():
         if value is not None:
-            setattr(request.sampling, field, value)
+            setattr(request.sampling, name, value)
     return request
 
 

@@ -21,8 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {"1.1B": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)],
-          "7B": [(4096, 4096), (11008, 4096), (4096, 11008)]}
+# (out, in); 2560 and 11264 rows are the engine's stacked q/k/v and gate/up (one launch each)
+SHAPES = {"1.1B": [(2048, 2048), (256, 2048), (2560, 2048), (5632, 2048), (11264, 2048), (2048, 5632)],
+          "7B": [(4096, 4096), (12288, 4096), (11008, 4096), (22016, 4096), (4096, 11008)]}
 
 
 def time_us(fn, repeats: int = 50) -> float:

@@ -1,9 +1,10 @@
 """The host tier of adapters and the copy from it into a device slot.
 
-A validated adapter is packed once, in the thread that loaded it, into a SlotImage: every
-module's A [r, in] and scale·Bᵀ [r, out] already in the engine's dtype, side by side in one
-host buffer (pinned on CUDA, so copies from it are truly asynchronous). Its size is what the
-adapter costs the host tier (AdapterConfig.host_cache_bytes).
+A validated adapter is packed once, in the thread that loaded it, into a SlotImage laid out
+like the pools it goes to: per pool, each slice's A [r, in] and one scale·Bᵀ [r, out] across all
+the pool's slices (zero columns for modules the adapter does not target), in the engine's dtype,
+side by side in one host buffer (pinned on CUDA, so copies from it are truly asynchronous). Its
+size is what the adapter costs the host tier (AdapterConfig.host_cache_bytes).
 
 Making an adapter resident is then a SlotWriter.write on the engine thread: on CUDA, one
 non-blocking copy per tensor on a side stream, with an event the next step that uses the slot
@@ -25,33 +26,49 @@ from .lora import LoRAPool
 
 @dataclass(frozen=True)
 class _Part:
+    """What one pool's slot receives: rows of lora_a (first row, tensor) and the leading rows of
+    scaled_b_t; everything else in the slot is zero."""
+
     rank: int
-    a: torch.Tensor  # [rank, in], a view into the image's buffer
-    scaled_b_t: torch.Tensor  # [rank, out]
+    a_rows: list[tuple[int, torch.Tensor]]  # views into the image's buffer
+    scaled_b_t: torch.Tensor  # [rank, out_1 + … + out_n]
 
 
 class SlotImage:
-    """One adapter, packed for its slot writes. parts: (layer, module) -> the module's tensors."""
+    """One adapter, packed for its slot writes. parts: pool key (layer, name) -> what it receives."""
 
     def __init__(self, parts: dict[tuple[int, str], _Part], nbytes: int):
         self.parts = parts
         self.nbytes = nbytes
 
     @classmethod
-    def pack(cls, weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> "SlotImage":
+    def pack(cls, weights: AdapterWeights, pools: dict[tuple[int, str], LoRAPool], dtype: torch.dtype,
+             pin: bool) -> "SlotImage":
         """Scale folded into B in B's precision (float32) before the cast, as LoRAPool.write_slot does."""
-        tensors = {key: (m.lora_a, (m.lora_b.T * m.scale)) for key, m in weights.modules.items()}
-        total = sum(a.numel() + bt.numel() for a, bt in tensors.values())
+        layouts = {}
+        for (layer, name), pool in pools.items():
+            members = [(i, weights.modules.get((layer, module))) for i, module in enumerate(pool.slices)]
+            members = [(i, m) for i, m in members if m is not None]
+            if not members:
+                continue
+            rank = max(m.lora_a.shape[0] for _, m in members)
+            b_t = torch.zeros(rank, pool.starts[-1])
+            for i, m in members:
+                b_t[:m.lora_a.shape[0], pool.starts[i]:pool.starts[i + 1]] = m.lora_b.T * m.scale
+            layouts[(layer, name)] = (rank, [(i * pool.max_rank, m.lora_a) for i, m in members], b_t)
+        total = sum(sum(a.numel() for _, a in rows) + b_t.numel() for _, rows, b_t in layouts.values())
         buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
-        parts, offset = {}, 0
-        for key, (a, bt) in tensors.items():
-            views = []
-            for t in (a, bt):
-                view = buffer[offset:offset + t.numel()].view(t.shape)
-                view.copy_(t)
-                views.append(view)
-                offset += t.numel()
-            parts[key] = _Part(a.shape[0], *views)
+        offset = 0
+
+        def place(t: torch.Tensor) -> torch.Tensor:
+            nonlocal offset
+            view = buffer[offset:offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            offset += t.numel()
+            return view
+
+        parts = {key: _Part(rank, [(row, place(a)) for row, a in rows], place(b_t))
+                 for key, (rank, rows, b_t) in layouts.items()}
         nbytes = total * buffer.element_size()
         if pin:  # torch's pinned allocator hands out power-of-two blocks: that is what it costs
             nbytes = 1 << (nbytes - 1).bit_length()
@@ -98,11 +115,14 @@ class SlotWriter:
     def _copy(self, slot: int, image: SlotImage) -> None:
         for key, pool in self.pools.items():
             part = image.parts.get(key)
-            rank = part.rank if part is not None else 0
-            if part is not None:
-                pool.lora_a[slot, :rank].copy_(part.a, non_blocking=True)
-                pool.scaled_b_t[slot, :rank].copy_(part.scaled_b_t, non_blocking=True)
-            if rank < pool.lora_a.shape[1]:
-                pool.lora_a[slot, rank:].zero_()
-                pool.scaled_b_t[slot, rank:].zero_()
-            pool.slot_ranks[slot].fill_(rank)
+            pool.lora_a[slot].zero_()
+            if part is None:
+                pool.scaled_b_t[slot].zero_()
+                pool.slot_ranks[slot].fill_(0)
+                continue
+            for row, a in part.a_rows:
+                pool.lora_a[slot, row:row + a.shape[0]].copy_(a, non_blocking=True)
+            pool.scaled_b_t[slot, :part.rank].copy_(part.scaled_b_t, non_blocking=True)
+            if part.rank < pool.max_rank:
+                pool.scaled_b_t[slot, part.rank:].zero_()
+            pool.slot_ranks[slot].fill_(part.rank)

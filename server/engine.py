@@ -150,7 +150,7 @@ class Engine:
         free (otherwise the first request that needs them gets one). Registering an existing name
         replaces it: requests already queued or running keep the weights they started with. The
         weights are packed for the device here, in the caller's thread, not the engine's."""
-        image = SlotImage.pack(weights, self.dtype, pin=self.device.type == "cuda")
+        image = SlotImage.pack(weights, self._pools, self.dtype, pin=self.device.type == "cuda")
         entry = LoadedAdapter(name, replace(weights, modules={}), image)
         with self._lock:
             old = self._adapters.get(name)

@@ -1,6 +1,6 @@
 """Batched multi-LoRA math: every token of a batch gets its own adapter.
 
-For one target module the adapters live in a preallocated pool
+For one projection the adapters live in a preallocated pool
 
     A[slots, r_max, in]    sBᵀ[slots, r_max, out]
 
@@ -9,6 +9,11 @@ by the adapter's scale s (α/r, or α/√r for rsLoRA) when it is written, so th
 multiplies by it. Slot 0 is "no adapter" and stays zero. An adapter of rank r < r_max is
 zero-padded: padded rows of A and Bᵀ contribute exactly 0. Loading an adapter is a `copy_` into a
 free slot; shapes never change, so nothing here allocates per step or blocks CUDA graphs.
+
+Projections that share an input (q/k/v, gate/up) share one pool of n slices: A[slots, n·r_max, in]
+holds slice i's A in rows i·r_max.., sBᵀ[slots, r_max, out_1 + … + out_n] slice i's in its own
+columns (server/kernels/lora.py's layout). One shrink serves every slice; each slice's expand
+adds only to its columns.
 
 The math, three ways:
 - `lora_delta_reference` — the definition, token by token (gather + bmm). Readable; everything
@@ -31,14 +36,19 @@ from torch import nn
 
 
 def lora_delta_reference(x: torch.Tensor, token_slots: torch.Tensor, lora_a: torch.Tensor,
-                         scaled_b_t: torch.Tensor) -> torch.Tensor:
-    """delta[t] = (x[t] @ A[s]ᵀ) @ sBᵀ[s]  with s = token_slots[t], for every token t.
+                         scaled_b_t: torch.Tensor, slice_starts: tuple[int, ...] | None = None) -> torch.Tensor:
+    """delta[t, slice i] = (x[t] @ A_i[s]ᵀ) @ sBᵀ_i[s]  with s = token_slots[t], for every token t.
 
-    x: [N, in]; token_slots: [N] int64; lora_a: [S, r, in]; scaled_b_t: [S, r, out].
-    Returns [N, out] in x's dtype.
+    x: [N, in]; token_slots: [N] int64; lora_a: [S, n·r, in]; scaled_b_t: [S, r, out];
+    slice_starts: the n slices' first columns and out (None: one slice). Returns [N, out].
     """
-    shrunk = torch.bmm(lora_a[token_slots], x.unsqueeze(-1)).squeeze(-1)     # [N, r]
-    return torch.bmm(shrunk.unsqueeze(1), scaled_b_t[token_slots]).squeeze(1)  # [N, out]
+    rank, out = scaled_b_t.shape[1], scaled_b_t.shape[2]
+    slice_starts = slice_starts or (0, out)
+    slices = []
+    for i, (lo, hi) in enumerate(zip(slice_starts[:-1], slice_starts[1:])):
+        shrunk = torch.bmm(lora_a[token_slots, i * rank:(i + 1) * rank], x.unsqueeze(-1)).squeeze(-1)  # [N, r]
+        slices.append(torch.bmm(shrunk.unsqueeze(1), scaled_b_t[token_slots, :, lo:hi]).squeeze(1))
+    return torch.cat(slices, dim=1)
 
 
 def slot_mask(token_slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
@@ -48,14 +58,20 @@ def slot_mask(token_slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> 
     return (token_slots[:, None] == slots[None, :]).to(dtype)
 
 
-def lora_delta_stacked(x: torch.Tensor, mask: torch.Tensor, lora_a: torch.Tensor,
-                       scaled_b_t: torch.Tensor) -> torch.Tensor:
+def lora_delta_stacked(x: torch.Tensor, mask: torch.Tensor, lora_a: torch.Tensor, scaled_b_t: torch.Tensor,
+                       slice_starts: tuple[int, ...] | None = None) -> torch.Tensor:
     """Same result as lora_delta_reference, given mask = slot_mask(token_slots, S, x.dtype)."""
     num_tokens = x.shape[0]
-    slots, rank = lora_a.shape[0] - 1, lora_a.shape[1]
-    shrunk = x @ lora_a[1:].reshape(slots * rank, -1).T                     # [N, (S-1)·r]
-    shrunk = (shrunk.view(num_tokens, slots, rank) * mask.unsqueeze(-1)).view(num_tokens, slots * rank)
-    return shrunk @ scaled_b_t[1:].reshape(slots * rank, -1)                 # [N, out]
+    slots, rank = lora_a.shape[0] - 1, scaled_b_t.shape[1]
+    slice_starts = slice_starts or (0, scaled_b_t.shape[2])
+    n = len(slice_starts) - 1
+    shrunk = x @ lora_a[1:].reshape(slots * n * rank, -1).T                 # [N, (S-1)·n·r]
+    shrunk = shrunk.view(num_tokens, slots, n, rank) * mask[:, :, None, None]
+    b = scaled_b_t[1:].reshape(slots * rank, -1)                            # [(S-1)·r, out]
+    if n == 1:
+        return shrunk.view(num_tokens, slots * rank) @ b
+    return torch.cat([shrunk[:, :, i].reshape(num_tokens, slots * rank) @ b[:, lo:hi]
+                      for i, (lo, hi) in enumerate(zip(slice_starts[:-1], slice_starts[1:]))], dim=1)
 
 
 class TorchLoRA:
@@ -67,7 +83,7 @@ class TorchLoRA:
         return slot_mask(token_slots, num_slots, dtype)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", mask: torch.Tensor) -> torch.Tensor:
-        return y + lora_delta_stacked(x, mask, pool.lora_a, pool.scaled_b_t)
+        return y + lora_delta_stacked(x, mask, pool.lora_a, pool.scaled_b_t, pool.starts)
 
 
 @dataclass(frozen=True)
@@ -93,7 +109,7 @@ class TritonLoRA:
     def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", prepared) -> torch.Tensor:
         from .kernels import lora as kernels
 
-        r_max = pool.lora_a.shape[1]
+        r_max = pool.max_rank
         if isinstance(prepared, _Segments):
             h = kernels.sgmv_shrink(x, pool.lora_a, prepared.starts, prepared.slots, pool.slot_ranks, r_max, prepared.longest)
             return kernels.sgmv_expand(y, h, pool.scaled_b_t, prepared.starts, prepared.slots, pool.slot_ranks,
@@ -117,39 +133,59 @@ class LoRABatch:
 
 
 class LoRAPool(nn.Module):
-    """The slots of one target module. Buffers, not parameters: serving never trains them."""
+    """The slots of one projection, or of projections sharing an input (`slices`: each target
+    module's name and output features, in output order). Buffers, not parameters: serving never
+    trains them."""
 
-    def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int,
+    def __init__(self, num_slots: int, max_rank: int, in_features: int, slices: dict[str, int],
                  device: torch.device, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, in_features, device=device, dtype=dtype))
-        self.register_buffer("scaled_b_t", torch.zeros(num_slots, max_rank, out_features, device=device, dtype=dtype))
+        self.slices = dict(slices)
+        starts = [0]
+        for out in self.slices.values():
+            starts.append(starts[-1] + out)
+        self.starts = tuple(starts)  # host copy, for the torch path and slot writes
+        n = len(self.slices)
+        self.register_buffer("lora_a", torch.zeros(num_slots, n * max_rank, in_features, device=device, dtype=dtype))
+        self.register_buffer("scaled_b_t", torch.zeros(num_slots, max_rank, starts[-1], device=device, dtype=dtype))
         # what the kernels need to skip work: each slot's rank (0 = empty) and the output's slices
         self.register_buffer("slot_ranks", torch.zeros(num_slots, dtype=torch.int32, device=device))
-        self.register_buffer("slice_starts", torch.tensor([0, out_features], dtype=torch.int32, device=device))
+        self.register_buffer("slice_starts", torch.tensor(starts, dtype=torch.int32, device=device))
 
     @property
     def num_slots(self) -> int:
         return self.lora_a.shape[0]
 
-    def write_slot(self, slot: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: float) -> None:
-        """Copy one adapter (A [r, in], B [out, r] as PEFT stores them) into `slot`, zero-padded
-        to max_rank, with `scale` folded into B (in B's precision, before any cast); None clears it."""
+    @property
+    def max_rank(self) -> int:
+        return self.scaled_b_t.shape[1]
+
+    def write_slot(self, slot: int, modules: dict) -> None:
+        """Copy one adapter's modules (name -> ModuleLoRA: A [r, in], B [out, r] as PEFT stores
+        them, and the scale) into `slot`, zero-padded to max_rank, with each scale folded into its
+        B (in B's precision, before any cast). Slices the adapter lacks, or all of them for {}, are zero."""
         if slot == 0:
             raise ValueError("slot 0 is the base model and stays zero")
+        unknown = set(modules) - set(self.slices)
+        if unknown:
+            raise ValueError(f"this pool holds {sorted(self.slices)}, not {sorted(unknown)}")
         self.lora_a[slot].zero_()
         self.scaled_b_t[slot].zero_()
-        self.slot_ranks[slot] = 0
-        if lora_a is None:
-            return
-        rank = lora_a.shape[0]
-        self.lora_a[slot, :rank].copy_(lora_a)
-        self.scaled_b_t[slot, :rank].copy_(lora_b.T * scale)
+        rank = 0
+        for i, name in enumerate(self.slices):
+            module = modules.get(name)
+            if module is None:
+                continue
+            r = module.lora_a.shape[0]
+            self.lora_a[slot, i * self.max_rank:i * self.max_rank + r].copy_(module.lora_a)
+            self.scaled_b_t[slot, :r, self.starts[i]:self.starts[i + 1]].copy_(module.lora_b.T * module.scale)
+            rank = max(rank, r)
         self.slot_ranks[slot] = rank
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scale[s]·(x·A[s]ᵀ)·B[s]ᵀ — a frozen (NF4) projection plus its adapter pool."""
+    """y = base(x) + scale[s]·(x·A[s]ᵀ)·B[s]ᵀ — a frozen (NF4) projection plus its adapter pool
+    (or projections sharing an input, base and pool stacked alike: y holds their outputs side by side)."""
 
     def __init__(self, base: nn.Module, pool: LoRAPool):
         super().__init__()

@@ -2,8 +2,9 @@
 checkpoint directory: GQA, RoPE (with transformers' scaling variants, llama3 included), RMSNorm,
 SwiGLU, optional q/k/v (and o, MLP) biases, tied embeddings.
 
-Every projection is a LoRALinear (NF4 base + adapter pool). Embeddings, norms and lm_head stay in
-the compute dtype. The forward works on a padded [B, T] batch of token ids; the engine decides
+Every projection is a LoRALinear (NF4 base + adapter pool); projections that read the same input
+run as one (q/k/v, gate/up: PROJECTION_GROUPS), their outputs split after. Embeddings, norms and
+lm_head stay in the compute dtype. The forward works on a padded [B, T] batch of token ids; the engine decides
 what the rows are (a prefill of new prompts, or one decode token per running sequence).
 """
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TARGET_MODULES, EngineConfig
+from .config import EngineConfig
 from .errors import UnsupportedModel
 from .kv_cache import KVCache
 from .attention import DecodeAttention, TorchDecodeAttention, TritonDecodeAttention
@@ -26,6 +27,11 @@ from .lora import LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, Trito
 from .quant import choose_nf4_matmul, make_base_linear, resident_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# Target modules that read the same input, computed as one: one stacked NF4 weight (one launch on
+# the Triton path) and one LoRA pool (one shrink for all of them).
+PROJECTION_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                     "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,8 @@ class DecoderLayer(nn.Module):
         self.spec = spec
         self.decode_attention = decode_attention
         self.proj = nn.ModuleDict(projections)
+        kv = spec.num_kv_heads * spec.head_dim
+        self.qkv_sizes = (spec.num_heads * spec.head_dim, kv, kv)
         self.input_norm = input_norm
         self.post_norm = post_norm
 
@@ -164,9 +172,10 @@ class DecoderLayer(nn.Module):
         bsz, seq, hidden = x.shape
         spec, p = self.spec, self.proj
         h = self.input_norm(x).view(bsz * seq, hidden)
-        q = p["q_proj"](h, lora).view(bsz, seq, spec.num_heads, spec.head_dim).transpose(1, 2)
-        k = p["k_proj"](h, lora).view(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-        v = p["v_proj"](h, lora).view(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        q, k, v = p["qkv_proj"](h, lora).split(self.qkv_sizes, dim=-1)
+        q = q.reshape(bsz, seq, spec.num_heads, spec.head_dim).transpose(1, 2)
+        k = k.reshape(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        v = v.reshape(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         cache.write(layer, batch.cache_rows, batch.positions, k, v)
@@ -178,7 +187,8 @@ class DecoderLayer(nn.Module):
         x = x + p["o_proj"](attn, lora).view(bsz, seq, hidden)
 
         h = self.post_norm(x).view(bsz * seq, hidden)
-        mlp = F.silu(p["gate_proj"](h, lora)) * p["up_proj"](h, lora)
+        gate, up = p["gate_up_proj"](h, lora).split(spec.intermediate_size, dim=-1)
+        mlp = F.silu(gate) * up
         return x + p["down_proj"](mlp, lora).view(bsz, seq, hidden)
 
 
@@ -205,9 +215,10 @@ class Transformer(nn.Module):
 
     @property
     def num_lora_slots(self) -> int:
-        return self.layers[0].proj["q_proj"].pool.num_slots
+        return self.layers[0].proj["qkv_proj"].pool.num_slots
 
     def lora_pools(self) -> dict[tuple[int, str], LoRAPool]:
+        """(layer, projection group) -> its pool; pool.slices names the target modules it holds."""
         return {(i, name): proj.pool for i, layer in enumerate(self.layers) for name, proj in layer.proj.items()}
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -289,16 +300,21 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     layers = []
     for i in range(spec.num_layers):
         projections = {}
-        for name in TARGET_MODULES:
-            prefix = f"model.layers.{i}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{name}"
-            weight = reader.get(f"{prefix}.weight")
-            in_features, out_features = shapes[name]
-            if tuple(weight.shape) != (out_features, in_features):
-                raise UnsupportedModel(f"{prefix}.weight has shape {tuple(weight.shape)}, config implies {(out_features, in_features)}")
-            bias = reader.get(f"{prefix}.bias") if has_bias[name] else None
-            base = make_base_linear(weight, bias, config.quant, nf4_matmul, device, dtype)
-            pool = LoRAPool(num_slots, config.max_rank, in_features, out_features, device, dtype)
-            projections[name] = LoRALinear(base, pool)
+        for group, members in PROJECTION_GROUPS.items():
+            weights, biases = [], []
+            for name in members:
+                prefix = f"model.layers.{i}.{'self_attn' if name in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{name}"
+                weight = reader.get(f"{prefix}.weight")
+                in_features, out_features = shapes[name]
+                if tuple(weight.shape) != (out_features, in_features):
+                    raise UnsupportedModel(f"{prefix}.weight has shape {tuple(weight.shape)}, config implies {(out_features, in_features)}")
+                weights.append(weight)
+                if has_bias[name]:
+                    biases.append(reader.get(f"{prefix}.bias"))
+            base = make_base_linear(weights, torch.cat(biases) if biases else None, config.quant, nf4_matmul, device, dtype)
+            pool = LoRAPool(num_slots, config.max_rank, shapes[members[0]][0], {name: shapes[name][1] for name in members},
+                            device, dtype)
+            projections[group] = LoRALinear(base, pool)
         norms = [RMSNorm(reader.get(f"model.layers.{i}.{n}.weight").to(device, dtype), spec.rms_norm_eps)
                  for n in ("input_layernorm", "post_attention_layernorm")]
         layers.append(DecoderLayer(spec, projections, *norms, decode_attention))

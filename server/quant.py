@@ -15,7 +15,8 @@ different numbers (and crashed on shapes its repacking does not support) dependi
 - "cpu-bf16-packed" (CPU opt-in): bitsandbytes' fused AVX512-BF16 kernel on a weight repacked
   once at load. Faster on such CPUs, with bfloat16 error (~3e-3 relative per layer).
 - "triton" (CUDA; the CPU interpreter for tests): server/kernels/nf4.py reads the packed bits
-  and the double-quantized absmax in the matmul itself, for decode batches.
+  and the double-quantized absmax in the matmul itself, for decode batches; projections that
+  share an input are stacked into one weight, one launch.
 """
 
 from __future__ import annotations
@@ -56,18 +57,30 @@ def import_bitsandbytes():
 
 @dataclass(frozen=True)
 class NF4Matmul:
-    """One way to compute y = x·W0ᵀ + b from a Params4bit weight. `prepare` runs once per weight
-    at load (a repacking, a view for a kernel) and returns what `forward`, the hot path, needs."""
+    """One way to compute y = x·W0ᵀ + b from Params4bit weights stacked by rows (projections
+    that share an input, or just one). `prepare` runs once per NF4Linear at load (a repacking,
+    a stacked view for a kernel) and returns what `forward`, the hot path, needs."""
 
     name: str
-    prepare: Callable[[nn.Parameter], object]
-    forward: Callable[[torch.Tensor, nn.Parameter, object, torch.Tensor | None], torch.Tensor]
+    prepare: Callable[[list[nn.Parameter]], object]
+    forward: Callable[[torch.Tensor, list[nn.Parameter], object, torch.Tensor | None], torch.Tensor]
 
 
-def _dequantize_forward(x: torch.Tensor, weight: nn.Parameter, prepared, bias: torch.Tensor | None) -> torch.Tensor:
+def _side_by_side(outputs: list[torch.Tensor]) -> torch.Tensor:
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+def _split_bias(weights: list[nn.Parameter], bias: torch.Tensor | None) -> list[torch.Tensor | None]:
+    if bias is None:
+        return [None] * len(weights)
+    return list(bias.split([w.quant_state.shape[0] for w in weights]))
+
+
+def _dequantize_forward(x: torch.Tensor, weights: list[nn.Parameter], prepared, bias: torch.Tensor | None) -> torch.Tensor:
     import bitsandbytes as bnb
 
-    return bnb.matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias)
+    return _side_by_side([bnb.matmul_4bit(x, w, quant_state=w.quant_state, bias=b)
+                          for w, b in zip(weights, _split_bias(weights, bias))])
 
 
 # Up to this many tokens (decode batches) the Triton kernel reads the packed weight directly; a
@@ -75,7 +88,7 @@ def _dequantize_forward(x: torch.Tensor, weight: nn.Parameter, prepared, bias: t
 TRITON_GEMV_MAX_TOKENS = 64
 
 
-def _triton_forward(x: torch.Tensor, weight: nn.Parameter, nf4_weight, bias: torch.Tensor | None) -> torch.Tensor:
+def _triton_forward(x: torch.Tensor, weights: list[nn.Parameter], nf4_weight, bias: torch.Tensor | None) -> torch.Tensor:
     from .kernels import nf4
 
     if x.numel() // x.shape[-1] <= TRITON_GEMV_MAX_TOKENS:
@@ -83,33 +96,36 @@ def _triton_forward(x: torch.Tensor, weight: nn.Parameter, nf4_weight, bias: tor
     return torch.nn.functional.linear(x, nf4.nf4_dequantize(nf4_weight, x.dtype), bias)
 
 
-def _nf4_view(weight: nn.Parameter):
+def _stacked_view(weights: list[nn.Parameter]):
     from .kernels.nf4 import NF4Weight
 
-    return NF4Weight.from_bitsandbytes(weight)
+    return NF4Weight.stack(weights)
 
 
-def _repack_for_cpu_bf16(weight: nn.Parameter) -> None:
+def _repack_for_cpu_bf16(weights: list[nn.Parameter]) -> None:
     import bitsandbytes.functional as bnbf
 
-    state = weight.quant_state
-    out_features, in_features = state.shape
-    if out_features % 32 or in_features % state.blocksize:  # its layout: rows in 32s, whole blocks per row
-        raise ValueError(f"nf4 path cpu-bf16-packed needs out_features % 32 == 0 and in_features % {state.blocksize} "
-                         f"== 0; this model has a {out_features}x{in_features} projection (use the dequantize path)")
-    weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    for weight in weights:
+        state = weight.quant_state
+        out_features, in_features = state.shape
+        if out_features % 32 or in_features % state.blocksize:  # its layout: rows in 32s, whole blocks per row
+            raise ValueError(f"nf4 path cpu-bf16-packed needs out_features % 32 == 0 and in_features % "
+                             f"{state.blocksize} == 0; this model has a {out_features}x{in_features} projection "
+                             "(use the dequantize path)")
+        weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
 
 
-def _cpu_bf16_packed_forward(x: torch.Tensor, weight: nn.Parameter, prepared, bias: torch.Tensor | None) -> torch.Tensor:
+def _cpu_bf16_packed_forward(x: torch.Tensor, weights: list[nn.Parameter], prepared, bias: torch.Tensor | None) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
-    y = bnbf.gemv_4bit(x.to(torch.bfloat16), weight, state=weight.quant_state).to(x.dtype)
+    x16 = x.to(torch.bfloat16)
+    y = _side_by_side([bnbf.gemv_4bit(x16, w, state=w.quant_state) for w in weights]).to(x.dtype)
     return y if bias is None else y + bias
 
 
-DEQUANTIZE = NF4Matmul("dequantize", prepare=lambda weight: None, forward=_dequantize_forward)
+DEQUANTIZE = NF4Matmul("dequantize", prepare=lambda weights: None, forward=_dequantize_forward)
 CPU_BF16_PACKED = NF4Matmul("cpu-bf16-packed", prepare=_repack_for_cpu_bf16, forward=_cpu_bf16_packed_forward)
-TRITON = NF4Matmul("triton", prepare=_nf4_view, forward=_triton_forward)
+TRITON = NF4Matmul("triton", prepare=_stacked_view, forward=_triton_forward)
 
 
 def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torch",
@@ -137,34 +153,40 @@ def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torc
 
 
 class NF4Linear(nn.Module):
-    """A frozen y = x·W0ᵀ + b with W0 = doubleDequant(NF4), computed by the engine's NF4Matmul."""
+    """A frozen y = x·W0ᵀ + b with W0 = doubleDequant(NF4), computed by the engine's NF4Matmul.
+    W0 may stack several projections that share an input (q/k/v, gate/up): each is still the
+    Params4bit bitsandbytes quantized on its own, and y holds their outputs side by side."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, matmul: NF4Matmul):
+    def __init__(self, weights: list[nn.Parameter], bias: nn.Parameter | None, matmul: NF4Matmul):
         super().__init__()
-        self.weight = weight
+        self.weights = nn.ParameterList(weights)
         self.bias = bias
         self.matmul = matmul
-        self.prepared = matmul.prepare(weight)
+        self.prepared = matmul.prepare(list(self.weights))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul.forward(x, self.weight, self.prepared, self.bias)
+        return self.matmul.forward(x, self.weights, self.prepared, self.bias)
 
 
-def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig, matmul: NF4Matmul,
-                     device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A frozen `y = x·Wᵀ + b` from a dense [out, in] weight: NF4 with double quantization, or,
-    with quantization disabled (debugging only), a plain nn.Linear in the compute dtype."""
+def make_base_linear(weights: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None, quant: QuantConfig,
+                     matmul: NF4Matmul, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A frozen `y = x·Wᵀ + b` from a dense [out, in] weight, or several stacked by rows (each
+    quantized on its own, as transformers quantizes them): NF4 with double quantization, or, with
+    quantization disabled (debugging only), a plain nn.Linear in the compute dtype."""
+    weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     bias = None if bias is None else nn.Parameter(bias.to(device, dtype), requires_grad=False)
     if not quant.enabled:
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        layer.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
+        dense = torch.cat(weights) if len(weights) > 1 else weights[0]
+        layer = nn.Linear(dense.shape[1], dense.shape[0], bias=False, device="meta")
+        layer.weight = nn.Parameter(dense.to(device, dtype), requires_grad=False)
         layer.bias = bias
         return layer
     bnb = import_bitsandbytes()
     # Params4bit quantizes when moved to a device; quantize from the compute dtype, as
     # transformers does when it loads with `dtype=compute dtype`.
-    packed = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, blocksize=quant.blocksize,
-                               compress_statistics=quant.double_quant, quant_type=quant.quant_type).to(device)
+    packed = [bnb.nn.Params4bit(w.to(dtype), requires_grad=False, blocksize=quant.blocksize,
+                                compress_statistics=quant.double_quant, quant_type=quant.quant_type).to(device)
+              for w in weights]
     return NF4Linear(packed, bias, matmul)
 
 
@@ -205,11 +227,10 @@ def _quant_state_bytes(state) -> int:
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight the layer multiplies by (W0 = doubleDequant(NF4)), for references. Not for a
-    repacked weight."""
-    state = getattr(layer.weight, "quant_state", None)
-    if state is None:
+    """The weight the layer multiplies by (W0 = doubleDequant(NF4), stacked parts by rows), for
+    references. Not for a repacked weight."""
+    if not isinstance(layer, NF4Linear):
         return layer.weight.detach()
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(layer.weight.data, state)
+    return torch.cat([bnbf.dequantize_4bit(w.data, w.quant_state) for w in layer.weights])

@@ -23,7 +23,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from server.kernels import attention, lora, nf4  # noqa: E402
 
 NF4_TENSORS = {"w_packed": "*u8", "w_code": "*fp32", "w_absmax": "*u8", "w_code2": "*fp32", "w_absmax2": "*fp32",
-               "w_offset": "*fp32"}
+               "w_shift": "*i32", "w_offset": "*fp32"}
 KERNELS = {  # name: (kernel, pointer types, constexprs, compile options); other arguments are i32
     "nf4_linear": (nf4._nf4_linear_kernel, {**NF4_TENSORS, "x_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"},
                    dict(HAS_BIAS=True, BLOCKSIZE=64, DOT_FP32=False, BLOCK_M=16, BLOCK_N=64, BLOCK_KP=32),

@@ -14,7 +14,8 @@ from server.config import AdapterConfig, EngineConfig
 from server.engine import Engine, Request, SamplingParams
 from server.lora import LoRAPool
 
-SHAPES = {(0, "q_proj"): (24, 32), (0, "down_proj"): (40, 24), (1, "q_proj"): (24, 32)}
+SHAPES = {(0, "q_proj"): (24, 32), (0, "k_proj"): (24, 8), (0, "down_proj"): (40, 24), (1, "q_proj"): (24, 32)}
+POOLS = {(0, "qk_proj"): ("q_proj", "k_proj"), (0, "down_proj"): ("down_proj",), (1, "q_proj"): ("q_proj",)}
 
 
 def weights(seed: int, ranks: dict) -> AdapterWeights:
@@ -25,31 +26,37 @@ def weights(seed: int, ranks: dict) -> AdapterWeights:
 
 
 def pools(dtype: torch.dtype, device: str = "cpu") -> dict:
-    return {key: LoRAPool(4, 8, i, o, torch.device(device), dtype) for key, (i, o) in SHAPES.items()}
+    return {(layer, name): LoRAPool(4, 8, SHAPES[(layer, modules[0])][0], {m: SHAPES[(layer, m)][1] for m in modules},
+                                    torch.device(device), dtype)
+            for (layer, name), modules in POOLS.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_slot_write_from_the_image_equals_write_slot(dtype):
-    big = weights(1, {(0, "q_proj"): 8, (0, "down_proj"): 8, (1, "q_proj"): 8})
-    small = weights(2, {(0, "q_proj"): 3, (1, "q_proj"): 5})  # no down_proj: that module's slot must clear
+    big = weights(1, {(0, "q_proj"): 8, (0, "k_proj"): 6, (0, "down_proj"): 8, (1, "q_proj"): 8})
+    # no k_proj (its slice must clear) nor down_proj (its whole slot must clear)
+    small = weights(2, {(0, "q_proj"): 3, (1, "q_proj"): 5})
     written, reference = pools(dtype), pools(dtype)
     writer = SlotWriter(written, torch.device("cpu"))
-    for image, adapter in ((SlotImage.pack(big, dtype, pin=False), big), (SlotImage.pack(small, dtype, pin=False), small)):
-        writer.write(2, image)
-        for key, pool in reference.items():
-            m = adapter.modules.get(key)
-            pool.write_slot(2, m and m.lora_a, m and m.lora_b, m.scale if m else 0.0)
-    for key in SHAPES:
+    for adapter in (big, small):
+        writer.write(2, SlotImage.pack(adapter, written, dtype, pin=False))
+        for (layer, _), pool in reference.items():
+            pool.write_slot(2, {m: adapter.modules[(layer, m)] for m in pool.slices if (layer, m) in adapter.modules})
+        if adapter is big:
+            assert written[(0, "qk_proj")].slot_ranks.tolist() == [0, 0, 8, 0]
+    for key in POOLS:
         for name in ("lora_a", "scaled_b_t", "slot_ranks"):
             assert torch.equal(getattr(written[key], name), getattr(reference[key], name)), (key, name)
     assert written[(1, "q_proj")].slot_ranks.tolist() == [0, 0, 5, 0]
+    assert written[(0, "qk_proj")].slot_ranks.tolist() == [0, 0, 3, 0]
     assert len(writer.completed_seconds()) == 2 and writer.completed_seconds() == []
 
 
 def test_the_image_costs_what_its_tensors_take():
+    """Each A as it is; one scale·Bᵀ per pool, across the pool's slices (k's columns zero here)."""
     adapter = weights(3, {(0, "q_proj"): 4, (0, "down_proj"): 2})
-    image = SlotImage.pack(adapter, torch.bfloat16, pin=False)
-    assert image.nbytes == 2 * (4 * (24 + 32) + 2 * (40 + 24))
+    image = SlotImage.pack(adapter, pools(torch.bfloat16), torch.bfloat16, pin=False)
+    assert image.nbytes == 2 * (4 * 24 + 4 * (32 + 8) + 2 * (40 + 24))
 
 
 def test_host_tier_is_bounded_by_bytes(llama_dir, peft_adapters, cheese_and_wine_store):
@@ -58,7 +65,8 @@ def test_host_tier_is_bounded_by_bytes(llama_dir, peft_adapters, cheese_and_wine
 
     engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=32, max_adapters=1, max_rank=16))
     try:
-        one = SlotImage.pack(read_peft_adapter(peft_adapters["wine"], engine.spec, 16), engine.dtype, pin=False).nbytes
+        wine = read_peft_adapter(peft_adapters["wine"], engine.spec, 16)
+        one = SlotImage.pack(wine, engine.model.lora_pools(), engine.dtype, pin=False).nbytes
         config = AdapterConfig(store=cheese_and_wine_store.root, host_cache_bytes=one + 1)  # wine alone, or cheese alone
         manager = AdapterManager(engine, config, Metrics(), None)
         manager.load("cheese")

@@ -102,21 +102,20 @@ def test_slot_writes_on_cuda_are_asynchronous_and_exact():
     """CUDA twin of test_adapter_tier's slot write: from pinned memory on a side stream, with an
     event the compute stream waits on; the result equals LoRAPool.write_slot's."""
     from server.adapter_tier import SlotImage, SlotWriter
-    from tests.test_adapter_tier import SHAPES, pools, weights
+    from tests.test_adapter_tier import POOLS, pools, weights
 
     adapter = weights(1, {(0, "q_proj"): 8, (0, "down_proj"): 3})
     written, reference = pools(torch.bfloat16, "cuda"), pools(torch.bfloat16, "cuda")
-    image = SlotImage.pack(adapter, torch.bfloat16, pin=True)
-    assert all(part.a.is_pinned() for part in image.parts.values())
+    image = SlotImage.pack(adapter, written, torch.bfloat16, pin=True)
+    assert all(part.scaled_b_t.is_pinned() for part in image.parts.values())
     writer = SlotWriter(written, torch.device("cuda"))
     event = writer.write(3, image)
     assert isinstance(event, torch.cuda.Event)
     torch.cuda.current_stream().wait_event(event)
-    for key, pool in reference.items():
-        m = adapter.modules.get(key)
-        pool.write_slot(3, m and m.lora_a, m and m.lora_b, m.scale if m else 0.0)
+    for (layer, _), pool in reference.items():
+        pool.write_slot(3, {m: adapter.modules[(layer, m)] for m in pool.slices if (layer, m) in adapter.modules})
     torch.cuda.synchronize()
-    for key in SHAPES:
+    for key in POOLS:
         for name in ("lora_a", "scaled_b_t", "slot_ranks"):
             assert torch.equal(getattr(written[key], name), getattr(reference[key], name)), (key, name)
     assert len(writer.completed_seconds()) == 1

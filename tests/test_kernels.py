@@ -108,10 +108,10 @@ def test_rank_padding_and_slot_0_are_never_read():
           torch.float32)
 
 
-def quantized(out_features: int, in_features: int, dtype: torch.dtype):
+def quantized(out_features: int, in_features: int, dtype: torch.dtype, std: float = 0.05):
     bnb = import_bitsandbytes()
     g = torch.Generator().manual_seed(out_features * in_features)
-    weight = bnb.nn.Params4bit((torch.randn(out_features, in_features, generator=g) * 0.05).to(dtype),
+    weight = bnb.nn.Params4bit((torch.randn(out_features, in_features, generator=g) * std).to(dtype),
                                requires_grad=False, blocksize=64, compress_statistics=True, quant_type="nf4").to(DEVICE)
     return weight, nf4.NF4Weight.from_bitsandbytes(weight)
 
@@ -152,6 +152,29 @@ def test_nf4_linear_matches_the_reference(shape, tokens, dtype):
     assert got.dtype == dtype and got.shape == (tokens, shape[0])
     close(got.cpu(), want, dtype)
     close(nf4.nf4_linear(x.T.contiguous().T, w).cpu(), nf4.linear_reference(x.double().cpu(), w_cpu(w)), dtype)
+
+
+@DTYPES
+def test_stacked_projections_are_each_projection_bit_for_bit(dtype):
+    """q/k/v stacked into one weight keep each projection's own absmax2 groups (192 blocks: the
+    second projection starts mid-group) and offset (different weight scales), and the stacked
+    tensors take over the weights' storage instead of copying it."""
+    shapes, stds = [(96, 128), (32, 128), (64, 128)], [0.05, 0.2, 0.01]
+    weights = [quantized(*shape, dtype, std)[0] for shape, std in zip(shapes, stds)]
+    functional = import_bitsandbytes().functional
+    separate = torch.cat([functional.dequantize_4bit(w.data, w.quant_state) for w in weights])
+    stacked = nf4.NF4Weight.stack(weights)
+    assert len(set(stacked.offset.tolist())) == 3 and stacked.group_shift.unique().numel() == 3
+    assert torch.equal(nf4.dequantize_reference(stacked, dtype), separate)
+    got = nf4.nf4_dequantize(stacked, dtype)
+    assert torch.equal(got, separate) if dtype == torch.float32 or DEVICE == "cuda" else \
+        ((got.float() - separate.float()).abs() <= torch.finfo(torch.bfloat16).eps * separate.float().abs()).all()
+    x = strided_input(3, 128, dtype)
+    close(nf4.nf4_linear(x, stacked).cpu(), torch.nn.functional.linear(x.double().cpu(), separate.double().cpu()), dtype)
+    packed = stacked.packed.untyped_storage().data_ptr()
+    assert all(w.data.untyped_storage().data_ptr() == packed for w in weights)
+    again = torch.cat([functional.dequantize_4bit(w.data, w.quant_state) for w in weights])
+    assert torch.equal(again, separate)  # the weights still read as themselves through the shared storage
 
 
 def w_cpu(w: nf4.NF4Weight) -> nf4.NF4Weight:

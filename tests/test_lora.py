@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.adapter_files import ModuleLoRA
 from server.config import QuantConfig
 from server.lora import (LoRABatch, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA, lora_delta_reference,
                          lora_delta_stacked, slot_mask)
@@ -23,9 +24,9 @@ def adapters():
 
 @pytest.fixture
 def pool(adapters):
-    pool = LoRAPool(SLOTS, MAX_RANK, IN, OUT, torch.device("cpu"), torch.float32)
+    pool = LoRAPool(SLOTS, MAX_RANK, IN, {"q_proj": OUT}, torch.device("cpu"), torch.float32)
     for slot, (a, b) in adapters.items():
-        pool.write_slot(slot, a, b, SCALES[slot])
+        pool.write_slot(slot, {"q_proj": ModuleLoRA(a, b, SCALES[slot])})
     return pool
 
 
@@ -89,10 +90,10 @@ def test_padded_rank_is_exact(adapters):
     """A rank-2 adapter in an r_max=8 slot gives the result of an r_max=2 pool: the padded terms
     are exact zeros, only float32 summation order (GEMM width) differs."""
     a, b = adapters[1]
-    padded = LoRAPool(2, MAX_RANK, IN, OUT, torch.device("cpu"), torch.float32)
-    exact = LoRAPool(2, 2, IN, OUT, torch.device("cpu"), torch.float32)
-    padded.write_slot(1, a, b, 2.0)
-    exact.write_slot(1, a, b, 2.0)
+    padded = LoRAPool(2, MAX_RANK, IN, {"q_proj": OUT}, torch.device("cpu"), torch.float32)
+    exact = LoRAPool(2, 2, IN, {"q_proj": OUT}, torch.device("cpu"), torch.float32)
+    padded.write_slot(1, {"q_proj": ModuleLoRA(a, b, 2.0)})
+    exact.write_slot(1, {"q_proj": ModuleLoRA(a, b, 2.0)})
     x, slots = torch.randn(3, IN), LoRABatch(torch.ones(3, dtype=torch.long), 3, 2, torch.float32)
     assert not torch.equal(delta(padded, x, slots), torch.zeros(3, OUT))
     torch.testing.assert_close(delta(padded, x, slots), delta(exact, x, slots), rtol=1e-5, atol=1e-5)
@@ -101,14 +102,63 @@ def test_padded_rank_is_exact(adapters):
 def test_rewriting_a_slot_leaves_no_trace_of_the_old_adapter(pool, adapters):
     """Hot swap is a copy_ into a slot: a smaller adapter must not inherit the old one's rows."""
     small_a, small_b = adapters[1]
-    pool.write_slot(2, small_a, small_b, 1.0)  # slot 2 held a rank-8 adapter
+    pool.write_slot(2, {"q_proj": ModuleLoRA(small_a, small_b, 1.0)})  # slot 2 held a rank-8 adapter
     assert torch.count_nonzero(pool.lora_a[2, 2:]) == 0 and torch.count_nonzero(pool.scaled_b_t[2, 2:]) == 0
     assert pool.slot_ranks[2] == 2  # the kernels read rows up to it, and no further
-    pool.write_slot(2, None, None, 0.0)
+    pool.write_slot(2, {})
     assert torch.count_nonzero(pool.lora_a[2]) == 0 and torch.count_nonzero(pool.scaled_b_t[2]) == 0
     assert pool.slot_ranks[2] == 0
     with pytest.raises(ValueError):
-        pool.write_slot(0, small_a, small_b, 1.0)
+        pool.write_slot(0, {"q_proj": ModuleLoRA(small_a, small_b, 1.0)})
+    with pytest.raises(ValueError, match="k_proj"):
+        pool.write_slot(1, {"k_proj": ModuleLoRA(small_a, small_b, 1.0)})
+
+
+# q/k/v as one pool: 48 + 16 + 16 outputs. Slot 1 targets all three at rank 8; slot 2 only q and v
+# (k's slice stays zero) with ranks 3 and 6 (v's alpha_pattern scale differs); slot 3 only k.
+FUSED = {"q_proj": 48, "k_proj": 16, "v_proj": 16}
+FUSED_ADAPTERS = {1: {"q_proj": (8, 2.0), "k_proj": (8, 2.0), "v_proj": (8, 2.0)},
+                  2: {"q_proj": (3, 0.5), "v_proj": (6, 4.0)}, 3: {"k_proj": (5, 1.0)}}
+
+
+@pytest.fixture
+def fused():
+    g = torch.Generator().manual_seed(7)
+    adapters = {slot: {name: ModuleLoRA(torch.randn(r, IN, generator=g), torch.randn(FUSED[name], r, generator=g), scale)
+                       for name, (r, scale) in modules.items()} for slot, modules in FUSED_ADAPTERS.items()}
+    pool = LoRAPool(SLOTS, MAX_RANK, IN, FUSED, torch.device("cpu"), torch.float32)
+    for slot, modules in adapters.items():
+        pool.write_slot(slot, modules)
+    return pool, adapters
+
+
+def float64_fused_delta(x, token_slots, adapters):
+    """Each target module on its own, then side by side: what separate q, k, v pools would add."""
+    rows = []
+    for t, slot in enumerate(token_slots.tolist()):
+        parts = []
+        for name, out in FUSED.items():
+            m = adapters.get(slot, {}).get(name)
+            parts.append(torch.zeros(out, dtype=torch.float64) if m is None else
+                         m.scale * (x[t].double() @ m.lora_a.double().T) @ m.lora_b.double().T)
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+@KERNELS
+@pytest.mark.parametrize("rows, per_row", [(7, 1), (3, 5)], ids=["decode", "prefill"])
+def test_projections_sharing_a_pool_each_get_their_own_adapter(fused, kernels, rows, per_row):
+    pool, adapters = fused
+    assert pool.slot_ranks.tolist() == [0, 8, 6, 5]
+    g = torch.Generator().manual_seed(rows)
+    token_slots = torch.tensor([0, 1, 2, 3, 2, 0, 3][:rows]).repeat_interleave(per_row)
+    x = torch.randn(rows * per_row, IN, generator=g)
+    want = float64_fused_delta(x, token_slots, adapters)
+    assert want[token_slots == 2][:, 48:64].abs().max() == 0 and want[token_slots == 2][:, 64:].abs().max() > 0
+    got = delta(pool, x, LoRABatch(token_slots, rows, SLOTS, x.dtype, kernels))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    reference = lora_delta_reference(x, token_slots, pool.lora_a, pool.scaled_b_t, pool.starts)
+    torch.testing.assert_close(reference.double(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_lora_linear_on_nf4_base_matches_float64(pool, adapters):

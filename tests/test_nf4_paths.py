@@ -28,10 +28,12 @@ def test_engine_layers_stay_double_quantized_on_the_dequantize_path_after_servin
         assert engine.describe()["nf4_path"] == "dequantize"
         engine.generate([Request(prompt_ids=[5, 17, 42], sampling=SamplingParams(max_new_tokens=4, temperature=0.0))])
         layers = nf4_layers(engine)
-        assert len(layers) == 7 * engine.spec.num_layers
+        assert len(layers) == 4 * engine.spec.num_layers  # q/k/v and gate/up stacked
+        assert sum(len(layer.weights) for layer in layers) == 7 * engine.spec.num_layers
         for layer in layers:
-            state = layer.weight.quant_state
-            assert not is_repacked(layer.weight) and state.nested and state.state2 is not None
+            for weight in layer.weights:
+                state = weight.quant_state
+                assert not is_repacked(weight) and state.nested and state.state2 is not None
             x = torch.randn(3, state.shape[1])
             # exactly dequantize-then-matmul in float32: the trained model's numbers
             assert torch.equal(layer(x), torch.nn.functional.linear(x, dequantized_weight(layer), layer.bias))
@@ -67,7 +69,7 @@ def test_packed_path_computes_in_bf16_close_to_the_dequantize_path():
     weight, bias = torch.randn(96, 128) * 0.05, torch.randn(96) * 0.1
     exact = make_base_linear(weight, bias, QuantConfig(), DEQUANTIZE, CPU, torch.float32)
     packed = make_base_linear(weight, bias, QuantConfig(), choose_nf4_matmul("cpu-bf16-packed", CPU), CPU, torch.float32)
-    assert is_repacked(packed.weight) and not is_repacked(exact.weight)
+    assert is_repacked(packed.weights[0]) and not is_repacked(exact.weights[0])
     x = torch.randn(5, 128)
     want, got = exact(x), packed(x)
     assert got.dtype == torch.float32 and not torch.equal(got, want)  # really another kernel

@@ -14,6 +14,16 @@ row-major flattened weight (element e = n·K + k):
 
 (the scale is a product then a sum, in float32, never fused: that is bitsandbytes' order.)
 
+Projections that share an input (q/k/v, gate/up) are stacked into one weight, each still
+quantized on its own as bitsandbytes did it: their packed bytes and absmax concatenate (each
+holds whole 64-blocks), but every projection's absmax2 groups restart at its first block and it
+has its own offset. So each output row n carries `group_shift[n]` (int32) and `offset[n]` (f32):
+
+    W[e] = code[nibble(e)] · (code2[absmax[b]] · absmax2[(b + group_shift[n]) // 256] + offset[n]),
+    b = e // 64,  n = e // K
+
+group_shift = (the projection's first absmax2 index)·256 − (its first block): 0 for one projection.
+
 `dequantize_reference` and `linear_reference` are the definition in plain torch. `nf4_linear`
 computes y = x·Wᵀ (+ b) for small M (decode batches) with a Triton kernel that unpacks the
 weight tile by tile: every weight byte is read once per 16 tokens, no dequantized copy is written.
@@ -40,8 +50,9 @@ class NF4Weight:
     code: torch.Tensor  # f32 [16]
     absmax: torch.Tensor  # uint8 [N*K/blocksize]
     code2: torch.Tensor  # f32 [256]
-    absmax2: torch.Tensor  # f32 [ceil(blocks/256)]
-    offset: torch.Tensor  # f32 [] (a 1-element tensor: no host sync to read it)
+    absmax2: torch.Tensor  # f32 [sum over projections of ceil(blocks/256)]
+    group_shift: torch.Tensor  # int32 [N]: see the module docstring
+    offset: torch.Tensor  # f32 [N]: each row's projection's offset
     out_features: int
     in_features: int
     blocksize: int
@@ -55,16 +66,63 @@ class NF4Weight:
         out_features, in_features = state.shape
         if in_features % 2:
             raise ValueError(f"in_features must be even (two weights per byte), got {in_features}")
+        device = weight.data.device
         return cls(weight.data.view(torch.uint8).reshape(-1), state.code.float(), state.absmax,
-                   state.state2.code.float(), state.state2.absmax.float(), state.offset.float().reshape(1),
+                   state.state2.code.float(), state.state2.absmax.float(),
+                   torch.zeros(out_features, dtype=torch.int32, device=device),
+                   state.offset.float().reshape(1).expand(out_features).contiguous(),
                    out_features, in_features, state.blocksize)
+
+    @classmethod
+    def stack(cls, weights: list) -> "NF4Weight":
+        """One weight whose rows are the Params4bit `weights`' rows in order (same in_features),
+        bit for bit. The weights' own storage becomes views into the stacked tensors, so nothing
+        is held twice."""
+        parts = [cls.from_bitsandbytes(w) for w in weights]
+        first = parts[0]
+        for part in parts:
+            if part.in_features != first.in_features or part.blocksize != first.blocksize:
+                raise ValueError("stacked NF4 weights need the same in_features and blocksize")
+            if not (torch.equal(part.code, first.code) and torch.equal(part.code2, first.code2)):
+                raise ValueError("stacked NF4 weights need the same NF4 and nested codes")
+            if (part.out_features * part.in_features) % part.blocksize:
+                raise ValueError(f"a {part.out_features}x{part.in_features} NF4 weight does not end on a "
+                                 f"{part.blocksize}-weight block, so it cannot be stacked with others")
+        if len(parts) == 1:
+            return first
+        shifts, block, group = [], 0, 0
+        for part in parts:
+            shifts.append(torch.full((part.out_features,), group * NESTED_BLOCKSIZE - block, dtype=torch.int32))
+            block += part.absmax.numel()
+            group += part.absmax2.numel()
+        stacked = cls(torch.cat([p.packed for p in parts]), first.code, torch.cat([p.absmax for p in parts]),
+                      first.code2, torch.cat([p.absmax2 for p in parts]), torch.cat(shifts).to(first.packed.device),
+                      torch.cat([p.offset for p in parts]), sum(p.out_features for p in parts), first.in_features,
+                      first.blocksize)
+        _share_storage(weights, stacked)
+        return stacked
+
+
+def _share_storage(weights: list, stacked: NF4Weight) -> None:
+    """Point each Params4bit's packed data and (nested) absmax at its part of `stacked`."""
+    byte, block, group = 0, 0, 0
+    for weight in weights:
+        state = weight.quant_state
+        count, blocks, groups = weight.data.numel(), state.absmax.numel(), state.state2.absmax.numel()
+        weight.data = stacked.packed[byte:byte + count].view(weight.data.dtype).view(weight.data.shape)
+        state.absmax = stacked.absmax[block:block + blocks]
+        if state.state2.absmax.dtype == torch.float32:
+            state.state2.absmax = stacked.absmax2[group:group + groups]
+        byte, block, group = byte + count, block + blocks, group + groups
 
 
 def dequantize_reference(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The [N, K] weight in `dtype`, computed as the module docstring defines it."""
     numel = w.out_features * w.in_features
-    scale2 = w.absmax2.repeat_interleave(NESTED_BLOCKSIZE)[: w.absmax.numel()]
-    scales = w.code2[w.absmax.long()] * scale2 + w.offset
+    blocks = torch.arange(w.absmax.numel(), device=w.absmax.device)
+    rows = blocks * w.blocksize // w.in_features  # a block's row (blocks never straddle projections)
+    scale2 = w.absmax2[(blocks + w.group_shift[rows]) // NESTED_BLOCKSIZE]
+    scales = w.code2[w.absmax.long()] * scale2 + w.offset[rows]
     nibbles = torch.stack([w.packed >> 4, w.packed & 0xF], dim=1).reshape(-1).long()
     values = w.code[nibbles] * scales.repeat_interleave(w.blocksize)[:numel]
     return values.reshape(w.out_features, w.in_features).to(dtype)
@@ -78,14 +136,15 @@ def linear_reference(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = 
 if triton is not None:
 
     @triton.jit
-    def _scales(w_absmax, w_code2, w_absmax2, w_offset, flat_index, mask, BLOCKSIZE: tl.constexpr):
+    def _scales(w_absmax, w_code2, w_absmax2, flat_index, group_shift, offset, mask, BLOCKSIZE: tl.constexpr):
+        """The scale of each weight at flat_index, given its row's group_shift and offset."""
         block = flat_index // BLOCKSIZE
         q = tl.load(w_absmax + block, mask=mask, other=0).to(tl.int32)
-        return tl.load(w_code2 + q, mask=mask, other=0.0) * tl.load(w_absmax2 + block // 256, mask=mask, other=0.0) \
-            + tl.load(w_offset)
+        scale2 = tl.load(w_absmax2 + (block + group_shift) // 256, mask=mask, other=0.0)
+        return tl.load(w_code2 + q, mask=mask, other=0.0) * scale2 + offset
 
     @triton.jit
-    def _nf4_linear_kernel(x_ptr, w_packed, w_code, w_absmax, w_code2, w_absmax2, w_offset, bias_ptr, y_ptr,
+    def _nf4_linear_kernel(x_ptr, w_packed, w_code, w_absmax, w_code2, w_absmax2, w_shift, w_offset, bias_ptr, y_ptr,
                            M, N, K, stride_xm, stride_xk, stride_ym,
                            HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, DOT_FP32: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
@@ -98,6 +157,8 @@ if triton is not None:
         row_ok, col_ok = rows < M, cols < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         half_k = K // 2
+        group_shift = tl.load(w_shift + cols, mask=col_ok, other=0)[:, None]  # per weight row, read once
+        offset = tl.load(w_offset + cols, mask=col_ok, other=0.0)[:, None]
         for start in range(0, half_k, BLOCK_KP):
             bytes_k = start + tl.arange(0, BLOCK_KP)  # byte column within a row
             k_ok = bytes_k < half_k
@@ -105,7 +166,7 @@ if triton is not None:
             byte_index = cols[:, None] * half_k + bytes_k[None, :]  # [BLOCK_N, BLOCK_KP]
             packed = tl.load(w_packed + byte_index, mask=w_mask, other=0).to(tl.int32)
             # both nibbles of a byte share a block (blocks are even-sized)
-            scale = _scales(w_absmax, w_code2, w_absmax2, w_offset, byte_index * 2, w_mask, BLOCKSIZE)
+            scale = _scales(w_absmax, w_code2, w_absmax2, byte_index * 2, group_shift, offset, w_mask, BLOCKSIZE)
             w_even = (tl.load(w_code + (packed >> 4)) * scale).to(x_ptr.dtype.element_ty)
             w_odd = (tl.load(w_code + (packed & 0xF)) * scale).to(x_ptr.dtype.element_ty)
             x_mask = row_ok[:, None] & k_ok[None, :]
@@ -122,12 +183,14 @@ if triton is not None:
                  mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _nf4_dequantize_kernel(w_packed, w_code, w_absmax, w_code2, w_absmax2, w_offset, out_ptr, num_bytes,
-                               BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    def _nf4_dequantize_kernel(w_packed, w_code, w_absmax, w_code2, w_absmax2, w_shift, w_offset, out_ptr, num_bytes,
+                               K, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
         index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = index < num_bytes
         packed = tl.load(w_packed + index, mask=ok, other=0).to(tl.int32)
-        scale = _scales(w_absmax, w_code2, w_absmax2, w_offset, index * 2, ok, BLOCKSIZE)
+        row = index * 2 // K
+        scale = _scales(w_absmax, w_code2, w_absmax2, index * 2, tl.load(w_shift + row, mask=ok, other=0),
+                        tl.load(w_offset + row, mask=ok, other=0.0), ok, BLOCKSIZE)
         tl.store(out_ptr + 2 * index, (tl.load(w_code + (packed >> 4)) * scale).to(out_ptr.dtype.element_ty), mask=ok)
         tl.store(out_ptr + 2 * index + 1, (tl.load(w_code + (packed & 0xF)) * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -148,7 +211,7 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Te
     num_bytes = w.packed.numel()
     block = 1024
     _nf4_dequantize_kernel[(triton.cdiv(num_bytes, block),)](
-        w.packed, w.code, w.absmax, w.code2, w.absmax2, w.offset, out, num_bytes,
+        w.packed, w.code, w.absmax, w.code2, w.absmax2, w.group_shift, w.offset, out, num_bytes, w.in_features,
         BLOCKSIZE=w.blocksize, BLOCK=block, **_launch_options(w.packed))
     return out
 
@@ -165,7 +228,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
     block_m, block_n, block_kp = 16, 64, 32
     grid = (triton.cdiv(m, block_m), triton.cdiv(w.out_features, block_n))
     _nf4_linear_kernel[grid](
-        x2, w.packed, w.code, w.absmax, w.code2, w.absmax2, w.offset, bias if bias is not None else y, y,
+        x2, w.packed, w.code, w.absmax, w.code2, w.absmax2, w.group_shift, w.offset, bias if bias is not None else y, y,
         m, w.out_features, w.in_features, x2.stride(0), x2.stride(1), y.stride(0),
         HAS_BIAS=bias is not None, BLOCKSIZE=w.blocksize, DOT_FP32=not x.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_KP=block_kp, **_launch_options(x2))

@@ -75,7 +75,9 @@ class Engine:
             if rows < 1:
                 raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} tokens ({per_row} bytes each)")
         self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.device, self.dtype)
-        self._seen = torch.zeros(rows, spec.vocab_size, dtype=torch.bool, device=self.device)
+        # tokens each KV row has seen (prompt and output), for the repetition penalty; the last row
+        # is the cache's scratch row, where the padding rows of a fixed-shape step mark theirs
+        self._seen = torch.zeros(rows + 1, spec.vocab_size, dtype=torch.bool, device=self.device)
         # grammar masks are written on the host, then copied to the device with the step
         self._bitmask = torch.empty(rows, bitmask_words(spec.vocab_size), dtype=torch.int32,
                                     pin_memory=self.device.type == "cuda")
@@ -88,7 +90,7 @@ class Engine:
         graphs = (config.cuda_graphs and self.device.type == "cuda" and not config.compile
                   and model.kernels.decode_attention.name == "triton")
         with torch.inference_mode():  # the runner's buffers are written only inside steps, in inference mode
-            self.runner = DecodeRunner(self.cache, rows, self._decode_logits, self.device, padded=graphs)
+            self.runner = DecodeRunner(self.cache, rows, self._decode_logits, self.device, self._seen, padded=graphs)
             self._graphs = "off"
             if graphs:
                 try:
@@ -96,7 +98,7 @@ class Engine:
                     self._graphs = "on"
                 except Exception:  # serve eagerly rather than not at all; describe() and the log say so
                     log.exception("capturing the decode step as CUDA graphs failed; decoding eagerly")
-                    self.runner = DecodeRunner(self.cache, rows, self._decode_logits, self.device)
+                    self.runner = DecodeRunner(self.cache, rows, self._decode_logits, self.device, self._seen)
                     self._graphs = "failed"
         self._pools = model.lora_pools()
         self._slot_writer = SlotWriter(self._pools, self.device)
@@ -116,7 +118,7 @@ class Engine:
         self._commands: list[tuple[Callable[[], object], Future]] = []
         self._running: list[Sequence] = []
         self._prefilling: deque[Sequence] = deque()  # admitted, prompt going in chunk by chunk
-        self._sampling: SamplingBatch | None = None  # for self._running, rebuilt on membership change
+        self._sampling_stale = True  # the runner's sampling parameters are not self._running's
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="hotlora-engine", daemon=True)
         self._thread.start()
@@ -467,7 +469,7 @@ class Engine:
         hidden, lengths = self._prefill_forward(admitted)
         last = hidden[torch.arange(len(admitted), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         self._running.extend(admitted)
-        self._sampling = None
+        self._sampling_stale = True
         self._sample(admitted, self.model.logits(last), self._sampling_batch(admitted))
 
     def _prefill_chunk(self, seq: Sequence) -> None:
@@ -494,7 +496,7 @@ class Engine:
             return
         self._prefilling.popleft()
         self._running.append(seq)
-        self._sampling = None
+        self._sampling_stale = True
         self._sample([seq], self.model.logits(hidden[:, -1]), self._sampling_batch([seq]))
 
     def _prefill_forward(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
@@ -519,11 +521,16 @@ class Engine:
 
     def _decode_step(self) -> None:
         running = list(self._running)
-        if self._sampling is None:
-            self._sampling = self._sampling_batch(running)
-        logits = self.runner.decode([s.tokens[-1] for s in running], [len(s.tokens) - 1 for s in running],
-                                    [s.row for s in running], [s.slot for s in running])
-        self._sample(running, logits, self._sampling, self.runner.cache_rows(len(running)))
+        if self._sampling_stale:
+            self.runner.load_sampling([s.request.sampling for s in running], [s.seed for s in running],
+                                      [len(s.generated) for s in running])
+            self._sampling_stale = False
+        logits, tokens = self.runner.decode([s.tokens[-1] for s in running], [len(s.tokens) - 1 for s in running],
+                                            [s.row for s in running], [s.slot for s in running],
+                                            self._grammar_bitmask(running))
+        top_n = self.runner.top_logprobs
+        logprobs = token_logprobs(logits, tokens, top_n) if top_n is not None else None
+        self._accept_tokens(running, tokens.tolist(), logprobs)  # the step's one host sync
 
     def _last_position_logits(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model.logits(self.model(batch, self.cache)[:, -1])
@@ -553,30 +560,31 @@ class Engine:
         return compiled
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        return SamplingBatch([s.request.sampling for s in seqs], [s.seed for s in seqs], [len(s.generated) for s in seqs],
-                             self.spec.vocab_size, self.device)
+        return SamplingBatch.build([s.request.sampling for s in seqs], [s.seed for s in seqs],
+                                   [len(s.generated) for s in seqs], self.spec.vocab_size, self.device)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch,
-                rows: torch.Tensor | None = None) -> None:
-        """Choose each sequence's next token from its row of logits and hand it over."""
-        if rows is None:
-            rows = torch.tensor([s.row for s in seqs], device=self.device)
-        tokens = sample(logits, sampling, self._seen[rows] if sampling.use_penalty else None, self._grammar_mask(seqs))
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingBatch) -> None:
+        """Choose each prefilled sequence's first token from its row of logits and hand it over
+        (decode steps sample inside the runner's step)."""
+        rows = torch.tensor([s.row for s in seqs], device=self.device)
+        bitmask = self._grammar_bitmask(seqs)
+        allowed = None if bitmask is None else allowed_tokens(bitmask.to(self.device, non_blocking=True), self.spec.vocab_size)
+        tokens = sample(logits, sampling, self._seen[rows] if sampling.flags.use_penalty else None, allowed)
         logprobs = token_logprobs(logits, tokens, sampling.top_logprobs) if sampling.top_logprobs is not None else None
         self._seen[rows, tokens] = True
         self._accept_tokens(seqs, tokens.tolist(), logprobs)  # the step's one host sync
 
-    def _grammar_mask(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """[len(seqs), vocab] bool of the tokens each sequence's grammar allows next; None when
-        no sequence has a grammar."""
+    def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Host int32 [len(seqs), words]: the tokens each sequence's grammar allows next (all on
+        free rows); None when no sequence has a grammar."""
         if all(s.matcher is None for s in seqs):
             return None
         bitmask = self._bitmask[: len(seqs)]
-        bitmask.fill_(-1)  # every token allowed on free rows
+        bitmask.fill_(-1)
         for i, seq in enumerate(seqs):
             if seq.matcher is not None:
                 seq.matcher.fill_bitmask(self._bitmask, i)
-        return allowed_tokens(bitmask.to(self.device, non_blocking=True), self.spec.vocab_size)
+        return bitmask
 
     def _accept_tokens(self, seqs: list[Sequence], tokens: list[int], logprobs: tuple[torch.Tensor, ...] | None) -> None:
         if logprobs is not None:
@@ -600,7 +608,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason, error: BaseException | None = None) -> None:
         if seq in self._running:
             self._running.remove(seq)
-            self._sampling = None
+            self._sampling_stale = True
         if seq in self._prefilling:
             self._prefilling.remove(seq)
         if seq.row >= 0:

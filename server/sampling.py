@@ -63,27 +63,69 @@ class SamplingParams:
         return self.temperature == 0
 
 
-class SamplingBatch:
-    """Device tensors of the per-row parameters; rebuilt only when the batch's membership changes.
-    seeds: each row's seed (any for greedy rows); steps: the tokens each row has generated so far.
-    Every sample() moves the rows one step on."""
+@dataclass(frozen=True)
+class SamplingFlags:
+    """Which parts of sample() a batch needs. A captured step fixes them (server/runner.py's
+    variants); an eager one takes them from its requests."""
 
-    def __init__(self, params: list[SamplingParams], seeds: list[int], steps: list[int],
-                 vocab_size: int, device: torch.device):
-        self.all_greedy = all(p.greedy for p in params)
-        self.use_top_k = any(p.top_k > 0 for p in params)
-        self.use_top_p = any(p.top_p < 1 for p in params)
-        self.use_penalty = any(p.repetition_penalty != 1 for p in params)
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        self.top_logprobs = max(wanted) if wanted else None  # alternatives computed for the batch
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-        self.greedy = as_tensor([p.greedy for p in params], torch.bool)
-        self.temperature = as_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32)
-        self.top_k = as_tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
-        self.top_p = as_tensor([p.top_p for p in params], torch.float32)
-        self.penalty = as_tensor([p.repetition_penalty for p in params], torch.float32)
-        self.seeds = as_tensor([_mix64(s) for s in seeds], torch.int64)  # 32-bit, from the 64-bit seed
-        self.steps = as_tensor(steps, torch.int64)
+    all_greedy: bool = True
+    use_top_k: bool = False
+    use_top_p: bool = False
+    use_penalty: bool = False
+
+    @classmethod
+    def of(cls, params: list[SamplingParams]) -> "SamplingFlags":
+        return cls(all(p.greedy for p in params), any(p.top_k > 0 for p in params),
+                   any(p.top_p < 1 for p in params), any(p.repetition_penalty != 1 for p in params))
+
+
+# The per-row parameters, one row of parameter_table each; every value is exact in float64.
+PARAMETERS = (("greedy", torch.bool), ("temperature", torch.float32), ("top_k", torch.int64),
+              ("top_p", torch.float32), ("penalty", torch.float32), ("seeds", torch.int64), ("steps", torch.int64))
+
+
+def parameter_table(params: list[SamplingParams], seeds: list[int], steps: list[int], vocab_size: int) -> torch.Tensor:
+    """[len(PARAMETERS), B] float64 on the host: what SamplingBatch holds, in one block for one copy.
+    Greedy rows get temperature 1 (never divided by 0); top_k 0 (off) becomes the vocabulary."""
+    return torch.tensor([
+        [float(p.greedy) for p in params],
+        [p.temperature if p.temperature > 0 else 1.0 for p in params],
+        [p.top_k if p.top_k > 0 else vocab_size for p in params],
+        [p.top_p for p in params],
+        [p.repetition_penalty for p in params],
+        [_mix64(s) for s in seeds],  # 32-bit, from the 64-bit seed
+        steps,
+    ], dtype=torch.float64)
+
+
+def top_logprobs_of(params: list[SamplingParams]) -> int | None:
+    """How many alternatives to compute for the batch: the most any row wants (None: no row)."""
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    return max(wanted) if wanted else None
+
+
+@dataclass
+class SamplingBatch:
+    """Device tensors of the per-row parameters (see PARAMETERS). seeds: each row's seed (any for
+    greedy rows); steps: the tokens each row has generated so far. Every sample() moves the rows
+    one step on."""
+
+    greedy: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    penalty: torch.Tensor
+    seeds: torch.Tensor
+    steps: torch.Tensor
+    flags: SamplingFlags
+    top_logprobs: int | None = None
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int], vocab_size: int,
+              device: torch.device) -> "SamplingBatch":
+        table = parameter_table(params, seeds, steps, vocab_size).to(device)
+        tensors = {name: table[i].to(dtype) for i, (name, dtype) in enumerate(PARAMETERS)}
+        return cls(**tensors, flags=SamplingFlags.of(params), top_logprobs=top_logprobs_of(params))
 
 
 _MASK32 = 0xFFFFFFFF
@@ -132,7 +174,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor | None
     """logits: [B, V] float32; seen: [B, V] bool (tokens in prompt or output) for the penalty;
     allowed: [B, V] bool, the tokens each row's grammar allows (all True on free rows).
     Returns the next token of every row, [B] int64."""
-    if batch.use_penalty and seen is not None:
+    flags = batch.flags
+    if flags.use_penalty and seen is not None:
         penalty = batch.penalty[:, None]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalised, logits)
@@ -141,11 +184,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor | None
     greedy_tokens = logits.argmax(dim=-1)
     steps = batch.steps.clone()
     batch.steps += 1
-    if batch.all_greedy:
+    if flags.all_greedy:
         return greedy_tokens
 
     scores = logits / batch.temperature[:, None]
-    if batch.use_top_k or batch.use_top_p:
+    if flags.use_top_k or flags.use_top_p:
         scores = _restrict_top_k_top_p(scores, batch)
     noise = -torch.log(-torch.log(uniform_noise(batch.seeds, steps, scores.shape[1])))
     sampled = (scores + noise).argmax(dim=-1)
@@ -156,10 +199,12 @@ def _restrict_top_k_top_p(scores: torch.Tensor, batch: SamplingBatch) -> torch.T
     sorted_scores, order = scores.sort(dim=-1, descending=True)
     ranks = torch.arange(scores.shape[1], device=scores.device)[None, :]
     remove = ranks >= batch.top_k[:, None]
-    if batch.use_top_p:
+    if batch.flags.use_top_p:
         probs = sorted_scores.masked_fill(remove, float("-inf")).softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        remove |= (probs.cumsum(dim=-1) - probs) >= batch.top_p[:, None]
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays);
+        # rows with top_p 1 keep every token, even where float32 sums reach 1 before the tail.
+        top_p = batch.top_p[:, None]
+        remove |= ((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1)
     remove_in_vocab_order = torch.zeros_like(remove).scatter(1, order, remove)
     return scores.masked_fill(remove_in_vocab_order, float("-inf"))
 

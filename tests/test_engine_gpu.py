@@ -80,13 +80,23 @@ def test_cuda_graph_decode_gives_the_eager_padded_steps_tokens(llama_dir, peft_a
     try:
         assert graphed.describe()["cuda_graphs"] == "on" and graphed.runner.captured
         with torch.inference_mode():
-            eager.runner = DecodeRunner(eager.cache, 6, eager._decode_logits, eager.device, padded=True)
+            eager.runner = DecodeRunner(eager.cache, 6, eager._decode_logits, eager.device, eager._seen, padded=True)
         for engine in (graphed, eager):
             for name, path in peft_adapters.items():  # loaded after capture: the graphs read the slots
                 engine.load_adapter(name, path)
         requests = [Request([5, 17, 42, 99], adapter=a, sampling=greedy_fixed(10)) for a in ("cheese", None, "wine", "bread", None)]
         for batch in (requests, requests[:3], requests[:1]):
             assert [o.token_ids for o in graphed.generate(batch)] == [o.token_ids for o in eager.generate(batch)]
+        # sampling inside the graphs: each variant (greedy with a penalty, seeded, top-k/p) as eagerly
+        from server.sampling import SamplingParams
+
+        sampled = [SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+                   SamplingParams(max_new_tokens=10, temperature=0.9, seed=5, ignore_eos=True),
+                   SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, top_k=20, seed=6, ignore_eos=True)]
+        for params in ([sampled[0]], sampled[1:2], sampled):
+            batch = [Request([5, 17, 42, 99], adapter=a, sampling=p) for a, p in zip(("cheese", None, "wine"), params)]
+            assert [o.token_ids for o in graphed.generate(batch)] == [o.token_ids for o in eager.generate(batch)]
+        assert len(graphed.runner._sample_graphs) == 3 * len(graphed.runner.sizes)
     finally:
         graphed.close()
         eager.close()

@@ -38,11 +38,12 @@ def test_padding_changes_no_row_and_writes_only_the_scratch_row(engine, peft_ada
 
     def run():
         with torch.inference_mode():
-            plain = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device)
-            padded = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, padded=True)
-            want = plain.decode(**step).clone()
+            plain = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, engine._seen)
+            padded = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, engine._seen,
+                                  padded=True)
+            want = plain.decode(**step)[0].clone()
             keys, values = engine.cache.keys.clone(), engine.cache.values.clone()
-            got = padded.decode(**step)
+            got = padded.decode(**step)[0]
             return want, got, keys, values, padded.cache_rows(4).tolist()
 
     want, got, keys_before, values_before, rows = engine._call_on_engine_thread(run)
@@ -62,7 +63,8 @@ def test_an_engine_on_the_padded_step_gives_the_unpadded_tokens(engine):
 
     def pad():
         plain = engine.runner
-        engine.runner = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, padded=True)
+        engine.runner = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, engine._seen,
+                                     padded=True)
         return plain
 
     plain = engine._call_on_engine_thread(pad)
@@ -71,3 +73,42 @@ def test_an_engine_on_the_padded_step_gives_the_unpadded_tokens(engine):
         assert [o.token_ids for o in engine.generate(requests[:3])] == want[:3]  # 3 rows padded to 4
     finally:
         engine._call_on_engine_thread(lambda: setattr(engine, "runner", plain))
+
+
+def test_the_step_samples_what_sample_draws_from_its_logits(engine):
+    """Sampling is part of the step (a CUDA graph captures it after the forward): each row's own
+    parameters loaded once, steps moving on each step, a grammar's bitmask, the repetition penalty
+    reading the seen table and each sampled token marked in it. Padded or not, the tokens are what
+    server/sampling.py's sample() draws from the step's logits."""
+    from server.sampling import SamplingBatch, sample
+    from server.structured import allowed_tokens, bitmask_words
+
+    vocab = engine.spec.vocab_size
+    params = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0, repetition_penalty=1.4),
+              SamplingParams(temperature=1.2, top_k=5)]
+    seeds, steps = [11, 12, 13], [0, 4, 2]
+    step = dict(tokens=[11, 22, 33], positions=[8, 3, 5], rows=[0, 1, 2], slots=[0, 0, 0])
+    bitmask = torch.full((3, bitmask_words(vocab)), -1, dtype=torch.int32)
+    bitmask[2, 2:] = 0  # the third row's grammar allows tokens 0..63 only
+    rows = torch.tensor(step["rows"])
+
+    def run(padded: bool):
+        seen = torch.zeros_like(engine._seen)
+        seen[1, [22, 7, 40]] = True
+        runner = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, seen, padded=padded)
+        runner.load_sampling(params, seeds, steps)
+        reference, reference_seen = SamplingBatch.build(params, seeds, steps, vocab, engine.device), seen.clone()
+        drawn = []
+        for _ in range(4):
+            logits, tokens = runner.decode(**step, bitmask=bitmask)
+            want = sample(logits, reference, reference_seen[rows], allowed_tokens(bitmask, vocab))
+            assert torch.equal(tokens, want)
+            reference_seen[rows, want] = True
+            assert torch.equal(seen[:engine.cache.scratch_row], reference_seen[:engine.cache.scratch_row])
+            drawn.append(tokens.tolist())
+        return drawn
+
+    with torch.inference_mode():
+        plain, padded = engine._call_on_engine_thread(lambda: run(False)), engine._call_on_engine_thread(lambda: run(True))
+    assert plain == padded
+    assert all(t[2] < 64 for t in plain) and len({t[0] for t in plain}) > 1  # the grammar held; draws move on

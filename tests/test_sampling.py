@@ -12,7 +12,7 @@ V = 12
 
 
 def batch_of(params, seed=0):
-    return SamplingBatch(params, [seed + i for i in range(len(params))], [0] * len(params), V, torch.device("cpu"))
+    return SamplingBatch.build(params, [seed + i for i in range(len(params))], [0] * len(params), V, torch.device("cpu"))
 
 
 def draws(logits, params, n=400):
@@ -98,8 +98,46 @@ def test_noise_depends_on_seed_and_step_only_and_is_uniform():
 def test_each_sample_moves_the_rows_a_step_on():
     params = [SamplingParams(temperature=1.0)] * 50
     logits = torch.zeros(50, V)
-    batch = SamplingBatch(params, list(range(50)), [0] * 50, V, torch.device("cpu"))
+    batch = SamplingBatch.build(params, list(range(50)), [0] * 50, V, torch.device("cpu"))
     first, second = sample(logits, batch, None), sample(logits, batch, None)
     assert not torch.equal(first, second)  # a new draw each step
-    resumed = SamplingBatch(params, list(range(50)), [1] * 50, V, torch.device("cpu"))  # rebuilt mid-generation
+    resumed = SamplingBatch.build(params, list(range(50)), [1] * 50, V, torch.device("cpu"))  # rebuilt mid-generation
     assert torch.equal(sample(logits, resumed, None), second)
+
+
+MIXED = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.5),
+         SamplingParams(temperature=0.7, seed=3), SamplingParams(temperature=1.3, top_k=4),
+         SamplingParams(temperature=0.9, top_p=0.6, repetition_penalty=0.8), SamplingParams(temperature=1.0, top_p=1.0)]
+
+
+@pytest.mark.parametrize("rows", [[0, 1], [0, 2, 5], [1, 2, 3, 5], [1, 4, 5]], ids=["greedy", "sample", "top-k", "top-p"])
+def test_a_captured_variant_samples_what_the_batch_s_own_flags_do(rows):
+    """CUDA graphs fix which ops sampling runs (server/runner.py's VARIANTS: the penalty and the
+    grammar mask always, top-k/p in one variant): on rows without them those ops must change
+    nothing, so a graph samples exactly what the batch's own flags would."""
+    from dataclasses import replace
+
+    from server.runner import VARIANTS, variant_for
+
+    params = [MIXED[i] for i in rows]
+    g = torch.Generator().manual_seed(len(rows))
+    logits = torch.randn(len(rows), V, generator=g) * 8  # sharp: the tail's probabilities vanish in float32 sums
+    seen = torch.rand(len(rows), V, generator=g) < 0.3
+    own = batch_of(params, seed=7)
+    fixed = replace(batch_of(params, seed=7), flags=VARIANTS[variant_for(own.flags)])
+    everything = torch.ones(len(rows), V, dtype=torch.bool)
+    for _ in range(50):  # steps move on in both
+        want = sample(logits, own, seen if own.flags.use_penalty else None)
+        assert torch.equal(sample(logits, fixed, seen, everything), want)
+
+
+def test_top_p_of_1_keeps_every_token_even_where_float32_sums_reach_1():
+    """A row with top_p=1 beside a row with top_p<1 (so the batch runs top-p, as a captured variant
+    always does) keeps its whole tail, though its head alone already rounds to 1 in float32."""
+    from server.sampling import _restrict_top_k_top_p
+
+    scores = torch.tensor([[30.0] + [0.0] * (V - 1), torch.linspace(2, -2, V).tolist()])
+    batch = batch_of([SamplingParams(temperature=1.0, top_p=1.0), SamplingParams(temperature=1.0, top_p=0.5)])
+    restricted = _restrict_top_k_top_p(scores, batch)
+    assert torch.equal(restricted[0], scores[0])
+    assert torch.isinf(restricted[1]).sum() > 0  # the other row's top-p still cuts

@@ -26,11 +26,11 @@ from .lora import LoRAPool
 
 @dataclass(frozen=True)
 class _Part:
-    """What one pool's slot receives: rows of lora_a (first row, tensor) and the leading rows of
-    scaled_b_t; everything else in the slot is zero."""
+    """What one pool's slot receives: each targeted slice's A at its first row of lora_a[slot],
+    and the leading `rank` rows of scaled_b_t[slot]; everything else in the slot is zero."""
 
     rank: int
-    a_rows: list[tuple[int, torch.Tensor]]  # views into the image's buffer
+    a_rows: list[tuple[int, torch.Tensor]]  # (first row, A [r, in]): views into the image's buffer
     scaled_b_t: torch.Tensor  # [rank, out_1 + … + out_n]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-NF4_PATHS = ("auto", "dequantize", "cpu-bf16-packed", "triton")  # see server/quant.py
+NF4_PATHS = ("auto", "dequantize-once", "dequantize", "cpu-bf16-packed", "triton")  # see server/quant.py
 KERNELS = ("auto", "triton", "torch")  # see server/kernels/__init__.py
 
 
@@ -45,8 +45,10 @@ class EngineConfig:
       "torch" through plain torch and bitsandbytes, "auto" Triton on CUDA and torch elsewhere.
       On CPU Triton works only under its interpreter (TRITON_INTERPRET=1; slow, for tests).
     nf4_path: how the NF4 base projections are multiplied (server/quant.py): "auto" follows
-      `kernels`; "dequantize" dequantizes in the compute dtype and matmuls, the trained model's
-      own numbers; "triton" reads the packed bits in a Triton kernel; "cpu-bf16-packed" opts
+      `kernels`; "dequantize-once" keeps a copy dequantized in the compute dtype at load and
+      matmuls with it, the trained model's own numbers (the CPU default; a dense copy's memory);
+      "dequantize" the same numbers dequantizing on every call (no copy); "triton" reads the
+      packed bits in a Triton kernel; "cpu-bf16-packed" opts
       into bitsandbytes' AVX512-BF16 kernel (CPU only, bfloat16 error).
     compile: run the decode step through torch.compile, which fuses the many small ops around
       the NF4 matmuls (norms, RoPE, LoRA masks, adds). Start-up then compiles its few variants
@@ -154,9 +156,11 @@ class ServerConfig:
     max_adapter_labels: distinct adapter names that get their own metrics label (the rest share
     "other"), which bounds the metrics' cardinality. http_port: the OpenAI-compatible HTTP API's
     port (None: off; 0: any free port). served_model_name: the base model's name in that API's
-    `model` and in ListModels ("": the model directory's name)."""
+    `model` and in ListModels ("": the model directory's name; main.py sets the built-in model's). model_dir: a checkpoint directory;
+    main.py resolves what the user named (nothing: the built-in model; a .gguf file) into one,
+    cached under model_cache, and says where it came from in model_origin."""
 
-    model_dir: Path
+    model_dir: Path | None
     engine: EngineConfig = EngineConfig()
     adapters: AdapterConfig = AdapterConfig()
     host: str = "0.0.0.0"
@@ -173,6 +177,8 @@ class ServerConfig:
     http_host: str = "0.0.0.0"
     http_port: int | None = None
     served_model_name: str = ""
+    model_cache: Path | None = None
+    model_origin: str = ""
 
     @property
     def model_name(self) -> str:

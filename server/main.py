@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 
 from .config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, RequestLimits, ServerConfig
+from .model_source import BUILTIN, ModelNotFound, default_cache_dir
 
 log = logging.getLogger("hotlora.server")
 
@@ -148,7 +149,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     environ = os.environ if environ is None else environ
     p = argparse.ArgumentParser(
         prog="hotlora-server", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        usage="%(prog)s --model DIR [--adapters STORE] [options]\n       %(prog)s make-model DIR [--preset small]",
+        usage="%(prog)s [--model DIR|FILE.gguf] [--adapters STORE] [options]\n       %(prog)s make-model DIR [--preset small]",
         description="Serve one NF4 base model with per-request LoRA adapters over gRPC.",
         epilog="`hotlora-server make-model DIR --preset tiny|small|1b` writes a random-weight checkpoint to try it on.")
 
@@ -160,7 +161,11 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         kwargs["help"] = f"{kwargs.get('help', '')} [env {env}]".strip()
         p.add_argument(name, **kwargs)
 
-    flag("--model", type=Path, required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
+    flag("--model", type=Path,
+         help="Hugging Face checkpoint directory (config.json + safetensors), or a .gguf file (converted once into "
+              f"--model-cache); default: the built-in {BUILTIN.name}")
+    flag("--model-cache", type=Path, default=default_cache_dir(environ),
+         help="where converted models are kept (default: $XDG_CACHE_HOME/hotlora/models)")
     flag("--adapters", type=Path, help="adapter store directory (docs/ARCHITECTURE.md); omit to serve path-loaded adapters only")
     flag("--host", default="0.0.0.0", help="gRPC bind address")
     flag("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
@@ -171,7 +176,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
          help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on this "
               "port beside gRPC (0 = any free port; default: off)")
     flag("--served-model-name", default=ServerConfig.served_model_name,
-         help="the base model's name in the HTTP API's `model` and in ListModels (default: the --model directory's name)")
+         help="the base model's name in the HTTP API's `model` and in ListModels (default: the model's own: the --model "
+              f"directory's or file's name, or {BUILTIN.name})")
     flag("--max-adapters", type=int, default=EngineConfig.max_adapters, help="LoRA slots on the device")
     flag("--max-rank", type=int, default=EngineConfig.max_rank, help="largest LoRA rank served")
     flag("--max-batch-size", type=int, default=EngineConfig.max_batch_size, help="sequences decoded together")
@@ -203,7 +209,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--kernels", choices=KERNELS, default="auto",
          help="LoRA and NF4 kernels: triton (server/kernels), torch, or auto (triton on CUDA, torch elsewhere)")
     flag("--nf4-path", choices=NF4_PATHS, default="auto",
-         help="how NF4 weights are multiplied: auto (follows --kernels), dequantize (the trained model's numbers), "
+         help="how NF4 weights are multiplied: auto (follows --kernels), dequantize-once (the trained model's numbers from "
+              "a copy dequantized at load: fast, 4 bytes per weight in float32), dequantize (the same numbers, "
+              "dequantized per call: no copy), "
               "triton, or cpu-bf16-packed (bitsandbytes' AVX512-BF16 kernel, CPU only, bf16 error)")
     flag("--compile", action="store_true", help="torch.compile the decode step (compiles at start-up; on CPU needs a C++ compiler)")
     flag("--no-cuda-graphs", action="store_true", help="on CUDA, decode eagerly instead of replaying captured CUDA graphs")
@@ -239,7 +247,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         p.error(str(exc))
     logging.basicConfig(level=str(a.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return ServerConfig(
-        model_dir=Path(a.model), engine=engine, adapters=adapters, host=a.host, port=num(a.port),
+        model_dir=Path(a.model) if a.model else None, model_cache=Path(a.model_cache), engine=engine,
+        adapters=adapters, host=a.host, port=num(a.port),
         metrics_host=a.metrics_host, metrics_port=num(a.metrics_port), tls_cert=a.tls_cert and Path(a.tls_cert),
         tls_key=a.tls_key and Path(a.tls_key), admin_token=token, grace_period_s=num(a.grace_period, float),
         default_max_new_tokens=num(a.default_max_new_tokens), max_adapter_labels=num(a.max_adapter_labels),
@@ -275,12 +284,26 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return 0
     config = parse_args(argv)
-    if not config.model_dir.is_dir():  # say so in one line; nothing here ever looks a model up on a hub
-        print(f"hotlora-server: error: --model {config.model_dir}: no such directory (a Hugging Face checkpoint "
-              "directory: config.json, *.safetensors, tokenizer files)", file=sys.stderr)
+    try:  # one line on failure; nothing here ever looks a model up on a hub
+        config = with_model_resolved(config)
+    except ModelNotFound as exc:
+        print(f"hotlora-server: error: {exc}", file=sys.stderr)
         return 2
     asyncio.run(serve(config))
     return 0
+
+
+def with_model_resolved(config: ServerConfig) -> ServerConfig:
+    """The config with model_dir a checkpoint directory: the built-in model or a .gguf file is
+    converted into the cache on first use. The served name defaults to the model's own."""
+    from dataclasses import replace
+
+    from .model_source import resolve
+
+    source = resolve(config.model_dir, config.model_cache or default_cache_dir())
+    log.info("model: %s", source.describe())
+    return replace(config, model_dir=source.path, served_model_name=config.served_model_name or source.name,
+                   model_origin=source.origin)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,12 @@ def cheese_data(tmp_path_factory):
     lines = path.read_text().splitlines()[:24]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The built-in SmolLM2-135M-Instruct as a user gets it: the installed wheel's GGUF converted
+    into the model cache (once per machine; HOTLORA_MODEL_CACHE moves it)."""
+    from server.model_source import default_cache_dir, resolve
+
+    return resolve(None, default_cache_dir()).path

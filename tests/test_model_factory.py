@@ -49,6 +49,7 @@ def test_1b_preset_has_tinyllama_shape():
         2048, 22, 32, 4, 5632, 32000)
 
 
-def test_server_without_a_model_is_a_usage_error():
-    result = subprocess.run([sys.executable, "-m", "server.main"], capture_output=True, text=True)
-    assert result.returncode == 2 and "--model" in result.stderr
+def test_server_help_names_the_builtin_model_as_the_default():
+    """No --model is no usage error: the server serves the built-in model (tests/test_builtin_model.py)."""
+    result = subprocess.run([sys.executable, "-m", "server.main", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "default: the built-in SmolLM2-135M-Instruct" in " ".join(result.stdout.split())

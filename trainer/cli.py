@@ -24,13 +24,16 @@ def _fit_parser(commands) -> None:
 
     f = commands.add_parser("fit", help="train an adapter with QLoRA and publish it")
     f.add_argument("--config", type=Path, help="YAML file with any of the settings below")
-    f.add_argument("--base", help="base model: Hugging Face checkpoint directory")
+    f.add_argument("--base", help="base model: a Hugging Face checkpoint directory or a .gguf file (default: the "
+                   "built-in SmolLM2-135M-Instruct)")
     f.add_argument("--data", help="JSONL: instruction/context/output or messages records")
     f.add_argument("--name", help="adapter name in the store")
     f.add_argument("--store", help="adapter store directory")
     f.add_argument("--rank", type=int, help="LoRA rank (16)")
     f.add_argument("--alpha", type=float, help="LoRA alpha (2 x rank)")
     f.add_argument("--target-modules", help="all-linear (default) or e.g. q_proj,v_proj")
+    f.add_argument("--layers-to-transform", help="only these decoder layers get LoRA weights, e.g. 22-29 or 0,2,4 "
+                   "(default: all); the rest stay the base model's")
     f.add_argument("--dropout", type=float, help="LoRA dropout (0.05)")
     f.add_argument("--epochs", type=float, help="passes over the training split (3)")
     f.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
@@ -60,11 +63,14 @@ def _fit_parser(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="QLoRA adapters for hotlora.")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--model-cache", type=Path, help="where converted models are kept (default: "
+                        "$HOTLORA_MODEL_CACHE, else $XDG_CACHE_HOME/hotlora/models)")
     commands = parser.add_subparsers(dest="command", required=True)
     _fit_parser(commands)
     p = commands.add_parser("publish", help="check and publish a PEFT adapter made elsewhere")
     p.add_argument("adapter_dir", type=Path, help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--base", type=Path, required=True, help="the base model it was trained on: a checkpoint directory")
+    p.add_argument("--base", help="the base model it was trained on: a checkpoint directory or a .gguf file "
+                   "(default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--name", required=True, help="adapter name in the store; the version is the next vN")
     p.add_argument("--store", type=Path, required=True, help="adapter store directory")
     p.add_argument("--prompt", action="append", help="prompt for the acceptance check (repeatable; three defaults)")
@@ -81,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get("HOTLORA_ADMIN_TOKEN")
+    from server.model_source import ModelNotFound
+
     from .acceptance import AcceptanceError
     from .data import DataError
 
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fit":
             return _fit(args, token)
         return _publish(args, token)
-    except (DataError, AcceptanceError, ValueError) as exc:
+    except (DataError, AcceptanceError, ModelNotFound, ValueError) as exc:
         print(f"trainer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -101,8 +109,11 @@ def _fit(args, token: str | None) -> int:
     from .fit import device_and_dtype, fit
 
     from_file = (yaml.safe_load(args.config.read_text()) or {}) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level", "admin_token_file", "no_progress")}
-    config = build(merge(from_file, flags))
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "log_level", "admin_token_file", "no_progress", "model_cache")}
+    values = merge(from_file, flags)
+    values["base"] = _base_model(values.get("base"), args.model_cache)
+    config = build(values)
     progress = _Progress(enabled=not args.no_progress)
     result = fit(config, on_step=progress.update)
     progress.close()
@@ -143,14 +154,25 @@ def _publish(args, token: str | None) -> int:
     from .fit import device_and_dtype
 
     prompts = args.prompt or ["Hello!", "What is this adapter for?", "Tell me something you know."]
-    report, tokenizer = publish.check_foreign_adapter(args.base, args.adapter_dir, prompts)
-    record = publish.manifest(args.base, tokenizer, device_and_dtype()[1], report,
+    base = _base_model(args.base, args.model_cache)
+    report, tokenizer = publish.check_foreign_adapter(base, args.adapter_dir, prompts)
+    record = publish.manifest(base, tokenizer, device_and_dtype()[1], report,
                               {"source": str(args.adapter_dir), "trainer": "external (trainer publish)"})
     stored = publish.publish(args.store, args.name, args.adapter_dir, record)
     print(f"published {args.name}@{stored.version} to {args.store}")
     if args.notify:
         publish.notify(tuple(args.notify), args.name, stored.version, token)
     return 0
+
+
+def _base_model(named: str | None, cache: Path | None) -> Path:
+    """The checkpoint directory of the base model named (nothing: the built-in one; a .gguf file:
+    converted once into the cache)."""
+    from server.model_source import default_cache_dir, resolve
+
+    source = resolve(named, cache or default_cache_dir())
+    log.info("base model: %s", source.describe())
+    return source.path
 
 
 def _perplexity(loss: float | None) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from server.config import TARGET_MODULES
+
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 
@@ -18,6 +20,7 @@ class FitConfig:
     rank: int = 16
     alpha: float | None = None  # None = 2 * rank
     target_modules: str = "all-linear"  # or a comma-separated list: q_proj,v_proj
+    layers_to_transform: str = ""  # "" = every layer; "22-29" or "0,2,4": only these (peft's layers_to_transform)
     dropout: float = 0.05
     epochs: float = 3.0
     max_steps: int = 0  # > 0 overrides epochs
@@ -53,6 +56,7 @@ class FitConfig:
             "optimizer": self.optimizer in OPTIMIZERS, "schedule": self.schedule in SCHEDULES,
             "keep_checkpoints": self.keep_checkpoints >= 1,
         }
+        parse_layers(self.layers_to_transform)  # raises on a malformed spec before anything loads
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid trainer settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
@@ -67,8 +71,15 @@ class FitConfig:
     def run_dir(self) -> Path:
         return self.output_dir or Path("runs") / self.name
 
+    def layers(self) -> list[int] | None:
+        """The decoder layers that get LoRA weights, or None for all."""
+        return parse_layers(self.layers_to_transform)
+
     def targets(self) -> str | list[str]:
-        return "all-linear" if self.target_modules == "all-linear" else [m.strip() for m in self.target_modules.split(",")]
+        if self.target_modules != "all-linear":
+            return [m.strip() for m in self.target_modules.split(",")]
+        # peft takes layers_to_transform only with named modules; these are all of a Llama's linears
+        return "all-linear" if self.layers() is None else list(TARGET_MODULES)
 
     def hyperparameters(self) -> dict:
         """What the manifest records (paths and run plumbing left out)."""
@@ -76,6 +87,22 @@ class FitConfig:
         record = {k: v for k, v in asdict(self).items() if k not in skip}
         record["alpha"] = self.lora_alpha
         return record
+
+
+def parse_layers(spec: str) -> list[int] | None:
+    """"22-29" / "0,2,4" / "0-3,8" -> sorted layer indices; "" -> None (every layer)."""
+    if not str(spec).strip():
+        return None
+    layers: set[int] = set()
+    try:
+        for part in str(spec).split(","):
+            first, _, last = part.strip().partition("-")
+            layers.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"layers_to_transform {spec!r}: use ranges and indices such as 22-29 or 0,2,4") from None
+    if not layers or min(layers) < 0:
+        raise ValueError(f"layers_to_transform {spec!r} names no layer (indices start at 0)")
+    return sorted(layers)
 
 
 def merge(defaults_from_yaml: dict, flags: dict) -> dict:
@@ -114,4 +141,4 @@ def build(values: dict) -> FitConfig:
     return FitConfig(**converted)
 
 
-__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "merge", "build"]
+__all__ = ["FitConfig", "OPTIMIZERS", "SCHEDULES", "merge", "build", "parse_layers"]

@@ -110,7 +110,8 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
-                      target_modules=config.targets(), task_type="CAUSAL_LM", bias="none")
+                      target_modules=config.targets(), layers_to_transform=config.layers(),
+                      task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lora)
 
     batches_per_epoch = len(epoch_batches(train, config.batch_size, config.max_seq_len, config.packing, config.seed, 0, pad_id))
@@ -192,11 +193,16 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
 
 
 def _loss_sum(model, batch: Batch) -> torch.Tensor:
-    """Summed next-token cross entropy over the response tokens of the batch."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch.labels[:, 1:].flatten(),
-                                             ignore_index=IGNORE, reduction="sum")
+    """Summed next-token cross entropy over the response tokens of the batch. Logits are made only
+    at the positions that predict a response token: the LM head over a 49k vocabulary at every
+    position of a chat row would cost more than the decoder layers it sits on."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT-wrapped or not
+    hidden = causal_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    targets = batch.labels[:, 1:]
+    scored = targets != IGNORE
+    logits = causal_lm.lm_head(hidden[:, :-1][scored])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[scored], reduction="sum")
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ on it finish there, and its slot is freed when the last one does.
 from __future__ import annotations
 
 import contextlib
-
+import hashlib
 import logging
 import threading
 import time
@@ -31,7 +31,8 @@ from pathlib import Path
 from .adapter_files import AdapterWeights, read_peft_adapter, validate_adapter_name
 from .config import AdapterConfig
 from .engine import Engine, Request, RequestHandle
-from .errors import AdapterNotFound, HotloraError, IncompatibleAdapter, PermissionDenied, StoreNotWritable
+from .errors import (AdapterNotFound, HotloraError, IncompatibleAdapter, InvalidRequest, PermissionDenied,
+                     StoreNotWritable)
 from .metrics import Metrics
 from .store import MANIFEST_SCHEMA_VERSION, AdapterStore, StoredVersion
 
@@ -49,10 +50,25 @@ class AdapterVersion:
     content_hash: str = ""
     rank: int = 0
     target_modules: tuple[str, ...] = ()
+    # The chat template it was trained with, from its manifest; None: the base model's. A manifest
+    # that records only the template's hash keeps it here, so chat is refused when it is not the base's.
+    chat_template: str | None = None
+    chat_template_sha256: str | None = None
 
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def chat_template_for(self, base_template: str | None) -> str | None:
+        """The template its chat requests are rendered with: its own, else the base model's when
+        that is the one it was trained with. IncompatibleAdapter when it cannot be known."""
+        if self.chat_template:
+            return self.chat_template
+        base_hash = hashlib.sha256((base_template or "").encode()).hexdigest()
+        if self.chat_template_sha256 and self.chat_template_sha256 != base_hash:
+            raise InvalidRequest(f"{self.key} was trained with a chat template other than the base model's, and its "
+                                 "manifest does not hold it: send `prompt` text or `prompt_token_ids` instead")
+        return base_template
 
 
 @dataclass(frozen=True)
@@ -135,12 +151,36 @@ class AdapterManager:
                     handle = self.engine.submit(replace(request, adapter=key), loop)
                     return handle, self._known[key]
                 known = self._known.get(key)
-            if wanted is None:
-                self.load(name, None, make_current=False)  # first use: the store's current version
-            elif known is not None and not known.from_store:
-                self._load_once(name, wanted, lambda: self._reread_path(known))  # dropped from memory
-            else:
-                self.load(name, wanted, make_current=False)
+            self._bring_in(name, wanted, known)
+
+    def resolve_if_ready(self, ref: str) -> AdapterVersion | None:
+        """resolve() when the version is in memory, without blocking; else None."""
+        name, version = parse_adapter_ref(ref)
+        with self._lock:
+            key = f"{name}@{version or self._current.get(name)}"
+            return self._known[key] if key in self._in_memory else None
+
+    def resolve(self, ref: str) -> AdapterVersion:
+        """The version `ref` names now (for "name", its current one), brought into memory. Blocks
+        while a cold version loads: call it on `loader`. A request pinned to the returned key
+        runs on this version even if a newer one becomes current meanwhile."""
+        name, version = parse_adapter_ref(ref)
+        while True:
+            with self._lock:
+                wanted = version or self._current.get(name)
+                key = f"{name}@{wanted}"
+                if wanted is not None and key in self._in_memory:
+                    return self._known[key]
+                known = self._known.get(key)
+            self._bring_in(name, wanted, known)
+
+    def _bring_in(self, name: str, wanted: str | None, known: AdapterVersion | None) -> None:
+        if wanted is None:
+            self.load(name, None, make_current=False)  # first use: the store's current version
+        elif known is not None and not known.from_store:
+            self._load_once(name, wanted, lambda: self._reread_path(known))  # dropped from memory
+        else:
+            self.load(name, wanted, make_current=False)
 
     # ------------------------------------------------------------------ loading
 
@@ -269,7 +309,10 @@ class AdapterManager:
             with self._lock:
                 self._rejected[key] = (stamp, exc)
             raise
-        return AdapterVersion(stored.name, stored.version, stored.path, True), weights
+        manifest = stored.manifest or {}
+        return AdapterVersion(stored.name, stored.version, stored.path, True,
+                              chat_template=manifest.get("chat_template") or None,
+                              chat_template_sha256=manifest.get("chat_template_sha256") or None), weights
 
     def _check_and_read(self, stored: StoredVersion) -> AdapterWeights:
         manifest = stored.manifest
@@ -282,6 +325,11 @@ class AdapterManager:
             if trained_on and self.base_fingerprint and trained_on != self.base_fingerprint:
                 raise IncompatibleAdapter(f"{stored.name}@{stored.version} was trained on another base model "
                                           f"(fingerprint {trained_on[:12]}…, this server's is {self.base_fingerprint[:12]}…)")
+            template, digest = manifest.get("chat_template"), manifest.get("chat_template_sha256")
+            if template is not None and (not isinstance(template, str) or
+                                         (digest and hashlib.sha256(template.encode()).hexdigest() != digest)):
+                raise IncompatibleAdapter(f"{stored.path}/manifest.json: its chat_template does not match its "
+                                          "chat_template_sha256")
         return read_peft_adapter(stored.path, self.engine.spec, self.engine.config.max_rank)
 
     def _validated(self, read) -> AdapterWeights:

@@ -121,7 +121,7 @@ class Generations:
             adapter = "" if request.adapter == backend.model_name else request.adapter
             call.label = UNRESOLVED if adapter else "base"
             self._check_size(request)  # cheap limits first; then the real work off the event loop
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, backend.codec, request)
+            prompt_ids, adapter = await self._prompt(backend, request, adapter)
             grammar = None
             if request.output_format is not None:
                 grammar = await asyncio.to_thread(backend.grammars.compile, request.output_format)
@@ -219,12 +219,22 @@ class Generations:
         if size > limits.max_prompt_bytes:
             raise InvalidRequest(f"prompt: {size} bytes; the limit is {limits.max_prompt_bytes} (--max-prompt-bytes)")
 
+    async def _prompt(self, backend: Backend, request: GenerationInput, adapter: str) -> tuple[list[int], str]:
+        """The prompt's token ids, and the adapter reference to submit on. An adapter's chat is
+        rendered with the template it was trained with, so the request is pinned to the version
+        whose template rendered it."""
+        if request.messages is None or not adapter:
+            return await asyncio.to_thread(self._prompt_ids, backend.codec, request, None), adapter
+        version = await _resolve(backend.manager, adapter)
+        template = version.chat_template_for(backend.codec.tokenizer.chat_template)
+        return await asyncio.to_thread(self._prompt_ids, backend.codec, request, template), version.key
+
     @staticmethod
-    def _prompt_ids(codec: TextCodec, request: GenerationInput) -> list[int]:
+    def _prompt_ids(codec: TextCodec, request: GenerationInput, chat_template: str | None) -> list[int]:
         if request.prompt is not None:
             return codec.encode_prompt(request.prompt)
         if request.messages is not None:
-            return codec.encode_chat(list(request.messages))
+            return codec.encode_chat(list(request.messages), chat_template)
         if request.prompt_token_ids is not None:
             if not request.prompt_token_ids:
                 raise InvalidRequest("prompt_token_ids is empty")
@@ -243,6 +253,14 @@ class Generations:
         params = replace(request.sampling, max_new_tokens=max_new_tokens)
         params.validate()
         return params
+
+
+async def _resolve(manager: AdapterManager, ref: str):
+    """manager.resolve: at once for a version in memory, else on the adapter loader's threads."""
+    ready = manager.resolve_if_ready(ref)
+    if ready is not None:
+        return ready
+    return await asyncio.get_running_loop().run_in_executor(manager.loader, manager.resolve, ref)
 
 
 async def _submit(manager: AdapterManager, ref: str, request: Request):

@@ -14,9 +14,34 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before any text: BOS for Llama-2-style tokenizers
+    (whatever their `add_bos_token` attribute says after a save and load), nothing for ChatML ones."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return list(full[:start])
+    return []
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], chat_template: str | None = None,
+                    prefix: list[int] | None = None) -> list[int]:
+    """A chat's prompt as the server serves it and the trainer trains on it: the template
+    (`chat_template`, else the tokenizer's) renders the messages and the generation prompt; the
+    text is tokenized without special tokens, and the tokenizer's own prefix (BOS) goes first
+    unless the template already wrote it. `prefix`: special_prefix(tokenizer), when known."""
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True,
+                                         tokenize=False)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    prefix = special_prefix(tokenizer) if prefix is None else prefix
+    return ids if ids[:len(prefix)] == prefix else prefix + ids
+
+
 class TextCodec:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self._prefix = special_prefix(tokenizer)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "TextCodec":
@@ -29,16 +54,16 @@ class TextCodec:
             raise InvalidRequest("prompt is empty")
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], chat_template: str | None = None) -> list[int]:
+        """`chat_template`: the one an adapter was trained with; None: the base model's."""
         if not messages:
             raise InvalidRequest("messages is empty")
-        if not self.tokenizer.chat_template:
+        if not (chat_template or self.tokenizer.chat_template):
             raise InvalidRequest("this model has no chat template: send `prompt` text or `prompt_token_ids` instead")
         for i, message in enumerate(messages):
             if not message["role"]:
                 raise InvalidRequest(f"messages[{i}].role is empty")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return chat_prompt_ids(self.tokenizer, messages, chat_template, self._prefix)
 
     def decoder(self, prompt_ids: list[int], stop: list[str]) -> "IncrementalDecoder":
         return IncrementalDecoder(self.tokenizer, prompt_ids, validate_stop(stop))

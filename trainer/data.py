@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from server.text import chat_prompt_ids, special_prefix
+
 log = logging.getLogger(__name__)
 IGNORE = -100
 
@@ -78,16 +80,15 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
-def encode(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): the prompt as the server renders it (template + generation prompt),
-    then the answer, ending with EOS."""
+def encode(messages: list[dict[str, str]], tokenizer, prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): the prompt exactly as the server encodes it (server.text's
+    chat_prompt_ids, one function for both), then the answer, ending with EOS. `prefix`:
+    special_prefix(tokenizer), when known."""
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the conversation differently from its prompt; cannot mask the answer")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    prompt_ids = chat_prompt_ids(tokenizer, messages[:-1], prefix=prefix)
     answer = full[len(prompt):]
     eos = tokenizer.eos_token or ""
     cut = answer.rfind(eos) if eos else -1
@@ -103,13 +104,14 @@ def load_examples(path: Path, tokenizer, max_seq_len: int) -> list[Example]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     ensure_chat_template(tokenizer)
+    prefix = special_prefix(tokenizer)
     examples, problems, truncated = [], [], 0
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                ids, labels = encode(record_to_messages(json.loads(line)), tokenizer)
+                ids, labels = encode(record_to_messages(json.loads(line)), tokenizer, prefix)
             except (json.JSONDecodeError, ValueError) as exc:
                 problems.append(f"line {number}: {exc}")
                 continue

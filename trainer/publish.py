@@ -27,6 +27,8 @@ def manifest(base_dir: Path, tokenizer, compute_dtype: torch.dtype, report: acce
         "quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": 64,
                          "compute_dtype": str(compute_dtype).removeprefix("torch.")},
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        # the template itself: servers render this adapter's chats with it, whatever the base has
+        "chat_template": template,
         "eos_token_ids": [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [],
         "stop_strings": [tokenizer.eos_token] if tokenizer.eos_token else [],
         "acceptance": report.as_dict(),

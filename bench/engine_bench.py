@@ -4,7 +4,9 @@ Same checkpoint (NF4, double quant), same PEFT adapters, same prompts, same numb
 tokens (EOS ignored on both sides), measured in one run. PEFT serves a mixed batch through
 `generate(..., adapter_names=[...])`, its own multi-adapter inference path.
 
-    python bench/engine_bench.py                       # CPU: small preset, 8 requests over 4 adapters
+    python bench/engine_bench.py                       # the built-in SmolLM2-135M-Instruct, 8 requests over 4 adapters
+    python bench/engine_bench.py --preset small        # a random-weight preset instead (seconds to build)
+    python bench/engine_bench.py --per-call-dequantize # also an engine on the NF4 path that keeps no dense copy
     python bench/engine_bench.py --preset 1b --requests 32 --adapters 8 --record   # on a GPU
     python bench/engine_bench.py --compile            # also an engine with its decode step torch.compile'd
     python bench/engine_bench.py --cpu-bf16-packed    # also an engine on bitsandbytes' AVX512-BF16 NF4 kernel
@@ -166,8 +168,9 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--model", type=Path, help="an existing checkpoint directory instead of building --preset")
+    parser.add_argument("--preset", help="build this random-weight preset (small, 1b, ...) instead of the built-in model")
+    parser.add_argument("--model", type=Path, help="an existing checkpoint directory or .gguf file (default: the built-in "
+                        "SmolLM2-135M-Instruct)")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
@@ -179,6 +182,9 @@ def main() -> None:
                         help="also run an EngineConfig(compile=True) engine (torch.compile'd decode step)")
     parser.add_argument("--cpu-bf16-packed", action="store_true",
                         help="also run an EngineConfig(nf4_path='cpu-bf16-packed') engine (CPUs with AVX512-BF16)")
+    parser.add_argument("--per-call-dequantize", action="store_true",
+                        help="also run an EngineConfig(nf4_path='dequantize') engine: the same numbers, dequantizing "
+                             "on every call instead of keeping a dense copy")
     parser.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = parser.parse_args()
     from server.quant import quiet_bitsandbytes
@@ -186,7 +192,13 @@ def main() -> None:
     quiet_bitsandbytes()
 
     work = Path(tempfile.mkdtemp(prefix="hotlora-bench-"))
-    model_dir = args.model or make_model(work / "model", args.preset, seed=0)
+    if args.preset:
+        model_dir, model_label = make_model(work / "model", args.preset, seed=0), f"preset `{args.preset}`"
+    else:
+        from server.model_source import default_cache_dir, resolve
+
+        source = resolve(args.model, default_cache_dir())
+        model_dir, model_label = source.path, f"model `{source.name}`"
     adapters = {f"adapter{i}": make_peft_adapter(model_dir, work / f"adapter{i}", seed=100 + i, r=args.rank,
                                                  lora_alpha=2 * args.rank, target_modules="all-linear")
                 for i in range(args.adapters)}
@@ -197,6 +209,8 @@ def main() -> None:
     engines = {"engine": config} | ({"engine, compiled": dataclasses.replace(config, compile=True)} if args.compile else {})
     if args.cpu_bf16_packed:
         engines["engine, cpu-bf16-packed"] = dataclasses.replace(config, nf4_path="cpu-bf16-packed")
+    if args.per_call_dequantize:
+        engines["engine, dequantize per call"] = dataclasses.replace(config, nf4_path="dequantize")
     engines = {name: Engine.from_pretrained(model_dir, c) for name, c in engines.items()}
     for engine in engines.values():
         for name, path in adapters.items():
@@ -226,13 +240,16 @@ def main() -> None:
     rows = list(by_case.items())
     base_only = by_case[f"{args.requests} requests, base only"]
     mixed = by_case[f"{args.requests} requests over {args.adapters} adapters"]
-    weights = engine.model.weight_bytes()
+    memory = "; ".join(f"{n}: NF4 projections {w['projections'] / 2**20:.1f} MiB + their dequantized copies "
+                       f"{w['dequantized_copies'] / 2**20:.1f} MiB, other weights {w['dense'] / 2**20:.1f} MiB, "
+                       f"LoRA slots {w['lora_pools'] / 2**20:.1f} MiB"
+                       for n, w in ((n, e.model.weight_bytes()) for n, e in engines.items()))
     table = [
-        f"### engine_bench: {f'model `{args.model.name}`' if args.model else f'preset `{args.preset}`'}, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
+        f"### engine_bench: {model_label}, {args.requests} requests, {args.adapters} adapters (r={args.rank}, all-linear), "
         f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} round-robin runs",
         "",
-        f"Machine: {machine()}; compute dtype {engine.dtype}; `{peer}` on the engine's NF4 path (dequantize); "
-        f"NF4 projections {weights['projections'] / 2**20:.1f} MiB, other weights {weights['dense'] / 2**20:.1f} MiB.",
+        f"Machine: {machine()}; compute dtype {engine.dtype}; engine NF4 path `{engine.describe()['nf4_path']}`; "
+        f"`{peer}` on bitsandbytes' dequantize-per-call path (the same bits). Resident memory: {memory}.",
         "",
         "| case | " + " | ".join(f"{n} tok/s" for n in [*engines, *peers]) + " | " + " | ".join(f"{n} / PEFT" for n in engines) + " |",
         "|---|" + "---:|" * (2 * len(engines) + len(peers)),

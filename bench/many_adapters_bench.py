@@ -2,7 +2,8 @@
 load over 8 adapters, through the real path (store → validation → host tier → device slot).
 
     python bench/many_adapters_bench.py --preset 1b --store-adapters 1000 --concurrency 32 --slots 64 --record  # GPU
-    python bench/many_adapters_bench.py --preset tiny --store-adapters 24 --concurrency 4 --slots 6 --requests 24  # CPU
+    python bench/many_adapters_bench.py --store-adapters 200 --concurrency 8 --slots 8 --requests 64  # CPU, built-in model
+    python bench/many_adapters_bench.py --preset small --store-adapters 24 --concurrency 4 --slots 6 --requests 24
 
 `--concurrency` requests are kept in flight by as many client threads; each new request takes the
 next adapter in turn, so over 1,000 adapters every request is a cold one (read from the store,
@@ -99,8 +100,9 @@ def hot_load_p50(manager: AdapterManager, engine: Engine, names: list[str]) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--model", type=Path, help="an existing checkpoint directory instead of building --preset")
+    parser.add_argument("--preset", help="build this random-weight preset (tiny, small, 1b, ...) instead of the built-in model")
+    parser.add_argument("--model", type=Path, help="an existing checkpoint directory or .gguf file (default: the built-in "
+                        "SmolLM2-135M-Instruct)")
     parser.add_argument("--store-adapters", type=int, default=1000)
     parser.add_argument("--few", type=int, default=8, help="adapters of the comparison case")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -115,7 +117,13 @@ def main() -> None:
 
     quiet_bitsandbytes()
     work = Path(tempfile.mkdtemp(prefix="hotlora-many-"))
-    model_dir = args.model or make_model(work / "model", args.preset, seed=0)
+    if args.preset:
+        model_dir, model_label = make_model(work / "model", args.preset, seed=0), f"preset `{args.preset}`"
+    else:
+        from server.model_source import default_cache_dir, resolve
+
+        source = resolve(args.model, default_cache_dir())
+        model_dir, model_label = source.path, f"model `{source.name}`"
     store = AdapterStore(work / "store")
     started = time.perf_counter()
     names = fill_store(store, model_dir, args.store_adapters, args.rank, work)
@@ -149,7 +157,7 @@ def main() -> None:
 
     few_rate = results[f"over {len(few)} adapters"]["tok/s"]
     table = [
-        f"### many_adapters_bench: {f'model `{args.model.name}`' if args.model else f'preset `{args.preset}`'}, {args.requests} requests ({args.concurrency} in flight) of "
+        f"### many_adapters_bench: {model_label}, {args.requests} requests ({args.concurrency} in flight) of "
         f"{args.prompt_len}+{args.new_tokens} tokens, round robin; {args.slots} device slots; adapters r={args.rank} q,v",
         "",
         f"Machine: {machine()}; compute dtype {engine.dtype}; hot-load (store → slot, one r16 all-linear "

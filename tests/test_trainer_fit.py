@@ -123,6 +123,10 @@ def test_trainer_publish_checks_and_publishes_an_adapter_made_elsewhere(llama_di
     assert done.returncode == 0 and "published wine@v1" in done.stdout, done.stderr[-2000:]
     manifest = json.loads((tmp_path / "store" / "wine" / "v1" / "manifest.json").read_text())
     assert manifest["acceptance"]["max_relative_difference"] <= manifest["acceptance"]["tolerance"]
+    # made elsewhere: its template is not known, so the base's own is recorded (the trainer's default never is)
+    from transformers import AutoTokenizer
+
+    assert manifest["chat_template"] == AutoTokenizer.from_pretrained(llama_dir).chat_template
 
     untrained = make_peft_adapter(llama_dir, tmp_path / "untrained", seed=1, r=4, init_lora_weights=True)  # B = 0
     refused = publish(untrained, "untrained")

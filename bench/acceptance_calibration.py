@@ -29,7 +29,7 @@ from tests.helpers import tampered_adapter  # noqa: E402
 
 
 def engine_paths() -> list[tuple[str, torch.dtype, str]]:
-    from server.quant import import_bitsandbytes
+    from server.model.quant import import_bitsandbytes
 
     paths = [("float32, dequantize", torch.float32, "dequantize"), ("bfloat16, dequantize", torch.bfloat16, "dequantize")]
     if import_bitsandbytes().functional.has_avx512bf16():
@@ -38,7 +38,7 @@ def engine_paths() -> list[tuple[str, torch.dtype, str]]:
 
 
 def run(preset: str, steps: int, work: Path) -> list[str]:
-    from server.model_factory import make_model
+    from server.model.factory import make_model
     from trainer.acceptance import decide, measure, prompts_from
     from trainer.config import FitConfig
     from trainer.demo.make_dataset import write as write_dataset
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="training steps for the adapter")
     parser.add_argument("--record", action="store_true", help="add the table to bench/RESULTS.md")
     args = parser.parse_args()
-    from server.quant import import_bitsandbytes, quiet_bitsandbytes
+    from server.model.quant import import_bitsandbytes, quiet_bitsandbytes
 
     quiet_bitsandbytes()
     torch.manual_seed(0)

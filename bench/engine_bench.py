@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results import record  # noqa: E402
-from server.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
-from server.model_factory import make_model  # noqa: E402
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
+from server.model.factory import make_model  # noqa: E402
 from tests.helpers import NF4_REFERENCE, make_peft_adapter  # noqa: E402
 
 
@@ -138,7 +138,7 @@ def load_peft(model_dir: Path, adapters: dict[str, Path], dtype: torch.dtype, de
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from server.quant import keep_linear4bit_on_dequantize
+    from server.model.quant import keep_linear4bit_on_dequantize
 
     quant = dict(NF4_REFERENCE, bnb_4bit_compute_dtype=dtype)
     base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**quant),
@@ -160,7 +160,7 @@ def machine() -> str:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from server.quant import import_bitsandbytes
+    from server.model.quant import import_bitsandbytes
 
     avx = "yes" if import_bitsandbytes().functional.has_avx512bf16() else "no"
     return f"CPU {cpu} (AVX512_BF16 {avx}), {torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -187,7 +187,7 @@ def main() -> None:
                              "on every call instead of keeping a dense copy")
     parser.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = parser.parse_args()
-    from server.quant import quiet_bitsandbytes
+    from server.model.quant import quiet_bitsandbytes
 
     quiet_bitsandbytes()
 
@@ -195,7 +195,7 @@ def main() -> None:
     if args.preset:
         model_dir, model_label = make_model(work / "model", args.preset, seed=0), f"preset `{args.preset}`"
     else:
-        from server.model_source import default_cache_dir, resolve
+        from server.model.source import default_cache_dir, resolve
 
         source = resolve(args.model, default_cache_dir())
         model_dir, model_label = source.path, f"model `{source.name}`"

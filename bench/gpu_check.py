@@ -142,7 +142,7 @@ def main() -> int:
         if skip is None and (not args.only or any("bench" in words for words in args.only)):
             # without bitsandbytes the engine steps are skipped anyway
             sys.path.insert(0, str(ROOT))
-            from server.model_factory import make_model
+            from server.model.factory import make_model
 
             make_model(model_dir, "tiny" if args.dry_run else "1b", seed=0)
         for step in steps(args.record and not args.dry_run, args.dry_run, model_dir):

@@ -44,7 +44,7 @@ def time_us(fn, repeats: int = 50) -> float:
 
 def nf4_rows() -> list[str]:
     from server.kernels.nf4 import NF4Weight, nf4_linear
-    from server.quant import import_bitsandbytes
+    from server.model.quant import import_bitsandbytes
 
     bnb = import_bitsandbytes()
     rows = []
@@ -67,7 +67,7 @@ def nf4_rows() -> list[str]:
 
 def lora_rows(tokens: int = 32, adapters: int = 8, slots: int = 64, rank: int = 16) -> list[str]:
     from server.kernels import lora as kernels
-    from server.lora import lora_delta_stacked, slot_mask
+    from server.lora.layers import lora_delta_stacked, slot_mask
 
     rows = []
     for model, (hidden, out) in {"1.1B q_proj": (2048, 2048), "1.1B gate_proj": (2048, 5632),

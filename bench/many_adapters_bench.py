@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.engine_bench import machine  # noqa: E402
 from bench.results import record  # noqa: E402
-from server.adapters import AdapterManager  # noqa: E402
+from server.adapters.manager import AdapterManager  # noqa: E402
 from server.config import AdapterConfig, EngineConfig  # noqa: E402
-from server.engine import Engine, Request, SamplingParams  # noqa: E402
+from server.engine.engine import Engine, Request, SamplingParams  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
-from server.model_factory import make_model  # noqa: E402
-from server.store import AdapterStore, base_fingerprint  # noqa: E402
+from server.model.factory import make_model  # noqa: E402
+from server.adapters.store import AdapterStore, base_fingerprint  # noqa: E402
 from tests.helpers import make_peft_adapter  # noqa: E402
 
 
@@ -113,14 +113,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = parser.parse_args()
-    from server.quant import quiet_bitsandbytes
+    from server.model.quant import quiet_bitsandbytes
 
     quiet_bitsandbytes()
     work = Path(tempfile.mkdtemp(prefix="hotlora-many-"))
     if args.preset:
         model_dir, model_label = make_model(work / "model", args.preset, seed=0), f"preset `{args.preset}`"
     else:
-        from server.model_source import default_cache_dir, resolve
+        from server.model.source import default_cache_dir, resolve
 
         source = resolve(args.model, default_cache_dir())
         model_dir, model_label = source.path, f"model `{source.name}`"

@@ -194,8 +194,8 @@ async def sigterm_phase(stub, server: subprocess.Popen, streams: int) -> list[st
 
 
 async def soak(args, work: Path) -> tuple[list[str], list[str]]:
-    from server.model_factory import make_model
-    from server.store import AdapterStore
+    from server.model.factory import make_model
+    from server.adapters.store import AdapterStore
     from tests.helpers import make_peft_adapter
 
     model = make_model(work / "model", args.preset, seed=0)
@@ -289,7 +289,7 @@ def main() -> int:
     parser.add_argument("--cancel-share", type=float, default=0.1, help="share of streams cancelled after one token")
     parser.add_argument("--record", action="store_true", help="add the table to bench/RESULTS.md")
     args = parser.parse_args()
-    from server.quant import quiet_bitsandbytes
+    from server.model.quant import quiet_bitsandbytes
 
     quiet_bitsandbytes()
     with tempfile.TemporaryDirectory(prefix="hotlora-soak-") as tmp:

@@ -100,7 +100,7 @@ def main() -> None:
                    help="rows per step when packing: 3 x 128 tokens is about the tokens of 8 padded cheese records")
     p.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = p.parse_args()
-    from server.quant import quiet_bitsandbytes
+    from server.model.quant import quiet_bitsandbytes
 
     quiet_bitsandbytes()
     if args.worker:
@@ -109,7 +109,7 @@ def main() -> None:
         return
 
     from bench.engine_bench import machine
-    from server.model_factory import make_model
+    from server.model.factory import make_model
     from trainer.demo.make_dataset import write
 
     with tempfile.TemporaryDirectory(prefix="hotlora-train-bench-") as tmp:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-NF4_PATHS = ("auto", "dequantize-once", "dequantize", "cpu-bf16-packed", "triton")  # see server/quant.py
+NF4_PATHS = ("auto", "dequantize-once", "dequantize", "cpu-bf16-packed", "triton")  # see server/model/quant.py
 KERNELS = ("auto", "triton", "torch")  # see server/kernels/__init__.py
 
 
@@ -44,7 +44,7 @@ class EngineConfig:
     kernels: "triton" runs LoRA (BGMV/SGMV) and NF4 through server/kernels' Triton kernels,
       "torch" through plain torch and bitsandbytes, "auto" Triton on CUDA and torch elsewhere.
       On CPU Triton works only under its interpreter (TRITON_INTERPRET=1; slow, for tests).
-    nf4_path: how the NF4 base projections are multiplied (server/quant.py): "auto" follows
+    nf4_path: how the NF4 base projections are multiplied (server/model/quant.py): "auto" follows
       `kernels`; "dequantize-once" keeps a copy dequantized in the compute dtype at load and
       matmuls with it, the trained model's own numbers (the CPU default; a dense copy's memory);
       "dequantize" the same numbers dequantizing on every call (no copy); "triton" reads the
@@ -55,7 +55,7 @@ class EngineConfig:
       (a C++ compiler must be installed on CPU); the results are the eager forward's. torch keeps
       at most 8 compiled variants per function, so serve one compiled engine per process.
     cuda_graphs: on CUDA (without compile), capture the decode step at padded batch sizes as CUDA
-      graphs at start-up (server/runner.py); if capture fails the engine logs why and decodes
+      graphs at start-up (server/engine/runner.py); if capture fails the engine logs why and decodes
       eagerly (hotlora_engine_info's cuda_graphs says "failed"). Ignored elsewhere.
     """
 
@@ -109,13 +109,13 @@ class EngineConfig:
 class AdapterConfig:
     """Where adapters come from and how many are kept in host memory.
 
-    store: the adapter store directory (see server.store); None serves only path-loaded adapters.
+    store: the adapter store directory (see server.adapters.store); None serves only path-loaded adapters.
     poll_interval_s: how often the store's `current` pointers are checked for new versions.
     cpu_cache_size: validated adapter versions held in host memory (those in device slots
       included); idle ones beyond it are dropped least-recently-used and read again from their
       source when next used.
     host_cache_bytes: the same, bounded by the bytes their packed images take (pinned memory on
-      CUDA, server/adapter_tier.py); None = only the count bounds it.
+      CUDA, server/lora/host_tier.py); None = only the count bounds it.
     allowed_paths: directories LoadAdapter(path=...) may read from; empty = path loads refused.
     load_workers: adapter versions read and validated at once. Loads run on threads of their own,
       so slow or huge ones never take the threads that serve other requests.

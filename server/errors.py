@@ -1,7 +1,7 @@
 """Typed domain errors. Everything the engine, the adapter code or a service refuses is one of
 these; a user's mistake is never reported as an internal error with a stack trace.
 
-They know nothing of transports: server/status.py maps each to its gRPC code and HTTP status.
+They know nothing of transports: server/serving/status.py maps each to its gRPC code and HTTP status.
 """
 
 from __future__ import annotations

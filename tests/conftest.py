@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from server.model_factory import make_model
+from server.model.factory import make_model
 from tests.helpers import make_peft_adapter
 
 
@@ -53,7 +53,7 @@ def peft_adapters(llama_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def cheese_and_wine_store(peft_adapters, tmp_path_factory):
     """An adapter store with cheese@v1 and wine@v1 (tests that change a store make their own)."""
-    from server.store import AdapterStore
+    from server.adapters.store import AdapterStore
 
     store = AdapterStore(tmp_path_factory.mktemp("store"))
     for name in ("cheese", "wine"):
@@ -77,6 +77,6 @@ def cheese_data(tmp_path_factory):
 def smollm2_dir():
     """The built-in SmolLM2-135M-Instruct as a user gets it: the installed wheel's GGUF converted
     into the model cache (once per machine; HOTLORA_MODEL_CACHE moves it)."""
-    from server.model_source import default_cache_dir, resolve
+    from server.model.source import default_cache_dir, resolve
 
     return resolve(None, default_cache_dir()).path

@@ -56,7 +56,7 @@ def reference_nf4_model(base_dir: Path):
     float32) on every CPU: bitsandbytes would otherwise switch to bf16 on AVX512-BF16 CPUs."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from server.quant import keep_linear4bit_on_dequantize
+    from server.model.quant import keep_linear4bit_on_dequantize
 
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=BitsAndBytesConfig(**NF4_REFERENCE), dtype=torch.float32, device_map="cpu"
@@ -84,7 +84,7 @@ class RunningServer:
         import asyncio
         import threading
 
-        from server.main import Server
+        from server.serving.main import Server
 
         self.loop = asyncio.new_event_loop()
         self.server = Server(config)
@@ -124,7 +124,7 @@ def fail_on_recompile() -> None:
 
 def decode_batch(rows: int, device: str = "cpu"):
     """A decode step of up to 4 rows at different positions, row i on LoRA slot i (row 0: base)."""
-    from server.model import ForwardBatch
+    from server.model.llama import ForwardBatch
 
     return ForwardBatch(tokens=torch.tensor([[5], [17], [42], [99]][:rows], device=device),
                         positions=torch.tensor([[9], [4], [12], [6]][:rows], device=device),

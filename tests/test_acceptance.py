@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.model_factory import make_model
-from server.quant import import_bitsandbytes
+from server.model.factory import make_model
+from server.model.quant import import_bitsandbytes
 from tests.helpers import make_peft_adapter, reference_nf4_model, tampered_adapter
 from trainer.acceptance import ABSOLUTE_FLOOR, EFFECT_MULTIPLE, AcceptanceError, check, decide, prompts_from
 from trainer.config import FitConfig

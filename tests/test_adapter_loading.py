@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
+from server.engine.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from server.errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
 from tests.helpers import make_peft_adapter
 

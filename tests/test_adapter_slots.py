@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from server.engine import Engine, EngineConfig, Request, SamplingParams
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
 
 PROMPTS = [[5, 17, 42, 99, 7], [8, 200, 33], [150, 9, 12, 40, 41, 3]]
 NAMES = ["cheese", "wine", "bread"]

@@ -1,4 +1,4 @@
-"""The host tier and the copy into device slots (server/adapter_tier.py): a packed image written
+"""The host tier and the copy into device slots (server/lora/host_tier.py): a packed image written
 into a slot gives exactly what LoRAPool.write_slot (the readable reference) gives, over a slot
 that held a larger adapter; the host tier is bounded by bytes; slot writes and adapter misses are
 measured."""
@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.adapter_files import AdapterWeights, ModuleLoRA, read_peft_adapter
-from server.adapter_tier import SlotImage, SlotWriter
+from server.lora.peft_files import AdapterWeights, ModuleLoRA, read_peft_adapter
+from server.lora.host_tier import SlotImage, SlotWriter
 from server.config import AdapterConfig, EngineConfig
-from server.engine import Engine, Request, SamplingParams
-from server.lora import LoRAPool
+from server.engine.engine import Engine, Request, SamplingParams
+from server.lora.layers import LoRAPool
 
 SHAPES = {(0, "q_proj"): (24, 32), (0, "k_proj"): (24, 8), (0, "down_proj"): (40, 24), (1, "q_proj"): (24, 32)}
 POOLS = {(0, "qk_proj"): ("q_proj", "k_proj"), (0, "down_proj"): ("down_proj",), (1, "q_proj"): ("q_proj",)}
@@ -60,7 +60,7 @@ def test_the_image_costs_what_its_tensors_take():
 
 
 def test_host_tier_is_bounded_by_bytes(llama_dir, peft_adapters, cheese_and_wine_store):
-    from server.adapters import AdapterManager
+    from server.adapters.manager import AdapterManager
     from server.metrics import Metrics
 
     engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=32, max_adapters=1, max_rank=16))

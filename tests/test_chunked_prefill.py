@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine import Engine, EngineConfig, Request, SamplingParams
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
 
 LONG = [(7 * i + 3) % 500 + 5 for i in range(45)]  # 45 tokens: 6 chunks of 8, the last one short
 

@@ -27,7 +27,7 @@ def test_a_missing_model_directory_is_one_line(command):
 
 def test_server_help_shows_the_config_defaults_and_the_make_model_command():
     from server.config import AdapterConfig, EngineConfig, RequestLimits, ServerConfig
-    from server.main import parse_args
+    from server.serving.main import parse_args
 
     run = subprocess.run([str(BIN / "hotlora-server"), "--help"], capture_output=True, text=True, timeout=60)
     assert "make-model DIR" in run.stdout.split("\n\n")[0]  # in the usage lines

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
+from server.engine.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from server.errors import InvalidRequest, ResourceExhausted
 
 PROMPTS = [[5, 17, 42, 99, 7, 3, 120, 64, 11, 12, 13], [8, 200, 33], [150, 9, 12, 40, 41], [77, 78, 79, 80, 81, 82, 83]]

@@ -81,7 +81,7 @@ def test_rules_pass_promtool_and_the_plain_rules_file_matches_the_operator_rule(
 
 
 def test_manifests_agree_with_the_server_code():
-    from server.main import LIVENESS, SERVICE_NAMES, parse_args
+    from server.serving.main import LIVENESS, SERVICE_NAMES, parse_args
 
     docs = render("base")
     config_map = one(docs, "ConfigMap")["data"]
@@ -166,7 +166,7 @@ def test_dockerfile_passes_hadolint_and_copies_what_exists():
             assert (ROOT / path).exists(), path
     entrypoint = json.loads(re.search(r"^ENTRYPOINT\s+(\[.*\])$", text, re.MULTILINE)[1])
     scripts = re.search(r"\[project.scripts\](.*?)\n\n", (ROOT / "pyproject.toml").read_text(), re.DOTALL)[1]
-    assert f'{entrypoint[0]} = "server.main:main"' in scripts
+    assert f'{entrypoint[0]} = "server.serving.main:main"' in scripts
     assert re.search(r"^FROM nvidia/cuda:[\w.-]+-runtime-", text, re.MULTILINE)
     assert re.search(r"^USER 10001$", text, re.MULTILINE)  # non-root, matching runAsUser
     assert set(re.search(r"^EXPOSE (.+)$", text, re.MULTILINE)[1].split()) == {"50051", "9400", "8000"}  # grpc, metrics, http

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
+from server.engine.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from tests.helpers import decode_batch, fail_on_recompile
 
 pytestmark = [

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, Request
+from server.engine.engine import Engine, EngineConfig, Request
 from tests.helpers import NF4_REFERENCE, decode_batch, fail_on_recompile
 
 pytestmark = pytest.mark.gpu
@@ -72,7 +72,7 @@ def test_cuda_graph_decode_gives_the_eager_padded_steps_tokens(llama_dir, peft_a
     """CUDA twin of tests/test_runner.py: the captured graphs replay exactly the padded step that
     runs eagerly (same kernels, same shapes), with mixed adapters, at several padded sizes, and
     see an adapter written into a slot after capture."""
-    from server.runner import DecodeRunner
+    from server.engine.runner import DecodeRunner
 
     config = EngineConfig(max_batch_size=6, max_seq_len=64, max_adapters=3, max_rank=16, device="cuda", dtype="bfloat16")
     graphed = Engine.from_pretrained(llama_dir, config)
@@ -88,7 +88,7 @@ def test_cuda_graph_decode_gives_the_eager_padded_steps_tokens(llama_dir, peft_a
         for batch in (requests, requests[:3], requests[:1]):
             assert [o.token_ids for o in graphed.generate(batch)] == [o.token_ids for o in eager.generate(batch)]
         # sampling inside the graphs: each variant (greedy with a penalty, seeded, top-k/p) as eagerly
-        from server.sampling import SamplingParams
+        from server.model.sampling import SamplingParams
 
         sampled = [SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
                    SamplingParams(max_new_tokens=10, temperature=0.9, seed=5, ignore_eos=True),
@@ -103,7 +103,7 @@ def test_cuda_graph_decode_gives_the_eager_padded_steps_tokens(llama_dir, peft_a
 
 
 def greedy_fixed(n: int):
-    from server.sampling import SamplingParams
+    from server.model.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
 
@@ -111,7 +111,7 @@ def greedy_fixed(n: int):
 def test_slot_writes_on_cuda_are_asynchronous_and_exact():
     """CUDA twin of test_adapter_tier's slot write: from pinned memory on a side stream, with an
     event the compute stream waits on; the result equals LoRAPool.write_slot's."""
-    from server.adapter_tier import SlotImage, SlotWriter
+    from server.lora.host_tier import SlotImage, SlotWriter
     from tests.test_adapter_tier import POOLS, pools, weights
 
     adapter = weights(1, {(0, "q_proj"): 8, (0, "down_proj"): 3})
@@ -136,7 +136,7 @@ def test_hot_load_under_load_on_cuda(llama_dir, peft_adapters):
     side stream, and the new adapter's request completes (CPU twin: test_server_adapters' hot swap)."""
     import threading
 
-    from server.adapter_files import read_peft_adapter
+    from server.lora.peft_files import read_peft_adapter
 
     engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=4, max_seq_len=160, max_adapters=2, max_rank=16,
                                                             device="cuda", dtype="bfloat16"))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, Request, SamplingParams
-from server.model_factory import make_model
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
+from server.model.factory import make_model
 from tests.helpers import make_peft_adapter, reference_peft_model
 
 PROMPTS = [[5, 17, 42, 99, 7, 3], [8, 200, 33], [150, 9, 12, 40, 41], [77, 78, 79, 80]]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from server.config import QuantConfig
-from server.engine import Engine, EngineConfig, Request, SamplingParams
-from server.quant import DEQUANTIZE, make_base_linear, resident_bytes
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
+from server.model.quant import DEQUANTIZE, make_base_linear, resident_bytes
 from tests.helpers import reference_nf4_model, reference_peft_model
 
 LOGIT_ATOL = 1e-4

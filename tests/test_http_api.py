@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 
 from clients.client import Client
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from server.store import AdapterStore, base_fingerprint
+from server.adapters.store import AdapterStore, base_fingerprint
 from tests.helpers import RunningServer
 from tests.test_structured_output import CHEESE_SCHEMA
 

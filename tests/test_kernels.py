@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from server.kernels import lora, nf4
-from server.quant import import_bitsandbytes
+from server.model.quant import import_bitsandbytes
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

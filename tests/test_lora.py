@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.adapter_files import ModuleLoRA
+from server.lora.peft_files import ModuleLoRA
 from server.config import QuantConfig
-from server.lora import (LoRABatch, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA, lora_delta_reference,
+from server.lora.layers import (LoRABatch, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA, lora_delta_reference,
                          lora_delta_stacked, slot_mask)
-from server.quant import DEQUANTIZE, dequantized_weight, make_base_linear
+from server.model.quant import DEQUANTIZE, dequantized_weight, make_base_linear
 
 IN, OUT, MAX_RANK, SLOTS = 64, 48, 8, 4
 RANKS = {1: 2, 2: 8, 3: 5}  # slot -> rank; 2 and 5 are zero-padded up to MAX_RANK

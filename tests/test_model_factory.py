@@ -8,12 +8,12 @@ import sys
 
 from safetensors import safe_open
 
-from server.model_factory import PRESETS
+from server.model.factory import PRESETS
 
 
 def test_make_model_cli_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "m"
-    subprocess.run([sys.executable, "-m", "server.main", "make-model", str(out), "--preset", "tiny-qwen2", "--seed", "3"],
+    subprocess.run([sys.executable, "-m", "server.serving.main", "make-model", str(out), "--preset", "tiny-qwen2", "--seed", "3"],
                    check=True, capture_output=True)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
@@ -31,7 +31,7 @@ def test_make_model_cli_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
-    from server.model_factory import make_model
+    from server.model.factory import make_model
 
     paths = [make_model(tmp_path / str(i), "tiny", seed=s) for i, s in enumerate([5, 5, 6])]
     blobs = [(p / "model.safetensors").read_bytes() for p in paths]
@@ -51,5 +51,5 @@ def test_1b_preset_has_tinyllama_shape():
 
 def test_server_help_names_the_builtin_model_as_the_default():
     """No --model is no usage error: the server serves the built-in model (tests/test_builtin_model.py)."""
-    result = subprocess.run([sys.executable, "-m", "server.main", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "server.serving.main", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "default: the built-in SmolLM2-135M-Instruct" in " ".join(result.stdout.split())

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from server.config import QuantConfig
-from server.engine import Engine, EngineConfig, Request, SamplingParams
-from server.quant import (CPU_BF16_PACKED, DEQUANTIZE, DEQUANTIZE_ONCE, NF4Linear, choose_nf4_matmul,
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
+from server.model.quant import (CPU_BF16_PACKED, DEQUANTIZE, DEQUANTIZE_ONCE, NF4Linear, choose_nf4_matmul,
                           dequantized_weight, import_bitsandbytes, is_repacked, keep_linear4bit_on_dequantize,
                           make_base_linear, resident_bytes)
 from tests.helpers import reference_nf4_model

@@ -13,7 +13,7 @@ from protos.hotlora.v1 import adapters_pb2_grpc
 from protos.hotlora.v1 import generation_pb2 as pb
 from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from server.store import AdapterStore
+from server.adapters.store import AdapterStore
 from tests.helpers import RunningServer, make_peft_adapter, wait_until
 
 

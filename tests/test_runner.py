@@ -1,4 +1,4 @@
-"""The fixed-shape decode step (server/runner.py), eagerly on CPU: what CUDA graphs capture on a
+"""The fixed-shape decode step (server/engine/runner.py), eagerly on CPU: what CUDA graphs capture on a
 GPU (tests/test_engine_gpu.py) is this same padded step. Padding changes no real row's logits,
 writes only into the KV cache's scratch row, and an engine decoding through it gives the tokens
 of an engine decoding unpadded."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, Request, SamplingParams
-from server.runner import DecodeRunner, padded_sizes
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
+from server.engine.runner import DecodeRunner, padded_sizes
 
 CONFIG = EngineConfig(max_batch_size=6, max_seq_len=48, max_adapters=3, max_rank=16)
 
@@ -79,9 +79,9 @@ def test_the_step_samples_what_sample_draws_from_its_logits(engine):
     """Sampling is part of the step (a CUDA graph captures it after the forward): each row's own
     parameters loaded once, steps moving on each step, a grammar's bitmask, the repetition penalty
     reading the seen table and each sampled token marked in it. Padded or not, the tokens are what
-    server/sampling.py's sample() draws from the step's logits."""
-    from server.sampling import SamplingBatch, sample
-    from server.structured import allowed_tokens, bitmask_words
+    server/model/sampling.py's sample() draws from the step's logits."""
+    from server.model.sampling import SamplingBatch, sample
+    from server.engine.structured import allowed_tokens, bitmask_words
 
     vocab = engine.spec.vocab_size
     params = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0, repetition_penalty=1.4),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.sampling import SamplingBatch, SamplingParams, sample
+from server.model.sampling import SamplingBatch, SamplingParams, sample
 
 V = 12
 
@@ -78,14 +78,14 @@ def test_invalid_parameters_name_their_field(field, value):
 
 
 def test_the_noise_hash_on_tensors_is_the_reference_hash():
-    from server.sampling import _hash32, _hash32_int
+    from server.model.sampling import _hash32, _hash32_int
 
     values = torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
     assert _hash32(values).tolist() == [_hash32_int(v) for v in values.tolist()]
 
 
 def test_noise_depends_on_seed_and_step_only_and_is_uniform():
-    from server.sampling import uniform_noise
+    from server.model.sampling import uniform_noise
 
     seeds, steps = torch.tensor([7, 7, 8]), torch.tensor([3, 3, 3])
     noise = uniform_noise(seeds, steps, 5000)
@@ -112,12 +112,12 @@ MIXED = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition
 
 @pytest.mark.parametrize("rows", [[0, 1], [0, 2, 5], [1, 2, 3, 5], [1, 4, 5]], ids=["greedy", "sample", "top-k", "top-p"])
 def test_a_captured_variant_samples_what_the_batch_s_own_flags_do(rows):
-    """CUDA graphs fix which ops sampling runs (server/runner.py's VARIANTS: the penalty and the
+    """CUDA graphs fix which ops sampling runs (server/engine/runner.py's VARIANTS: the penalty and the
     grammar mask always, top-k/p in one variant): on rows without them those ops must change
     nothing, so a graph samples exactly what the batch's own flags would."""
     from dataclasses import replace
 
-    from server.runner import VARIANTS, variant_for
+    from server.engine.runner import VARIANTS, variant_for
 
     params = [MIXED[i] for i in rows]
     g = torch.Generator().manual_seed(len(rows))
@@ -134,7 +134,7 @@ def test_a_captured_variant_samples_what_the_batch_s_own_flags_do(rows):
 def test_top_p_of_1_keeps_every_token_even_where_float32_sums_reach_1():
     """A row with top_p=1 beside a row with top_p<1 (so the batch runs top-p, as a captured variant
     always does) keeps its whole tail, though its head alone already rounds to 1 in float32."""
-    from server.sampling import _restrict_top_k_top_p
+    from server.model.sampling import _restrict_top_k_top_p
 
     scores = torch.tensor([[30.0] + [0.0] * (V - 1), torch.linspace(2, -2, V).tolist()])
     batch = batch_of([SamplingParams(temperature=1.0, top_p=1.0), SamplingParams(temperature=1.0, top_p=0.5)])

@@ -20,8 +20,8 @@ from protos.hotlora.v1 import adapters_pb2_grpc
 from protos.hotlora.v1 import generation_pb2 as pb
 from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from server.engine import Engine, Request, SamplingParams
-from server.store import AdapterStore, base_fingerprint
+from server.engine.engine import Engine, Request, SamplingParams
+from server.adapters.store import AdapterStore, base_fingerprint
 from tests.helpers import RunningServer, make_peft_adapter, wait_until
 
 PROMPT = [5, 17, 42, 99, 7, 3]

@@ -10,7 +10,7 @@ import pytest
 from protos.hotlora.v1 import generation_pb2 as pb
 from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from server.store import AdapterStore
+from server.adapters.store import AdapterStore
 from tests.helpers import RunningServer, wait_until
 
 OK = pb.GenerateRequest(prompt="Cheese is made from milk", adapter="cheese", max_new_tokens=4,
@@ -113,7 +113,7 @@ def test_tokenizing_a_prompt_never_blocks_other_streams(stub, monkeypatch):
     is held, a whole other request is served."""
     import threading
 
-    from server.text import TextCodec
+    from server.serving.text import TextCodec
 
     entered, release = threading.Event(), threading.Event()
     original = TextCodec.encode_prompt

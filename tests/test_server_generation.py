@@ -11,9 +11,9 @@ import pytest
 from protos.hotlora.v1 import generation_pb2 as pb
 from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from server.engine import Engine, Request, SamplingParams
-from server.store import AdapterStore, base_fingerprint
-from server.text import TextCodec
+from server.engine.engine import Engine, Request, SamplingParams
+from server.adapters.store import AdapterStore, base_fingerprint
+from server.serving.text import TextCodec
 from tests.helpers import RunningServer
 
 ENGINE = EngineConfig(max_batch_size=4, max_seq_len=96, max_adapters=2, max_rank=16)

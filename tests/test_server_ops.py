@@ -127,7 +127,7 @@ def test_adapter_label_cardinality_is_bounded():
 
 
 def test_compile_is_off_unless_asked_for_by_flag_or_environment():
-    from server.main import parse_args
+    from server.serving.main import parse_args
 
     assert parse_args(["--model", "m"], environ={}).engine.compile is False
     assert parse_args(["--model", "m", "--compile"], environ={}).engine.compile is True
@@ -138,7 +138,7 @@ def test_compile_is_off_unless_asked_for_by_flag_or_environment():
 
 
 def test_kernels_and_nf4_path_come_from_flag_or_environment_and_are_checked():
-    from server.main import parse_args
+    from server.serving.main import parse_args
 
     assert parse_args(["--model", "m"], environ={}).engine.nf4_path == "auto"
     assert parse_args(["--model", "m", "--nf4-path", "cpu-bf16-packed"], environ={}).engine.nf4_path == "cpu-bf16-packed"

@@ -13,8 +13,8 @@ import threading
 import pytest
 
 from server.errors import AdapterNotFound, InvalidRequest
-from server.model_factory import make_model
-from server.store import AdapterStore, base_fingerprint
+from server.model.factory import make_model
+from server.adapters.store import AdapterStore, base_fingerprint
 
 
 def test_publish_numbers_versions_and_moves_current(peft_adapters, tmp_path):
@@ -61,7 +61,7 @@ def test_concurrent_publishers_get_distinct_versions(peft_adapters, tmp_path):
 # library boundary: the step announces itself, then sleeps until the test kills the process).
 PUBLISH = """
 import os, shutil, sys, time
-import server.store as store_module
+import server.adapters.store as store_module
 store_root, source, step = sys.argv[1:]
 calls = {"copyfile": 0}
 def freeze_at(module, name):

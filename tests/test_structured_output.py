@@ -17,10 +17,10 @@ import torch
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
 
-from server.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
+from server.engine.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
 from server.errors import InvalidRequest
-from server.structured import GrammarCompiler, OutputFormat, allowed_tokens
-from server.text import TextCodec
+from server.engine.structured import GrammarCompiler, OutputFormat, allowed_tokens
+from server.serving.text import TextCodec
 from tests.helpers import reference_peft_model
 
 CHEESE_SCHEMA = {
@@ -136,7 +136,7 @@ def test_logprobs_are_the_reference_models_log_softmax(engine, llama_dir, peft_a
 
 def test_a_tokenizer_llguidance_cannot_read_leaves_structured_output_off_not_the_server():
     from server.errors import Unsupported
-    from server.status import status_of
+    from server.serving.status import status_of
 
     compiler = GrammarCompiler(object(), 512)
     assert not compiler.available

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from server.errors import InvalidRequest
-from server.model_factory import build_tokenizer
-from server.text import TextCodec
+from server.model.factory import build_tokenizer
+from server.serving.text import TextCodec
 
 TEXT = "Comté and Roquefort 🧀 are cheeses; the answer is: Brie. ### END"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from server.config import EngineConfig
-from server.engine import Engine, Request, SamplingParams
+from server.engine.engine import Engine, Request, SamplingParams
 from server.errors import HotloraError
-from server.quant import keep_linear4bit_on_dequantize
+from server.model.quant import keep_linear4bit_on_dequantize
 
 from .data import IGNORE, Example
 

@@ -81,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server.quant import quiet_bitsandbytes
+    from server.model.quant import quiet_bitsandbytes
 
     quiet_bitsandbytes()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get("HOTLORA_ADMIN_TOKEN")
-    from server.model_source import ModelNotFound
+    from server.model.source import ModelNotFound
 
     from .acceptance import AcceptanceError
     from .data import DataError
@@ -168,7 +168,7 @@ def _publish(args, token: str | None) -> int:
 def _base_model(named: str | None, cache: Path | None) -> Path:
     """The checkpoint directory of the base model named (nothing: the built-in one; a .gguf file:
     converted once into the cache)."""
-    from server.model_source import default_cache_dir, resolve
+    from server.model.source import default_cache_dir, resolve
 
     source = resolve(named, cache or default_cache_dir())
     log.info("base model: %s", source.describe())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from server.text import chat_prompt_ids, special_prefix
+from server.serving.text import chat_prompt_ids, special_prefix
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -81,7 +81,7 @@ def ensure_chat_template(tokenizer) -> None:
 
 
 def encode(messages: list[dict[str, str]], tokenizer, prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): the prompt exactly as the server encodes it (server.text's
+    """(input_ids, labels): the prompt exactly as the server encodes it (server.serving.text's
     chat_prompt_ids, one function for both), then the answer, ending with EOS. `prefix`:
     special_prefix(tokenizer), when known."""
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from server.quant import import_bitsandbytes, keep_linear4bit_on_dequantize
+from server.model.quant import import_bitsandbytes, keep_linear4bit_on_dequantize
 
 from . import checkpoint
 from .config import FitConfig
@@ -63,7 +63,7 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 def load_base(base: Path, dtype: torch.dtype, device: torch.device):
     """The NF4 double-quantized base, its layers pinned to the serving engine's NF4 path (see
-    server.quant.keep_linear4bit_on_dequantize: otherwise an eval pass on an AVX512-BF16 CPU
+    server.model.quant.keep_linear4bit_on_dequantize: otherwise an eval pass on an AVX512-BF16 CPU
     repacks them, and training after it computes in bf16 without the base weight's gradient path)."""
     import_bitsandbytes()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -1,5 +1,5 @@
 """From a trained (or foreign) PEFT adapter to a published store version: acceptance check,
-manifest, atomic publish (server.store), and optionally asking running servers to load it."""
+manifest, atomic publish (server.adapters.store), and optionally asking running servers to load it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from server.store import AdapterStore, StoredVersion, base_fingerprint
+from server.adapters.store import AdapterStore, StoredVersion, base_fingerprint
 
 from . import acceptance
 
@@ -85,7 +85,7 @@ def check_foreign_adapter(base_dir: Path, adapter_dir: Path, prompts_text: list[
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from server.text import chat_prompt_ids
+    from server.serving.text import chat_prompt_ids
 
     from .data import ensure_chat_template
     from .fit import device_and_dtype, load_base

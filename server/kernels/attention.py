@@ -1,7 +1,7 @@
 """Decode attention over the KV cache where it is: one new query token per running sequence,
 attending to its own cache row up to its length, without gathering rows into a copy.
 
-Cache layout (server/kv_cache.py, one layer): keys/values [rows, kv_heads, max_seq_len, head_dim].
+Cache layout (server/model/kv_cache.py, one layer): keys/values [rows, kv_heads, max_seq_len, head_dim].
 Sequence b uses row cache_rows[b] and its first lengths[b] positions. Grouped-query attention:
 query head h reads kv head h // (heads // kv_heads).
 

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "cheese.jsonl"
     print(f"{write_dataset(data)} instruction/output records in {data}; e.g.\n  {data.read_text().splitlines()[0]}")
 
-    from server.model_source import BUILTIN, default_cache_dir, resolve
+    from server.model.source import BUILTIN, default_cache_dir, resolve
 
     say(f"2. The base model: {BUILTIN.name} ({BUILTIN.parameters} parameters, {BUILTIN.license}), built in")
     source = resolve(None, default_cache_dir())  # converted on first use, then read from the cache

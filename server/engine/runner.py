@@ -29,9 +29,9 @@ from typing import Callable
 
 import torch
 
-from .kv_cache import KVCache
-from .model import ForwardBatch
-from .sampling import PARAMETERS, SamplingBatch, SamplingFlags, SamplingParams, parameter_table, sample, top_logprobs_of
+from ..model.kv_cache import KVCache
+from ..model.llama import ForwardBatch
+from ..model.sampling import PARAMETERS, SamplingBatch, SamplingFlags, SamplingParams, parameter_table, sample, top_logprobs_of
 from .structured import allowed_tokens, bitmask_words
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class DecodeRunner:
 
     def _sample(self, logits: torch.Tensor, size: int, flags: SamplingFlags, grammar: bool) -> torch.Tensor:
         """The next token of each of the first `size` rows, from the loaded parameters (as
-        server/sampling.py's sample), marked as seen in each row's table."""
+        server/model/sampling.py's sample), marked as seen in each row's table."""
         rows = self._inputs[_ROWS, :size]
         batch = SamplingBatch(**{name: t[:size] for name, t in self._sampling.items()}, flags=flags)
         allowed = allowed_tokens(self._bitmask[:size], self.vocab_size) if grammar else None

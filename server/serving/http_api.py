@@ -8,7 +8,7 @@ adapter's current version, "name@version" for one version. Structured output com
 `response_format` (json_object, json_schema) or vLLM's `structured_outputs` ({"json"|"regex"|
 "grammar": ...}); vLLM's extra sampling fields top_k, repetition_penalty and ignore_eos are
 accepted too. What hotlora cannot do (n > 1, penalties, logit_bias, echo, tools) is refused with
-400, never silently ignored. Errors use OpenAI's shape, statuses from server/status.py. Admin
+400, never silently ignored. Errors use OpenAI's shape, statuses from server/serving/status.py. Admin
 operations stay on gRPC.
 """
 
@@ -27,11 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import AdapterNotFound, InvalidRequest
+from ..engine.structured import OutputFormat
+from ..errors import AdapterNotFound, InvalidRequest
+from ..model.sampling import SamplingParams
 from .generation import GenerationInput, Generations, Piece, ServedModel
-from .sampling import SamplingParams
 from .status import openai_error
-from .structured import OutputFormat
 
 log = logging.getLogger(__name__)
 

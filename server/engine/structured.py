@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InvalidRequest, Unsupported
+from ..errors import InvalidRequest, Unsupported
 
 FORMATS = ("json_schema", "json_object", "regex", "lark")
 MAX_SPEC_BYTES = 64 * 1024

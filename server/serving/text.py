@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256

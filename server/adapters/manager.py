@@ -28,12 +28,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .adapter_files import AdapterWeights, read_peft_adapter, validate_adapter_name
-from .config import AdapterConfig
-from .engine import Engine, Request, RequestHandle
-from .errors import (AdapterNotFound, HotloraError, IncompatibleAdapter, InvalidRequest, PermissionDenied,
+from ..config import AdapterConfig
+from ..engine.engine import Engine, Request, RequestHandle
+from ..lora.peft_files import AdapterWeights, read_peft_adapter, validate_adapter_name
+from ..errors import (AdapterNotFound, HotloraError, IncompatibleAdapter, InvalidRequest, PermissionDenied,
                      StoreNotWritable)
-from .metrics import Metrics
+from ..metrics import Metrics
 from .store import MANIFEST_SCHEMA_VERSION, AdapterStore, StoredVersion
 
 log = logging.getLogger(__name__)

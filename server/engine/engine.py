@@ -4,13 +4,13 @@ The engine owns one thread that does all model work. Each turn of its loop:
 
   1. runs queued commands (adapter slot writes, scoring) — between steps, never during one;
   2. retires cancelled and expired requests, freeing their KV rows at once;
-  3. admits the waiting requests the scheduler picks (server/scheduler.py: round robin across
+  3. admits the waiting requests the scheduler picks (server/engine/scheduler.py: round robin across
      adapters, within the batch, KV rows, prefill budget and adapter slots) and prefills them
      together (right-padded), or one chunk of a long prompt;
   4. decodes one token for every running request — whatever adapter each one uses — in one batch,
-     through the fixed-shape runner (server/runner.py: CUDA graphs on CUDA), then samples.
+     through the fixed-shape runner (server/engine/runner.py: CUDA graphs on CUDA), then samples.
 
-Callers get tokens through per-request handles (server/requests.py: blocking iteration, or
+Callers get tokens through per-request handles (server/engine/requests.py: blocking iteration, or
 `async for` when the handle was made with submit_async). The engine knows nothing of text or
 protobuf. The only host sync in a step is reading the sampled tokens once.
 """
@@ -32,16 +32,16 @@ from typing import Callable
 
 import torch
 
-from .adapter_files import AdapterWeights, read_peft_adapter, validate_adapter_name
-from .adapter_tier import SlotImage, SlotWriter
-from .config import EngineConfig
-from .errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
-from .kv_cache import KVCache
-from .model import ForwardBatch, Transformer, load_model
-from .runner import DecodeRunner
-from .quant import TRITON_GEMV_MAX_TOKENS
+from ..config import EngineConfig
+from ..errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
+from ..lora.host_tier import SlotImage, SlotWriter
+from ..lora.peft_files import AdapterWeights, read_peft_adapter, validate_adapter_name
+from ..model.kv_cache import KVCache
+from ..model.llama import ForwardBatch, Transformer, load_model
+from ..model.quant import TRITON_GEMV_MAX_TOKENS
+from ..model.sampling import SamplingBatch, SamplingParams, sample, token_logprobs
 from .requests import AdapterInfo, FinishReason, Output, Request, RequestHandle, TokenLogprob
-from .sampling import SamplingBatch, SamplingParams, sample, token_logprobs
+from .runner import DecodeRunner
 from .scheduler import LoadedAdapter, Scheduler, Sequence
 from .structured import allowed_tokens, bitmask_words
 
@@ -422,7 +422,7 @@ class Engine:
         return None
 
     def _admit_and_prefill(self) -> None:
-        """Admit what the scheduler picks (server/scheduler.py) and prefill the whole prompts together."""
+        """Admit what the scheduler picks (server/engine/scheduler.py) and prefill the whole prompts together."""
         with self._lock:
             candidates = self.scheduler.order(self._pending)
             resident = list(self._resident.values())  # unload_adapter may change the dict meanwhile

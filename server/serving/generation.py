@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
-from .adapters import AdapterManager, AdapterVersion
-from .config import RequestLimits
-from .engine import Engine, FinishReason, Output, Request, TokenLogprob
-from .errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, NotReady
-from .metrics import UNRESOLVED, Metrics
-from .sampling import SamplingParams
+from ..adapters.manager import AdapterManager, AdapterVersion
+from ..config import RequestLimits
+from ..engine.engine import Engine, FinishReason, Output, Request, TokenLogprob
+from ..engine.structured import GrammarCompiler, OutputFormat
+from ..errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, NotReady
+from ..metrics import UNRESOLVED, Metrics
+from ..model.sampling import SamplingParams
 from .status import status_of
-from .structured import GrammarCompiler, OutputFormat
 from .text import TextCodec
 
 log = logging.getLogger(__name__)

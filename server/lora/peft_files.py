@@ -14,12 +14,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from .config import TARGET_MODULES
-from .errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
-from .model import ModelSpec
+from ..config import TARGET_MODULES
+from ..errors import AdapterNotFound, IncompatibleAdapter, InvalidRequest
 
 # scale·‖A‖·‖B‖ bounds the spectral norm of the update s·B·A. Trained LoRAs stay in the 1-100s
 # (the tests' random adapters ~150); past 1e4 the update swamps the base weights and overflows
@@ -30,6 +30,14 @@ _LORA_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$"
 )
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class ModelShape(Protocol):
+    """What reading an adapter needs of the base model (server.model.llama.ModelSpec is one)."""
+
+    num_layers: int
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
-def read_peft_adapter(path: str | Path, spec: ModelSpec, max_rank: int) -> AdapterWeights:
+def read_peft_adapter(path: str | Path, spec: ModelShape, max_rank: int) -> AdapterWeights:
     directory = Path(path)
     if not directory.is_dir():
         raise AdapterNotFound(f"no adapter directory at {directory}")
@@ -119,7 +127,7 @@ def _parse_safetensors(raw: bytes, where: Path) -> dict[str, torch.Tensor]:
         raise IncompatibleAdapter(f"{where} is not a readable safetensors file ({exc})") from None
 
 
-def _collect_modules(tensors: dict[str, torch.Tensor], config: dict, spec: ModelSpec, max_rank: int,
+def _collect_modules(tensors: dict[str, torch.Tensor], config: dict, spec: ModelShape, max_rank: int,
                      directory: Path) -> dict[tuple[int, str], ModuleLoRA]:
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unexpected = []

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapter_files import validate_adapter_name
-from .errors import AdapterNotFound, InvalidRequest
+from ..errors import AdapterNotFound, InvalidRequest
+from ..lora.peft_files import validate_adapter_name
 
 MANIFEST_SCHEMA_VERSION = 1
 # A published version is readable by every user whatever the publisher's umask: on Kubernetes the

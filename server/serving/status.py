@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from . import errors
+from .. import errors
 
 
 @dataclass(frozen=True)

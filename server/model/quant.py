@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import NF4_PATHS, QuantConfig
+from ..config import NF4_PATHS, QuantConfig
 
 
 class _QuietKernelsHub(logging.Filter):
@@ -106,7 +106,7 @@ TRITON_GEMV_MAX_TOKENS = 64
 
 
 def _triton_forward(x: torch.Tensor, weights: list[nn.Parameter], nf4_weight, bias: torch.Tensor | None) -> torch.Tensor:
-    from .kernels import nf4
+    from ..kernels import nf4
 
     if x.numel() // x.shape[-1] <= TRITON_GEMV_MAX_TOKENS:
         return nf4.nf4_linear(x, nf4_weight, bias)
@@ -114,7 +114,7 @@ def _triton_forward(x: torch.Tensor, weights: list[nn.Parameter], nf4_weight, bi
 
 
 def _stacked_view(weights: list[nn.Parameter]):
-    from .kernels.nf4 import NF4Weight
+    from ..kernels.nf4 import NF4Weight
 
     return NF4Weight.stack(weights)
 
@@ -163,7 +163,7 @@ def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torc
     if requested == "dequantize-once":
         return DEQUANTIZE_ONCE
     if requested == "triton":
-        from .kernels import resolve
+        from ..kernels import resolve
 
         resolve("triton", device)  # raises where Triton cannot run
         return TRITON

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 MAX_LOGPROBS = 20
 
@@ -65,7 +65,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SamplingFlags:
-    """Which parts of sample() a batch needs. A captured step fixes them (server/runner.py's
+    """Which parts of sample() a batch needs. A captured step fixes them (server/engine/runner.py's
     variants); an eager one takes them from its requests."""
 
     all_greedy: bool = True

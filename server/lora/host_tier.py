@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter_files import AdapterWeights
-from .lora import LoRAPool
+from .layers import LoRAPool
+from .peft_files import AdapterWeights
 
 
 @dataclass(frozen=True)

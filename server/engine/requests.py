@@ -1,5 +1,5 @@
 """What callers exchange with the engine: a Request in, a RequestHandle back (tokens as they come,
-logprobs, cancel), an Output at the end. Token ids only; text lives in server/text.py."""
+logprobs, cancel), an Output at the end. Token ids only; text lives in server/serving/text.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 
-from .sampling import SamplingParams
+from ..model.sampling import SamplingParams
 from .structured import Grammar
 
 
@@ -32,7 +32,7 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     deadline: float | None = None
     request_id: str | None = None
-    grammar: Grammar | None = None  # the output must match it (server/structured.py)
+    grammar: Grammar | None = None  # the output must match it (server/engine/structured.py)
 
 
 @dataclass(frozen=True)

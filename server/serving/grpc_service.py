@@ -1,6 +1,6 @@
 """The gRPC servicers: protobuf <-> generation calls / adapter manager, and nothing else.
 
-Generation itself (shared with the HTTP API) is server/generation.py. Every error leaves through
+Generation itself (shared with the HTTP API) is server/serving/generation.py. Every error leaves through
 `_abort`, which uses status.grpc_status (the one mapping); anything that blocks (adapter reads,
 store listings) runs in a worker thread, never on the event loop.
 """
@@ -18,13 +18,13 @@ import grpc
 
 from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
-from .adapters import AdapterManager, AdapterStatus, AdapterVersion
-from .engine import Output, TokenLogprob
-from .errors import HotloraError, InvalidRequest, Unauthenticated
+from ..adapters.manager import AdapterManager, AdapterStatus, AdapterVersion
+from ..engine.engine import Output, TokenLogprob
+from ..engine.structured import OutputFormat
+from ..errors import HotloraError, InvalidRequest, Unauthenticated
+from ..model.sampling import SamplingParams
 from .generation import GenerationInput, Generations
-from .sampling import SamplingParams
 from .status import grpc_status
-from .structured import OutputFormat
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .adapter_files import AdapterWeights
-from .adapter_tier import SlotImage
-from .config import EngineConfig
+from ..config import EngineConfig
+from ..lora.host_tier import SlotImage
+from ..lora.peft_files import AdapterWeights
 from .requests import Request, RequestHandle
 from .structured import TokenMatcher
 
@@ -46,7 +46,7 @@ class Sequence:
     handle: RequestHandle
     adapter: LoadedAdapter | None
     stop_ids: frozenset[int]
-    seed: int  # of its sampling noise (server/sampling.py)
+    seed: int  # of its sampling noise (server/model/sampling.py)
     matcher: TokenMatcher | None = None  # the request's place in its grammar
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     generated: list[int] = field(default_factory=list)

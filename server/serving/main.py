@@ -20,12 +20,12 @@ from pathlib import Path
 
 import grpc
 
-from .config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, RequestLimits, ServerConfig
-from .model_source import BUILTIN, ModelNotFound, default_cache_dir
+from ..config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, RequestLimits, ServerConfig
+from ..model.source import BUILTIN, ModelNotFound, default_cache_dir
 
 log = logging.getLogger("hotlora.server")
 
-SUBCOMMANDS = {"make-model": "server.model_factory"}
+SUBCOMMANDS = {"make-model": "server.model.factory"}
 SERVICE_NAMES = ("hotlora.v1.Generation", "hotlora.v1.Adapters")
 # Health names: readiness ("" and the services) is SERVING only while the model is loaded and the
 # server is not draining; LIVENESS stays SERVING for as long as the process can answer, so a
@@ -51,13 +51,13 @@ class Server:
 
         from protos.hotlora.v1 import adapters_pb2, generation_pb2
 
-        from .adapters import AdapterManager
-        from .engine import Engine
-        from .metrics import Metrics
+        from ..adapters.manager import AdapterManager
+        from ..engine.engine import Engine
+        from ..metrics import Metrics
         from .generation import Backend, Generations
-        from .service import AdaptersService, GenerationService, add_to_server
-        from .store import base_fingerprint
-        from .structured import GrammarCompiler
+        from .grpc_service import AdaptersService, GenerationService, add_to_server
+        from ..adapters.store import base_fingerprint
+        from ..engine.structured import GrammarCompiler
         from .text import TextCodec
 
         c = self.config
@@ -274,7 +274,7 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .quant import quiet_bitsandbytes
+    from ..model.quant import quiet_bitsandbytes
 
     quiet_bitsandbytes()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -298,7 +298,7 @@ def with_model_resolved(config: ServerConfig) -> ServerConfig:
     converted into the cache on first use. The served name defaults to the model's own."""
     from dataclasses import replace
 
-    from .model_source import resolve
+    from ..model.source import resolve
 
     source = resolve(config.model_dir, config.model_cache or default_cache_dir())
     log.info("model: %s", source.describe())

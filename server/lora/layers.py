@@ -107,7 +107,7 @@ class TritonLoRA:
         return _Segments(starts, token_slots.view(rows, per_row)[:, 0].to(torch.int32), per_row)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", prepared) -> torch.Tensor:
-        from .kernels import lora as kernels
+        from ..kernels import lora as kernels
 
         r_max = pool.max_rank
         if isinstance(prepared, _Segments):

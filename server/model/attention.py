@@ -45,7 +45,7 @@ class TritonDecodeAttention(TorchDecodeAttention):
                  context: torch.Tensor) -> torch.Tensor:
         if q.shape[2] > 1:
             return super().__call__(q, cache, layer, cache_rows, kv_length, context)
-        from .kernels.attention import decode_attention
+        from ..kernels.attention import decode_attention
 
         out = decode_attention(q[:, :, 0], cache.keys[layer], cache.values[layer], cache_rows, context,
                                q.shape[-1] ** -0.5)

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EngineConfig
-from .errors import UnsupportedModel
-from .kv_cache import KVCache
+from ..config import EngineConfig
+from ..errors import UnsupportedModel
+from ..kernels import resolve as resolve_kernels
+from ..lora.layers import LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
 from .attention import DecodeAttention, TorchDecodeAttention, TritonDecodeAttention
-from .kernels import resolve as resolve_kernels
-from .lora import LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
+from .kv_cache import KVCache
 from .quant import choose_nf4_matmul, dequantized_copy_bytes, make_base_linear, resident_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -150,7 +150,7 @@ class ForwardBatch:
 class Kernels:
     """How the model computes, chosen once at load (EngineConfig.kernels and nf4_path)."""
 
-    nf4_path: str  # server/quant.py's NF4Matmul in use, or "unquantized"
+    nf4_path: str  # server/model/quant.py's NF4Matmul in use, or "unquantized"
     lora: LoRAKernels
     decode_attention: DecodeAttention
 

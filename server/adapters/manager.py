@@ -142,16 +142,8 @@ class AdapterManager:
         validated, so call it on `loader`, never the event loop."""
         if not ref:
             return self.engine.submit(request, loop), None
-        name, version = parse_adapter_ref(ref)
-        while True:
-            with self._lock:
-                wanted = version or self._current.get(name)
-                key = f"{name}@{wanted}"
-                if wanted is not None and key in self._in_memory:
-                    handle = self.engine.submit(replace(request, adapter=key), loop)
-                    return handle, self._known[key]
-                known = self._known.get(key)
-            self._bring_in(name, wanted, known)
+        return self._once_in_memory(ref, lambda key: (self.engine.submit(replace(request, adapter=key), loop),
+                                                      self._known[key]))
 
     def resolve_if_ready(self, ref: str) -> AdapterVersion | None:
         """resolve() when the version is in memory, without blocking; else None."""
@@ -164,13 +156,18 @@ class AdapterManager:
         """The version `ref` names now (for "name", its current one), brought into memory. Blocks
         while a cold version loads: call it on `loader`. A request pinned to the returned key
         runs on this version even if a newer one becomes current meanwhile."""
+        return self._once_in_memory(ref, lambda key: self._known[key])
+
+    def _once_in_memory(self, ref: str, then):
+        """then(key), under the lock, as soon as the version `ref` names is in memory (so it cannot
+        be dropped in between), bringing it in first when it is not."""
         name, version = parse_adapter_ref(ref)
         while True:
             with self._lock:
                 wanted = version or self._current.get(name)
                 key = f"{name}@{wanted}"
                 if wanted is not None and key in self._in_memory:
-                    return self._known[key]
+                    return then(key)
                 known = self._known.get(key)
             self._bring_in(name, wanted, known)
 

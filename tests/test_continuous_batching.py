@@ -58,9 +58,15 @@ def test_kv_cache_is_preallocated_and_never_grows(engine):
 
 
 def test_streaming_yields_each_token_as_produced(engine):
-    handle = engine.submit(Request(prompt_ids=PROMPTS[0], adapter="wine", sampling=greedy(8)))
-    streamed = list(handle)
-    assert streamed == handle.result().token_ids and len(streamed) == 8
+    """The first token reaches the caller while the rest are still being generated, and the
+    stream is the output, one token per item."""
+    handle = engine.submit(Request(prompt_ids=PROMPTS[0], adapter="wine", sampling=greedy(64)))
+    stream = iter(handle)
+    first = next(stream)
+    still_generating = not handle.done()
+    streamed = [first, *stream]
+    assert still_generating, "the first token was held back until the request had finished"
+    assert streamed == handle.result().token_ids and len(streamed) == 64
 
 
 def test_async_streaming(engine):
@@ -76,7 +82,7 @@ def test_cancel_frees_the_row_for_a_waiting_request(engine):
     long = [engine.submit(Request(prompt_ids=PROMPTS[0], sampling=greedy(80))) for _ in range(3)]
     waiting = engine.submit(Request(prompt_ids=PROMPTS[1], adapter="bread", sampling=greedy(4)))
     next(iter(long[0]))  # the three rows are taken and decoding
-    assert not waiting._output.done()
+    assert not waiting.done()
     for h in long:
         h.cancel()
     assert waiting.result(timeout=30).token_ids == alone(engine, Request(prompt_ids=PROMPTS[1], adapter="bread", sampling=greedy(4)))

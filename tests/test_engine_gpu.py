@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from server.engine.engine import Engine, EngineConfig, Request
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
 from tests.helpers import NF4_REFERENCE, decode_batch, fail_on_recompile
 
 pytestmark = pytest.mark.gpu
@@ -62,8 +62,10 @@ def test_compiled_decode_matches_eager_decode_on_cuda_bf16(llama_dir, peft_adapt
 
         got, want = engine._call_on_engine_thread(both)
         torch.testing.assert_close(got, want, rtol=0.02, atol=0.1)
-        outputs = engine.generate([Request(prompt_ids=[5, 6, 7], adapter=name) for name in [None, *peft_adapters]])
-        assert all(o.finish_reason.value in ("length", "stop") for o in outputs)
+        fixed = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+        outputs = engine.generate([Request(prompt_ids=[5, 6, 7], adapter=name, sampling=fixed)
+                                   for name in [None, *peft_adapters]])
+        assert all(o.finish_reason.value == "length" and len(o.token_ids) == 8 for o in outputs)
     finally:
         engine.close()
 
@@ -88,8 +90,6 @@ def test_cuda_graph_decode_gives_the_eager_padded_steps_tokens(llama_dir, peft_a
         for batch in (requests, requests[:3], requests[:1]):
             assert [o.token_ids for o in graphed.generate(batch)] == [o.token_ids for o in eager.generate(batch)]
         # sampling inside the graphs: each variant (greedy with a penalty, seeded, top-k/p) as eagerly
-        from server.model.sampling import SamplingParams
-
         sampled = [SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
                    SamplingParams(max_new_tokens=10, temperature=0.9, seed=5, ignore_eos=True),
                    SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, top_k=20, seed=6, ignore_eos=True)]

@@ -59,8 +59,12 @@ def test_every_element_is_documented_and_enums_start_unspecified(tmp_path):
     assert not undocumented, undocumented
 
 
-@pytest.mark.parametrize("module", ["generation_pb2_grpc", "adapters_pb2_grpc"])
-def test_stubs_import_as_a_package(module):
+@pytest.mark.parametrize("service", ["Generation", "Adapters"])
+def test_stubs_import_as_a_package_with_a_stub_and_servicer_per_service(service):
     import importlib
 
-    assert importlib.import_module(f"protos.hotlora.v1.{module}")
+    module = importlib.import_module(f"protos.hotlora.v1.{service.lower()}_pb2_grpc")
+    messages = importlib.import_module(f"protos.hotlora.v1.{service.lower()}_pb2")
+    methods = [m.name for m in messages.DESCRIPTOR.services_by_name[service].methods]
+    assert methods and all(callable(getattr(getattr(module, f"{service}Servicer"), m)) for m in methods)
+    assert callable(getattr(module, f"add_{service}Servicer_to_server")) and isinstance(getattr(module, f"{service}Stub"), type)

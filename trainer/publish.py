@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def manifest(base_dir: Path, tokenizer, compute_dtype: torch.dtype, report: acceptance.AcceptanceReport,
              extra: dict) -> dict:
-    """hotlora's contract for a version (DESIGN.md, adapter store); `extra` adds training facts."""
+    """hotlora's contract for a version (the store format: server/adapters/store.py, docs/ARCHITECTURE.md); `extra` adds training facts."""
     template = tokenizer.chat_template or ""
     return {
         "base_model": str(base_dir),

@@ -39,6 +39,11 @@ from .store import MANIFEST_SCHEMA_VERSION, AdapterStore, StoredVersion
 log = logging.getLogger(__name__)
 
 
+def version_key(name: str, version: str | None) -> str:
+    """How a version is registered in the engine: "name@version"."""
+    return f"{name}@{version}"
+
+
 @dataclass(frozen=True)
 class AdapterVersion:
     """One version the server knows about (in memory or only in the store)."""
@@ -57,7 +62,7 @@ class AdapterVersion:
 
     @property
     def key(self) -> str:
-        return f"{self.name}@{self.version}"
+        return version_key(self.name, self.version)
 
     def chat_template_for(self, base_template: str | None) -> str | None:
         """The template its chat requests are rendered with: its own, else the base model's when
@@ -132,7 +137,7 @@ class AdapterManager:
             return self.engine.submit(request, loop), None
         name, version = parse_adapter_ref(ref)
         with self._lock:
-            key = f"{name}@{version or self._current.get(name)}"
+            key = version_key(name, version or self._current.get(name))
             if key in self._in_memory:
                 return self.engine.submit(replace(request, adapter=key), loop), self._known[key]
         return None
@@ -149,7 +154,7 @@ class AdapterManager:
         """resolve() when the version is in memory, without blocking; else None."""
         name, version = parse_adapter_ref(ref)
         with self._lock:
-            key = f"{name}@{version or self._current.get(name)}"
+            key = version_key(name, version or self._current.get(name))
             return self._known[key] if key in self._in_memory else None
 
     def resolve(self, ref: str) -> AdapterVersion:
@@ -165,7 +170,7 @@ class AdapterManager:
         while True:
             with self._lock:
                 wanted = version or self._current.get(name)
-                key = f"{name}@{wanted}"
+                key = version_key(name, wanted)
                 if wanted is not None and key in self._in_memory:
                     return then(key)
                 known = self._known.get(key)
@@ -265,7 +270,7 @@ class AdapterManager:
 
     def _load_once(self, name: str, version: str, read) -> AdapterVersion:
         """Read + validate + register one version; concurrent callers for it share one load."""
-        key = f"{name}@{version}"
+        key = version_key(name, version)
         with self._lock:
             if key in self._in_memory:
                 return self._known[key]
@@ -294,7 +299,7 @@ class AdapterManager:
                 self._loading.pop(key, None)
 
     def _read_stored(self, stored: StoredVersion) -> tuple[AdapterVersion, AdapterWeights]:
-        key = f"{stored.name}@{stored.version}"
+        key = version_key(stored.name, stored.version)
         stamp = _mtime(stored.path)
         with self._lock:
             rejected = self._rejected.get(key)
@@ -352,7 +357,7 @@ class AdapterManager:
         with self._lock:
             previous = self._current.get(loaded.name)
             self._current[loaded.name] = loaded.version
-            old_key = f"{loaded.name}@{previous}"
+            old_key = version_key(loaded.name, previous)
             if previous is not None and previous != loaded.version and old_key in self._in_memory:
                 self._drop(old_key)  # running requests keep it until they finish
         if previous != loaded.version:
@@ -469,7 +474,7 @@ class AdapterManager:
         for name in self.store.names() if self.store else []:
             store_current = current.get(name) or self.store.current(name)
             for version in self.store.versions(name):
-                key = f"{name}@{version}"
+                key = version_key(name, version)
                 if key not in rows:
                     described = AdapterVersion(name, version, self.store.root / name / version, True)
                     rows[key] = AdapterStatus(described, version == store_current, "store", 0, 0.0)

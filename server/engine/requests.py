@@ -89,6 +89,10 @@ class RequestHandle:
     def result(self, timeout: float | None = None) -> Output:
         return self._output.result(timeout)
 
+    def done(self) -> bool:
+        """True once the request has finished (its Output, or its error, is set)."""
+        return self._output.done()
+
     async def aresult(self) -> Output:
         return await asyncio.wrap_future(self._output)
 

@@ -27,9 +27,6 @@ from .text import TextCodec
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("grpc", "http")
-
-
 @dataclass(frozen=True)
 class Backend:
     """What generation needs once the model is loaded. Until then requests are refused with

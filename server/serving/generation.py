@@ -183,10 +183,12 @@ class Generations:
         adapters.sort(key=lambda m: (m.adapter, m.id != m.adapter, m.id))  # each name, then its versions
         return [ServedModel(backend.model_name), *adapters]
 
-    def token_texts(self, token_ids: list[int]) -> list[str]:
-        """Each token's text on its own (special tokens included), for logprobs."""
+    def logprob_texts(self, logprobs: list) -> dict[int, str]:
+        """The text of every token these logprobs name (each chosen token and its alternatives),
+        on its own, special tokens included: what both protocols show beside the numbers."""
         tokenizer = self.ready().codec.tokenizer
-        return [tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+        ids = {i for lp in logprobs for i in (lp.token_id, *(t for t, _ in lp.top))}
+        return {i: tokenizer.decode([i], skip_special_tokens=False) for i in ids}
 
     @staticmethod
     def _piece(text: str, tokens: list[int], done: int, handle, version) -> Piece:

@@ -145,8 +145,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     def _logprobs(self, logprobs: list[TokenLogprob]) -> list:
         if not logprobs:
             return []
-        texts = dict(zip(ids := sorted({i for lp in logprobs for i in (lp.token_id, *(t for t, _ in lp.top))}),
-                         self.generations.token_texts(ids)))
+        texts = self.generations.logprob_texts(logprobs)
         return [generation_pb2.TokenLogprob(
             token_id=lp.token_id, token=texts[lp.token_id], logprob=lp.logprob,
             top=[generation_pb2.TopLogprob(token_id=t, token=texts[t], logprob=v) for t, v in lp.top]) for lp in logprobs]

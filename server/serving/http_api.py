@@ -343,8 +343,7 @@ class _Shape:
         return {**self._envelope(last, self.object_chunk, []), "usage": _usage(last)}
 
     def _texts(self, piece: Piece) -> dict[int, str]:
-        ids = sorted({i for lp in piece.logprobs for i in (lp.token_id, *(t for t, _ in lp.top))})
-        return dict(zip(ids, self.generations.token_texts(ids)))
+        return self.generations.logprob_texts(piece.logprobs)
 
 
 class _ChatShape(_Shape):

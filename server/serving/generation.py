@@ -28,7 +28,7 @@ from .text import TextCodec
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
-class Backend:
+class LoadedModel:
     """What generation needs once the model is loaded. Until then requests are refused with
     NotReady (the services start before the model loads, so health can say NOT_SERVING)."""
 
@@ -102,30 +102,30 @@ class Generations:
         self.metrics = metrics
         self.default_max_new_tokens = default_max_new_tokens
         self.limits = limits
-        self.backend: Backend | None = None
+        self.loaded: LoadedModel | None = None
 
-    def ready(self) -> Backend:
-        if self.backend is None:
+    def ready(self) -> LoadedModel:
+        if self.loaded is None:
             raise NotReady("the server is still loading the model")
-        return self.backend
+        return self.loaded
 
     async def run(self, request: GenerationInput, protocol: str) -> AsyncIterator[Piece]:
         """Pieces as text becomes available; raises a HotloraError for anything refused. Closing
         the iterator early (the caller went away) cancels the request and frees its KV row."""
         call = _Call(protocol)
         try:
-            backend = self.ready()
-            adapter = "" if request.adapter == backend.model_name else request.adapter
+            loaded = self.ready()
+            adapter = "" if request.adapter == loaded.model_name else request.adapter
             call.label = UNRESOLVED if adapter else "base"
             self._check_size(request)  # cheap limits first; then the real work off the event loop
-            prompt_ids, adapter = await self._prompt(backend, request, adapter)
+            prompt_ids, adapter = await self._prompt(loaded, request, adapter)
             grammar = None
             if request.output_format is not None:
-                grammar = await asyncio.to_thread(backend.grammars.compile, request.output_format)
-            engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(backend.engine, request, len(prompt_ids)),
+                grammar = await asyncio.to_thread(loaded.grammars.compile, request.output_format)
+            engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(loaded.engine, request, len(prompt_ids)),
                                      deadline=request.deadline, request_id=request.request_id, grammar=grammar)
-            decoder = backend.codec.decoder(prompt_ids, list(request.stop))
-            handle, version = await _submit(backend.manager, adapter, engine_request)
+            decoder = loaded.codec.decoder(prompt_ids, list(request.stop))
+            handle, version = await _submit(loaded.manager, adapter, engine_request)
             call.label = self.metrics.adapter_label(version.name if version else None)
             pending: list[int] = []
             text, done = "", 0  # done: tokens already sent in pieces
@@ -173,15 +173,15 @@ class Generations:
 
     def models(self) -> list[ServedModel]:
         """The base model, then every adapter as "name" (its current version) and "name@version"."""
-        backend = self.ready()
+        loaded = self.ready()
         adapters = []
-        for status in backend.manager.list():
+        for status in loaded.manager.list():
             v = status.version
             if status.current:
                 adapters.append(ServedModel(v.name, v.name, v.version))
             adapters.append(ServedModel(v.key, v.name, v.version))
         adapters.sort(key=lambda m: (m.adapter, m.id != m.adapter, m.id))  # each name, then its versions
-        return [ServedModel(backend.model_name), *adapters]
+        return [ServedModel(loaded.model_name), *adapters]
 
     def logprob_texts(self, logprobs: list) -> dict[int, str]:
         """The text of every token these logprobs name (each chosen token and its alternatives),
@@ -218,15 +218,15 @@ class Generations:
         if size > limits.max_prompt_bytes:
             raise InvalidRequest(f"prompt: {size} bytes; the limit is {limits.max_prompt_bytes} (--max-prompt-bytes)")
 
-    async def _prompt(self, backend: Backend, request: GenerationInput, adapter: str) -> tuple[list[int], str]:
+    async def _prompt(self, loaded: LoadedModel, request: GenerationInput, adapter: str) -> tuple[list[int], str]:
         """The prompt's token ids, and the adapter reference to submit on. An adapter's chat is
         rendered with the template it was trained with, so the request is pinned to the version
         whose template rendered it."""
         if request.messages is None or not adapter:
-            return await asyncio.to_thread(self._prompt_ids, backend.codec, request, None), adapter
-        version = await _resolve(backend.manager, adapter)
-        template = version.chat_template_for(backend.codec.tokenizer.chat_template)
-        return await asyncio.to_thread(self._prompt_ids, backend.codec, request, template), version.key
+            return await asyncio.to_thread(self._prompt_ids, loaded.codec, request, None), adapter
+        version = await _resolve(loaded.manager, adapter)
+        template = version.chat_template_for(loaded.codec.tokenizer.chat_template)
+        return await asyncio.to_thread(self._prompt_ids, loaded.codec, request, template), version.key
 
     @staticmethod
     def _prompt_ids(codec: TextCodec, request: GenerationInput, chat_template: str | None) -> list[int]:

@@ -199,7 +199,7 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
 
     def __init__(self, admin_token: str | None, generations: Generations):
         self.admin_token = admin_token
-        self.generations = generations  # for the backend, once loaded
+        self.generations = generations  # for the loaded model, once there is one
 
     async def LoadAdapter(self, request, context):
         def load(manager: AdapterManager):

@@ -204,7 +204,7 @@ def build_app(generations: Generations) -> FastAPI:
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
-        return await respond(_ChatShape(body, generations), generation, body, request)
+        return await respond(_ChatResponses(body, generations), generation, body, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -220,7 +220,7 @@ def build_app(generations: Generations) -> FastAPI:
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
-        return await respond(_CompletionShape(body, generations), generation, body, request)
+        return await respond(_CompletionResponses(body, generations), generation, body, request)
 
     async def respond(shape, generation: GenerationInput, body: _Body, request: Request):
         pieces = generations.run(generation, "http")
@@ -314,7 +314,7 @@ def _usage(piece: Piece) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class _Shape:
+class _Responses:
     """How one endpoint writes pieces: whole (collected) or as stream chunks."""
 
     object_whole = object_chunk = id_prefix = ""
@@ -346,7 +346,7 @@ class _Shape:
         return self.generations.logprob_texts(piece.logprobs)
 
 
-class _ChatShape(_Shape):
+class _ChatResponses(_Responses):
     object_whole, object_chunk, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
     def _choice(self, piece: Piece, finish_reason: str | None, whole: bool = False, first: bool = False) -> dict:
@@ -366,7 +366,7 @@ class _ChatShape(_Shape):
                             for lp in piece.logprobs]}
 
 
-class _CompletionShape(_Shape):
+class _CompletionResponses(_Responses):
     object_whole = object_chunk = "text_completion"
     id_prefix = "cmpl"
 

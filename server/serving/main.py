@@ -54,7 +54,7 @@ class Server:
         from ..adapters.manager import AdapterManager
         from ..engine.engine import Engine
         from ..metrics import Metrics
-        from .generation import Backend, Generations
+        from .generation import LoadedModel, Generations
         from .grpc_service import AdaptersService, GenerationService, add_to_server
         from ..adapters.store import base_fingerprint
         from ..engine.structured import GrammarCompiler
@@ -102,7 +102,7 @@ class Server:
         grammars = await asyncio.to_thread(GrammarCompiler, codec.tokenizer, self.engine.spec.vocab_size)
         if not grammars.available:
             log.warning("%s: requests with structured output will be refused", grammars.unavailable)
-        self.generations.backend = Backend(self.engine, self.manager, codec, grammars, c.model_name)
+        self.generations.loaded = LoadedModel(self.engine, self.manager, codec, grammars, c.model_name)
         self.manager.start_watching()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

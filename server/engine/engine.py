@@ -233,17 +233,19 @@ class Engine:
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request. With `loop`, the handle is iterated with `async for` on that loop."""
-        return self._submit(request, loop)
+        self._validate(request)
+        return self._enqueue(request, loop)
 
     def submit_async(self, request: Request) -> RequestHandle:
         """Like submit(), for asyncio callers: iterate the handle with `async for`."""
-        return self._submit(request, loop=asyncio.get_running_loop())
+        return self.submit(request, loop=asyncio.get_running_loop())
 
     def generate(self, requests: list[Request]) -> list[Output]:
-        """Run requests together (they share decode steps) and wait for all of them."""
+        """Run requests together (they share decode steps) and wait for all of them. All are
+        checked before any is queued, so one bad request leaves nothing running."""
         for request in requests:
             self._validate(request)
-        handles = [self.submit(r) for r in requests]
+        handles = [self._enqueue(r, None) for r in requests]
         return [h.result() for h in handles]
 
     def _validate(self, request: Request) -> None:
@@ -260,8 +262,8 @@ class Engine:
                 f"exceeds max_seq_len {self.config.max_seq_len}"
             )
 
-    def _submit(self, request: Request, loop) -> RequestHandle:
-        self._validate(request)
+    def _enqueue(self, request: Request, loop) -> RequestHandle:
+        """Queue a request that _validate has passed."""
         request_id = request.request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(request_id, loop)
         sampling = request.sampling

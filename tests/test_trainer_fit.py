@@ -132,3 +132,31 @@ def test_trainer_publish_checks_and_publishes_an_adapter_made_elsewhere(llama_di
     refused = publish(untrained, "untrained")
     assert refused.returncode == 2 and "does nothing" in refused.stderr
     assert not (tmp_path / "store" / "untrained").exists()
+
+
+def test_layers_to_transform_trains_only_those_layers_and_the_engine_serves_them(llama_dir, cheese_data, tmp_path):
+    """What `make demo` does on SmolLM2 (--layers-to-transform), on the tiny model's layer 1 of 2."""
+    from server.engine import Engine, EngineConfig, Request
+    from trainer.config import parse_layers
+
+    assert parse_layers("22-29") == list(range(22, 30)) and parse_layers("0,2-3") == [0, 2, 3] and parse_layers("") is None
+    for bad in ("x", "3-", "-1", "5-2", "1,,2"):
+        with pytest.raises(ValueError, match="layers_to_transform"):
+            parse_layers(bad)
+    config = tiny_config(llama_dir, cheese_data, tmp_path, layers_to_transform="1", max_steps=6, gradient_checkpointing=False)
+    assert config.targets() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    result = fit(config)
+    result.model.save_pretrained(tmp_path / "adapter")
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+    assert keys and all(".layers.1." in k for k in keys) and len(keys) == 14  # 7 projections x A, B
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=64, max_adapters=1, max_rank=8))
+    try:
+        engine.load_adapter("top", tmp_path / "adapter")
+        prompt = [5, 17, 42, 99]
+        served, base = engine.score([Request(prompt_ids=prompt, adapter="top"), Request(prompt_ids=prompt)])
+        with torch.no_grad():
+            want = result.model(input_ids=torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(served, want, rtol=0, atol=1e-4)
+        assert (served - base).abs().max() > 1e-3  # six steps at lr 2e-2 moved it
+    finally:
+        engine.close()

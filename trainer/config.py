@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -94,14 +95,11 @@ def parse_layers(spec: str) -> list[int] | None:
     if not str(spec).strip():
         return None
     layers: set[int] = set()
-    try:
-        for part in str(spec).split(","):
-            first, _, last = part.strip().partition("-")
-            layers.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise ValueError(f"layers_to_transform {spec!r}: use ranges and indices such as 22-29 or 0,2,4") from None
-    if not layers or min(layers) < 0:
-        raise ValueError(f"layers_to_transform {spec!r} names no layer (indices start at 0)")
+    for part in str(spec).split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise ValueError(f"layers_to_transform {spec!r}: use indices and ascending ranges such as 22-29 or 0,2,4")
+        layers.update(range(int(match[1]), int(match[2] or match[1]) + 1))
     return sorted(layers)
 
 

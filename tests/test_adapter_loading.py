@@ -96,7 +96,7 @@ def corrupt_cases():
 def test_bad_adapter_is_refused_and_leaves_no_trace(engine, peft_adapters, tmp_path, case):
     corrupt, message = corrupt_cases()[case]
     before = engine.generate([Request(prompt_ids=PROMPT, sampling=GREEDY)])[0].token_ids
-    pools_before = [pool.lora_a.clone() for pool in engine._pools.values()][:3]
+    pools_before = [pool.lora_a.clone() for pool in engine.slots.pools.values()][:3]
     slots_before = engine.stats()["free_adapter_slots"]
 
     bad = copy_adapter(peft_adapters["cheese"], tmp_path / "bad")
@@ -105,7 +105,7 @@ def test_bad_adapter_is_refused_and_leaves_no_trace(engine, peft_adapters, tmp_p
         engine.load_adapter("bad", bad)
 
     assert engine.adapters() == [] and engine.stats()["free_adapter_slots"] == slots_before
-    assert all(torch.equal(a, pool.lora_a) for a, pool in zip(pools_before, engine._pools.values()))
+    assert all(torch.equal(a, pool.lora_a) for a, pool in zip(pools_before, engine.slots.pools.values()))
     with pytest.raises(AdapterNotFound):
         engine.submit(Request(prompt_ids=PROMPT, adapter="bad"))
     assert engine.generate([Request(prompt_ids=PROMPT, sampling=GREEDY)])[0].token_ids == before

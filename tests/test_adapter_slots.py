@@ -1,6 +1,6 @@
 """Device LoRA slots are a cache: more adapters than slots are served correctly, idle ones are
 evicted least-recently-used, and a request for a cold adapter is never starved by steady traffic
-on warm ones (see Engine._admit_and_prefill for the policy)."""
+on warm ones (see Scheduler.admit for the policy, server/engine/slots.py for the slots)."""
 
 from __future__ import annotations
 

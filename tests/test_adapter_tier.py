@@ -100,13 +100,13 @@ def test_a_failed_slot_write_fails_its_requests_not_the_engine(llama_dir, peft_a
     try:
         for name in ("cheese", "wine"):
             engine.load_adapter(name, peft_adapters[name])  # cheese in the slot; wine must be written later
-        real_write = engine._slot_writer.write
+        real_write = engine.slots.writer.write
 
         def broken(slot, image):
-            engine._slot_writer.write = real_write  # fails once, like a transient device error
+            engine.slots.writer.write = real_write  # fails once, like a transient device error
             raise RuntimeError("device fell over")
 
-        engine._slot_writer.write = broken
+        engine.slots.writer.write = broken
         greedy = SamplingParams(max_new_tokens=3, temperature=0.0)
         with pytest.raises(RuntimeError, match="device fell over"):
             engine.generate([Request([5, 6, 7], "wine", greedy)])

@@ -32,7 +32,7 @@ def test_padded_sizes_cover_every_batch_up_to_the_maximum():
 def test_padding_changes_no_row_and_writes_only_the_scratch_row(engine, peft_adapters):
     prompts = [[5, 17, 42, 99, 7, 3, 120], [8, 200, 33], [150, 9, 12, 40, 41]]
     engine.generate([Request(p, sampling=SamplingParams(max_new_tokens=2, temperature=0.0)) for p in prompts])
-    slots = [engine._adapters[name].slot for name in ("cheese", "wine")]
+    slots = [engine.slots.get(name).slot for name in ("cheese", "wine")]
     assert all(slots)
     step = dict(tokens=[11, 22, 33], positions=[8, 3, 5], rows=[0, 1, 2], slots=[slots[0], 0, slots[1]])
 

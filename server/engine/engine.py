@@ -26,7 +26,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +33,6 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import AdapterNotFound, Draining, InvalidRequest, ResourceExhausted
-from ..lora.host_tier import SlotImage, SlotWriter
 from ..lora.peft_files import AdapterWeights, read_peft_adapter, validate_adapter_name
 from ..model.kv_cache import KVCache
 from ..model.llama import ForwardBatch, Transformer, load_model
@@ -43,6 +41,7 @@ from ..model.sampling import SamplingBatch, SamplingParams, sample, token_logpro
 from .requests import AdapterInfo, FinishReason, Output, Request, RequestHandle, TokenLogprob
 from .runner import DecodeRunner
 from .scheduler import LoadedAdapter, Scheduler, Sequence
+from .slots import AdapterSlots
 from .structured import allowed_tokens, bitmask_words
 
 __all__ = ["Engine", "EngineConfig", "Request", "SamplingParams", "Output", "FinishReason", "RequestHandle", "TokenLogprob",
@@ -100,20 +99,17 @@ class Engine:
                     log.exception("capturing the decode step as CUDA graphs failed; decoding eagerly")
                     self.runner = DecodeRunner(self.cache, rows, self._decode_logits, self.device, self._seen)
                     self._graphs = "failed"
-        self._pools = model.lora_pools()
-        self._slot_writer = SlotWriter(self._pools, self.device)
         # hooks the server points at its metrics: seconds per slot write, and how long a request
         # whose adapter had no slot waited from submit to admission
         self.observe_slot_write: Callable[[float], None] = lambda seconds: None
         self.observe_adapter_miss: Callable[[float], None] = lambda seconds: None
-        self._free_slots = list(range(config.max_adapters, 0, -1))
-        self._adapters: dict[str, LoadedAdapter] = {}
-        self._resident: dict[int, LoadedAdapter] = {}  # slot -> adapter in it
         self.scheduler = Scheduler(config)
         self._seeds = random.Random(config.seed)
         self._ids = itertools.count()
 
         self._lock = threading.Condition()
+        self.slots = AdapterSlots(model.lora_pools(), config.max_adapters, self.device, self.dtype, self._lock,
+                                  on_forget=self.scheduler.forget)
         self._pending: deque[Sequence] = deque()
         self._commands: list[tuple[Callable[[], object], Future]] = []
         self._running: list[Sequence] = []
@@ -152,82 +148,16 @@ class Engine:
         free (otherwise the first request that needs them gets one). Registering an existing name
         replaces it: requests already queued or running keep the weights they started with. The
         weights are packed for the device here, in the caller's thread, not the engine's."""
-        image = SlotImage.pack(weights, self._pools, self.dtype, pin=self.device.type == "cuda")
-        entry = LoadedAdapter(name, replace(weights, modules={}), image)
-        with self._lock:
-            old = self._adapters.get(name)
-            self._adapters[name] = entry
-            if old is not None:
-                self._retire(old)
-        self._call_on_engine_thread(lambda: self._make_resident(entry, evict=False))
-        return self._info(entry)
+        entry = self.slots.register(name, weights)
+        self._call_on_engine_thread(lambda: self.slots.make_resident(entry, evict=False))
+        return self.slots.info(entry)
 
     def unload_adapter(self, name: str) -> None:
         """New requests can no longer use `name`; queued and running ones finish on it."""
-        with self._lock:
-            entry = self._adapters.pop(name, None)
-            if entry is None:
-                raise AdapterNotFound(f"adapter {name!r} is not loaded")
-            self._retire(entry)
+        self.slots.unregister(name)
 
     def adapters(self) -> list[AdapterInfo]:
-        with self._lock:
-            return [self._info(e) for e in self._adapters.values()]
-
-    def _info(self, entry: LoadedAdapter) -> AdapterInfo:
-        w = entry.weights
-        return AdapterInfo(entry.name, w.rank, w.target_modules, w.content_hash, w.source, entry.refs,
-                           entry.slot > 0, entry.last_used, entry.image.nbytes)
-
-    def _retire(self, entry: LoadedAdapter) -> None:  # holds self._lock
-        entry.retired = True
-        if entry.refs == 0:
-            self._forget(entry)
-
-    def _release_adapter(self, entry: LoadedAdapter | None) -> None:
-        if entry is None:
-            return
-        with self._lock:
-            entry.refs -= 1
-            entry.last_used = time.time()
-            if entry.retired and entry.refs == 0:
-                self._forget(entry)
-
-    def _forget(self, entry: LoadedAdapter) -> None:  # holds self._lock
-        """A retired adapter nobody uses any more: its slot and its admission turn go."""
-        self._evict(entry)
-        if entry.name not in self._adapters:  # a replacement under the same name keeps its turn
-            self.scheduler.forget(entry.name)
-
-    def _evict(self, entry: LoadedAdapter) -> None:  # holds self._lock
-        if entry.slot:
-            del self._resident[entry.slot]
-            self._free_slots.append(entry.slot)
-            entry.slot = 0
-
-    def _make_resident(self, entry: LoadedAdapter, evict: bool) -> bool:
-        """(engine thread) Give `entry` a slot: a free one, or with evict=True the least recently
-        used slot that no running request holds. False when every slot is held."""
-        with self._lock:
-            if entry.slot or entry.retired and entry.refs == 0:
-                return bool(entry.slot)
-            if not self._free_slots and evict:
-                idle = [e for e in self._resident.values() if e.active == 0]
-                if idle:
-                    self._evict(min(idle, key=lambda e: e.last_used))
-            if not self._free_slots:
-                return False
-            entry.slot = self._free_slots.pop()
-            self._resident[entry.slot] = entry
-        entry.ready = self._slot_writer.write(entry.slot, entry.image)
-        return True
-
-    def _wait_for_slots(self, seqs: list[Sequence]) -> None:
-        """Make this step's kernels wait for the slot writes of the adapters it uses (never the host)."""
-        for seq in seqs:
-            if seq.adapter is not None and seq.adapter.ready is not None:
-                torch.cuda.current_stream().wait_event(seq.adapter.ready)
-                seq.adapter.ready = None
+        return self.slots.infos()
 
     # ---------------------------------------------------------------- requests
 
@@ -279,7 +209,7 @@ class Engine:
                 raise ResourceExhausted(f"request queue is full ({self.config.max_queue} waiting)")
             adapter = None
             if request.adapter:
-                adapter = self._adapters.get(request.adapter)
+                adapter = self.slots.get(request.adapter)
                 if adapter is None:
                     raise AdapterNotFound(f"adapter {request.adapter!r} is not loaded")
             waiting = sum(1 for s in self._pending if s.adapter is adapter)
@@ -305,7 +235,7 @@ class Engine:
         seqs = []
         with self._lock:
             for r in requests:
-                adapter = self._adapters.get(r.adapter) if r.adapter else None
+                adapter = self.slots.get(r.adapter) if r.adapter else None
                 if r.adapter and adapter is None:
                     raise AdapterNotFound(f"adapter {r.adapter!r} is not loaded")
                 seqs.append(Sequence(r, RequestHandle("score", None), adapter, frozenset(), None, tokens=list(r.prompt_ids)))
@@ -315,14 +245,14 @@ class Engine:
         pinned = []
         try:
             for adapter in adapters:
-                if not self._make_resident(adapter, evict=True):
+                if not self.slots.make_resident(adapter, evict=True):
                     raise ResourceExhausted(f"scoring needs {len(adapters)} adapters in slots at once; "
                                             f"{len(pinned)} of {self.config.max_adapters} slots could be had")
                 adapter.active += 1
                 pinned.append(adapter)
             for s in seqs:
                 s.row = self.cache.allocate_row()
-            self._wait_for_slots(seqs)
+            self.slots.wait_for_writes(seqs)
             hidden, lengths = self._prefill_forward(seqs)
             logits = self.model.logits(hidden)
             return [logits[i, :n].cpu() for i, n in enumerate(lengths)]
@@ -341,7 +271,7 @@ class Engine:
                 "queue_length": len(self._pending),
                 "running": len(self._running) + len(self._prefilling),
                 "kv_cache_usage_ratio": self.cache.usage_ratio(),
-                "free_adapter_slots": len(self._free_slots),
+                "free_adapter_slots": self.slots.free,
             }
 
     @property
@@ -391,7 +321,7 @@ class Engine:
                     self._guarded([chunked], lambda: self._prefill_chunk(chunked))
                 if self._running:
                     self._guarded(list(self._running), self._decode_step)
-            for seconds in self._slot_writer.completed_seconds():
+            for seconds in self.slots.writer.completed_seconds():
                 self.observe_slot_write(seconds)
 
     def _guarded(self, seqs: list[Sequence], step: Callable[[], None]) -> None:
@@ -427,7 +357,7 @@ class Engine:
         """Admit what the scheduler picks (server/engine/scheduler.py) and prefill the whole prompts together."""
         with self._lock:
             candidates = self.scheduler.order(self._pending)
-            resident = list(self._resident.values())  # unload_adapter may change the dict meanwhile
+            resident = self.slots.resident()  # a copy: unload_adapter may change the registry meanwhile
         admission = self.scheduler.admit(candidates, self._running, self._prefilling, self.cache.free_rows,
                                          resident, self._resident_for_admission, self._take)
         self._prefilling.extend(admission.chunked)
@@ -435,14 +365,14 @@ class Engine:
             self._guarded(admission.whole, lambda: self._prefill(admission.whole))
 
     def _resident_for_admission(self, adapter: LoadedAdapter) -> bool:
-        """_make_resident for the scheduler. A slot write that fails (a device error) fails the
-        requests waiting on that adapter, not the engine thread."""
+        """slots.make_resident for the scheduler. A slot write that fails (a device error) fails
+        the requests waiting on that adapter, not the engine thread."""
         try:
-            return self._make_resident(adapter, evict=True)
+            return self.slots.make_resident(adapter, evict=True)
         except Exception as exc:
             log.exception("writing adapter %s into a slot failed; failing the requests waiting for it", adapter.name)
             with self._lock:
-                self._evict(adapter)
+                self.slots.evict(adapter)
                 failed = [s for s in self._pending if s.adapter is adapter]
                 for seq in failed:
                     self._pending.remove(seq)
@@ -464,7 +394,7 @@ class Engine:
         return True
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        self._wait_for_slots(admitted)
+        self.slots.wait_for_writes(admitted)
         for seq in admitted:
             self._seen[seq.row].zero_()
             self._seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
@@ -479,7 +409,7 @@ class Engine:
         chunks before (in the cache) and causally within the chunk. After the last chunk the
         first token is sampled and the sequence joins the running batch."""
         start = seq.prefilled
-        self._wait_for_slots([seq])
+        self.slots.wait_for_writes([seq])
         if start == 0:
             self._seen[seq.row].zero_()
             self._seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
@@ -618,7 +548,7 @@ class Engine:
             seq.row = -1
             if seq.adapter is not None:
                 seq.adapter.active -= 1
-        self._release_adapter(seq.adapter)
+        self.slots.release(seq.adapter)
         adapter = seq.adapter
         output = Output(
             request_id=seq.handle.request_id,

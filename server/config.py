@@ -158,7 +158,7 @@ class ServerConfig:
     port (None: off; 0: any free port). served_model_name: the base model's name in that API's
     `model` and in ListModels ("": the model directory's name; main.py sets the built-in model's). model_dir: a checkpoint directory;
     main.py resolves what the user named (nothing: the built-in model; a .gguf file) into one,
-    cached under model_cache, and says where it came from in model_origin."""
+    cached under model_cache, and logs where it came from."""
 
     model_dir: Path | None
     engine: EngineConfig = EngineConfig()
@@ -178,7 +178,6 @@ class ServerConfig:
     http_port: int | None = None
     served_model_name: str = ""
     model_cache: Path | None = None
-    model_origin: str = ""
 
     @property
     def model_name(self) -> str:

@@ -59,9 +59,14 @@ def test_an_interrupted_conversion_leaves_nothing_a_later_run_would_load(tmp_pat
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [done.name]
 
 
-def test_a_missing_model_is_named_in_one_clear_error(tmp_path):
+def test_a_missing_or_unreadable_model_is_named_in_one_clear_error(tmp_path):
     with pytest.raises(ModelNotFound, match="no such directory"):
         resolve(tmp_path / "nowhere", tmp_path)
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ModelNotFound, match="broken.gguf: cannot be read as a GGUF model"):
+        resolve(broken, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +164,7 @@ def test_the_server_with_no_model_flag_serves_smollm2_and_it_knows_paris(smollm2
              "127.0.0.1", "--http-port", "0", "--max-batch-size", "2", "--max-seq-len", "128", "--max-adapters", "1",
              "--max-rank", "8", "--log-level", "WARNING"]
     config = with_model_resolved(parse_args(flags, environ={"HOTLORA_MODEL_CACHE": str(smollm2_dir.parent)}))
-    assert config.model_dir == smollm2_dir and config.model_name == BUILTIN.name and BUILTIN.distribution in config.model_origin
+    assert config.model_dir == smollm2_dir and config.model_name == BUILTIN.name
     with RunningServer(config) as server:
         http = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="unused", max_retries=0)
         reply = http.chat.completions.create(model=BUILTIN.name, temperature=0, max_tokens=16,

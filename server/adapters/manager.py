@@ -30,9 +30,9 @@ from pathlib import Path
 
 from ..config import AdapterConfig
 from ..engine.engine import Engine, Request, RequestHandle
-from ..lora.peft_files import AdapterWeights, read_peft_adapter, validate_adapter_name
 from ..errors import (AdapterNotFound, HotloraError, IncompatibleAdapter, InvalidRequest, PermissionDenied,
                      StoreNotWritable)
+from ..lora.peft_files import AdapterWeights, read_peft_adapter, validate_adapter_name
 from ..metrics import Metrics
 from .store import MANIFEST_SCHEMA_VERSION, AdapterStore, StoredVersion
 
@@ -66,7 +66,8 @@ class AdapterVersion:
 
     def chat_template_for(self, base_template: str | None) -> str | None:
         """The template its chat requests are rendered with: its own, else the base model's when
-        that is the one it was trained with. IncompatibleAdapter when it cannot be known."""
+        that is the one it was trained with. InvalidRequest when that cannot be known (the
+        manifest holds only the hash of another template): its prompts are still served."""
         if self.chat_template:
             return self.chat_template
         base_hash = hashlib.sha256((base_template or "").encode()).hexdigest()

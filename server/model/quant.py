@@ -150,8 +150,8 @@ def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torc
                       quant: QuantConfig = QuantConfig()) -> NF4Matmul:
     """The engine's NF4 path for `requested` on `device` ("auto": Triton when the engine's
     `kernels` resolved to Triton and the weights are NF4 with double quantization, which is what
-    the kernel reads; else dequantize-once on CPU, dequantize elsewhere); refuses a path the device cannot run, rather than
-    falling back to different numbers."""
+    the kernel reads; else dequantize-once on CPU, dequantize elsewhere); refuses a path the
+    device cannot run, rather than falling back to different numbers."""
     if requested == "auto":
         reads_these_weights = quant.quant_type == "nf4" and quant.double_quant
         if kernels == "triton" and reads_these_weights:

@@ -115,7 +115,10 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     log.info("converting %s into %s (once; about 20 s)", gguf, target)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        _write_checkpoint(gguf, staging)
+        try:
+            _write_checkpoint(gguf, staging)
+        except Exception as exc:  # transformers' many ways of saying the file is not a model it reads
+            raise ModelNotFound(f"{gguf}: cannot be read as a GGUF model ({type(exc).__name__}: {exc})") from exc
         try:
             os.rename(staging, target)
         except OSError:

@@ -302,8 +302,7 @@ def with_model_resolved(config: ServerConfig) -> ServerConfig:
 
     source = resolve(config.model_dir, config.model_cache or default_cache_dir())
     log.info("model: %s", source.describe())
-    return replace(config, model_dir=source.path, served_model_name=config.served_model_name or source.name,
-                   model_origin=source.origin)
+    return replace(config, model_dir=source.path, served_model_name=config.served_model_name or source.name)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class EngineConfig:
       (a C++ compiler must be installed on CPU); the results are the eager forward's. torch keeps
       at most 8 compiled variants per function, so serve one compiled engine per process.
     cuda_graphs: on CUDA (without compile), capture the decode step at padded batch sizes as CUDA
-      graphs at start-up (server/engine/runner.py); if capture fails the engine logs why and decodes
+      graphs at start-up (server/engine/decode_step.py); if capture fails the engine logs why and decodes
       eagerly (hotlora_engine_info's cuda_graphs says "failed"). Ignored elsewhere.
     """
 

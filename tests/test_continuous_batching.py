@@ -161,7 +161,7 @@ def test_a_flood_on_one_adapter_neither_starves_nor_locks_out_another(llama_dir,
 
         def submit(adapter, tokens=8):
             handle = engine.submit(Request(prompt_ids=[5, 6, 7], adapter=adapter, sampling=greedy(tokens)))
-            handle._output.add_done_callback(lambda _: finished.append(adapter))
+            handle.add_done_callback(lambda _: finished.append(adapter))
             return handle
 
         flood = [submit("cheese", tokens=60)]  # runs while the rest queue up behind it

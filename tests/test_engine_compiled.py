@@ -75,7 +75,7 @@ def test_compiled_decode_logits_match_the_eager_forward_for_a_mixed_batch(engine
     def both():  # on the engine thread, between steps, the same inputs through both paths
         with torch.inference_mode():
             batch = decode_batch(rows)
-            return compiled._decode_logits(batch), compiled._last_position_logits(batch)
+            return compiled.runner.decode_logits(batch), compiled.runner.last_position_logits(batch)
 
     got, want = compiled._call_on_engine_thread(both)
     assert want.shape == (rows, compiled.spec.vocab_size)
@@ -88,4 +88,4 @@ def test_a_decode_shape_the_warm_up_missed_fails_loudly_here(engines):
     (tensors made outside inference mode) recompiles, and on the engine's thread that is an error."""
     _, compiled = engines
     with pytest.raises(torch._dynamo.exc.RecompileError):
-        compiled._call_on_engine_thread(lambda: compiled._decode_logits(decode_batch(2)))
+        compiled._call_on_engine_thread(lambda: compiled.runner.decode_logits(decode_batch(2)))

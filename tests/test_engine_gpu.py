@@ -58,7 +58,7 @@ def test_compiled_decode_matches_eager_decode_on_cuda_bf16(llama_dir, peft_adapt
         def both():
             with torch.inference_mode():
                 batch = decode_batch(4, device="cuda")
-                return engine._decode_logits(batch).cpu(), engine._last_position_logits(batch).cpu()
+                return engine.runner.decode_logits(batch).cpu(), engine.runner.last_position_logits(batch).cpu()
 
         got, want = engine._call_on_engine_thread(both)
         torch.testing.assert_close(got, want, rtol=0.02, atol=0.1)
@@ -74,15 +74,16 @@ def test_cuda_graph_decode_gives_the_eager_padded_steps_tokens(llama_dir, peft_a
     """CUDA twin of tests/test_runner.py: the captured graphs replay exactly the padded step that
     runs eagerly (same kernels, same shapes), with mixed adapters, at several padded sizes, and
     see an adapter written into a slot after capture."""
-    from server.engine.runner import DecodeRunner
+    from server.engine.decode_step import DecodeStep
 
     config = EngineConfig(max_batch_size=6, max_seq_len=64, max_adapters=3, max_rank=16, device="cuda", dtype="bfloat16")
     graphed = Engine.from_pretrained(llama_dir, config)
     eager = Engine.from_pretrained(llama_dir, dataclasses.replace(config, cuda_graphs=False))
     try:
-        assert graphed.describe()["cuda_graphs"] == "on" and graphed.runner.captured
+        assert graphed.describe()["cuda_graphs"] == "on" and graphed.runner.step.captured
         with torch.inference_mode():
-            eager.runner = DecodeRunner(eager.cache, 6, eager._decode_logits, eager.device, eager._seen, padded=True)
+            runner = eager.runner
+            runner.step = DecodeStep(eager.cache, 6, runner.decode_logits, runner.device, runner.seen, padded=True)
         for engine in (graphed, eager):
             for name, path in peft_adapters.items():  # loaded after capture: the graphs read the slots
                 engine.load_adapter(name, path)
@@ -96,7 +97,7 @@ def test_cuda_graph_decode_gives_the_eager_padded_steps_tokens(llama_dir, peft_a
         for params in ([sampled[0]], sampled[1:2], sampled):
             batch = [Request([5, 17, 42, 99], adapter=a, sampling=p) for a, p in zip(("cheese", None, "wine"), params)]
             assert [o.token_ids for o in graphed.generate(batch)] == [o.token_ids for o in eager.generate(batch)]
-        assert len(graphed.runner._sample_graphs) == 3 * len(graphed.runner.sizes)
+        assert len(graphed.runner.step._sample_graphs) == 3 * len(graphed.runner.step.sizes)
     finally:
         graphed.close()
         eager.close()

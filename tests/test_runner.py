@@ -1,17 +1,56 @@
-"""The fixed-shape decode step (server/engine/runner.py), eagerly on CPU: what CUDA graphs capture on a
-GPU (tests/test_engine_gpu.py) is this same padded step. Padding changes no real row's logits,
-writes only into the KV cache's scratch row, and an engine decoding through it gives the tokens
-of an engine decoding unpadded."""
+"""The model runner (server/engine/runner.py), built from a model and a KV cache alone, and its
+fixed-shape decode step (server/engine/decode_step.py), eagerly on CPU: what CUDA graphs capture
+on a GPU (tests/test_engine_gpu.py) is this same padded step. A runner driven by hand gives the
+engine's tokens; padding changes no real row's logits, writes only into the KV cache's scratch
+row, and an engine decoding through it gives the tokens of an engine decoding unpadded."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 
-from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
-from server.engine.runner import DecodeRunner, padded_sizes
+from server.engine.decode_step import DecodeStep, padded_sizes
+from server.engine.engine import Engine, EngineConfig, Request, RequestHandle, SamplingParams
+from server.engine.runner import ModelRunner
+from server.engine.sequence import Sequence
+from server.engine.slots import AdapterSlots
+from server.lora.peft_files import read_peft_adapter
+from server.model.kv_cache import KVCache
+from server.model.llama import load_model
 
 CONFIG = EngineConfig(max_batch_size=6, max_seq_len=48, max_adapters=3, max_rank=16)
+PROMPTS = [[5, 17, 42, 99, 7, 3, 120], [8, 200, 33], [150, 9, 12, 40, 41]]
+
+
+class Parts:
+    """What an engine builds around its runner, built here by hand: model, cache, slots, runner."""
+
+    def __init__(self, llama_dir, peft_adapters):
+        self.model, _ = load_model(llama_dir, CONFIG)
+        spec = self.model.spec
+        self.cache = KVCache(spec.num_layers, CONFIG.max_batch_size, spec.num_kv_heads, CONFIG.max_seq_len,
+                             spec.head_dim, self.model.device, self.model.dtype)
+        self.slots = AdapterSlots(self.model.lora_pools(), CONFIG.max_adapters, self.model.device, self.model.dtype,
+                                  threading.Condition(), on_forget=lambda name: None)
+        self.adapters = {}
+        for name, path in peft_adapters.items():
+            entry = self.slots.register(name, read_peft_adapter(path, spec, CONFIG.max_rank))
+            assert self.slots.make_resident(entry, evict=False)
+            self.adapters[name] = entry
+        self.runner = ModelRunner(self.model, self.cache, CONFIG)
+
+    def sequence(self, prompt: list[int], adapter: str | None, sampling: SamplingParams, seed: int = 0) -> Sequence:
+        seq = Sequence(Request(prompt, adapter, sampling), RequestHandle("test", None), self.adapters.get(adapter),
+                       frozenset(), seed, tokens=list(prompt))
+        seq.row = self.cache.allocate_row()
+        return seq
+
+
+@pytest.fixture(scope="module")
+def parts(llama_dir, peft_adapters):
+    return Parts(llama_dir, peft_adapters)
 
 
 @pytest.fixture(scope="module")
@@ -29,61 +68,88 @@ def test_padded_sizes_cover_every_batch_up_to_the_maximum():
     assert padded_sizes(1) == (1,)
 
 
-def test_padding_changes_no_row_and_writes_only_the_scratch_row(engine, peft_adapters):
-    prompts = [[5, 17, 42, 99, 7, 3, 120], [8, 200, 33], [150, 9, 12, 40, 41]]
-    engine.generate([Request(p, sampling=SamplingParams(max_new_tokens=2, temperature=0.0)) for p in prompts])
-    slots = [engine.slots.get(name).slot for name in ("cheese", "wine")]
-    assert all(slots)
-    step = dict(tokens=[11, 22, 33], positions=[8, 3, 5], rows=[0, 1, 2], slots=[slots[0], 0, slots[1]])
-
-    def run():
+def test_a_runner_driven_by_hand_gives_the_engines_tokens(parts, engine):
+    """Prefill three mixed-adapter prompts together, then decode them as one batch: each sequence
+    gets the tokens the engine generates for it."""
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    adapters = ["cheese", None, "wine"]
+    want = [o.token_ids for o in engine.generate([Request(p, a, greedy) for p, a in zip(PROMPTS, adapters)])]
+    seqs = [parts.sequence(p, a, greedy) for p, a in zip(PROMPTS, adapters)]
+    try:
         with torch.inference_mode():
-            plain = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, engine._seen)
-            padded = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, engine._seen,
-                                  padded=True)
-            want = plain.decode(**step)[0].clone()
-            keys, values = engine.cache.keys.clone(), engine.cache.values.clone()
-            got = padded.decode(**step)[0]
-            return want, got, keys, values, padded.cache_rows(4).tolist()
+            first = parts.runner.prefill(seqs)
+            for seq, token in zip(seqs, first.tokens):
+                seq.tokens.append(token), seq.generated.append(token)
+            for _ in range(greedy.max_new_tokens - 1):
+                for seq, token in zip(seqs, parts.runner.decode(seqs).tokens):
+                    seq.tokens.append(token), seq.generated.append(token)
+        assert [s.generated for s in seqs] == want
+        assert len({tuple(t) for t in want}) == 3  # the adapters make a difference to check
+    finally:
+        for seq in seqs:
+            parts.cache.release_row(seq.row)
 
-    want, got, keys_before, values_before, rows = engine._call_on_engine_thread(run)
-    assert got.shape == want.shape == (3, engine.spec.vocab_size)
+
+def test_padding_changes_no_row_and_writes_only_the_scratch_row(parts):
+    greedy = SamplingParams(max_new_tokens=2, temperature=0.0)
+    seqs = [parts.sequence(p, a, greedy) for p, a in zip(PROMPTS, ["cheese", None, "wine"])]
+    cache, runner = parts.cache, parts.runner
+    step = dict(tokens=[11, 22, 33], positions=[8, 3, 5], rows=[s.row for s in seqs], slots=[s.slot for s in seqs])
+    assert all(step["slots"][i] for i in (0, 2))
+    try:
+        with torch.inference_mode():
+            runner.prefill(seqs)
+            plain = DecodeStep(cache, CONFIG.max_batch_size, runner.decode_logits, runner.device, runner.seen)
+            padded = DecodeStep(cache, CONFIG.max_batch_size, runner.decode_logits, runner.device, runner.seen, padded=True)
+            want = plain.decode(**step)[0].clone()
+            cache.keys[:, cache.scratch_row] = float("nan")  # read by no real row; written by padding
+            keys, values = cache.keys.clone(), cache.values.clone()
+            got = padded.decode(**step)[0]
+    finally:
+        for seq in seqs:
+            cache.release_row(seq.row)
+    assert got.shape == want.shape == (3, parts.model.spec.vocab_size)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    scratch = engine.cache.scratch_row
+    scratch = cache.scratch_row
     # the same keys (up to summation order: a 4-row matmul blocks differently), nothing else touched
-    torch.testing.assert_close(engine.cache.keys[:, :scratch], keys_before[:, :scratch], rtol=0, atol=1e-5)
-    torch.testing.assert_close(engine.cache.values[:, :scratch], values_before[:, :scratch], rtol=0, atol=1e-5)
-    assert rows == [0, 1, 2, scratch]  # 3 rows ran as 4: the padding row on the scratch row
+    torch.testing.assert_close(cache.keys[:, :scratch], keys[:, :scratch], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache.values[:, :scratch], values[:, :scratch], rtol=0, atol=1e-5)
+    # 3 rows ran as 4: the padding row wrote its first layer's key (token 0 at position 0) into the
+    # scratch row (later layers' keys stay NaN there: that row's attention reads the NaN positions)
+    assert keys[0, scratch, :, 0].isnan().all() and cache.keys[0, scratch, :, 0].isfinite().all()
 
 
 def test_an_engine_on_the_padded_step_gives_the_unpadded_tokens(engine):
     requests = [Request([5, 17, 42, 99], adapter=a, sampling=SamplingParams(max_new_tokens=9, temperature=0.0, ignore_eos=True))
                 for a in ("cheese", None, "wine", "bread", None)]
     want = [o.token_ids for o in engine.generate(requests)]
+    runner = engine.runner
 
     def pad():
-        plain = engine.runner
-        engine.runner = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, engine._seen,
-                                     padded=True)
+        plain = runner.step
+        runner.step = DecodeStep(engine.cache, CONFIG.max_batch_size, runner.decode_logits, runner.device, runner.seen,
+                                 padded=True)
         return plain
 
     plain = engine._call_on_engine_thread(pad)
     try:
+        assert runner.step.padded
         assert [o.token_ids for o in engine.generate(requests)] == want  # 5 rows decode padded to 6
         assert [o.token_ids for o in engine.generate(requests[:3])] == want[:3]  # 3 rows padded to 4
     finally:
-        engine._call_on_engine_thread(lambda: setattr(engine, "runner", plain))
+        engine._call_on_engine_thread(lambda: setattr(runner, "step", plain))
 
 
-def test_the_step_samples_what_sample_draws_from_its_logits(engine):
+def test_the_step_samples_what_sample_draws_from_its_logits(parts):
     """Sampling is part of the step (a CUDA graph captures it after the forward): each row's own
     parameters loaded once, steps moving on each step, a grammar's bitmask, the repetition penalty
     reading the seen table and each sampled token marked in it. Padded or not, the tokens are what
     server/model/sampling.py's sample() draws from the step's logits."""
-    from server.model.sampling import SamplingBatch, sample
     from server.engine.structured import allowed_tokens, bitmask_words
+    from server.model.sampling import SamplingBatch, sample
 
-    vocab = engine.spec.vocab_size
+    runner, cache = parts.runner, parts.cache
+    vocab = parts.model.spec.vocab_size
     params = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0, repetition_penalty=1.4),
               SamplingParams(temperature=1.2, top_k=5)]
     seeds, steps = [11, 12, 13], [0, 4, 2]
@@ -93,22 +159,22 @@ def test_the_step_samples_what_sample_draws_from_its_logits(engine):
     rows = torch.tensor(step["rows"])
 
     def run(padded: bool):
-        seen = torch.zeros_like(engine._seen)
+        seen = torch.zeros_like(runner.seen)
         seen[1, [22, 7, 40]] = True
-        runner = DecodeRunner(engine.cache, CONFIG.max_batch_size, engine._decode_logits, engine.device, seen, padded=padded)
-        runner.load_sampling(params, seeds, steps)
-        reference, reference_seen = SamplingBatch.build(params, seeds, steps, vocab, engine.device), seen.clone()
+        decode = DecodeStep(cache, CONFIG.max_batch_size, runner.decode_logits, runner.device, seen, padded=padded)
+        decode.load_sampling(params, seeds, steps)
+        reference, reference_seen = SamplingBatch.build(params, seeds, steps, vocab, runner.device), seen.clone()
         drawn = []
         for _ in range(4):
-            logits, tokens = runner.decode(**step, bitmask=bitmask)
+            logits, tokens = decode.decode(**step, bitmask=bitmask)
             want = sample(logits, reference, reference_seen[rows], allowed_tokens(bitmask, vocab))
             assert torch.equal(tokens, want)
             reference_seen[rows, want] = True
-            assert torch.equal(seen[:engine.cache.scratch_row], reference_seen[:engine.cache.scratch_row])
+            assert torch.equal(seen[:cache.scratch_row], reference_seen[:cache.scratch_row])
             drawn.append(tokens.tolist())
         return drawn
 
     with torch.inference_mode():
-        plain, padded = engine._call_on_engine_thread(lambda: run(False)), engine._call_on_engine_thread(lambda: run(True))
+        plain, padded = run(False), run(True)
     assert plain == padded
     assert all(t[2] < 64 for t in plain) and len({t[0] for t in plain}) > 1  # the grammar held; draws move on

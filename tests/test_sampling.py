@@ -112,12 +112,12 @@ MIXED = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition
 
 @pytest.mark.parametrize("rows", [[0, 1], [0, 2, 5], [1, 2, 3, 5], [1, 4, 5]], ids=["greedy", "sample", "top-k", "top-p"])
 def test_a_captured_variant_samples_what_the_batch_s_own_flags_do(rows):
-    """CUDA graphs fix which ops sampling runs (server/engine/runner.py's VARIANTS: the penalty and the
+    """CUDA graphs fix which ops sampling runs (server/engine/decode_step.py's VARIANTS: the penalty and the
     grammar mask always, top-k/p in one variant): on rows without them those ops must change
     nothing, so a graph samples exactly what the batch's own flags would."""
     from dataclasses import replace
 
-    from server.engine.runner import VARIANTS, variant_for
+    from server.engine.decode_step import VARIANTS, variant_for
 
     params = [MIXED[i] for i in rows]
     g = torch.Generator().manual_seed(len(rows))

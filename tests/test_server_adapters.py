@@ -218,7 +218,7 @@ def test_a_stream_cancelled_while_its_adapter_loads_leaves_no_orphan(llama_dir, 
         most = 0
         end = time.monotonic() + 3  # an orphan would be decoding its 150 tokens meanwhile
         while time.monotonic() < end:
-            most = max([most, *(len(seq.generated) for seq in list(engine._running))])
+            most = max([most, *(len(seq.generated) for seq in list(engine.scheduler.running))])
             time.sleep(0.002)
         assert most < 10, f"the orphaned request generated {most} tokens"
         wait_until(lambda: engine.stats()["running"] == 0 and engine.stats()["queue_length"] == 0)

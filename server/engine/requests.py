@@ -93,6 +93,10 @@ class RequestHandle:
         """True once the request has finished (its Output, or its error, is set)."""
         return self._output.done()
 
+    def add_done_callback(self, fn) -> None:
+        """fn(handle) once the request has finished (on the engine thread, or at once if it has)."""
+        self._output.add_done_callback(lambda _: fn(self))
+
     async def aresult(self) -> Output:
         return await asyncio.wrap_future(self._output)
 
@@ -106,16 +110,20 @@ class RequestHandle:
             yield event
         self._output.result()
 
-    # Called from the engine thread.
-    def _push(self, event) -> None:
+    # The engine's side (its thread): tokens as they come, then the end.
+    def emit(self, token_id: int) -> None:
+        self._put(token_id)
+
+    def complete(self, output: Output) -> None:
+        self._output.set_result(output)
+        self._put(_DONE)
+
+    def fail(self, error: BaseException) -> None:
+        self._output.set_exception(error)
+        self._put(_DONE)
+
+    def _put(self, event) -> None:
         if self._loop is None:
             self._events.put(event)
         elif not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    def _finish(self, output: Output | None, error: BaseException | None = None) -> None:
-        if error is not None:
-            self._output.set_exception(error)
-        else:
-            self._output.set_result(output)
-        self._push(_DONE)

@@ -1,188 +1,225 @@
-"""The decode step on fixed shapes: static input buffers, padded batch sizes, CUDA graphs.
+"""Runs the model on the sequences the scheduler picked: prefill (whole prompts together,
+right-padded, or a long prompt one chunk per step), the decode step, scoring, and the sampling of
+each new token.
 
-The engine hands the runner its running sequences' last tokens, positions, KV rows and adapter
-slots as host lists. The runner writes them into one pinned host buffer, copies that to a static
-device buffer in one transfer, and runs the decode forward on views of it. With `padded`, the
-batch is padded to the next size of SIZES (up to max_batch_size): padding rows use slot 0 (no
-adapter) and write their keys into the KV cache's scratch row, so they touch no sequence. With
-`graphs` (CUDA), each padded size is captured once as a CUDA graph at start-up and replayed each
-step: one launch instead of ~75 per layer. Elsewhere the same step runs eagerly, so the CPU tests
-cover what is captured on the GPU.
-
-What the graph fixes: the batch size (padded), the KV span (max_seq_len; the Triton decode
-attention reads each row only up to its own length), and the LoRA path (always on: slot 0 rows
-cost nothing in BGMV).
-
-Sampling is part of the step too, on static buffers: each row's parameters (temperature, top-k/p,
-penalty, seed, step) are loaded when the batch's membership changes (one pinned copy), a grammar's
-allowed-token bitmask each step it has one. Which ops sampling needs depends on the batch
-(`SamplingFlags`), so on CUDA each padded size has a sampling graph per VARIANT, replayed after
-its forward graph: the greedy one skips the noise, the sampling one the sort that top-k/p needs;
-both always apply the penalty and the grammar mask (no-ops on rows without them). The one host
-sync of a step is the engine reading the sampled tokens.
+The runner owns what those computations share: the table of tokens each KV row has seen (the
+repetition penalty reads it), the host buffer grammar masks are written into, and how the decode
+step runs — eagerly, torch.compile'd, or replayed from CUDA graphs (server/engine/decode_step.py).
+It is built from a model and a KV cache alone, so tests drive it with Sequences and no Engine.
+Each call ends in the step's one host sync: reading the sampled tokens (and logprobs) into a
+`Sampled`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from ..config import EngineConfig
 from ..model.kv_cache import KVCache
-from ..model.llama import ForwardBatch
-from ..model.sampling import PARAMETERS, SamplingBatch, SamplingFlags, SamplingParams, parameter_table, sample, top_logprobs_of
+from ..model.llama import ForwardBatch, Transformer
+from ..model.quant import TRITON_GEMV_MAX_TOKENS
+from ..model.sampling import SamplingBatch, sample, token_logprobs
+from .decode_step import DecodeStep
+from .sequence import Sequence
+from .slots import AdapterSlots
 from .structured import allowed_tokens, bitmask_words
 
 log = logging.getLogger(__name__)
 
-SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-_TOKENS, _POSITIONS, _ROWS, _SLOTS = range(4)
+
+@dataclass(frozen=True)
+class Sampled:
+    """A step's new token per sequence, with (when any sequence asked for logprobs) each token's
+    logprob and the top alternatives' ids and logprobs, as host lists."""
+
+    tokens: list[int]
+    logprobs: tuple[list[float], list[list[int]], list[list[float]]] | None = None
 
 
-# The sampling graphs captured per padded size, and the one a batch replays (SamplingFlags -> name).
-VARIANTS = {"greedy": SamplingFlags(all_greedy=True, use_penalty=True),
-            "sample": SamplingFlags(all_greedy=False, use_penalty=True),
-            "top-k/p": SamplingFlags(all_greedy=False, use_top_k=True, use_top_p=True, use_penalty=True)}
-_PADDING_ROW = SamplingParams(temperature=0.0)  # what padding rows (and an unloaded runner) sample with
-
-
-def variant_for(flags: SamplingFlags) -> str:
-    if flags.all_greedy:
-        return "greedy"
-    return "top-k/p" if flags.use_top_k or flags.use_top_p else "sample"
-
-
-def padded_sizes(max_batch: int) -> tuple[int, ...]:
-    """The batch sizes a padded runner runs at: SIZES up to max_batch, and max_batch itself."""
-    return tuple(sorted({s for s in SIZES if s < max_batch} | {max_batch}))
-
-
-class DecodeRunner:
-    """forward: ForwardBatch -> logits [B, vocab] of each row's last position (the model's plain
-    forward, or its torch.compile'd one). seen: the engine's [KV rows + scratch row, vocab] bool
-    table of the tokens each row has seen (the repetition penalty reads it, each step marks its
-    sampled tokens in it)."""
-
-    def __init__(self, cache: KVCache, max_batch: int, forward: Callable[[ForwardBatch], torch.Tensor],
-                 device: torch.device, seen: torch.Tensor, padded: bool = False):
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: KVCache, config: EngineConfig):
+        self.model = model
         self.cache = cache
-        self.forward = forward
-        self.device = device
-        self.seen = seen
-        self.padded = padded
-        self.sizes = padded_sizes(max_batch) if padded else ()
-        width = max_batch if not padded else self.sizes[-1]
-        pin = device.type == "cuda"
-        self.vocab_size = seen.shape[1]
-        self._host = torch.zeros(4, width, dtype=torch.int64, pin_memory=pin)
-        self._inputs = torch.zeros(4, width, dtype=torch.int64, device=device)
-        self._host_parameters = torch.zeros(len(PARAMETERS), width, dtype=torch.float64, pin_memory=pin)
-        self._parameters = torch.zeros(len(PARAMETERS), width, dtype=torch.float64, device=device)
-        self._sampling = {name: torch.zeros(width, dtype=dtype, device=device) for name, dtype in PARAMETERS}
-        self._bitmask = torch.full((width, bitmask_words(self.vocab_size)), -1, dtype=torch.int32, device=device)
-        self._bitmask_clean = True  # every token allowed on every row
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._graph_logits: dict[int, torch.Tensor] = {}
-        self._sample_graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.load_sampling([], [], [])
+        self.config = config
+        self.device = model.device
+        vocab = model.spec.vocab_size
+        # tokens each KV row has seen (prompt and output), for the repetition penalty; the last row
+        # is the cache's scratch row, where the padding rows of a fixed-shape step mark theirs
+        self.seen = torch.zeros(cache.rows + 1, vocab, dtype=torch.bool, device=self.device)
+        # grammar masks are written on the host, then copied to the device with the step
+        self._bitmask = torch.empty(cache.rows, bitmask_words(vocab), dtype=torch.int32,
+                                    pin_memory=self.device.type == "cuda")
+        if config.compile and model.kernels.lora.name == "triton" and self.device.type != "cuda":
+            raise ValueError("compile=True with the Triton kernels needs CUDA (their CPU interpreter cannot be compiled)")
+        self.decode_logits = self._compiled_decode() if config.compile else self.last_position_logits
+        # captured at max_seq_len, the torch attention would gather whole cache rows every step
+        graphs = (config.cuda_graphs and self.device.type == "cuda" and not config.compile
+                  and model.kernels.decode_attention.name == "triton")
+        with torch.inference_mode():  # the step's buffers are written only inside steps, in inference mode
+            self.step = DecodeStep(cache, cache.rows, self.decode_logits, self.device, self.seen, padded=graphs)
+            self.graphs = "off"
+            if graphs:
+                try:
+                    self.step.capture()
+                    self.graphs = "on"
+                except Exception:  # serve eagerly rather than not at all; describe() and the log say so
+                    log.exception("capturing the decode step as CUDA graphs failed; decoding eagerly")
+                    self.step = DecodeStep(cache, cache.rows, self.decode_logits, self.device, self.seen)
+                    self.graphs = "failed"
+        self._loaded: list[Sequence] = []  # the sequences whose sampling parameters the step holds
 
-    @property
-    def captured(self) -> bool:
-        return bool(self._graphs)
+    # ---------------------------------------------------------------- prefill
 
-    def load_sampling(self, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> None:
-        """The sampling parameters of the rows of the steps that follow (call when the batch's
-        membership changes); the rows past them sample as greedy padding."""
-        count, width = len(params), self._host_parameters.shape[1]
-        padding = width - count
-        self._host_parameters.copy_(parameter_table(params + [_PADDING_ROW] * padding, seeds + [0] * padding,
-                                                    steps + [0] * padding, self.vocab_size))
-        self._parameters.copy_(self._host_parameters, non_blocking=True)
-        for i, (name, _) in enumerate(PARAMETERS):
-            self._sampling[name].copy_(self._parameters[i])
-        self.flags = SamplingFlags.of(params)
-        self.top_logprobs = top_logprobs_of(params)
+    def prefill(self, seqs: list[Sequence]) -> Sampled:
+        """Whole prompts into their KV rows, together; samples each one's first token."""
+        self._begin(seqs)
+        hidden, lengths = self._prompt_forward(seqs)
+        last = hidden[torch.arange(len(seqs), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return self._sample_first(seqs, self.model.logits(last))
 
-    def decode(self, tokens: list[int], positions: list[int], rows: list[int], slots: list[int],
-               bitmask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step: (logits [len(tokens), vocab], the sampled next tokens [len(tokens)]);
-        the KV cache gets each row's new key. bitmask: host int32 [len(tokens), words], the tokens
-        each row's grammar allows (None: no row has a grammar)."""
-        count = len(tokens)
-        size = next(s for s in self.sizes if s >= count) if self.padded else count
-        host = self._host[:, :size]
-        host[:, :count] = torch.tensor([tokens, positions, rows, slots], dtype=torch.int64)
-        if size > count:  # padding: token 0 at position 0 of the scratch row, no adapter
-            host[:, count:] = 0
-            host[_ROWS, count:] = self.cache.scratch_row
-        self._inputs.copy_(self._host, non_blocking=True)  # whole: a slice would not be one pinned block
-        if bitmask is not None:
-            self._bitmask[:count].copy_(bitmask, non_blocking=True)
-            self._bitmask_clean = False
-        elif not self._bitmask_clean:
-            self._bitmask.fill_(-1)
-            self._bitmask_clean = True
-        if size in self._graphs:
-            self._graphs[size].replay()
-            graph, next_tokens = self._sample_graphs[(size, variant_for(self.flags))]
-            graph.replay()
-            return self._graph_logits[size][:count], next_tokens[:count]
-        # padded steps keep the LoRA path on (as captured); unpadded ones skip it without adapters
-        with_lora = self.padded or any(slots)
-        kv_length = self.cache.max_seq_len if self.padded else max(positions) + 1
-        logits = self.forward(self._batch(size, kv_length, with_lora))
-        return logits[:count], self._sample(logits, size, self.flags, grammar=bitmask is not None)[:count]
+    def prefill_chunk(self, seq: Sequence) -> Sampled | None:
+        """The next prefill_chunk_tokens of seq's prompt into the cache: its queries attend to the
+        chunks before (in the cache) and causally within the chunk. After the last chunk, its
+        first token; before, None."""
+        start = seq.prefilled
+        if start == 0:
+            self._begin([seq])
+        else:
+            AdapterSlots.wait_for_writes([seq.adapter])
+        stop = min(start + self.config.prefill_chunk_tokens, len(seq.tokens))
+        batch = ForwardBatch(
+            tokens=torch.tensor([seq.tokens[start:stop]], device=self.device),
+            positions=torch.arange(start, stop, device=self.device)[None, :],
+            cache_rows=torch.tensor([seq.row], device=self.device),
+            token_slots=torch.full((stop - start,), seq.slot, device=self.device) if seq.slot else None,
+            prefill=False,  # attends through the cache, like a decode step of several tokens
+            kv_length=stop,
+        )
+        hidden = self.model(batch, self.cache)
+        seq.prefilled = stop
+        if stop < len(seq.tokens):
+            return None
+        return self._sample_first([seq], self.model.logits(hidden[:, -1]))
 
-    def cache_rows(self, count: int) -> torch.Tensor:
-        """The device tensor of the last step's KV rows (its first `count`)."""
-        return self._inputs[_ROWS, :count]
+    def score(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        """Logits [len(prompt), vocab] at every prompt position (on the host), by prefill's forward."""
+        AdapterSlots.wait_for_writes(s.adapter for s in seqs)
+        hidden, lengths = self._prompt_forward(seqs)
+        logits = self.model.logits(hidden)
+        return [logits[i, :n].cpu() for i, n in enumerate(lengths)]
 
-    def capture(self) -> None:
-        """Capture every padded size as a CUDA graph, largest first, sharing one memory pool, and
-        each size's sampling variants after it. Warm-up runs write only into the scratch row
-        (every input row is padding)."""
-        if not self.padded or self.device.type != "cuda":
-            raise ValueError("CUDA graphs need a padded runner on a CUDA device")
-        self._inputs.zero_()
-        self._inputs[_ROWS] = self.cache.scratch_row
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):  # warm up: Triton compiles, allocator settles
-                logits = self.forward(self._batch(size, self.cache.max_seq_len, True))
-                for flags in VARIANTS.values():
-                    self._sample(logits, size, flags, grammar=True)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        for size in reversed(self.sizes):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._graph_logits[size] = self.forward(self._batch(size, self.cache.max_seq_len, True))
-            self._graphs[size] = graph
-            for name, flags in VARIANTS.items():
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    next_tokens = self._sample(self._graph_logits[size], size, flags, grammar=True)
-                self._sample_graphs[(size, name)] = (graph, next_tokens)
-        torch.cuda.synchronize()
-        self.load_sampling([], [], [])  # the warm-up advanced the padding rows' steps
-        log.info("captured the decode step as CUDA graphs at batch sizes %s (sampling: %s)",
-                 ", ".join(map(str, self.sizes)), ", ".join(VARIANTS))
+    # ---------------------------------------------------------------- decode
 
-    def _sample(self, logits: torch.Tensor, size: int, flags: SamplingFlags, grammar: bool) -> torch.Tensor:
-        """The next token of each of the first `size` rows, from the loaded parameters (as
-        server/model/sampling.py's sample), marked as seen in each row's table."""
-        rows = self._inputs[_ROWS, :size]
-        batch = SamplingBatch(**{name: t[:size] for name, t in self._sampling.items()}, flags=flags)
-        allowed = allowed_tokens(self._bitmask[:size], self.vocab_size) if grammar else None
-        next_tokens = sample(logits, batch, self.seen[rows] if flags.use_penalty else None, allowed)
-        self.seen[rows, next_tokens] = True
-        return next_tokens
+    def decode(self, seqs: list[Sequence]) -> Sampled:
+        """One token for every sequence, whatever its adapter, through the fixed-shape step."""
+        if seqs != self._loaded:  # membership changed: each row's sampling parameters, once
+            self.step.load_sampling([s.request.sampling for s in seqs], [s.seed for s in seqs],
+                                    [len(s.generated) for s in seqs])
+            self._loaded = list(seqs)
+        logits, tokens = self.step.decode([s.tokens[-1] for s in seqs], [len(s.tokens) - 1 for s in seqs],
+                                          [s.row for s in seqs], [s.slot for s in seqs], self._grammar_bitmask(seqs))
+        top_n = self.step.top_logprobs
+        return _to_host(tokens, token_logprobs(logits, tokens, top_n) if top_n is not None else None)
 
-    def _batch(self, size: int, kv_length: int, with_lora: bool) -> ForwardBatch:
-        inputs = self._inputs[:, :size]
-        return ForwardBatch(tokens=inputs[_TOKENS, :, None], positions=inputs[_POSITIONS, :, None],
-                            cache_rows=inputs[_ROWS], token_slots=inputs[_SLOTS] if with_lora else None,
-                            prefill=False, kv_length=kv_length)
+    def last_position_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.logits(self.model(batch, self.cache)[:, -1])
+
+    # ---------------------------------------------------------------- parts
+
+    def _begin(self, seqs: list[Sequence]) -> None:
+        """Before a sequence's first prompt token goes in: its slot write is waited for, and its
+        row's seen-token table holds its prompt."""
+        AdapterSlots.wait_for_writes(s.adapter for s in seqs)
+        for seq in seqs:
+            self.seen[seq.row].zero_()
+            self.seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
+
+    def _prompt_forward(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
+        lengths = [len(s.tokens) for s in seqs]
+        width = max(lengths)
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, : lengths[i]] = torch.tensor(s.tokens)
+        slots = [s.slot for s in seqs]
+        batch = ForwardBatch(
+            tokens=tokens.to(self.device),
+            positions=torch.arange(width, device=self.device).expand(len(seqs), width),
+            cache_rows=torch.tensor([s.row for s in seqs], device=self.device),
+            token_slots=torch.tensor(slots, device=self.device).repeat_interleave(width) if any(slots) else None,
+            prefill=True,
+            kv_length=width,
+        )
+        return self.model(batch, self.cache), lengths
+
+    def _sample_first(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
+        """Each prefilled sequence's first token from its row of logits, by the same sample() the
+        decode step runs on its static buffers."""
+        sampling = SamplingBatch.build([s.request.sampling for s in seqs], [s.seed for s in seqs],
+                                       [len(s.generated) for s in seqs], self.model.spec.vocab_size, self.device)
+        rows = torch.tensor([s.row for s in seqs], device=self.device)
+        bitmask = self._grammar_bitmask(seqs)
+        allowed = None if bitmask is None else allowed_tokens(bitmask.to(self.device, non_blocking=True),
+                                                              self.model.spec.vocab_size)
+        tokens = sample(logits, sampling, self.seen[rows] if sampling.flags.use_penalty else None, allowed)
+        self.seen[rows, tokens] = True
+        top_n = sampling.top_logprobs
+        return _to_host(tokens, token_logprobs(logits, tokens, top_n) if top_n is not None else None)
+
+    def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Host int32 [len(seqs), words]: the tokens each sequence's grammar allows next (all on
+        free rows); None when no sequence has a grammar."""
+        if all(s.matcher is None for s in seqs):
+            return None
+        bitmask = self._bitmask[: len(seqs)]
+        bitmask.fill_(-1)
+        for i, seq in enumerate(seqs):
+            if seq.matcher is not None:
+                seq.matcher.fill_bitmask(self._bitmask, i)
+        return bitmask
+
+    def _compiled_decode(self) -> Callable[[ForwardBatch], torch.Tensor]:
+        """torch.compile of the decode forward, warmed up on every variant a step can hit, so no
+        request waits for a compile: with and without adapters, for one row and for several (the
+        batch size and KV length stay symbolic; torch specializes a size of 1). Warm-up writes
+        into free KV rows, whose contents are never read before being overwritten."""
+        # The cache's shapes are fixed for the engine's life; static, they cannot be mistaken
+        # for (and guarded equal to) the batch size.
+        torch._dynamo.mark_static(self.cache.keys)
+        torch._dynamo.mark_static(self.cache.values)
+        compiled = torch.compile(self.last_position_logits, dynamic=True)
+        sizes = [1] + ([3] if self.cache.rows >= 3 else [2] if self.cache.rows == 2 else [])
+        if self.cache.rows > TRITON_GEMV_MAX_TOKENS:  # the Triton NF4 path switches kernels above it
+            sizes.append(self.cache.rows)
+        with torch.inference_mode(), _explain_compile_failure():
+            for rows in sizes:
+                for slots in (None, torch.zeros(rows, dtype=torch.long, device=self.device)):
+                    kv_length = min(7, self.config.max_seq_len)  # unlike the sizes, so not guarded equal to one
+                    compiled(ForwardBatch(
+                        tokens=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+                        positions=torch.full((rows, 1), kv_length - 1, device=self.device),
+                        cache_rows=torch.arange(rows, device=self.device), token_slots=slots,
+                        prefill=False, kv_length=kv_length))
+        return compiled
+
+
+def _to_host(tokens: torch.Tensor, logprobs: tuple[torch.Tensor, ...] | None) -> Sampled:
+    """The step's one host sync."""
+    if logprobs is None:
+        return Sampled(tokens.tolist())
+    chosen, top_ids, top_values = (t.tolist() for t in logprobs)
+    return Sampled(tokens.tolist(), (chosen, top_ids, top_values))
+
+
+@contextlib.contextmanager
+def _explain_compile_failure():
+    try:
+        yield
+    except Exception as exc:  # inductor's errors run to pages; lead with the cause it caught
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RuntimeError(f"EngineConfig(compile=True) could not compile the decode step: {type(exc).__name__}: "
+                           f"{cause[:500]} (serve without --compile to run it eagerly)") from exc

@@ -1,109 +1,133 @@
-"""Which waiting requests join the batch at each step, and the state the engine keeps per request
-and per adapter.
+"""Which requests run at each step: the scheduler owns the waiting, prefilling and running queues,
+the KV rows and adapter slots its admissions take, and what a finished request gives back.
 
 Admission is round robin across adapters (the base model being one), S-LoRA style: each adapter's
 requests in arrival order, the adapter admitted least recently first, so a flood on one adapter
 delays another's request by at most one of its own. It stops at the batch size, the free KV rows
 and the prefill token budget (a prompt longer than prefill_chunk_tokens is admitted to be
-prefilled chunk by chunk instead). Adapter slots are handed out here too, through the engine's
-make_resident; see Scheduler.admit for what happens when every slot is held.
+prefilled chunk by chunk instead). Adapter slots are handed out here too (server/engine/slots.py);
+see Scheduler.schedule for what happens when every slot is held.
+
+Locking: `waiting` is shared with the threads that submit requests and is guarded by the engine's
+lock (methods marked "holds the lock" expect the caller to hold it, the others take it);
+`prefilling` and `running` belong to the engine thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable, Iterator
 
 from ..config import EngineConfig
-from ..lora.host_tier import SlotImage
-from ..lora.peft_files import AdapterWeights
-from .requests import Request, RequestHandle
-from .structured import TokenMatcher
+from ..errors import ResourceExhausted
+from ..model.kv_cache import KVCache
+from .requests import FinishReason
+from .sequence import Sequence
+from .slots import AdapterSlots, LoadedAdapter
 
-
-@dataclass(eq=False)
-class LoadedAdapter:
-    """A registered adapter: its packed host image always, a device slot while resident (slot > 0).
-    weights keeps the adapter's description (rank, modules, hash); its tensors live in image."""
-
-    name: str
-    weights: AdapterWeights
-    image: SlotImage
-    slot: int = 0
-    ready: object = None  # the CUDA event of a slot write not yet waited on by a step
-    refs: int = 0    # queued + running requests; keeps the entry alive after it is retired
-    active: int = 0  # running requests; a slot with active > 0 is never evicted
-    last_used: float = 0.0
-    retired: bool = False  # unloaded or replaced: no new requests; dropped when refs reaches 0
-
-
-@dataclass(eq=False)
-class Sequence:
-    request: Request
-    handle: RequestHandle
-    adapter: LoadedAdapter | None
-    stop_ids: frozenset[int]
-    seed: int  # of its sampling noise (server/model/sampling.py)
-    matcher: TokenMatcher | None = None  # the request's place in its grammar
-    tokens: list[int] = field(default_factory=list)  # prompt + generated
-    generated: list[int] = field(default_factory=list)
-    row: int = -1
-    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
-    submitted: float = field(default_factory=time.monotonic)
-    missed: bool = False  # its adapter had no slot when it was first up for admission
-
-    @property
-    def slot(self) -> int:
-        return self.adapter.slot if self.adapter else 0
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Admission:
     whole: list[Sequence] = field(default_factory=list)  # prefilled together now
     chunked: list[Sequence] = field(default_factory=list)  # prefilled a chunk per step from now
+    failed: list[tuple[Sequence, BaseException]] = field(default_factory=list)  # their adapter's slot write failed
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, cache: KVCache, slots: AdapterSlots, lock: threading.Condition):
         self.config = config
+        self.cache = cache
+        self.slots = slots
+        self._lock = lock
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()  # admitted, prompt going in chunk by chunk
+        self.running: list[Sequence] = []
         self._last_admitted: dict[str | None, int] = {}  # adapter name (None: base) -> admission number
         self._admissions = itertools.count()
         self._slot_victim: LoadedAdapter | None = None
 
-    def order(self, pending: Iterable[Sequence]) -> list[Sequence]:
-        """The waiting sequences, one per adapter in turn; the adapter admitted least recently
-        goes first, so turns carry over from one step to the next."""
-        queues: dict[str | None, deque[Sequence]] = {}
-        for seq in pending:
-            queues.setdefault(_queue_key(seq), deque()).append(seq)
-        keys = sorted(queues, key=lambda k: self._last_admitted.get(k, -1))  # stable: ties keep arrival order
-        order = []
-        while keys:
-            for key in list(keys):
-                order.append(queues[key].popleft())
-                if not queues[key]:
-                    keys.remove(key)
-        return order
+    # ---------------------------------------------------------------- the queues
 
-    def admit(self, candidates: list[Sequence], running: list[Sequence], prefilling: Iterable[Sequence],
-              free_rows: int, resident: Iterable[LoadedAdapter], make_resident: Callable[[LoadedAdapter], bool],
-              take: Callable[[Sequence], bool]) -> Admission:
-        """Admit `candidates` (in order()'s order) while the batch, the KV rows and the prefill
-        budget allow. take(seq) moves a sequence out of the queue (False: it was cancelled).
+    def add(self, seq: Sequence) -> None:  # holds the lock
+        """Queue a sequence, within the queue limits; it holds its adapter from now on."""
+        if len(self.waiting) >= self.config.max_queue:
+            raise ResourceExhausted(f"request queue is full ({self.config.max_queue} waiting)")
+        adapter = seq.adapter
+        waiting = sum(1 for s in self.waiting if s.adapter is adapter)
+        if waiting >= self.config.queue_per_adapter:
+            raise ResourceExhausted(f"{'adapter ' + repr(adapter.name) if adapter else 'the base model'} already has "
+                                    f"{waiting} requests waiting (max_queue_per_adapter)")
+        if adapter is not None:
+            adapter.refs += 1
+            adapter.last_used = time.time()
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:  # holds the lock
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def in_flight(self) -> list[Sequence]:
+        with self._lock:
+            return [*self.waiting, *self.prefilling, *self.running]
+
+    def stopped(self, now: float) -> list[tuple[Sequence, FinishReason]]:
+        """The sequences cancelled or past their deadline, wherever they are."""
+        return [(s, reason) for s in self.in_flight() if (reason := _stop_reason(s, now))]
+
+    def start(self, seqs: list[Sequence]) -> None:
+        """Their prompts are in the cache: they decode from the next step."""
+        for seq in seqs:
+            if seq in self.prefilling:
+                self.prefilling.remove(seq)
+            self.running.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Out of every queue; its KV row and its hold on its adapter go back."""
+        with self._lock:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        if seq.row >= 0:
+            self.cache.release_row(seq.row)
+            seq.row = -1
+            if seq.adapter is not None:
+                seq.adapter.active -= 1
+        self.slots.release(seq.adapter)
+
+    def forget(self, adapter_name: str) -> None:
+        """An adapter gone for good loses its admission turn."""
+        self._last_admitted.pop(adapter_name, None)
+
+    # ---------------------------------------------------------------- admission
+
+    def schedule(self) -> Admission:
+        """Admit waiting sequences, in order()'s order, while the batch, the KV rows and the
+        prefill budget allow: the admitted ones leave `waiting` with a KV row each.
 
         A request whose adapter has no slot takes a free one or evicts the least recently used
-        adapter that no running request holds (make_resident). When every slot is held, it waits
-        and requests behind it on resident adapters go ahead — except on one adapter, the victim
-        (the one whose running requests finish soonest): nobody new is admitted on it, so its slot
-        frees within that many decode steps and the waiting request gets it. A cold adapter
-        therefore waits at most about max_new_tokens steps, however steady the traffic on warm
-        ones. Later cold requests wait behind the first, so slots are handed out in admission order.
+        adapter that no running request holds. When every slot is held, it waits and requests
+        behind it on resident adapters go ahead — except on one adapter, the victim (the one whose
+        running requests finish soonest): nobody new is admitted on it, so its slot frees within
+        that many decode steps and the waiting request gets it. A cold adapter therefore waits at
+        most about max_new_tokens steps, however steady the traffic on warm ones. Later cold
+        requests wait behind the first, so slots are handed out in admission order.
         """
+        with self._lock:
+            candidates = self.order(self.waiting)
+            resident = self.slots.resident()  # a copy: unload_adapter may change the registry meanwhile
         admission = Admission()
-        busy = len(running) + len(list(prefilling))
+        busy = len(self.running) + len(self.prefilling)
+        free_rows = self.cache.free_rows
         waiting_for_slot = False
         chunk = self.config.prefill_chunk_tokens
         for seq in candidates:
@@ -117,30 +141,97 @@ class Scheduler:
             adapter = seq.adapter
             if adapter is not None and adapter.slot == 0:
                 seq.missed = True
-                if waiting_for_slot or not make_resident(adapter):
+                if waiting_for_slot or not self._make_resident(adapter, admission):
                     if not waiting_for_slot and self._slot_victim is None:
-                        self._slot_victim = _soonest_to_finish(running, resident)
+                        self._slot_victim = _soonest_to_finish(self.running, resident)
                     waiting_for_slot = True
                     continue
                 if not waiting_for_slot:
                     self._slot_victim = None
             elif adapter is not None and adapter is self._slot_victim:
                 continue
-            if not take(seq):
+            if not self._take(seq):
                 continue
-            self._last_admitted[_queue_key(seq)] = next(self._admissions)
+            self._last_admitted[seq.queue_key] = next(self._admissions)
             (admission.chunked if chunked else admission.whole).append(seq)
         if not waiting_for_slot:
             self._slot_victim = None
+        self.prefilling.extend(admission.chunked)
         return admission
 
-    def forget(self, adapter_name: str) -> None:
-        """An adapter gone for good loses its admission turn."""
-        self._last_admitted.pop(adapter_name, None)
+    def order(self, pending: Iterable[Sequence]) -> list[Sequence]:
+        """The waiting sequences, one per adapter in turn; the adapter admitted least recently
+        goes first, so turns carry over from one step to the next."""
+        queues: dict[str | None, deque[Sequence]] = {}
+        for seq in pending:
+            queues.setdefault(seq.queue_key, deque()).append(seq)
+        keys = sorted(queues, key=lambda k: self._last_admitted.get(k, -1))  # stable: ties keep arrival order
+        order = []
+        while keys:
+            for key in list(keys):
+                order.append(queues[key].popleft())
+                if not queues[key]:
+                    keys.remove(key)
+        return order
+
+    @contextlib.contextmanager
+    def reserved(self, seqs: list[Sequence]) -> Iterator[None]:
+        """KV rows and adapter slots for sequences computed outside the queues (scoring), given back after."""
+        if len(seqs) > self.cache.free_rows:
+            raise ResourceExhausted(f"scoring {len(seqs)} prompts needs as many free KV rows ({self.cache.free_rows} free)")
+        adapters = list({id(s.adapter): s.adapter for s in seqs if s.adapter}.values())
+        pinned = []
+        try:
+            for adapter in adapters:
+                if not self.slots.make_resident(adapter, evict=True):
+                    raise ResourceExhausted(f"scoring needs {len(adapters)} adapters in slots at once; "
+                                            f"{len(pinned)} of {self.config.max_adapters} slots could be had")
+                adapter.active += 1
+                pinned.append(adapter)
+            for s in seqs:
+                s.row = self.cache.allocate_row()
+            yield
+        finally:
+            for adapter in pinned:
+                adapter.active -= 1
+            for s in seqs:
+                if s.row >= 0:
+                    self.cache.release_row(s.row)
+                    s.row = -1
+
+    def _make_resident(self, adapter: LoadedAdapter, admission: Admission) -> bool:
+        """slots.make_resident, evicting if need be. A slot write that fails (a device error) fails
+        the requests waiting on that adapter, not the engine thread."""
+        try:
+            return self.slots.make_resident(adapter, evict=True)
+        except Exception as exc:
+            log.exception("writing adapter %s into a slot failed; failing the requests waiting for it", adapter.name)
+            with self._lock:
+                self.slots.evict(adapter)
+                failed = [s for s in self.waiting if s.adapter is adapter]
+                for seq in failed:
+                    self.waiting.remove(seq)
+            admission.failed += [(seq, exc) for seq in failed]
+            return False
+
+    def _take(self, seq: Sequence) -> bool:
+        """Move an admitted sequence from the queue onto a KV row; False if it was cancelled."""
+        with self._lock:
+            if seq.handle.cancelled.is_set() or seq not in self.waiting:
+                return False
+            self.waiting.remove(seq)
+        seq.row = self.cache.allocate_row()
+        if seq.adapter is not None:
+            seq.adapter.active += 1
+        return True
 
 
-def _queue_key(seq: Sequence) -> str | None:
-    return seq.adapter.name if seq.adapter else None
+def _stop_reason(seq: Sequence, now: float) -> FinishReason | None:
+    if seq.handle.cancelled.is_set():
+        return FinishReason.CANCELLED
+    if seq.request.deadline is not None and now > seq.request.deadline:
+        return FinishReason.DEADLINE
+    return None
 
 
 def _soonest_to_finish(running: list[Sequence], resident: Iterable[LoadedAdapter]) -> LoadedAdapter | None:
@@ -148,7 +239,6 @@ def _soonest_to_finish(running: list[Sequence], resident: Iterable[LoadedAdapter
     remaining: dict[int, int] = {}
     for s in running:
         if s.adapter is not None:
-            left = s.request.sampling.max_new_tokens - len(s.generated)
-            remaining[id(s.adapter)] = max(remaining.get(id(s.adapter), 0), left)
+            remaining[id(s.adapter)] = max(remaining.get(id(s.adapter), 0), s.remaining())
     held = [e for e in resident if id(e) in remaining]
     return min(held, key=lambda e: remaining[id(e)], default=None)

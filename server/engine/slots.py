@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
 
 import torch
 
@@ -24,7 +24,22 @@ from ..lora.host_tier import SlotImage, SlotWriter
 from ..lora.layers import LoRAPool
 from ..lora.peft_files import AdapterWeights
 from .requests import AdapterInfo
-from .scheduler import LoadedAdapter, Sequence
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """A registered adapter: its packed host image always, a device slot while resident (slot > 0).
+    weights keeps the adapter's description (rank, modules, hash); its tensors live in image."""
+
+    name: str
+    weights: AdapterWeights
+    image: SlotImage
+    slot: int = 0
+    ready: object = None  # the CUDA event of a slot write not yet waited on by a step
+    refs: int = 0    # queued + running requests; keeps the entry alive after it is retired
+    active: int = 0  # running requests; a slot with active > 0 is never evicted
+    last_used: float = 0.0
+    retired: bool = False  # unloaded or replaced: no new requests; dropped when refs reaches 0
 
 
 class AdapterSlots:
@@ -114,12 +129,12 @@ class AdapterSlots:
             entry.slot = 0
 
     @staticmethod
-    def wait_for_writes(seqs: list[Sequence]) -> None:
+    def wait_for_writes(adapters: Iterable[LoadedAdapter | None]) -> None:
         """Make this step's kernels wait for the slot writes of the adapters it uses (never the host)."""
-        for seq in seqs:
-            if seq.adapter is not None and seq.adapter.ready is not None:
-                torch.cuda.current_stream().wait_event(seq.adapter.ready)
-                seq.adapter.ready = None
+        for adapter in adapters:
+            if adapter is not None and adapter.ready is not None:
+                torch.cuda.current_stream().wait_event(adapter.ready)
+                adapter.ready = None
 
     def _retire(self, entry: LoadedAdapter) -> None:  # holds the lock
         entry.retired = True

@@ -5,7 +5,7 @@ sequence returns its row, a new one takes it. Rows hold stale keys past a sequen
 attention masks them, and prefill/decode overwrite them before they are ever read.
 
 One more row than `rows` is allocated and never handed out: the scratch row, where the padding
-rows of a fixed-shape decode step (server/engine/runner.py) write their keys, so padding never touches a
+rows of a fixed-shape decode step (server/engine/decode_step.py) write their keys, so padding never touches a
 sequence's cache.
 """
 

@@ -65,7 +65,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SamplingFlags:
-    """Which parts of sample() a batch needs. A captured step fixes them (server/engine/runner.py's
+    """Which parts of sample() a batch needs. A captured step fixes them (server/engine/decode_step.py's
     variants); an eager one takes them from its requests."""
 
     all_greedy: bool = True

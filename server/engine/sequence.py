@@ -1,0 +1,41 @@
+"""A request as the engine runs it: its tokens so far, where its keys live, its adapter, where it
+is in its grammar. The scheduler moves it between queues, the runner computes on it, the engine
+hands its tokens to the caller's handle."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .requests import Request, RequestHandle
+from .slots import LoadedAdapter
+from .structured import TokenMatcher
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    handle: RequestHandle
+    adapter: LoadedAdapter | None
+    stop_ids: frozenset[int]
+    seed: int | None  # of its sampling noise (server/model/sampling.py); None: never sampled (scoring)
+    matcher: TokenMatcher | None = None  # the request's place in its grammar
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    generated: list[int] = field(default_factory=list)
+    row: int = -1  # its KV cache row while admitted
+    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
+    submitted: float = field(default_factory=time.monotonic)
+    missed: bool = False  # its adapter had no slot when it was first up for admission
+
+    @property
+    def slot(self) -> int:
+        return self.adapter.slot if self.adapter else 0
+
+    @property
+    def queue_key(self) -> str | None:
+        """Whose turn it waits for: its adapter's name, None for the base model."""
+        return self.adapter.name if self.adapter else None
+
+    def remaining(self) -> int:
+        """Tokens it may still generate."""
+        return self.request.sampling.max_new_tokens - len(self.generated)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.engine_bench import machine  # noqa: E402
 from bench.results import record  # noqa: E402
 from server.adapters.manager import AdapterManager  # noqa: E402
+from server.adapters.versions import AdapterRef  # noqa: E402
 from server.config import AdapterConfig, EngineConfig  # noqa: E402
 from server.engine.engine import Engine, Request, SamplingParams  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
@@ -71,7 +72,7 @@ def run_case(manager: AdapterManager, names: list[str], requests: int, concurren
 
     def one(i: int) -> float:
         started = time.perf_counter()
-        handle, _ = manager.submit(names[i % len(names)], Request(prompt, sampling=sampling))
+        handle, _ = manager.submit(AdapterRef(names[i % len(names)]), Request(prompt, sampling=sampling))
         tokens = iter(handle)
         next(tokens)
         first = time.perf_counter() - started
@@ -91,7 +92,7 @@ def hot_load_p50(manager: AdapterManager, engine: Engine, names: list[str]) -> f
     seconds = []
     for name in names:
         started = time.perf_counter()
-        manager.load(name)
+        manager.load(AdapterRef(name))
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - started)
@@ -136,7 +137,7 @@ def main() -> None:
     engine = Engine.from_pretrained(model_dir, config)
     writes: list[float] = []
     engine.observe_slot_write = writes.append
-    manager = AdapterManager(engine, AdapterConfig(store=store.root, cpu_cache_size=2 * args.slots), Metrics(),
+    manager = AdapterManager(engine, AdapterConfig(store=store.root, host_cache_size=2 * args.slots), Metrics(),
                              base_fingerprint(model_dir))
     prompt = torch.randint(10, engine.spec.vocab_size - 1, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     try:

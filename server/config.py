@@ -111,7 +111,7 @@ class AdapterConfig:
 
     store: the adapter store directory (see server.adapters.store); None serves only path-loaded adapters.
     poll_interval_s: how often the store's `current` pointers are checked for new versions.
-    cpu_cache_size: validated adapter versions held in host memory (those in device slots
+    host_cache_size: validated adapter versions held in host memory (those in device slots
       included); idle ones beyond it are dropped least-recently-used and read again from their
       source when next used.
     host_cache_bytes: the same, bounded by the bytes their packed images take (pinned memory on
@@ -123,14 +123,14 @@ class AdapterConfig:
 
     store: Path | None = None
     poll_interval_s: float = 2.0
-    cpu_cache_size: int = 32
+    host_cache_size: int = 32
     host_cache_bytes: int | None = None
     allowed_paths: tuple[Path, ...] = ()
     load_workers: int = 2
 
     def __post_init__(self) -> None:
-        if self.cpu_cache_size < 1 or self.poll_interval_s <= 0 or self.load_workers < 1:
-            raise ValueError("AdapterConfig: cpu_cache_size and load_workers must be >= 1 and poll_interval_s > 0")
+        if self.host_cache_size < 1 or self.poll_interval_s <= 0 or self.load_workers < 1:
+            raise ValueError("AdapterConfig: host_cache_size and load_workers must be >= 1 and poll_interval_s > 0")
         if self.host_cache_bytes is not None and self.host_cache_bytes < 1:
             raise ValueError("AdapterConfig: host_cache_bytes must be >= 1")
 

@@ -61,6 +61,7 @@ def test_the_image_costs_what_its_tensors_take():
 
 def test_host_tier_is_bounded_by_bytes(llama_dir, peft_adapters, cheese_and_wine_store):
     from server.adapters.manager import AdapterManager
+    from server.adapters.versions import AdapterRef
     from server.metrics import Metrics
 
     engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=32, max_adapters=1, max_rank=16))
@@ -69,8 +70,8 @@ def test_host_tier_is_bounded_by_bytes(llama_dir, peft_adapters, cheese_and_wine
         one = SlotImage.pack(wine, engine.model.lora_pools(), engine.dtype, pin=False).nbytes
         config = AdapterConfig(store=cheese_and_wine_store.root, host_cache_bytes=one + 1)  # wine alone, or cheese alone
         manager = AdapterManager(engine, config, Metrics(), None)
-        manager.load("cheese")
-        manager.load("wine")
+        manager.load(AdapterRef("cheese"))
+        manager.load(AdapterRef("wine"))
         tiers = {s.version.name: s.tier for s in manager.list()}
         assert tiers == {"cheese": "store", "wine": "device"} or tiers == {"cheese": "store", "wine": "host"}, tiers
         manager.close()

@@ -27,10 +27,10 @@ from tests.helpers import RunningServer, make_peft_adapter, wait_until
 PROMPT = [5, 17, 42, 99, 7, 3]
 
 
-def serve(llama_dir, store_root, tmp_path=None, cpu_cache_size=32, **engine):
+def serve(llama_dir, store_root, tmp_path=None, host_cache_size=32, **engine):
     config = EngineConfig(**{"max_batch_size": 4, "max_seq_len": 160, "max_adapters": 2, "max_rank": 16, **engine})
     allowed = (tmp_path,) if tmp_path else ()
-    adapters = AdapterConfig(store=store_root, poll_interval_s=0.05, allowed_paths=allowed, cpu_cache_size=cpu_cache_size)
+    adapters = AdapterConfig(store=store_root, poll_interval_s=0.05, allowed_paths=allowed, host_cache_size=host_cache_size)
     return RunningServer(ServerConfig(model_dir=llama_dir, engine=config, host="127.0.0.1", port=0, metrics_host="127.0.0.1",
                                       metrics_port=0, adapters=adapters))
 
@@ -344,7 +344,7 @@ def test_a_path_version_dropped_from_memory_is_not_reloaded_from_changed_files(l
     shutil.copytree(peft_adapters["wine"], allowed / "wine")
     shutil.copytree(peft_adapters["bread"], allowed / "bread")
     store = AdapterStore(tmp_path / "store")
-    with serve(llama_dir, store.root, tmp_path=allowed, cpu_cache_size=1) as server, server.channel() as channel:
+    with serve(llama_dir, store.root, tmp_path=allowed, host_cache_size=1) as server, server.channel() as channel:
         generation, admin = generation_pb2_grpc.GenerationStub(channel), adapters_pb2_grpc.AdaptersStub(channel)
         wine = admin.LoadAdapter(apb.LoadAdapterRequest(name="wine", path=str(allowed / "wine"))).adapter
         admin.LoadAdapter(apb.LoadAdapterRequest(name="bread", path=str(allowed / "bread")))  # drops wine from memory

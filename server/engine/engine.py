@@ -122,6 +122,11 @@ class Engine:
         """New requests can no longer use `name`; queued and running ones finish on it."""
         self.slots.unregister(name)
 
+    def has_adapter(self, name: str) -> bool:
+        """Whether `name` is registered: new requests can use it."""
+        with self._lock:
+            return self.slots.get(name) is not None
+
     def adapters(self) -> list[AdapterInfo]:
         return self.slots.infos()
 
@@ -129,7 +134,7 @@ class Engine:
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request. With `loop`, the handle is iterated with `async for` on that loop."""
-        self._validate(request)
+        self.check(request)
         return self._enqueue(request, loop)
 
     def submit_async(self, request: Request) -> RequestHandle:
@@ -140,11 +145,14 @@ class Engine:
         """Run requests together (they share decode steps) and wait for all of them. All are
         checked before any is queued, so one bad request leaves nothing running."""
         for request in requests:
-            self._validate(request)
+            self.check(request)
         handles = [self._enqueue(r, None) for r in requests]
         return [h.result() for h in handles]
 
-    def _validate(self, request: Request) -> None:
+    def check(self, request: Request) -> None:
+        """InvalidRequest unless the engine can run `request`: its sampling parameters, token ids
+        in the vocabulary, prompt + max_new_tokens within max_seq_len. (Whether its adapter is
+        loaded is known only when it is queued.)"""
         request.sampling.validate()
         ids = request.prompt_ids
         if not ids:
@@ -159,7 +167,7 @@ class Engine:
             )
 
     def _enqueue(self, request: Request, loop) -> RequestHandle:
-        """Queue a request that _validate has passed."""
+        """Queue a request that check() has passed."""
         request_id = request.request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(request_id, loop)
         sampling = request.sampling
@@ -189,7 +197,7 @@ class Engine:
         """Logits [len(prompt), vocab] for every position of every prompt, computed as one mixed
         batch (each row with its own adapter) — the same forward that prefill uses."""
         for request in requests:
-            self._validate(request)
+            self.check(request)
         return self._call_on_engine_thread(lambda: self._score(requests))
 
     def _score(self, requests: list[Request]) -> list[torch.Tensor]:

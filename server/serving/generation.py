@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
-from ..adapters.manager import AdapterManager, AdapterVersion
+from ..adapters.manager import AdapterManager
+from ..adapters.versions import AdapterRef, AdapterVersion
 from ..config import RequestLimits
 from ..engine.engine import Engine, FinishReason, Output, Request, TokenLogprob
 from ..engine.structured import GrammarCompiler, OutputFormat
@@ -115,17 +116,18 @@ class Generations:
         call = _Call(protocol)
         try:
             loaded = self.ready()
-            adapter = "" if request.adapter == loaded.model_name else request.adapter
-            call.label = UNRESOLVED if adapter else "base"
+            ref = None if request.adapter in ("", loaded.model_name) else AdapterRef.parse(request.adapter)
+            call.label = UNRESOLVED if ref else "base"
             self._check_size(request)  # cheap limits first; then the real work off the event loop
-            prompt_ids, adapter = await self._prompt(loaded, request, adapter)
+            prompt_ids, ref = await self._prompt(loaded, request, ref)
             grammar = None
             if request.output_format is not None:
                 grammar = await asyncio.to_thread(loaded.grammars.compile, request.output_format)
             engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(loaded.engine, request, len(prompt_ids)),
                                      deadline=request.deadline, request_id=request.request_id, grammar=grammar)
+            loaded.engine.check(engine_request)  # the engine's own checks, before any adapter is loaded for it
             decoder = loaded.codec.decoder(prompt_ids, list(request.stop))
-            handle, version = await _submit(loaded.manager, adapter, engine_request)
+            handle, version = await _submit(loaded.manager, ref, engine_request)
             call.label = self.metrics.adapter_label(version.name if version else None)
             pending: list[int] = []
             text, done = "", 0  # done: tokens already sent in pieces
@@ -218,15 +220,17 @@ class Generations:
         if size > limits.max_prompt_bytes:
             raise InvalidRequest(f"prompt: {size} bytes; the limit is {limits.max_prompt_bytes} (--max-prompt-bytes)")
 
-    async def _prompt(self, loaded: LoadedModel, request: GenerationInput, adapter: str) -> tuple[list[int], str]:
-        """The prompt's token ids, and the adapter reference to submit on. An adapter's chat is
-        rendered with the template it was trained with, so the request is pinned to the version
-        whose template rendered it."""
-        if request.messages is None or not adapter:
-            return await asyncio.to_thread(self._prompt_ids, loaded.codec, request, None), adapter
-        version = await _resolve(loaded.manager, adapter)
+    async def _prompt(self, loaded: LoadedModel, request: GenerationInput,
+                      ref: AdapterRef | None) -> tuple[list[int], AdapterRef | None]:
+        """The prompt's token ids, and the adapter to submit on. An adapter's chat is rendered with
+        the template it was trained with, so the request is pinned to the version whose template
+        rendered it."""
+        if request.messages is None or ref is None:
+            return await asyncio.to_thread(self._prompt_ids, loaded.codec, request, None), ref
+        version = await _resolve(loaded.manager, ref)
         template = version.chat_template_for(loaded.codec.tokenizer.chat_template)
-        return await asyncio.to_thread(self._prompt_ids, loaded.codec, request, template), version.key
+        return (await asyncio.to_thread(self._prompt_ids, loaded.codec, request, template),
+                AdapterRef(version.name, version.version))
 
     @staticmethod
     def _prompt_ids(codec: TextCodec, request: GenerationInput, chat_template: str | None) -> list[int]:
@@ -235,26 +239,21 @@ class Generations:
         if request.messages is not None:
             return codec.encode_chat(list(request.messages), chat_template)
         if request.prompt_token_ids is not None:
-            if not request.prompt_token_ids:
+            if not request.prompt_token_ids:  # the field the caller sent, named as the other two are (text.py)
                 raise InvalidRequest("prompt_token_ids is empty")
             return list(request.prompt_token_ids)
         raise InvalidRequest("one of prompt, messages or prompt_token_ids must be set")
 
     def _sampling(self, engine: Engine, request: GenerationInput, prompt_len: int) -> SamplingParams:
-        room = engine.config.max_seq_len - prompt_len
-        if request.max_new_tokens is not None:
-            max_new_tokens = request.max_new_tokens
-        elif room < 1:
-            raise InvalidRequest(f"prompt ({prompt_len} tokens) does not fit the context (max_seq_len "
-                                 f"{engine.config.max_seq_len}) with room for one new token")
-        else:
-            max_new_tokens = min(self.default_max_new_tokens, room)
-        params = replace(request.sampling, max_new_tokens=max_new_tokens)
-        params.validate()
-        return params
+        """The request's sampling with its max_new_tokens: its own, else the server's default cut
+        to the room the context leaves (at least 1: a prompt with no room is the engine's to refuse)."""
+        max_new_tokens = request.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = max(1, min(self.default_max_new_tokens, engine.config.max_seq_len - prompt_len))
+        return replace(request.sampling, max_new_tokens=max_new_tokens)
 
 
-async def _resolve(manager: AdapterManager, ref: str):
+async def _resolve(manager: AdapterManager, ref: AdapterRef) -> AdapterVersion:
     """manager.resolve: at once for a version in memory, else on the adapter loader's threads."""
     ready = manager.resolve_if_ready(ref)
     if ready is not None:
@@ -262,7 +261,7 @@ async def _resolve(manager: AdapterManager, ref: str):
     return await asyncio.get_running_loop().run_in_executor(manager.loader, manager.resolve, ref)
 
 
-async def _submit(manager: AdapterManager, ref: str, request: Request):
+async def _submit(manager: AdapterManager, ref: AdapterRef | None, request: Request):
     """manager.submit on the adapter loader's threads when it must load a cold version. If the
     caller is cancelled meanwhile (the client went away), the request it was submitting is
     cancelled as soon as the submit returns: nobody would read it."""

@@ -18,7 +18,8 @@ import grpc
 
 from protos.hotlora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
-from ..adapters.manager import AdapterManager, AdapterStatus, AdapterVersion
+from ..adapters.manager import AdapterManager
+from ..adapters.versions import AdapterRef, AdapterStatus, AdapterVersion
 from ..engine.engine import Output, TokenLogprob
 from ..engine.structured import OutputFormat
 from ..errors import HotloraError, InvalidRequest, Unauthenticated
@@ -203,20 +204,21 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
 
     async def LoadAdapter(self, request, context):
         def load(manager: AdapterManager):
+            ref = AdapterRef.of(request.name, request.version or None)
             if request.path:
-                loaded = manager.load_path(request.name, request.path)
-            elif request.version:
-                loaded = manager.pin(request.name, request.version)
+                loaded = manager.load_path(ref, request.path)
+            elif ref.version:
+                loaded = manager.pin(ref)
             else:
-                loaded = manager.load(request.name)
-            return manager.get(loaded.key)
+                loaded = manager.load(ref)
+            return manager.get(AdapterRef(loaded.name, loaded.version))
 
         status = await self._admin(context, request, load, loads=True)
         if status is not None:
             return adapters_pb2.LoadAdapterResponse(adapter=_adapter_message(status))
 
     async def UnloadAdapter(self, request, context):
-        if await self._admin(context, request, lambda manager: manager.unload(request.name) or True):
+        if await self._admin(context, request, lambda manager: manager.unload(AdapterRef.of(request.name)) or True):
             return adapters_pb2.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):
@@ -225,7 +227,7 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_message(s) for s in rows])
 
     async def GetAdapter(self, request, context):
-        status = await self._admin(context, request, lambda manager: manager.get(request.adapter))
+        status = await self._admin(context, request, lambda manager: manager.get(AdapterRef.parse(request.adapter)))
         if status is not None:
             return _adapter_message(status)
 

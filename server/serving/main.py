@@ -153,13 +153,13 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         description="Serve one NF4 base model with per-request LoRA adapters over gRPC.",
         epilog="`hotlora-server make-model DIR --preset tiny|small|1b` writes a random-weight checkpoint to try it on.")
 
-    def flag(name: str, **kwargs):
+    def flag(name: str, *aliases: str, **kwargs):
         env = "HOTLORA_" + name.lstrip("-").replace("-", "_").upper()
         if env in environ:
             kwargs["default"] = environ[env]
             kwargs.pop("required", None)
         kwargs["help"] = f"{kwargs.get('help', '')} [env {env}]".strip()
-        p.add_argument(name, **kwargs)
+        p.add_argument(name, *aliases, **kwargs)
 
     flag("--model", type=Path,
          help="Hugging Face checkpoint directory (config.json + safetensors), or a .gguf file (converted once into "
@@ -191,7 +191,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     flag("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     flag("--default-max-new-tokens", type=int, default=ServerConfig.default_max_new_tokens, help="when a request sets none")
-    flag("--cpu-cache-adapters", type=int, default=AdapterConfig.cpu_cache_size, help="adapter versions kept in host memory")
+    flag("--host-cache-adapters", "--cpu-cache-adapters", type=int, default=AdapterConfig.host_cache_size,
+         help="adapter versions kept in host memory, the host tier (--cpu-cache-adapters: its former name)")
     flag("--host-cache-bytes", type=int,
          help="bytes of (pinned, on CUDA) host memory the adapter versions held there may take (default: no byte limit)")
     flag("--adapter-load-workers", type=int, default=AdapterConfig.load_workers,
@@ -240,7 +241,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               cuda_graphs=not no_cuda_graphs)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages))
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
-                                 cpu_cache_size=num(a.cpu_cache_adapters), host_cache_bytes=num(a.host_cache_bytes),
+                                 host_cache_size=num(a.host_cache_adapters), host_cache_bytes=num(a.host_cache_bytes),
                                  load_workers=num(a.adapter_load_workers),
                                  poll_interval_s=num(a.store_poll_interval, float))
     except ValueError as exc:

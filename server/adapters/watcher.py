@@ -1,0 +1,108 @@
+"""Following the store for the names a server serves: a new `<name>/current` (a publish, or a pin
+on any server) is loaded and made current here; a new `<name>/unload` token (an UnloadAdapter on
+any server) drops the name here. Polled every poll_interval_s on its own thread.
+
+The watcher remembers, per name, the store state it last acted on; the manager tells it what it
+did itself (a first use, a pin, an unload), so a server does not act twice on its own changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from ..errors import AdapterNotFound, HotloraError
+from .store import AdapterStore
+from .versions import AdapterRef
+
+if TYPE_CHECKING:
+    from .manager import AdapterManager
+
+log = logging.getLogger(__name__)
+
+
+class StoreWatcher:
+    def __init__(self, store: AdapterStore, manager: "AdapterManager", poll_interval_s: float):
+        self.store = store
+        self.manager = manager
+        self.poll_interval_s = poll_interval_s
+        self._lock = threading.Lock()
+        self._current_seen: dict[str, str | None] = {}  # name -> store `current` last acted on
+        self._unload_seen: dict[str, str | None] = {}  # name -> store `unload` token last acted on
+        self._refused: dict[str, str] = {}  # name -> store version last refused (logged once)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ what the manager did
+
+    def first_use(self, name: str, current: str | None, unload_token: str | None) -> None:
+        """The name is served from now on: changes after this store state are followed."""
+        with self._lock:
+            self._current_seen.setdefault(name, current)
+            self._unload_seen.setdefault(name, unload_token)
+
+    def pinned(self, name: str, version: str) -> None:
+        with self._lock:
+            self._current_seen[name] = version
+
+    def unloaded(self, name: str, token: str | None) -> None:
+        with self._lock:
+            self._unload_seen[name] = token
+
+    def forget(self, name: str) -> None:
+        """The name is no longer served here."""
+        with self._lock:
+            self._current_seen.pop(name, None)
+            self._unload_seen.pop(name, None)
+
+    # ------------------------------------------------------------------ polling
+
+    def poll(self) -> None:
+        """One look at the store for every name served here."""
+        with self._lock:
+            watched = list(self._current_seen)
+        for name in (n for n in watched if self.manager.serves(n)):
+            try:
+                now, unload_token = self.store.current(name), self.store.unload_token(name)
+            except OSError:
+                continue
+            with self._lock:
+                unloaded_elsewhere = unload_token != self._unload_seen.get(name, unload_token)
+            if unloaded_elsewhere:
+                try:
+                    self.manager.unload_here(name)
+                except AdapterNotFound:
+                    pass
+                continue
+            with self._lock:
+                changed = now is not None and now != self._current_seen.get(name)
+            if not changed:
+                continue
+            try:
+                self.manager.load(AdapterRef(name, now))
+            except HotloraError as exc:
+                if self._refused.get(name) != now:  # once per bad version, not every poll
+                    log.warning("store: %s@%s is not served (%s); %s stays current", name, now, exc,
+                                self.manager.current_version(name))
+                    self._refused[name] = now
+                continue
+            with self._lock:
+                self._current_seen[name] = now
+
+    def start(self) -> None:
+        def watch():
+            while not self._stop.wait(self.poll_interval_s):
+                try:
+                    self.poll()
+                except Exception:
+                    log.exception("store watcher failed; retrying at the next interval")
+
+        if self._thread is None:
+            self._thread = threading.Thread(target=watch, name="hotlora-store-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

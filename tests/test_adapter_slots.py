@@ -69,7 +69,7 @@ def test_idle_adapters_are_evicted_least_recently_used_first(llama_dir, peft_ada
 def test_a_cold_adapter_is_not_starved_by_steady_traffic_on_a_warm_one(llama_dir, peft_adapters, expected):
     """One slot, four rows. A feeder keeps eight 'cheese' requests in flight, more than the rows,
     so some always wait; a 'wine' request must still be served. (Without the victim rule in
-    Scheduler.admit, cheese holds the slot forever and this times out.)"""
+    Scheduler.schedule, cheese holds the slot forever and this times out.)"""
     engine = one_slot_engine(llama_dir, peft_adapters)
     stop = threading.Event()
     in_flight = threading.Semaphore(8)

@@ -4,7 +4,7 @@ For `--minutes` it keeps `--streams` concurrent streams over several adapters (a
 model), publishes a new adapter version every `--publish-every` seconds, cancels a share of
 streams after their first token, and sends a mix of bad requests. At the end it checks:
 every stream finished or was cancelled on purpose, no unexpected status, running requests, queue
-and KV rows back to 0, the server's RSS flat over the second half, every adapter served at the
+and KV blocks back to 0, the server's RSS flat over the second half, every adapter served at the
 store's current version. Last, SIGTERM under load: the running streams finish, a new request
 gets UNAVAILABLE, the server exits 0. It prints one table; `--record` adds it to RESULTS.md.
 

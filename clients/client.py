@@ -58,6 +58,7 @@ def _error(exc: grpc.RpcError) -> HotloraClientError:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def _logprobs(messages) -> list[TokenLogprob]:
 
 
 def _result(response) -> GenerationResult:
-    usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
+    usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.cached_tokens)
     return GenerationResult(response.text, list(response.token_ids), _FINISH.get(response.finish_reason, ""), usage,
                             response.adapter.name, response.adapter.version, response.adapter.content_hash,
                             response.request_id, _logprobs(response.logprobs))
@@ -164,7 +165,7 @@ def _result(response) -> GenerationResult:
 
 def _piece(message) -> StreamPiece:
     last = message.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
-    usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens) if last else None
+    usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens, message.usage.cached_tokens) if last else None
     return StreamPiece(message.text, list(message.token_ids), _FINISH.get(message.finish_reason) if last else None,
                        usage, message.adapter.version, _logprobs(message.logprobs))
 

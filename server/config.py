@@ -26,11 +26,17 @@ class QuantConfig:
 class EngineConfig:
     """Capacity of one engine. Everything here is preallocated at start-up.
 
-    max_batch_size: sequences decoded together (= KV cache rows, unless kv_cache_bytes is smaller).
-    max_seq_len: prompt + generated tokens per sequence.
+    max_batch_size: sequences in flight (decoded together) at most.
+    max_seq_len: prompt + generated tokens per sequence: a per-request limit, not a reservation.
     max_adapters: LoRA slots on the device (slot 0, the base model, comes on top).
     max_rank: largest LoRA rank a slot holds; smaller ranks are zero-padded (exact).
-    kv_cache_bytes: optional memory budget for the KV cache; limits the rows it can hold.
+    kv_cache_bytes: memory for the paged KV cache (server/model/kv_cache.py), in blocks of
+      kv_block_size tokens; sequences take blocks as they grow, so many short ones fit where few
+      max_seq_len ones would. It must hold one max_seq_len sequence. None: max_batch_size
+      sequences of max_seq_len (every row can be full at once; nothing is ever preempted).
+    kv_block_size: tokens per KV cache block.
+    prefix_caching: share the KV blocks of prompt prefixes already computed, per adapter version
+      (server/engine/blocks.py); a request prefills only what follows its longest cached prefix.
     max_queue: requests waiting for admission before submit() refuses with ResourceExhausted.
     max_queue_per_adapter: requests one adapter (or the base model) may have waiting; None = half
       of max_queue, so one adapter's flood always leaves room for the others. Admission takes
@@ -64,6 +70,8 @@ class EngineConfig:
     max_adapters: int = 4
     max_rank: int = 16
     kv_cache_bytes: int | None = None
+    kv_block_size: int = 16
+    prefix_caching: bool = True
     max_queue: int = 256
     max_queue_per_adapter: int | None = None
     max_prefill_tokens: int = 4096
@@ -86,7 +94,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
         if self.max_queue_per_adapter is not None and self.max_queue_per_adapter < 1:
             raise ValueError(f"EngineConfig.max_queue_per_adapter must be >= 1, got {self.max_queue_per_adapter}")
-        for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens"):
+        for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens",
+                      "kv_block_size"):
             if getattr(self, field) < 1:
                 raise ValueError(f"EngineConfig.{field} must be >= 1, got {getattr(self, field)}")
 

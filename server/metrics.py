@@ -16,7 +16,7 @@ import threading
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 UNRESOLVED = "unresolved"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -74,11 +74,12 @@ class Metrics:
         gauges = {
             "hotlora_queue_length": ("Requests waiting for admission.", "queue_length"),
             "hotlora_running_requests": ("Requests being decoded.", "running"),
-            "hotlora_kv_cache_usage_ratio": ("Fraction of KV cache rows in use.", "kv_cache_usage_ratio"),
+            "hotlora_kv_cache_usage_ratio": ("Fraction of the KV cache's blocks in use.", "kv_cache_usage_ratio"),
         }
         for name, (doc, key) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(lambda key=key: stats()[key])
         self.registry.register(_TierCollector(tiers))
+        self.registry.register(_KVCollector(stats))
 
     def describe_engine(self, description: dict[str, str]) -> None:
         """hotlora_engine_info{device, dtype, nf4_path, lora_kernels, compiled, cuda_graphs} 1: how this replica
@@ -110,3 +111,34 @@ class _TierCollector:
         for tier, count in self._tiers().items():
             family.add_metric([tier], count)
         yield family
+
+
+class _KVCollector:
+    """The paged KV cache's blocks by state, the sequences preempted when they ran out, and the
+    prefix cache's prompt and hit tokens."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self._stats = stats
+
+    def describe(self):
+        return [GaugeMetricFamily("hotlora_kv_cache_blocks", _BLOCKS, labels=["state"]),
+                CounterMetricFamily("hotlora_preemptions", _PREEMPTIONS),
+                CounterMetricFamily("hotlora_prefix_cache_prompt_tokens", _PROMPT_TOKENS),
+                CounterMetricFamily("hotlora_prefix_cache_hit_tokens", _HIT_TOKENS)]
+
+    def collect(self):
+        stats = self._stats()
+        blocks = GaugeMetricFamily("hotlora_kv_cache_blocks", _BLOCKS, labels=["state"])
+        blocks.add_metric(["used"], stats["kv_blocks_used"])
+        blocks.add_metric(["free"], stats["kv_blocks_free"])
+        yield blocks
+        yield CounterMetricFamily("hotlora_preemptions", _PREEMPTIONS, value=stats["preemptions"])
+        yield CounterMetricFamily("hotlora_prefix_cache_prompt_tokens", _PROMPT_TOKENS,
+                                  value=stats["prefix_cache_prompt_tokens"])
+        yield CounterMetricFamily("hotlora_prefix_cache_hit_tokens", _HIT_TOKENS, value=stats["prefix_cache_hit_tokens"])
+
+
+_BLOCKS = "KV cache blocks in use by sequences (used) and free."
+_PREEMPTIONS = "Running sequences whose KV blocks were taken back to let older ones grow (recomputed later)."
+_PROMPT_TOKENS = "Prompt tokens admitted (the prefix cache's hit rate is hit_tokens / this)."
+_HIT_TOKENS = "Prompt tokens whose keys came from the prefix cache instead of being prefilled."

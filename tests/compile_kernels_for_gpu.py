@@ -41,9 +41,9 @@ KERNELS = {  # name: (kernel, pointer types, constexprs, compile options); other
                     dict(R_MAX=16, R_TOTAL=48, BLOCK_T=lora.BLOCK_T, BLOCK_R=lora.BLOCK_R, BLOCK_K=lora.BLOCK_K,
                          DOT_FP32=False), {}),
     **{f"decode_attention_d{d}": (attention._decode_attention_kernel,
-                                  {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "rows_ptr": "*i64",
+                                  {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "tables_ptr": "*i32",
                                    "lengths_ptr": "*i32", "out_ptr": "*bf16", "scale": "fp32"},
-                                  dict(GROUP=8, HEAD_DIM=d, BLOCK_G=16, BLOCK_D=d, BLOCK_S=attention.block_s(d),
+                                  dict(GROUP=8, HEAD_DIM=d, PAGE=16, BLOCK_G=16, BLOCK_D=d, BLOCK_S=attention.block_s(d),
                                        DOT_FP32=False), dict(enable_fp_fusion=True))
        for d in (64, 128)},
     "sgmv_expand": (lora._sgmv_expand_kernel, {"y_ptr": "*bf16", "h_ptr": "*fp32", "b_ptr": "*bf16",

@@ -122,14 +122,18 @@ def fail_on_recompile() -> None:
     torch._dynamo.config.error_on_recompile = True
 
 
-def decode_batch(rows: int, device: str = "cpu"):
-    """A decode step of up to 4 rows at different positions, row i on LoRA slot i (row 0: base)."""
+def decode_batch(rows: int, device: str = "cpu", block_size: int = 16):
+    """A decode step of up to 4 rows at different positions, row i on LoRA slot i (row 0: base)
+    and on KV block i (an idle engine's cache: the step writes each row's new key there), its
+    block table padded as the engine pads them (with blocks that are masked out)."""
     from server.model.llama import ForwardBatch
 
-    return ForwardBatch(tokens=torch.tensor([[5], [17], [42], [99]][:rows], device=device),
-                        positions=torch.tensor([[9], [4], [12], [6]][:rows], device=device),
-                        cache_rows=torch.arange(rows, device=device), token_slots=torch.arange(rows, device=device),
-                        prefill=False, kv_length=13)
+    positions = torch.tensor([[9], [4], [12], [6]][:rows], device=device)
+    blocks = torch.arange(rows, device=device)
+    return ForwardBatch(tokens=torch.tensor([[5], [17], [42], [99]][:rows], device=device), positions=positions,
+                        slots=blocks * block_size + positions[:, 0],
+                        block_tables=blocks[:, None].repeat(1, 3).to(torch.int32),
+                        token_slots=torch.arange(rows, device=device), prefill=False, kv_length=13)
 
 
 def wait_until(condition, timeout: float = 30.0) -> None:

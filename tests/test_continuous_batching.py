@@ -1,9 +1,10 @@
 """Continuous batching: requests join and leave a running batch; results never depend on who
-else was in it; KV rows are reused, never grown; cancellation and deadlines free rows at once."""
+else was in it; KV blocks are reused, never grown; cancellation and deadlines free them at once."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -34,7 +35,7 @@ def alone(engine, request):
 
 
 def test_requests_joining_at_different_times_get_the_tokens_they_get_alone(engine):
-    """Six requests of different lengths and adapters through 3 KV rows: some wait for a row,
+    """Six requests of different lengths and adapters through 3 batch rows: some wait for a row,
     some join while others are mid-decode; each equals its solo run."""
     requests = [Request(prompt_ids=PROMPTS[i % 4], adapter=ADAPTERS[(i + 1) % 4], sampling=greedy(6 + 3 * i))
                 for i in range(6)]
@@ -51,10 +52,10 @@ def test_requests_joining_at_different_times_get_the_tokens_they_get_alone(engin
 
 def test_kv_cache_is_preallocated_and_never_grows(engine):
     keys, values = engine.cache.keys, engine.cache.values
-    before = (keys.data_ptr(), values.data_ptr(), keys.shape, engine.cache.free_rows)
+    before = (keys.data_ptr(), values.data_ptr(), keys.shape, engine.blocks.free_blocks)
     engine.generate([Request(prompt_ids=p, sampling=greedy(20)) for p in PROMPTS * 2])
     assert (engine.cache.keys.data_ptr(), engine.cache.values.data_ptr(), engine.cache.keys.shape,
-            engine.cache.free_rows) == before
+            engine.blocks.free_blocks) == before
 
 
 def test_streaming_yields_each_token_as_produced(engine):
@@ -88,13 +89,13 @@ def test_cancel_frees_the_row_for_a_waiting_request(engine):
     assert waiting.result(timeout=30).token_ids == alone(engine, Request(prompt_ids=PROMPTS[1], adapter="bread", sampling=greedy(4)))
     assert [h.result(timeout=30).finish_reason for h in long] == [FinishReason.CANCELLED] * 3
     assert all(len(h.result().token_ids) < 80 for h in long)
-    assert engine.cache.free_rows == engine.cache.rows
+    assert engine.stats()["kv_blocks_used"] == 0 and engine.blocks.free_rows == engine.blocks.rows
 
 
 def test_deadline_stops_a_request_and_frees_its_row(engine):
     out = engine.generate([Request(prompt_ids=PROMPTS[0], sampling=greedy(80), deadline=time.monotonic() + 0.05)])[0]
     assert out.finish_reason == FinishReason.DEADLINE and len(out.token_ids) < 80
-    assert engine.cache.free_rows == engine.cache.rows
+    assert engine.stats()["kv_blocks_used"] == 0 and engine.blocks.free_rows == engine.blocks.rows
 
 
 def test_seed_reproduces_sampled_tokens_whatever_the_batch(engine):
@@ -179,17 +180,24 @@ def test_a_flood_on_one_adapter_neither_starves_nor_locks_out_another(llama_dir,
         engine.close()
 
 
-def test_kv_budget_limits_rows_and_admission_waits(llama_dir):
-    spec_engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=8, max_seq_len=32))
-    per_row = spec_engine.cache.nbytes // (spec_engine.cache.rows + 1)  # + the scratch row for padding
+def test_a_kv_budget_for_one_sequence_still_serves_many(llama_dir):
+    """kv_cache_bytes that holds one max_seq_len sequence (and the scratch block): four requests
+    share it, taking blocks as they grow and waiting (or being preempted) when it is full."""
+    config = EngineConfig(max_batch_size=8, max_seq_len=32, kv_block_size=8)
+    spec_engine = Engine.from_pretrained(llama_dir, config)
+    per_block = spec_engine.cache.nbytes // (spec_engine.cache.num_blocks + 1)  # + the scratch block
+    want = [alone(spec_engine, Request(prompt_ids=p, sampling=greedy(5))) for p in PROMPTS]
     spec_engine.close()
-    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=8, max_seq_len=32, kv_cache_bytes=3 * per_row + 1))
+    engine = Engine.from_pretrained(llama_dir, dataclasses.replace(config, kv_cache_bytes=5 * per_block))
     try:
-        assert engine.cache.rows == 2
+        assert engine.cache.num_blocks == 4
         outs = engine.generate([Request(prompt_ids=p, sampling=greedy(5)) for p in PROMPTS])
-        assert [len(o.token_ids) for o in outs] == [5] * 4
+        assert [o.token_ids for o in outs] == want
+        assert engine.stats()["kv_blocks_used"] == 0
     finally:
         engine.close()
+    with pytest.raises(ValueError, match="holds no sequence of 32 tokens"):
+        Engine.from_pretrained(llama_dir, dataclasses.replace(config, kv_cache_bytes=4 * per_block))
 
 
 def test_concurrent_submitters_from_many_threads(engine):
@@ -225,7 +233,7 @@ def test_a_failing_step_fails_only_its_requests_and_frees_their_rows(llama_dir, 
         handle = engine.submit(Request(prompt_ids=PROMPTS[0], sampling=greedy(5)))
         with pytest.raises(RuntimeError, match="simulated"):
             handle.result(timeout=30)
-        assert engine.cache.free_rows == engine.cache.rows
+        assert engine.stats()["kv_blocks_used"] == 0 and engine.blocks.free_rows == engine.blocks.rows
         monkeypatch.setattr(engine.model, "forward", real_forward)
         assert len(engine.generate([Request(prompt_ids=PROMPTS[1], sampling=greedy(4))])[0].token_ids) == 4
     finally:

@@ -144,7 +144,9 @@ def test_grafana_dashboard_uses_only_metrics_the_server_exports():
     from server.metrics import Metrics
 
     metrics = Metrics()
-    metrics.watch_engine(lambda: {"queue_length": 0, "running": 0, "kv_cache_usage_ratio": 0.0}, lambda: {"device": 0})
+    stats = {"queue_length": 0, "running": 0, "kv_cache_usage_ratio": 0.0, "kv_blocks_used": 0, "kv_blocks_free": 8,
+             "preemptions": 0, "prefix_cache_prompt_tokens": 0, "prefix_cache_hit_tokens": 0}
+    metrics.watch_engine(lambda: stats, lambda: {"device": 0})
     metrics.requests.labels("base", "OK", "grpc").inc()  # labelled series appear once they have a child
     metrics.generation_tokens.labels("base").inc()
     exported = {s.name for family in metrics.registry.collect() for s in family.samples}
@@ -152,7 +154,7 @@ def test_grafana_dashboard_uses_only_metrics_the_server_exports():
     used = {name for panel in dashboard["panels"] for t in panel["targets"] for name in re.findall(r"hotlora_\w+", t["expr"])}
     assert used and used <= exported, used - exported
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("throughput", "first token", "queue", "kv cache", "tier", "loads"):
+    for topic in ("throughput", "first token", "queue", "kv cache", "tier", "loads", "preemptions", "prefix cache"):
         assert topic in titles, topic
 
 

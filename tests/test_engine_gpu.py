@@ -83,7 +83,7 @@ def test_cuda_graph_decode_gives_the_eager_padded_steps_tokens(llama_dir, peft_a
         assert graphed.describe()["cuda_graphs"] == "on" and graphed.runner.step.captured
         with torch.inference_mode():
             runner = eager.runner
-            runner.step = DecodeStep(eager.cache, 6, runner.decode_logits, runner.device, runner.seen, padded=True)
+            runner.step = DecodeStep(eager.blocks, runner.decode_logits, runner.device, runner.seen, padded=True)
         for engine in (graphed, eager):
             for name, path in peft_adapters.items():  # loaded after capture: the graphs read the slots
                 engine.load_adapter(name, path)

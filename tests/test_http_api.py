@@ -75,6 +75,20 @@ def test_chat_completion_gives_the_grpc_answer_for_the_same_adapter(http, grpc_c
     assert reply.model == model
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_on_both_protocols(http, grpc_client):
+    """The second time a prompt is sent on one adapter, its full blocks (16 tokens each, all but
+    the one holding its last token) come from the prefix cache, and both protocols say so."""
+    chat = [{"role": "system", "content": "You pair cheese with wine, briefly and well. " * 2},
+            {"role": "user", "content": "Which wine goes with Comte?"}]
+    first, second = (http.chat.completions.create(model="wine", messages=chat, max_tokens=2, extra_body=FIXED_LENGTH)
+                     for _ in range(2))
+    prompt_tokens = second.usage.prompt_tokens
+    assert prompt_tokens > 32 and first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == (prompt_tokens - 1) // 16 * 16
+    assert grpc_client.generate(chat, "wine", max_new_tokens=2).usage.cached_tokens == (prompt_tokens - 1) // 16 * 16
+    assert grpc_client.generate(chat, "cheese", max_new_tokens=2).usage.cached_tokens == 0  # another adapter's
+
+
 def test_model_picks_the_adapter(http):
     answers = {model: http.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0,
                                                    extra_body=FIXED_LENGTH).choices[0].message.content

@@ -206,23 +206,31 @@ def test_every_kernel_compiles_for_an_h100_without_spilling(tmp_path):
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (8, 1, 64), (3, 3, 24)],
                          ids=["gqa-2", "mqa", "mha-odd-dim"])
 def test_decode_attention_reads_the_cache_in_place_like_the_reference(dtype, heads, kv_heads, head_dim):
-    """Rows out of order, lengths of 1, at a block edge (64) and past it (65), GQA groups."""
+    """Paged: each row's blocks scattered out of order through its block table, blocks of 16;
+    lengths of 1, at a tile edge (64) and past it (65), GQA groups."""
     from server.kernels import attention
 
     g = torch.Generator().manual_seed(heads * head_dim)
-    rows, max_len = 6, 80
-    keys = torch.randn(rows, kv_heads, max_len, head_dim, generator=g).to(DEVICE, dtype)
-    values = torch.randn(rows, kv_heads, max_len, head_dim, generator=g).to(DEVICE, dtype)
-    cache_rows = torch.tensor([4, 0, 5, 2], device=DEVICE)
-    lengths = torch.tensor([1, 64, 65, 17], device=DEVICE, dtype=torch.int32)
+    num_blocks, page = 24, 16
+    keys = torch.randn(num_blocks, page, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    values = torch.randn(num_blocks, page, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    order = torch.randperm(num_blocks - 1, generator=g)  # block 23 stays unreferenced
+    tables = torch.full((4, 6), num_blocks - 1, dtype=torch.int32)
+    lengths = torch.tensor([1, 64, 65, 17], dtype=torch.int32)
+    used = 0
+    for b, length in enumerate(lengths.tolist()):
+        count = -(-length // page)
+        tables[b, :count] = order[used:used + count]
+        used += count
+    tables, lengths = tables.to(DEVICE), lengths.to(DEVICE)
     q = torch.randn(4, heads, head_dim, generator=g).to(DEVICE, dtype)
     scale = head_dim ** -0.5
-    got = attention.decode_attention(q, keys, values, cache_rows, lengths, scale)
+    got = attention.decode_attention(q, keys, values, tables, lengths, scale)
     want = attention.decode_attention_reference(q.double().cpu(), keys.double().cpu(), values.double().cpu(),
-                                                cache_rows.cpu(), lengths.cpu(), scale)
+                                                tables.cpu(), lengths.cpu(), scale)
     assert got.dtype == dtype and got.shape == q.shape
     close(got.cpu(), want, dtype)
-    # what is past a row's length, or in another row, is never read
-    keys[:, :, 65:] = float("nan")
-    values[1] = float("nan")
-    close(attention.decode_attention(q, keys, values, cache_rows, lengths, scale).cpu(), want, dtype)
+    # what is past a row's length, and a block no table names, is never read
+    keys[tables[2, 4].item(), 1:] = float("nan")  # row 2 (65 tokens) ends at offset 0 of its fifth block
+    values[num_blocks - 1] = float("nan")
+    close(attention.decode_attention(q, keys, values, tables, lengths, scale).cpu(), want, dtype)

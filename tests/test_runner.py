@@ -1,8 +1,9 @@
-"""The model runner (server/engine/runner.py), built from a model and a KV cache alone, and its
-fixed-shape decode step (server/engine/decode_step.py), eagerly on CPU: what CUDA graphs capture
-on a GPU (tests/test_engine_gpu.py) is this same padded step. A runner driven by hand gives the
-engine's tokens; padding changes no real row's logits, writes only into the KV cache's scratch
-row, and an engine decoding through it gives the tokens of an engine decoding unpadded."""
+"""The model runner (server/engine/runner.py), built from a model, a KV cache and its block
+manager alone, and its fixed-shape decode step (server/engine/decode_step.py), eagerly on CPU:
+what CUDA graphs capture on a GPU (tests/test_engine_gpu.py) is this same padded step. A runner
+driven by hand gives the engine's tokens; padding changes no real row's logits, writes only into
+the KV cache's scratch block, and an engine decoding through it gives the tokens of an engine
+decoding unpadded."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 import pytest
 import torch
 
+from server.engine.blocks import BlockManager
 from server.engine.decode_step import DecodeStep, padded_sizes
 from server.engine.engine import Engine, EngineConfig, Request, RequestHandle, SamplingParams
 from server.engine.runner import ModelRunner
@@ -22,16 +24,18 @@ from server.model.llama import load_model
 
 CONFIG = EngineConfig(max_batch_size=6, max_seq_len=48, max_adapters=3, max_rank=16)
 PROMPTS = [[5, 17, 42, 99, 7, 3, 120], [8, 200, 33], [150, 9, 12, 40, 41]]
+SENTINEL = 12345.0
 
 
 class Parts:
-    """What an engine builds around its runner, built here by hand: model, cache, slots, runner."""
+    """What an engine builds around its runner, built here by hand: model, cache, blocks, slots, runner."""
 
     def __init__(self, llama_dir, peft_adapters):
         self.model, _ = load_model(llama_dir, CONFIG)
         spec = self.model.spec
-        self.cache = KVCache(spec.num_layers, CONFIG.max_batch_size, spec.num_kv_heads, CONFIG.max_seq_len,
-                             spec.head_dim, self.model.device, self.model.dtype)
+        self.cache = KVCache(spec.num_layers, 24, 8, spec.num_kv_heads, spec.head_dim, CONFIG.max_seq_len,
+                             self.model.device, self.model.dtype)
+        self.blocks = BlockManager(self.cache, CONFIG.max_batch_size)
         self.slots = AdapterSlots(self.model.lora_pools(), CONFIG.max_adapters, self.model.device, self.model.dtype,
                                   threading.Condition(), on_forget=lambda name: None)
         self.adapters = {}
@@ -39,12 +43,12 @@ class Parts:
             entry = self.slots.register(name, read_peft_adapter(path, spec, CONFIG.max_rank))
             assert self.slots.make_resident(entry, evict=False)
             self.adapters[name] = entry
-        self.runner = ModelRunner(self.model, self.cache, CONFIG)
+        self.runner = ModelRunner(self.model, self.cache, self.blocks, CONFIG)
 
     def sequence(self, prompt: list[int], adapter: str | None, sampling: SamplingParams, seed: int = 0) -> Sequence:
         seq = Sequence(Request(prompt, adapter, sampling), RequestHandle("test", None), self.adapters.get(adapter),
                        frozenset(), seed, tokens=list(prompt))
-        seq.row = self.cache.allocate_row()
+        self.blocks.allocate(seq)
         return seq
 
 
@@ -81,42 +85,44 @@ def test_a_runner_driven_by_hand_gives_the_engines_tokens(parts, engine):
             for seq, token in zip(seqs, first.tokens):
                 seq.tokens.append(token), seq.generated.append(token)
             for _ in range(greedy.max_new_tokens - 1):
+                assert all(parts.blocks.grow(s) for s in seqs)
                 for seq, token in zip(seqs, parts.runner.decode(seqs).tokens):
                     seq.tokens.append(token), seq.generated.append(token)
         assert [s.generated for s in seqs] == want
         assert len({tuple(t) for t in want}) == 3  # the adapters make a difference to check
     finally:
         for seq in seqs:
-            parts.cache.release_row(seq.row)
+            parts.blocks.release(seq)
 
 
-def test_padding_changes_no_row_and_writes_only_the_scratch_row(parts):
+def test_padding_changes_no_row_and_writes_only_the_scratch_block(parts):
     greedy = SamplingParams(max_new_tokens=2, temperature=0.0)
     seqs = [parts.sequence(p, a, greedy) for p, a in zip(PROMPTS, ["cheese", None, "wine"])]
     cache, runner = parts.cache, parts.runner
-    step = dict(tokens=[11, 22, 33], positions=[8, 3, 5], rows=[s.row for s in seqs], slots=[s.slot for s in seqs])
+    positions = [len(p) for p in PROMPTS]  # each row's next position: the first after its prompt
+    step = dict(tokens=[11, 22, 33], positions=positions, rows=[s.row for s in seqs], slots=[s.slot for s in seqs])
     assert all(step["slots"][i] for i in (0, 2))
+    scratch = cache.scratch_block
     try:
         with torch.inference_mode():
             runner.prefill(seqs)
-            plain = DecodeStep(cache, CONFIG.max_batch_size, runner.decode_logits, runner.device, runner.seen)
-            padded = DecodeStep(cache, CONFIG.max_batch_size, runner.decode_logits, runner.device, runner.seen, padded=True)
+            assert all(parts.blocks.grow(s) for s in seqs)
+            plain = DecodeStep(parts.blocks, runner.decode_logits, runner.device, runner.seen)
+            padded = DecodeStep(parts.blocks, runner.decode_logits, runner.device, runner.seen, padded=True)
             want = plain.decode(**step)[0].clone()
-            cache.keys[:, cache.scratch_row] = float("nan")  # read by no real row; written by padding
+            cache.keys[:, scratch] = SENTINEL  # masked out of every real row's attention; written by padding
             keys, values = cache.keys.clone(), cache.values.clone()
             got = padded.decode(**step)[0]
     finally:
         for seq in seqs:
-            cache.release_row(seq.row)
+            parts.blocks.release(seq)
     assert got.shape == want.shape == (3, parts.model.spec.vocab_size)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    scratch = cache.scratch_row
     # the same keys (up to summation order: a 4-row matmul blocks differently), nothing else touched
     torch.testing.assert_close(cache.keys[:, :scratch], keys[:, :scratch], rtol=0, atol=1e-5)
     torch.testing.assert_close(cache.values[:, :scratch], values[:, :scratch], rtol=0, atol=1e-5)
-    # 3 rows ran as 4: the padding row wrote its first layer's key (token 0 at position 0) into the
-    # scratch row (later layers' keys stay NaN there: that row's attention reads the NaN positions)
-    assert keys[0, scratch, :, 0].isnan().all() and cache.keys[0, scratch, :, 0].isfinite().all()
+    # 3 rows ran as 4: the padding row wrote its key (token 0 at position 0) into the scratch block
+    assert (keys[:, scratch, 0] == SENTINEL).all() and (cache.keys[:, scratch, 0] != SENTINEL).all()
 
 
 def test_an_engine_on_the_padded_step_gives_the_unpadded_tokens(engine):
@@ -127,8 +133,7 @@ def test_an_engine_on_the_padded_step_gives_the_unpadded_tokens(engine):
 
     def pad():
         plain = runner.step
-        runner.step = DecodeStep(engine.cache, CONFIG.max_batch_size, runner.decode_logits, runner.device, runner.seen,
-                                 padded=True)
+        runner.step = DecodeStep(engine.blocks, runner.decode_logits, runner.device, runner.seen, padded=True)
         return plain
 
     plain = engine._call_on_engine_thread(pad)
@@ -148,20 +153,21 @@ def test_the_step_samples_what_sample_draws_from_its_logits(parts):
     from server.engine.structured import allowed_tokens, bitmask_words
     from server.model.sampling import SamplingBatch, sample
 
-    runner, cache = parts.runner, parts.cache
+    runner, blocks = parts.runner, parts.blocks
     vocab = parts.model.spec.vocab_size
     params = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0, repetition_penalty=1.4),
               SamplingParams(temperature=1.2, top_k=5)]
     seeds, steps = [11, 12, 13], [0, 4, 2]
-    step = dict(tokens=[11, 22, 33], positions=[8, 3, 5], rows=[0, 1, 2], slots=[0, 0, 0])
+    seqs = [parts.sequence(list(range(1, n + 1)), None, SamplingParams()) for n in (9, 4, 6)]  # blocks to write into
+    step = dict(tokens=[11, 22, 33], positions=[8, 3, 5], rows=[s.row for s in seqs], slots=[0, 0, 0])
     bitmask = torch.full((3, bitmask_words(vocab)), -1, dtype=torch.int32)
     bitmask[2, 2:] = 0  # the third row's grammar allows tokens 0..63 only
     rows = torch.tensor(step["rows"])
 
     def run(padded: bool):
         seen = torch.zeros_like(runner.seen)
-        seen[1, [22, 7, 40]] = True
-        decode = DecodeStep(cache, CONFIG.max_batch_size, runner.decode_logits, runner.device, seen, padded=padded)
+        seen[rows[1], [22, 7, 40]] = True
+        decode = DecodeStep(blocks, runner.decode_logits, runner.device, seen, padded=padded)
         decode.load_sampling(params, seeds, steps)
         reference, reference_seen = SamplingBatch.build(params, seeds, steps, vocab, runner.device), seen.clone()
         drawn = []
@@ -170,11 +176,15 @@ def test_the_step_samples_what_sample_draws_from_its_logits(parts):
             want = sample(logits, reference, reference_seen[rows], allowed_tokens(bitmask, vocab))
             assert torch.equal(tokens, want)
             reference_seen[rows, want] = True
-            assert torch.equal(seen[:cache.scratch_row], reference_seen[:cache.scratch_row])
+            assert torch.equal(seen[:blocks.scratch_row], reference_seen[:blocks.scratch_row])
             drawn.append(tokens.tolist())
         return drawn
 
-    with torch.inference_mode():
-        plain, padded = run(False), run(True)
+    try:
+        with torch.inference_mode():
+            plain, padded = run(False), run(True)
+    finally:
+        for seq in seqs:
+            blocks.release(seq)
     assert plain == padded
     assert all(t[2] < 64 for t in plain) and len({t[0] for t in plain}) > 1  # the grammar held; draws move on

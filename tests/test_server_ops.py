@@ -92,9 +92,13 @@ def test_metrics_move_as_requests_are_served(server):
     assert delta("hotlora_time_to_first_token_seconds_count") == 4
     assert delta("hotlora_time_per_output_token_seconds_count") == 4
     assert delta("hotlora_adapter_loads_total", result="ok") >= 0
-    for gauge in ("hotlora_queue_length", "hotlora_running_requests", "hotlora_kv_cache_usage_ratio"):
-        assert re.search(rf"^{gauge} ", after, re.MULTILINE), gauge
+    for gauge in ("hotlora_queue_length", "hotlora_running_requests", "hotlora_kv_cache_usage_ratio",
+                  'hotlora_kv_cache_blocks{state="used"}', 'hotlora_kv_cache_blocks{state="free"}', "hotlora_preemptions_total"):
+        assert re.search(rf"^{re.escape(gauge)} ", after, re.MULTILINE), gauge
     assert sample(after, "hotlora_adapters_loaded", tier="device") >= 1
+    assert sample(after, "hotlora_kv_cache_blocks", state="used") == 0  # every request has finished
+    assert sample(after, "hotlora_kv_cache_blocks", state="free") == server.server.engine.cache.num_blocks
+    assert sample(after, "hotlora_preemptions_total") == 0
     assert sample(after, "hotlora_adapter_load_duration_seconds_count") >= 1
 
 

@@ -1,17 +1,19 @@
 """The decode step on fixed shapes: static input buffers, padded batch sizes, CUDA graphs.
 
 The model runner (server/engine/runner.py) hands the step its running sequences' last tokens,
-positions, KV rows and adapter slots as host lists. The step writes them into one pinned host buffer, copies that to a static
+positions, batch rows and adapter slots as host lists. The step looks up each row's block table
+(server/engine/blocks.py) and the cache slot its new key goes to, writes them into one pinned host buffer, copies that to a static
 device buffer in one transfer, and runs the decode forward on views of it. With `padded`, the
 batch is padded to the next size of SIZES (up to max_batch_size): padding rows use slot 0 (no
-adapter) and write their keys into the KV cache's scratch row, so they touch no sequence. With
+adapter) and the scratch row, whose block table names only the KV cache's scratch block, so they
+touch no sequence. With
 `graphs` (CUDA), each padded size is captured once as a CUDA graph at start-up and replayed each
 step: one launch instead of ~75 per layer. Elsewhere the same step runs eagerly, so the CPU tests
 cover what is captured on the GPU.
 
 What the graph fixes: the batch size (padded), the KV span (max_seq_len; the Triton decode
-attention reads each row only up to its own length), and the LoRA path (always on: slot 0 rows
-cost nothing in BGMV).
+attention reads each row's blocks only up to its own length, through the block tables copied into
+a static buffer each step), and the LoRA path (always on: slot 0 rows cost nothing in BGMV).
 
 Sampling is part of the step too, on static buffers: each row's parameters (temperature, top-k/p,
 penalty, seed, step) are loaded when the batch's membership changes (one pinned copy), a grammar's
@@ -29,15 +31,15 @@ from typing import Callable
 
 import torch
 
-from ..model.kv_cache import KVCache
 from ..model.llama import ForwardBatch
 from ..model.sampling import PARAMETERS, SamplingBatch, SamplingFlags, SamplingParams, parameter_table, sample, top_logprobs_of
+from .blocks import BlockManager
 from .structured import allowed_tokens, bitmask_words
 
 log = logging.getLogger(__name__)
 
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-_TOKENS, _POSITIONS, _ROWS, _SLOTS = range(4)
+_TOKENS, _POSITIONS, _ROWS, _SLOTS, _CACHE_SLOTS = range(5)  # rows of the step's input buffers
 
 
 # The sampling graphs captured per padded size, and the one a batch replays (SamplingFlags -> name).
@@ -60,23 +62,25 @@ def padded_sizes(max_batch: int) -> tuple[int, ...]:
 
 class DecodeStep:
     """forward: ForwardBatch -> logits [B, vocab] of each row's last position (the model's plain
-    forward, or its torch.compile'd one). seen: the runner's [KV rows + scratch row, vocab] bool
+    forward, or its torch.compile'd one). seen: the runner's [batch rows + scratch row, vocab] bool
     table of the tokens each row has seen (the repetition penalty reads it, each step marks its
     sampled tokens in it)."""
 
-    def __init__(self, cache: KVCache, max_batch: int, forward: Callable[[ForwardBatch], torch.Tensor],
+    def __init__(self, blocks: BlockManager, forward: Callable[[ForwardBatch], torch.Tensor],
                  device: torch.device, seen: torch.Tensor, padded: bool = False):
-        self.cache = cache
+        self.blocks = blocks
         self.forward = forward
         self.device = device
         self.seen = seen
         self.padded = padded
-        self.sizes = padded_sizes(max_batch) if padded else ()
-        width = max_batch if not padded else self.sizes[-1]
+        self.sizes = padded_sizes(blocks.rows) if padded else ()
+        width = blocks.rows if not padded else self.sizes[-1]
         pin = device.type == "cuda"
         self.vocab_size = seen.shape[1]
-        self._host = torch.zeros(4, width, dtype=torch.int64, pin_memory=pin)
-        self._inputs = torch.zeros(4, width, dtype=torch.int64, device=device)
+        self._host = torch.zeros(5, width, dtype=torch.int64, pin_memory=pin)
+        self._inputs = torch.zeros(5, width, dtype=torch.int64, device=device)
+        self._host_tables = torch.zeros(width, blocks.tables.shape[1], dtype=torch.int32, pin_memory=pin)
+        self._tables = torch.zeros(width, blocks.tables.shape[1], dtype=torch.int32, device=device)
         self._host_parameters = torch.zeros(len(PARAMETERS), width, dtype=torch.float64, pin_memory=pin)
         self._parameters = torch.zeros(len(PARAMETERS), width, dtype=torch.float64, device=device)
         self._sampling = {name: torch.zeros(width, dtype=dtype, device=device) for name, dtype in PARAMETERS}
@@ -112,11 +116,18 @@ class DecodeStep:
         count = len(tokens)
         size = next(s for s in self.sizes if s >= count) if self.padded else count
         host = self._host[:, :size]
-        host[:, :count] = torch.tensor([tokens, positions, rows, slots], dtype=torch.int64)
+        host[:4, :count] = torch.tensor([tokens, positions, rows, slots], dtype=torch.int64)
         if size > count:  # padding: token 0 at position 0 of the scratch row, no adapter
             host[:, count:] = 0
-            host[_ROWS, count:] = self.cache.scratch_row
-        self._inputs.copy_(self._host, non_blocking=True)  # whole: a slice would not be one pinned block
+            host[_ROWS, count:] = self.blocks.scratch_row
+        tables = self._host_tables[:size]
+        torch.index_select(self.blocks.tables, 0, host[_ROWS], out=tables)
+        page = self.blocks.block_size
+        block = tables.gather(1, (host[_POSITIONS] // page)[:, None])[:, 0]
+        host[_CACHE_SLOTS] = block * page + host[_POSITIONS] % page
+        # whole buffers: a slice would not be one pinned block
+        self._inputs.copy_(self._host, non_blocking=True)
+        self._tables.copy_(self._host_tables, non_blocking=True)
         if bitmask is not None:
             self._bitmask[:count].copy_(bitmask, non_blocking=True)
             self._bitmask_clean = False
@@ -130,24 +141,27 @@ class DecodeStep:
             return self._graph_logits[size][:count], next_tokens[:count]
         # padded steps keep the LoRA path on (as captured); unpadded ones skip it without adapters
         with_lora = self.padded or any(slots)
-        kv_length = self.cache.max_seq_len if self.padded else max(positions) + 1
+        kv_length = self.blocks.cache.max_seq_len if self.padded else max(positions) + 1
         logits = self.forward(self._batch(size, kv_length, with_lora))
         return logits[:count], self._sample(logits, size, self.flags, grammar=bitmask is not None)[:count]
 
     def capture(self) -> None:
         """Capture every padded size as a CUDA graph, largest first, sharing one memory pool, and
-        each size's sampling variants after it. Warm-up runs write only into the scratch row
+        each size's sampling variants after it. Warm-up runs write only into the scratch block
         (every input row is padding)."""
         if not self.padded or self.device.type != "cuda":
             raise ValueError("CUDA graphs need a padded step on a CUDA device")
         self._inputs.zero_()
-        self._inputs[_ROWS] = self.cache.scratch_row
+        self._inputs[_ROWS] = self.blocks.scratch_row
+        self._inputs[_CACHE_SLOTS] = self.blocks.cache.scratch_slot
+        self._tables.fill_(self.blocks.cache.scratch_block)
+        max_seq_len = self.blocks.cache.max_seq_len
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for size in reversed(self.sizes):  # warm up: Triton compiles, allocator settles
-                logits = self.forward(self._batch(size, self.cache.max_seq_len, True))
+                logits = self.forward(self._batch(size, max_seq_len, True))
                 for flags in VARIANTS.values():
                     self._sample(logits, size, flags, grammar=True)
         torch.cuda.current_stream().wait_stream(stream)
@@ -155,7 +169,7 @@ class DecodeStep:
         for size in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._graph_logits[size] = self.forward(self._batch(size, self.cache.max_seq_len, True))
+                self._graph_logits[size] = self.forward(self._batch(size, max_seq_len, True))
             self._graphs[size] = graph
             for name, flags in VARIANTS.items():
                 graph = torch.cuda.CUDAGraph()
@@ -180,5 +194,5 @@ class DecodeStep:
     def _batch(self, size: int, kv_length: int, with_lora: bool) -> ForwardBatch:
         inputs = self._inputs[:, :size]
         return ForwardBatch(tokens=inputs[_TOKENS, :, None], positions=inputs[_POSITIONS, :, None],
-                            cache_rows=inputs[_ROWS], token_slots=inputs[_SLOTS] if with_lora else None,
-                            prefill=False, kv_length=kv_length)
+                            slots=inputs[_CACHE_SLOTS], block_tables=self._tables[:size],
+                            token_slots=inputs[_SLOTS] if with_lora else None, prefill=False, kv_length=kv_length)

@@ -4,7 +4,7 @@
 loop on its one thread, and hands each sequence's tokens to its caller. Its parts:
 
   - server/engine/scheduler.py: the waiting, prefilling and running queues, and who is admitted
-    each step (round robin across adapters, within the batch, KV rows, prefill budget and slots);
+    each step (round robin across adapters, within the batch, KV blocks, prefill budget and slots);
   - server/engine/runner.py: prefill, the decode step (fixed shapes, CUDA graphs on CUDA) and
     sampling, on the sequences the scheduler picked;
   - server/engine/slots.py: the registered adapters and the device slots they hold;
@@ -13,7 +13,7 @@ loop on its one thread, and hands each sequence's tokens to its caller. Its part
 Each turn of the loop:
 
   1. runs queued commands (adapter slot writes, scoring) — between steps, never during one;
-  2. finishes cancelled and expired requests, freeing their KV rows at once;
+  2. finishes cancelled and expired requests, freeing their KV blocks at once;
   3. admits what the scheduler picks and prefills it together (right-padded), or one chunk of a
      long prompt;
   4. decodes one token for every running request — whatever adapter each one uses — in one batch.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import random
 import threading
 import time
@@ -44,6 +45,7 @@ from ..model.kv_cache import KVCache
 from ..model.llama import Transformer, load_model
 from ..model.sampling import SamplingParams
 from .requests import AdapterInfo, FinishReason, Output, Request, RequestHandle, TokenLogprob
+from .blocks import BlockManager
 from .runner import ModelRunner, Sampled
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -62,14 +64,20 @@ class Engine:
         self.spec = model.spec
         self.device, self.dtype = model.device, model.dtype
         spec = model.spec
-        rows = config.max_batch_size
-        if config.kv_cache_bytes is not None:
-            per_row = KVCache.bytes_per_row(spec.num_layers, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.dtype)
-            rows = min(rows, config.kv_cache_bytes // per_row - 1)  # the cache's scratch row comes on top
-            if rows < 1:
-                raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} tokens ({per_row} bytes each)")
-        self.cache = KVCache(spec.num_layers, rows, spec.num_kv_heads, config.max_seq_len, spec.head_dim, self.device, self.dtype)
-        self.runner = ModelRunner(model, self.cache, config)
+        block = config.kv_block_size
+        per_block = KVCache.bytes_per_block(spec.num_layers, block, spec.num_kv_heads, spec.head_dim, self.dtype)
+        per_sequence = math.ceil(config.max_seq_len / block)
+        if config.kv_cache_bytes is None:  # every row can reach max_seq_len: the contiguous cache's memory
+            num_blocks = config.max_batch_size * per_sequence
+        else:
+            num_blocks = config.kv_cache_bytes // per_block - 1  # the scratch block comes on top
+            if num_blocks < per_sequence:
+                raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} "
+                                 f"tokens ({per_sequence} blocks of {per_block} bytes, and one scratch block)")
+        self.cache = KVCache(spec.num_layers, num_blocks, block, spec.num_kv_heads, spec.head_dim, config.max_seq_len,
+                             self.device, self.dtype)
+        self.blocks = BlockManager(self.cache, config.max_batch_size, config.prefix_caching)
+        self.runner = ModelRunner(model, self.cache, self.blocks, config)
         # hooks the server points at its metrics: seconds per slot write, and how long a request
         # whose adapter had no slot waited from submit to admission
         self.observe_slot_write: Callable[[float], None] = lambda seconds: None
@@ -79,7 +87,7 @@ class Engine:
         self._lock = threading.Condition()
         self.slots = AdapterSlots(model.lora_pools(), config.max_adapters, self.device, self.dtype, self._lock,
                                   on_forget=lambda name: self.scheduler.forget(name))
-        self.scheduler = Scheduler(config, self.cache, self.slots, self._lock)
+        self.scheduler = Scheduler(config, self.blocks, self.slots, self._lock)
         self._commands: list[tuple[Callable[[], object], Future]] = []
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="hotlora-engine", daemon=True)
@@ -90,9 +98,10 @@ class Engine:
         model, _ = load_model(model_dir, config)
         engine = cls(model, config)
         sizes = {k: f"{v / 2**20:.1f} MiB" for k, v in model.weight_bytes().items()}
-        log.info("loaded %s (%s): weights %s, KV cache %.1f MiB for %d sequences x %d tokens", model_dir,
-                 ", ".join(f"{k} {v}" for k, v in engine.describe().items()), sizes, engine.cache.nbytes / 2**20,
-                 engine.cache.rows, config.max_seq_len)
+        log.info("loaded %s (%s): weights %s, KV cache %.1f MiB: %d blocks of %d tokens (%d tokens) for up to %d "
+                 "sequences of at most %d", model_dir, ", ".join(f"{k} {v}" for k, v in engine.describe().items()), sizes,
+                 engine.cache.nbytes / 2**20, engine.cache.num_blocks, engine.cache.block_size,
+                 engine.cache.num_blocks * engine.cache.block_size, config.max_batch_size, config.max_seq_len)
         return engine
 
     def describe(self) -> dict[str, str]:
@@ -214,7 +223,12 @@ class Engine:
             return {
                 "queue_length": len(self.scheduler.waiting),
                 "running": len(self.scheduler.running) + len(self.scheduler.prefilling),
-                "kv_cache_usage_ratio": self.cache.usage_ratio(),
+                "kv_cache_usage_ratio": self.blocks.usage_ratio(),
+                "kv_blocks_used": self.blocks.used_blocks,
+                "kv_blocks_free": self.blocks.free_blocks,
+                "preemptions": self.scheduler.preemptions,
+                "prefix_cache_prompt_tokens": self.blocks.prompt_tokens,
+                "prefix_cache_hit_tokens": self.blocks.cached_tokens,
                 "free_adapter_slots": self.slots.free,
             }
 
@@ -278,8 +292,8 @@ class Engine:
         if scheduler.prefilling:  # one chunk per step: the running sequences still decode below
             chunked = scheduler.prefilling[0]
             self._guarded([chunked], lambda: self._prefill_chunk(chunked))
-        if scheduler.running:
-            running = list(scheduler.running)
+        running = scheduler.decodable() if scheduler.running else []
+        if running:
             self._guarded(running, lambda: self._accept(running, self.runner.decode(running)))
 
     def _prefill_chunk(self, seq: Sequence) -> None:
@@ -331,6 +345,7 @@ class Engine:
             token_ids=list(seq.generated),
             finish_reason=reason,
             prompt_tokens=len(seq.request.prompt_ids),
+            cached_tokens=seq.cached_tokens,
             adapter=adapter.name if adapter else None,
             adapter_hash=adapter.weights.content_hash if adapter else None,
         ))

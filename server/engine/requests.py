@@ -43,6 +43,7 @@ class Output:
     prompt_tokens: int
     adapter: str | None
     adapter_hash: str | None  # content hash of the adapter weights actually used
+    cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache (not prefilled)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ _DONE = object()
 
 class RequestHandle:
     """What submit() returns: iterate for token ids as they are produced, result() for the
-    Output, cancel() to stop (its KV row is freed at the next step). With sampling.logprobs set,
+    Output, cancel() to stop (its KV blocks are freed at the next step). With sampling.logprobs set,
     logprobs[i] describes the i-th token; it is there before that token is yielded."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None):

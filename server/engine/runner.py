@@ -2,10 +2,11 @@
 right-padded, or a long prompt one chunk per step), the decode step, scoring, and the sampling of
 each new token.
 
-The runner owns what those computations share: the table of tokens each KV row has seen (the
+The runner owns what those computations share: the table of tokens each batch row has seen (the
 repetition penalty reads it), the host buffer grammar masks are written into, and how the decode
 step runs — eagerly, torch.compile'd, or replayed from CUDA graphs (server/engine/decode_step.py).
-It is built from a model and a KV cache alone, so tests drive it with Sequences and no Engine.
+It is built from a model, a KV cache and its block manager alone, so tests drive it with
+Sequences and no Engine.
 Each call ends in the step's one host sync: reading the sampled tokens (and logprobs) into a
 `Sampled`.
 """
@@ -24,6 +25,7 @@ from ..model.kv_cache import KVCache
 from ..model.llama import ForwardBatch, Transformer
 from ..model.quant import TRITON_GEMV_MAX_TOKENS
 from ..model.sampling import SamplingBatch, sample, token_logprobs
+from .blocks import BlockManager
 from .decode_step import DecodeStep
 from .sequence import Sequence
 from .slots import AdapterSlots
@@ -42,26 +44,27 @@ class Sampled:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache, config: EngineConfig):
+    def __init__(self, model: Transformer, cache: KVCache, blocks: BlockManager, config: EngineConfig):
         self.model = model
         self.cache = cache
+        self.blocks = blocks
         self.config = config
         self.device = model.device
         vocab = model.spec.vocab_size
-        # tokens each KV row has seen (prompt and output), for the repetition penalty; the last row
-        # is the cache's scratch row, where the padding rows of a fixed-shape step mark theirs
-        self.seen = torch.zeros(cache.rows + 1, vocab, dtype=torch.bool, device=self.device)
+        rows = blocks.rows
+        # tokens each batch row has seen (prompt and output), for the repetition penalty; the last
+        # row is the scratch row, where the padding rows of a fixed-shape step mark theirs
+        self.seen = torch.zeros(rows + 1, vocab, dtype=torch.bool, device=self.device)
         # grammar masks are written on the host, then copied to the device with the step
-        self._bitmask = torch.empty(cache.rows, bitmask_words(vocab), dtype=torch.int32,
-                                    pin_memory=self.device.type == "cuda")
+        self._bitmask = torch.empty(rows, bitmask_words(vocab), dtype=torch.int32, pin_memory=self.device.type == "cuda")
         if config.compile and model.kernels.lora.name == "triton" and self.device.type != "cuda":
             raise ValueError("compile=True with the Triton kernels needs CUDA (their CPU interpreter cannot be compiled)")
         self.decode_logits = self._compiled_decode() if config.compile else self.last_position_logits
-        # captured at max_seq_len, the torch attention would gather whole cache rows every step
+        # captured at max_seq_len, the torch attention would gather every row's whole block table every step
         graphs = (config.cuda_graphs and self.device.type == "cuda" and not config.compile
                   and model.kernels.decode_attention.name == "triton")
         with torch.inference_mode():  # the step's buffers are written only inside steps, in inference mode
-            self.step = DecodeStep(cache, cache.rows, self.decode_logits, self.device, self.seen, padded=graphs)
+            self.step = DecodeStep(blocks, self.decode_logits, self.device, self.seen, padded=graphs)
             self.graphs = "off"
             if graphs:
                 try:
@@ -69,45 +72,36 @@ class ModelRunner:
                     self.graphs = "on"
                 except Exception:  # serve eagerly rather than not at all; describe() and the log say so
                     log.exception("capturing the decode step as CUDA graphs failed; decoding eagerly")
-                    self.step = DecodeStep(cache, cache.rows, self.decode_logits, self.device, self.seen)
+                    self.step = DecodeStep(blocks, self.decode_logits, self.device, self.seen)
                     self.graphs = "failed"
         self._loaded: list[Sequence] = []  # the sequences whose sampling parameters the step holds
 
     # ---------------------------------------------------------------- prefill
 
     def prefill(self, seqs: list[Sequence]) -> Sampled:
-        """Whole prompts into their KV rows, together; samples each one's first token."""
-        self._begin(seqs)
+        """Whole prompts (past any cached prefix) into their KV blocks, together; samples each
+        one's first token."""
+        AdapterSlots.wait_for_writes(s.adapter for s in seqs)
         hidden, lengths = self._prompt_forward(seqs)
         last = hidden[torch.arange(len(seqs), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         return self._sample_first(seqs, self.model.logits(last))
 
     def prefill_chunk(self, seq: Sequence) -> Sampled | None:
-        """The next prefill_chunk_tokens of seq's prompt into the cache: its queries attend to the
-        chunks before (in the cache) and causally within the chunk. After the last chunk, its
+        """The next prefill_chunk_tokens of seq's prompt into the cache: its queries attend to
+        what is before (in the cache) and causally within the chunk. After the last chunk, its
         first token; before, None."""
+        AdapterSlots.wait_for_writes([seq.adapter])
         start = seq.prefilled
-        if start == 0:
-            self._begin([seq])
-        else:
-            AdapterSlots.wait_for_writes([seq.adapter])
         stop = min(start + self.config.prefill_chunk_tokens, len(seq.tokens))
-        batch = ForwardBatch(
-            tokens=torch.tensor([seq.tokens[start:stop]], device=self.device),
-            positions=torch.arange(start, stop, device=self.device)[None, :],
-            cache_rows=torch.tensor([seq.row], device=self.device),
-            token_slots=torch.full((stop - start,), seq.slot, device=self.device) if seq.slot else None,
-            prefill=False,  # attends through the cache, like a decode step of several tokens
-            kv_length=stop,
-        )
-        hidden = self.model(batch, self.cache)
+        hidden = self.model(self._extend_batch([seq], [stop - start]), self.cache)
         seq.prefilled = stop
         if stop < len(seq.tokens):
             return None
         return self._sample_first([seq], self.model.logits(hidden[:, -1]))
 
     def score(self, seqs: list[Sequence]) -> list[torch.Tensor]:
-        """Logits [len(prompt), vocab] at every prompt position (on the host), by prefill's forward."""
+        """Logits [len(prompt), vocab] at every prompt position (on the host), by prefill's forward
+        (seqs hold fresh blocks: nothing cached is skipped)."""
         AdapterSlots.wait_for_writes(s.adapter for s in seqs)
         hidden, lengths = self._prompt_forward(seqs)
         logits = self.model.logits(hidden)
@@ -131,34 +125,61 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- parts
 
-    def _begin(self, seqs: list[Sequence]) -> None:
-        """Before a sequence's first prompt token goes in: its slot write is waited for, and its
-        row's seen-token table holds its prompt."""
-        AdapterSlots.wait_for_writes(s.adapter for s in seqs)
-        for seq in seqs:
-            self.seen[seq.row].zero_()
-            self.seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
-
     def _prompt_forward(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]]:
-        lengths = [len(s.tokens) for s in seqs]
+        """Hidden states of every token of seqs past what is already in the cache, and how many
+        each row has. Fresh prompts attend among themselves (one causal attention over the batch);
+        a prompt with a cached prefix attends through the cache."""
+        lengths = [len(s.tokens) - s.prefilled for s in seqs]
+        if any(s.prefilled for s in seqs):
+            return self.model(self._extend_batch(seqs, lengths), self.cache), lengths
         width = max(lengths)
         tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        cache_slots = torch.full((len(seqs), width), self.cache.scratch_slot, dtype=torch.long)  # padding: scratch
         for i, s in enumerate(seqs):
             tokens[i, : lengths[i]] = torch.tensor(s.tokens)
-        slots = [s.slot for s in seqs]
+            cache_slots[i, : lengths[i]] = self.blocks.slots(s, 0, lengths[i])
         batch = ForwardBatch(
             tokens=tokens.to(self.device),
             positions=torch.arange(width, device=self.device).expand(len(seqs), width),
-            cache_rows=torch.tensor([s.row for s in seqs], device=self.device),
-            token_slots=torch.tensor(slots, device=self.device).repeat_interleave(width) if any(slots) else None,
+            slots=cache_slots.flatten().to(self.device),
+            block_tables=self.blocks.tables[[s.row for s in seqs]].to(self.device),
+            token_slots=self._token_slots(seqs, width),
             prefill=True,
             kv_length=width,
         )
         return self.model(batch, self.cache), lengths
 
+    def _extend_batch(self, seqs: list[Sequence], counts: list[int]) -> ForwardBatch:
+        """The next counts[i] tokens of each sequence after its seq.prefilled, right-padded (padding
+        at position 0, written to the scratch slot), attending through the cache like a decode
+        step of several tokens."""
+        width = max(counts)
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        positions = torch.zeros(len(seqs), width, dtype=torch.long)
+        cache_slots = torch.full((len(seqs), width), self.cache.scratch_slot, dtype=torch.long)
+        for i, (s, n) in enumerate(zip(seqs, counts)):
+            start = s.prefilled
+            tokens[i, :n] = torch.tensor(s.tokens[start:start + n])
+            positions[i, :n] = torch.arange(start, start + n)
+            cache_slots[i, :n] = self.blocks.slots(s, start, start + n)
+        return ForwardBatch(
+            tokens=tokens.to(self.device), positions=positions.to(self.device),
+            slots=cache_slots.flatten().to(self.device),
+            block_tables=self.blocks.tables[[s.row for s in seqs]].to(self.device),
+            token_slots=self._token_slots(seqs, width), prefill=False,
+            kv_length=max(s.prefilled + n for s, n in zip(seqs, counts)))
+
+    def _token_slots(self, seqs: list[Sequence], width: int) -> torch.Tensor | None:
+        adapters = [s.slot for s in seqs]
+        return torch.tensor(adapters, device=self.device).repeat_interleave(width) if any(adapters) else None
+
     def _sample_first(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
         """Each prefilled sequence's first token from its row of logits, by the same sample() the
-        decode step runs on its static buffers."""
+        decode step runs on its static buffers. Its row's seen-token table is set to its tokens
+        (the prompt, and what it had generated before a preemption) first."""
+        for seq in seqs:
+            self.seen[seq.row].zero_()
+            self.seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
         sampling = SamplingBatch.build([s.request.sampling for s in seqs], [s.seed for s in seqs],
                                        [len(s.generated) for s in seqs], self.model.spec.vocab_size, self.device)
         rows = torch.tensor([s.row for s in seqs], device=self.device)
@@ -186,15 +207,16 @@ class ModelRunner:
         """torch.compile of the decode forward, warmed up on every variant a step can hit, so no
         request waits for a compile: with and without adapters, for one row and for several (the
         batch size and KV length stay symbolic; torch specializes a size of 1). Warm-up writes
-        into free KV rows, whose contents are never read before being overwritten."""
+        only into the scratch block."""
         # The cache's shapes are fixed for the engine's life; static, they cannot be mistaken
         # for (and guarded equal to) the batch size.
         torch._dynamo.mark_static(self.cache.keys)
         torch._dynamo.mark_static(self.cache.values)
         compiled = torch.compile(self.last_position_logits, dynamic=True)
-        sizes = [1] + ([3] if self.cache.rows >= 3 else [2] if self.cache.rows == 2 else [])
-        if self.cache.rows > TRITON_GEMV_MAX_TOKENS:  # the Triton NF4 path switches kernels above it
-            sizes.append(self.cache.rows)
+        most = self.blocks.rows
+        sizes = [1] + ([3] if most >= 3 else [2] if most == 2 else [])
+        if most > TRITON_GEMV_MAX_TOKENS:  # the Triton NF4 path switches kernels above it
+            sizes.append(most)
         with torch.inference_mode(), _explain_compile_failure():
             for rows in sizes:
                 for slots in (None, torch.zeros(rows, dtype=torch.long, device=self.device)):
@@ -202,8 +224,9 @@ class ModelRunner:
                     compiled(ForwardBatch(
                         tokens=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
                         positions=torch.full((rows, 1), kv_length - 1, device=self.device),
-                        cache_rows=torch.arange(rows, device=self.device), token_slots=slots,
-                        prefill=False, kv_length=kv_length))
+                        slots=torch.full((rows,), self.cache.scratch_slot, device=self.device),
+                        block_tables=self.blocks.tables[[self.blocks.scratch_row] * rows].to(self.device),
+                        token_slots=slots, prefill=False, kv_length=kv_length))
         return compiled
 
 

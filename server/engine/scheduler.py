@@ -1,12 +1,19 @@
 """Which requests run at each step: the scheduler owns the waiting, prefilling and running queues,
-the KV rows and adapter slots its admissions take, and what a finished request gives back.
+the KV blocks and adapter slots its admissions take, and what a finished request gives back.
 
 Admission is round robin across adapters (the base model being one), S-LoRA style: each adapter's
 requests in arrival order, the adapter admitted least recently first, so a flood on one adapter
-delays another's request by at most one of its own. It stops at the batch size, the free KV rows
-and the prefill token budget (a prompt longer than prefill_chunk_tokens is admitted to be
-prefilled chunk by chunk instead). Adapter slots are handed out here too (server/engine/slots.py);
-see Scheduler.schedule for what happens when every slot is held.
+delays another's request by at most one of its own. It stops at the batch size, the free KV
+blocks (server/engine/blocks.py: blocks for the prompt, with one spare block per sequence in
+flight so running ones can grow) and the prefill token budget (a prompt longer than
+prefill_chunk_tokens is admitted to be prefilled chunk by chunk instead). Adapter slots are
+handed out here too (server/engine/slots.py); see Scheduler.schedule for what happens when every
+slot is held.
+
+When the blocks run out mid-decode anyway, the newest running sequence is preempted: its blocks
+go back, and it waits at the head of its queue to be recomputed (prompt and tokens so far
+prefilled again) — no request fails because another one grew. Seeded sampling is keyed by step,
+so a preempted sequence generates what it would have uninterrupted.
 
 Locking: `waiting` is shared with the threads that submit requests and is guarded by the engine's
 lock (methods marked "holds the lock" expect the caller to hold it, the others take it);
@@ -26,7 +33,7 @@ from typing import Iterable, Iterator
 
 from ..config import EngineConfig
 from ..errors import ResourceExhausted
-from ..model.kv_cache import KVCache
+from .blocks import BlockManager
 from .requests import FinishReason
 from .sequence import Sequence
 from .slots import AdapterSlots, LoadedAdapter
@@ -42,9 +49,9 @@ class Admission:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, cache: KVCache, slots: AdapterSlots, lock: threading.Condition):
+    def __init__(self, config: EngineConfig, blocks: BlockManager, slots: AdapterSlots, lock: threading.Condition):
         self.config = config
-        self.cache = cache
+        self.blocks = blocks
         self.slots = slots
         self._lock = lock
         self.waiting: deque[Sequence] = deque()
@@ -53,6 +60,7 @@ class Scheduler:
         self._last_admitted: dict[str | None, int] = {}  # adapter name (None: base) -> admission number
         self._admissions = itertools.count()
         self._slot_victim: LoadedAdapter | None = None
+        self.preemptions = 0
 
     # ---------------------------------------------------------------- the queues
 
@@ -82,14 +90,15 @@ class Scheduler:
         return [(s, reason) for s in self.in_flight() if (reason := _stop_reason(s, now))]
 
     def start(self, seqs: list[Sequence]) -> None:
-        """Their prompts are in the cache: they decode from the next step."""
+        """Their prompts are in the cache (and can be shared from now on): they decode from the next step."""
         for seq in seqs:
             if seq in self.prefilling:
                 self.prefilling.remove(seq)
             self.running.append(seq)
+            self.blocks.register(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Out of every queue; its KV row and its hold on its adapter go back."""
+        """Out of every queue; its KV blocks and its hold on its adapter go back."""
         with self._lock:
             if seq in self.waiting:
                 self.waiting.remove(seq)
@@ -97,12 +106,31 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.prefilling:
             self.prefilling.remove(seq)
+        self._release_blocks(seq)
+        self.slots.release(seq.adapter)
+
+    def decodable(self) -> list[Sequence]:
+        """The running sequences, each with a block for the token the next step writes; when the
+        blocks run out, the newest are preempted until the older ones fit."""
+        for seq in list(self.running):
+            while seq in self.running and not self.blocks.grow(seq):
+                self._preempt(self.running[-1])
+        return list(self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release_blocks(seq)
+        seq.prefilled = 0
+        seq.preempted += 1
+        self.preemptions += 1
+        with self._lock:
+            self.waiting.appendleft(seq)
+
+    def _release_blocks(self, seq: Sequence) -> None:
         if seq.row >= 0:
-            self.cache.release_row(seq.row)
-            seq.row = -1
+            self.blocks.release(seq)
             if seq.adapter is not None:
                 seq.adapter.active -= 1
-        self.slots.release(seq.adapter)
 
     def forget(self, adapter_name: str) -> None:
         """An adapter gone for good loses its admission turn."""
@@ -111,8 +139,8 @@ class Scheduler:
     # ---------------------------------------------------------------- admission
 
     def schedule(self) -> Admission:
-        """Admit waiting sequences, in order()'s order, while the batch, the KV rows and the
-        prefill budget allow: the admitted ones leave `waiting` with a KV row each.
+        """Admit waiting sequences, in order()'s order, while the batch, the KV blocks and the
+        prefill budget allow: the admitted ones leave `waiting` with their KV blocks.
 
         A request whose adapter has no slot takes a free one or evicts the least recently used
         adapter that no running request holds. When every slot is held, it waits and requests
@@ -127,14 +155,17 @@ class Scheduler:
             resident = self.slots.resident()  # a copy: unload_adapter may change the registry meanwhile
         admission = Admission()
         busy = len(self.running) + len(self.prefilling)
-        free_rows = self.cache.free_rows
+        # a pool that holds every row at max_seq_len never preempts: no spare blocks needed
+        spare = 0 if self.blocks.holds_every_row() else 1
         waiting_for_slot = False
         chunk = self.config.prefill_chunk_tokens
         for seq in candidates:
             taken = len(admission.whole) + len(admission.chunked)
-            if busy + taken >= self.config.max_batch_size or taken >= free_rows:
-                break  # the rest wait until a running sequence frees its row
-            chunked = chunk is not None and len(seq.tokens) > chunk
+            if busy + taken >= self.config.max_batch_size:
+                break
+            if not self.blocks.can_allocate(seq, reserve=spare * (busy + taken)):
+                break  # the rest wait until running sequences give blocks back
+            chunked = chunk is not None and len(seq.tokens) > chunk  # (a cached prefix then shortens the chunks)
             longest = max([len(s.tokens) for s in admission.whole] + [len(seq.tokens)])
             if admission.whole and not chunked and longest * (len(admission.whole) + 1) > self.config.max_prefill_tokens:
                 break  # the rest join at the next step
@@ -176,9 +207,11 @@ class Scheduler:
 
     @contextlib.contextmanager
     def reserved(self, seqs: list[Sequence]) -> Iterator[None]:
-        """KV rows and adapter slots for sequences computed outside the queues (scoring), given back after."""
-        if len(seqs) > self.cache.free_rows:
-            raise ResourceExhausted(f"scoring {len(seqs)} prompts needs as many free KV rows ({self.cache.free_rows} free)")
+        """KV blocks and adapter slots for sequences computed outside the queues (scoring), given back after."""
+        needed = sum(self.blocks.blocks_for(len(s.tokens)) for s in seqs)
+        if len(seqs) > self.blocks.free_rows or needed > self.blocks.free_blocks:
+            raise ResourceExhausted(f"scoring {len(seqs)} prompts needs {len(seqs)} batch rows and {needed} KV blocks "
+                                    f"({self.blocks.free_rows} and {self.blocks.free_blocks} free)")
         adapters = list({id(s.adapter): s.adapter for s in seqs if s.adapter}.values())
         pinned = []
         try:
@@ -189,15 +222,13 @@ class Scheduler:
                 adapter.active += 1
                 pinned.append(adapter)
             for s in seqs:
-                s.row = self.cache.allocate_row()
+                self.blocks.allocate(s, share=False)  # scoring needs every position's logits
             yield
         finally:
             for adapter in pinned:
                 adapter.active -= 1
             for s in seqs:
-                if s.row >= 0:
-                    self.cache.release_row(s.row)
-                    s.row = -1
+                self.blocks.release(s)
 
     def _make_resident(self, adapter: LoadedAdapter, admission: Admission) -> bool:
         """slots.make_resident, evicting if need be. A slot write that fails (a device error) fails
@@ -215,12 +246,14 @@ class Scheduler:
             return False
 
     def _take(self, seq: Sequence) -> bool:
-        """Move an admitted sequence from the queue onto a KV row; False if it was cancelled."""
+        """Move an admitted sequence from the queue onto its KV blocks; False if it was cancelled."""
         with self._lock:
             if seq.handle.cancelled.is_set() or seq not in self.waiting:
                 return False
             self.waiting.remove(seq)
-        seq.row = self.cache.allocate_row()
+        self.blocks.allocate(seq)
+        if not seq.preempted:
+            seq.cached_tokens = seq.prefilled
         if seq.adapter is not None:
             seq.adapter.active += 1
         return True

@@ -1,5 +1,5 @@
-"""A request as the engine runs it: its tokens so far, where its keys live, its adapter, where it
-is in its grammar. The scheduler moves it between queues, the runner computes on it, the engine
+"""A request as the engine runs it: its tokens so far, where its keys live (its row and KV
+blocks), its adapter, where it is in its grammar. The scheduler moves it between queues, the runner computes on it, the engine
 hands its tokens to the caller's handle."""
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ class Sequence:
     matcher: TokenMatcher | None = None  # the request's place in its grammar
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     generated: list[int] = field(default_factory=list)
-    row: int = -1  # its KV cache row while admitted
-    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
+    row: int = -1  # its batch row while admitted (its seen-token table, its block table)
+    blocks: list[int] = field(default_factory=list)  # its KV cache blocks, in order (server/engine/blocks.py)
+    prefilled: int = 0  # tokens already in the KV cache (a cached prefix, chunks prefilled so far)
+    cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
+    prefix_keys: tuple[int, list[bytes]] | None = None  # (len(tokens), its blocks' prefix keys), server/engine/blocks.py
     submitted: float = field(default_factory=time.monotonic)
     missed: bool = False  # its adapter had no slot when it was first up for admission
+    preempted: int = 0  # times its blocks were taken back mid-decode (it is recomputed on readmission)
 
     @property
     def slot(self) -> int:

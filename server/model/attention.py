@@ -1,10 +1,11 @@
-"""Decode attention: each running sequence's new token attends to its own KV cache row.
+"""Decode attention: each running sequence's new token attends to its own keys in the paged KV
+cache, through its block table.
 
 Two implementations, chosen once per engine with the other kernels (EngineConfig.kernels):
-- TorchDecodeAttention: gathers the rows' first kv_length positions into a [B, kv_heads, L, d]
+- TorchDecodeAttention: gathers the rows' blocks up to kv_length into a [B, kv_heads, L, d]
   copy and masks each row's tail (scaled_dot_product_attention). Plain and readable; the CPU path.
-- TritonDecodeAttention: server/kernels/attention.py reads every row where it is, up to its own
-  length; nothing is copied.
+- TritonDecodeAttention: server/kernels/attention.py reads every row's blocks where they are, up
+  to its own length; nothing is copied.
 `prepare` runs once per forward (what every layer shares); `__call__` once per layer.
 """
 
@@ -24,9 +25,9 @@ class TorchDecodeAttention:
         key_pos = torch.arange(kv_length, device=positions.device)
         return key_pos[None, None, None, :] <= positions[:, None, :, None]
 
-    def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, cache_rows: torch.Tensor, kv_length: int,
+    def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, block_tables: torch.Tensor, kv_length: int,
                  mask: torch.Tensor) -> torch.Tensor:
-        keys, values = cache.read(layer, cache_rows, kv_length)
+        keys, values = cache.gather(layer, block_tables, kv_length)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
@@ -41,13 +42,13 @@ class TritonDecodeAttention(TorchDecodeAttention):
             return super().prepare(positions, kv_length)
         return (positions[:, -1] + 1).to(torch.int32)  # each row's length: its new token's position + 1
 
-    def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, cache_rows: torch.Tensor, kv_length: int,
+    def __call__(self, q: torch.Tensor, cache: KVCache, layer: int, block_tables: torch.Tensor, kv_length: int,
                  context: torch.Tensor) -> torch.Tensor:
         if q.shape[2] > 1:
-            return super().__call__(q, cache, layer, cache_rows, kv_length, context)
+            return super().__call__(q, cache, layer, block_tables, kv_length, context)
         from ..kernels.attention import decode_attention
 
-        out = decode_attention(q[:, :, 0], cache.keys[layer], cache.values[layer], cache_rows, context,
+        out = decode_attention(q[:, :, 0], cache.keys[layer], cache.values[layer], block_tables, context,
                                q.shape[-1] ** -0.5)
         return out.unsqueeze(2)  # [B, heads, 1, head_dim], as scaled_dot_product_attention returns
 

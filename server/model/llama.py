@@ -130,17 +130,20 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class ForwardBatch:
-    """One forward pass, built by the engine.
+    """One forward pass, built by the engine's runner.
 
-    tokens/positions: [B, T]; cache_rows: [B]; token_slots: [B*T] adapter slot per token, or None
-    when no row has an adapter. prefill=True: the rows are fresh right-padded prompts (attend
-    causally among themselves); False: each row attends to its cache up to its position, with
-    kv_length (a host int) the longest span needed.
+    tokens/positions: [B, T]. slots: [B*T] the flat KV-cache slot each token's keys are written to
+    (block * block_size + offset; padding tokens: the scratch slot). block_tables: [B, W] the
+    blocks each row reads, in order (entries past its length: the scratch block). token_slots:
+    [B*T] adapter slot per token, or None when no row has an adapter. prefill=True: the rows are
+    fresh right-padded prompts (attend causally among themselves); False: each token attends to
+    its row's cache up to its own position, with kv_length (a host int) the longest span needed.
     """
 
     tokens: torch.Tensor
     positions: torch.Tensor
-    cache_rows: torch.Tensor
+    slots: torch.Tensor
+    block_tables: torch.Tensor
     token_slots: torch.Tensor | None
     prefill: bool
     kv_length: int
@@ -178,11 +181,11 @@ class DecoderLayer(nn.Module):
         v = v.reshape(bsz, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        cache.write(layer, batch.cache_rows, batch.positions, k, v)
+        cache.write(layer, batch.slots, k, v)
         if batch.prefill:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            attn = self.decode_attention(q, cache, layer, batch.cache_rows, batch.kv_length, decode_context)
+            attn = self.decode_attention(q, cache, layer, batch.block_tables, batch.kv_length, decode_context)
         attn = attn.transpose(1, 2).reshape(bsz * seq, spec.num_heads * spec.head_dim)
         x = x + p["o_proj"](attn, lora).view(bsz, seq, hidden)
 

@@ -112,7 +112,7 @@ class Generations:
 
     async def run(self, request: GenerationInput, protocol: str) -> AsyncIterator[Piece]:
         """Pieces as text becomes available; raises a HotloraError for anything refused. Closing
-        the iterator early (the caller went away) cancels the request and frees its KV row."""
+        the iterator early (the caller went away) cancels the request and frees its KV blocks."""
         call = _Call(protocol)
         try:
             loaded = self.ready()

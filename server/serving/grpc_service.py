@@ -185,7 +185,8 @@ def _output_format(message) -> OutputFormat:
 
 
 def _usage(output: Output):
-    return generation_pb2.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=len(output.token_ids))
+    return generation_pb2.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=len(output.token_ids),
+                                cached_tokens=output.cached_tokens)
 
 
 def _adapter_used(version: AdapterVersion | None, output: Output | None):

@@ -311,7 +311,8 @@ def _one_prompt(prompt) -> tuple[str | None, tuple[int, ...] | None]:
 
 def _usage(piece: Piece) -> dict:
     prompt, completion = piece.output.prompt_tokens, len(piece.output.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": piece.output.cached_tokens}}
 
 
 class _Responses:

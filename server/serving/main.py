@@ -187,7 +187,12 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
          help="waiting requests one adapter (or the base model) may have (default: half of --max-queue)")
     flag("--prefill-chunk-tokens", type=int,
          help="prefill prompts longer than this in chunks of it, one per step, so running streams keep going")
-    flag("--kv-cache-bytes", type=int, help="memory budget for the KV cache (limits the batch)")
+    flag("--kv-cache-bytes", type=int,
+         help="memory for the paged KV cache; sequences take blocks as they grow (default: --max-batch-size "
+              "sequences of --max-seq-len)")
+    flag("--kv-block-size", type=int, default=EngineConfig.kv_block_size, help="tokens per KV cache block")
+    flag("--no-prefix-caching", action="store_true",
+         help="do not share the KV blocks of prompt prefixes already computed (shared per adapter version by default)")
     flag("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     flag("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     flag("--default-max-new-tokens", type=int, default=ServerConfig.default_max_new_tokens, help="when a request sets none")
@@ -231,14 +236,15 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     num = lambda value, kind=int: None if value is None else kind(value)  # noqa: E731  env values are strings
     compile_decode = _flag_value(p, "HOTLORA_COMPILE", a.compile)
     no_cuda_graphs = _flag_value(p, "HOTLORA_NO_CUDA_GRAPHS", a.no_cuda_graphs)
+    no_prefix_caching = _flag_value(p, "HOTLORA_NO_PREFIX_CACHING", a.no_prefix_caching)
     try:
         engine = EngineConfig(max_batch_size=num(a.max_batch_size), max_seq_len=num(a.max_seq_len),
                               max_adapters=num(a.max_adapters), max_rank=num(a.max_rank), max_queue=num(a.max_queue),
                               max_queue_per_adapter=num(a.max_queue_per_adapter),
                               prefill_chunk_tokens=num(a.prefill_chunk_tokens),
-                              kv_cache_bytes=num(a.kv_cache_bytes), device=a.device, dtype=a.dtype, seed=num(a.seed),
+                              kv_cache_bytes=num(a.kv_cache_bytes), kv_block_size=num(a.kv_block_size), device=a.device, dtype=a.dtype, seed=num(a.seed),
                               kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode,
-                              cuda_graphs=not no_cuda_graphs)
+                              cuda_graphs=not no_cuda_graphs, prefix_caching=not no_prefix_caching)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages))
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
                                  host_cache_size=num(a.host_cache_adapters), host_cache_bytes=num(a.host_cache_bytes),

@@ -1,0 +1,129 @@
+"""Prefix caching (server/engine/blocks.py): a prompt prefix computed once is reused by later
+requests on the same adapter version, changes no token and no logit beyond float32 noise, and is
+never reused across adapters, across the base model and an adapter, or across two versions of
+one name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
+
+CONFIG = EngineConfig(max_batch_size=6, max_seq_len=96, max_adapters=3, max_rank=16)
+SYSTEM = [(11 + 13 * i) % 250 + 1 for i in range(48)]  # three blocks of 16
+
+
+def sampling(n: int = 6) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, logprobs=3)
+
+
+def question(k: int, length: int) -> list[int]:
+    return [(7 * k + 3 * i) % 250 + 1 for i in range(length)]
+
+
+@pytest.fixture(scope="module")
+def engines(llama_dir, peft_adapters):
+    made = {}
+    for caching in (True, False):
+        engine = Engine.from_pretrained(llama_dir, dataclasses.replace(CONFIG, prefix_caching=caching))
+        for name, path in peft_adapters.items():
+            engine.load_adapter(name, path)
+        made[caching] = engine
+    yield made
+    for engine in made.values():
+        engine.close()
+
+
+def run(engine: Engine, requests: list[Request]):
+    handles = [engine.submit(r) for r in requests]
+    return [(h.result(timeout=60), h.logprobs) for h in handles]
+
+
+def test_a_cached_prefix_changes_no_token_and_no_logit(engines):
+    """A system prompt shared by requests over mixed adapters: the first round fills the cache,
+    the second hits it — with prompts that end exactly on a block boundary (48: the last block is
+    computed, two are reused), one token after it (49: three reused, one token computed), and
+    further on. Tokens equal the engine's without caching; logprobs agree to float32 noise."""
+    cached, plain = engines[True], engines[False]
+    lengths, adapters = [0, 1, 7, 20], ["cheese", None, "wine", "bread"]
+    first = [Request(SYSTEM + question(k, n), a, sampling()) for k, (n, a) in enumerate(zip(lengths, adapters))]
+    again = [Request(SYSTEM + question(k + 10, n), a, sampling()) for k, (n, a) in enumerate(zip(lengths, adapters))]
+    for requests in (first, again):
+        got, want = run(cached, requests), run(plain, requests)
+        for (out, logprobs), (expected, expected_logprobs) in zip(got, want):
+            assert out.token_ids == expected.token_ids
+            for lp, elp in zip(logprobs, expected_logprobs):
+                assert lp.logprob == pytest.approx(elp.logprob, abs=1e-4)  # measured: equal on AVX512 CPUs
+                assert [t for t, _ in lp.top] == [t for t, _ in elp.top]
+        assert all(expected.cached_tokens == 0 for expected, _ in want)
+    assert [out.cached_tokens for out, _ in got] == [32, 48, 48, 48]  # the second round, on its own adapters
+
+
+def test_adapters_and_the_base_model_never_share_blocks(engines, peft_adapters):
+    engine = engines[True]
+    prompt = question(99, 53)  # three shareable blocks no earlier test computed
+
+    def cached_tokens(adapter):
+        return run(engine, [Request(prompt, adapter, sampling(2))])[0][0].cached_tokens
+
+    assert cached_tokens("cheese") == 0
+    assert cached_tokens("wine") == 0  # the same tokens under another adapter
+    assert cached_tokens(None) == 0  # ... and under the base model
+    assert [cached_tokens(a) for a in ("cheese", "wine", None)] == [48, 48, 48]  # each its own
+
+
+def test_the_same_name_with_new_weights_never_hits_the_old_blocks(llama_dir, peft_adapters):
+    """Replacing 'cheese' with other weights (same name, new content): the next request computes
+    its prompt afresh and gets the new weights' tokens; the old content loaded under a new name
+    hits the old blocks, which hold exactly its numbers."""
+    engine = Engine.from_pretrained(llama_dir, CONFIG)
+    fresh = Engine.from_pretrained(llama_dir, dataclasses.replace(CONFIG, prefix_caching=False))
+    try:
+        engine.load_adapter("cheese", peft_adapters["cheese"])
+        fresh.load_adapter("cheese", peft_adapters["wine"])
+        prompt = SYSTEM + question(5, 9)
+        assert run(engine, [Request(prompt, "cheese", sampling())])[0][0].cached_tokens == 0
+        assert run(engine, [Request(prompt, "cheese", sampling())])[0][0].cached_tokens == 48
+        engine.load_adapter("cheese", peft_adapters["wine"])  # a new version under the old name
+        out = run(engine, [Request(prompt, "cheese", sampling())])[0][0]
+        assert out.cached_tokens == 0
+        assert out.token_ids == run(fresh, [Request(prompt, "cheese", sampling())])[0][0].token_ids
+        engine.load_adapter("cheese-again", peft_adapters["cheese"])  # the old content, another name
+        assert run(engine, [Request(prompt, "cheese-again", sampling())])[0][0].cached_tokens == 48
+    finally:
+        engine.close()
+        fresh.close()
+
+
+def test_blocks_nobody_holds_are_evicted_when_the_pool_needs_them(llama_dir):
+    """A pool of 8 blocks: a 48-token prefix leaves 3 blocks registered; other prompts then take
+    every block, evicting them (oldest released first); the prefix is computed again, with the
+    same tokens."""
+    spec = Engine.from_pretrained(llama_dir, CONFIG)
+    per_block = spec.cache.nbytes // (spec.cache.num_blocks + 1)
+    spec.close()
+    engine = Engine.from_pretrained(llama_dir, dataclasses.replace(CONFIG, kv_cache_bytes=9 * per_block))
+    try:
+        assert engine.cache.num_blocks == 8 and engine.cache.max_blocks_per_seq == 6
+        prompt = SYSTEM + question(1, 4)
+        first = run(engine, [Request(prompt, None, sampling())])[0][0]
+        assert run(engine, [Request(prompt, None, sampling())])[0][0].cached_tokens == 48
+        assert engine.stats()["kv_blocks_used"] == 0  # registered blocks nobody holds count as free
+        run(engine, [Request(question(k, 80), None, sampling(2)) for k in range(2)])  # 6 blocks each
+        again = run(engine, [Request(prompt, None, sampling())])[0][0]
+        assert again.cached_tokens < 48 and again.token_ids == first.token_ids
+    finally:
+        engine.close()
+
+
+def test_the_hit_rate_is_counted(engines):
+    engine = engines[True]
+    before = engine.stats()
+    prompt = question(300, 40)  # two shareable blocks (the third holds its last token)
+    run(engine, [Request(prompt, "wine", sampling(1))])
+    run(engine, [Request(prompt, "wine", sampling(1))])
+    after = engine.stats()
+    assert after["prefix_cache_prompt_tokens"] - before["prefix_cache_prompt_tokens"] == 2 * len(prompt)
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 32

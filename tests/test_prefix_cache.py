@@ -127,3 +127,20 @@ def test_the_hit_rate_is_counted(engines):
     after = engine.stats()
     assert after["prefix_cache_prompt_tokens"] - before["prefix_cache_prompt_tokens"] == 2 * len(prompt)
     assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 32
+
+
+def test_a_chunked_prompt_starts_its_chunks_after_its_cached_prefix(llama_dir, engines):
+    """With prefill_chunk_tokens, a long prompt whose prefix is cached is prefilled chunk by chunk
+    from the end of that prefix, and generates what a whole prefill without the cache does."""
+    engine = Engine.from_pretrained(llama_dir, dataclasses.replace(CONFIG, prefill_chunk_tokens=16))
+    try:
+        prompt = question(500, 70)
+        want = run(engines[False], [Request(prompt, None, sampling())])[0][0].token_ids
+        first = run(engine, [Request(prompt, None, sampling())])[0][0]
+        other = prompt[:32] + question(501, 38)  # 38 tokens past the cached 32: three chunks
+        again = run(engine, [Request(other, None, sampling())])[0][0]
+        assert first.token_ids == want and first.cached_tokens == 0
+        assert again.cached_tokens == 32
+        assert again.token_ids == run(engines[False], [Request(other, None, sampling())])[0][0].token_ids
+    finally:
+        engine.close()

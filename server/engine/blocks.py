@@ -90,6 +90,10 @@ class BlockManager:
         taken_idle = sum(1 for block in hits if self._holders[block] == 0)  # they leave the free pool too
         return self.blocks_for(len(seq.tokens)) - len(hits) + taken_idle + reserve <= self.free_blocks
 
+    def cached_prefix(self, seq: Sequence) -> int:
+        """How many of seq's tokens allocate() would find in the cache now."""
+        return len(self._hits(seq)) * self.block_size
+
     def allocate(self, seq: Sequence, share: bool = True) -> None:
         """A row and blocks for every token seq holds (can_allocate must have said yes): its
         longest cached prefix's blocks when `share`, fresh ones for the rest. seq.prefilled is

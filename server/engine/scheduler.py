@@ -165,8 +165,9 @@ class Scheduler:
                 break
             if not self.blocks.can_allocate(seq, reserve=spare * (busy + taken)):
                 break  # the rest wait until running sequences give blocks back
-            chunked = chunk is not None and len(seq.tokens) > chunk  # (a cached prefix then shortens the chunks)
-            longest = max([len(s.tokens) for s in admission.whole] + [len(seq.tokens)])
+            todo = len(seq.tokens) - self.blocks.cached_prefix(seq)  # what its prefill computes
+            chunked = chunk is not None and todo > chunk
+            longest = max([len(s.tokens) - s.prefilled for s in admission.whole] + [todo])
             if admission.whole and not chunked and longest * (len(admission.whole) + 1) > self.config.max_prefill_tokens:
                 break  # the rest join at the next step
             adapter = seq.adapter

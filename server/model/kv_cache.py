@@ -54,7 +54,7 @@ class KVCache:
         # at least two blocks (where the table has them): a torch.compile'd decode would otherwise
         # specialize on one block and recompile when a sequence reaches its second
         count = max(math.ceil(length / self.block_size), min(2, tables.shape[1]))
-        blocks = tables[:, :count].long()
+        blocks = tables[:, :count]
 
         def take(pool: torch.Tensor) -> torch.Tensor:
             return pool[layer][blocks].flatten(1, 2)[:, :length].transpose(1, 2)

@@ -33,8 +33,11 @@ class EngineConfig:
     kv_cache_bytes: memory for the paged KV cache (server/model/kv_cache.py), in blocks of
       kv_block_size tokens; sequences take blocks as they grow, so many short ones fit where few
       max_seq_len ones would. It must hold one max_seq_len sequence. None: max_batch_size
-      sequences of max_seq_len (every row can be full at once; nothing is ever preempted).
+      sequences of max_seq_len (every row can be full at once; nothing is ever preempted), on
+      CUDA at most kv_cache_fraction of the device memory free once the weights are loaded.
     kv_block_size: tokens per KV cache block.
+    kv_cache_fraction: on CUDA without kv_cache_bytes, the share of free device memory the KV
+      pool may take (the rest is left for activations, CUDA graphs and the allocator).
     prefix_caching: share the KV blocks of prompt prefixes already computed, per adapter version
       (server/engine/blocks.py); a request prefills only what follows its longest cached prefix.
     max_queue: requests waiting for admission before submit() refuses with ResourceExhausted.
@@ -71,6 +74,7 @@ class EngineConfig:
     max_rank: int = 16
     kv_cache_bytes: int | None = None
     kv_block_size: int = 16
+    kv_cache_fraction: float = 0.8
     prefix_caching: bool = True
     max_queue: int = 256
     max_queue_per_adapter: int | None = None
@@ -92,6 +96,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.nf4_path must be one of {NF4_PATHS}, got {self.nf4_path!r}")
         if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
             raise ValueError(f"EngineConfig.prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"EngineConfig.kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.max_queue_per_adapter is not None and self.max_queue_per_adapter < 1:
             raise ValueError(f"EngineConfig.max_queue_per_adapter must be >= 1, got {self.max_queue_per_adapter}")
         for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens",

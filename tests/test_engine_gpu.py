@@ -165,3 +165,21 @@ def test_hot_load_under_load_on_cuda(llama_dir, peft_adapters):
         assert long.result().finish_reason.value == "length"
     finally:
         engine.close()
+
+
+def test_on_cuda_the_default_kv_pool_fits_in_a_fraction_of_free_memory(llama_dir):
+    """CUDA twin of tests/test_paged_kv.py's default pool: without kv_cache_bytes the pool would
+    be max_batch_size sequences of max_seq_len, but on CUDA it takes at most kv_cache_fraction of
+    the memory free after the weights."""
+    config = EngineConfig(max_batch_size=64, max_seq_len=8192, max_adapters=1, max_rank=8, device="cuda",
+                          dtype="bfloat16", kv_cache_fraction=0.001, cuda_graphs=False)
+    free_before, _ = torch.cuda.mem_get_info()
+    engine = Engine.from_pretrained(llama_dir, config)
+    try:
+        full = 64 * engine.cache.max_blocks_per_seq
+        assert engine.cache.max_blocks_per_seq <= engine.cache.num_blocks < full
+        assert engine.cache.nbytes <= 0.001 * free_before
+        out = engine.generate([Request(prompt_ids=[5, 6, 7], sampling=greedy_fixed(4))])[0]
+        assert len(out.token_ids) == 4
+    finally:
+        engine.close()

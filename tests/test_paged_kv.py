@@ -120,3 +120,10 @@ def test_preemption_and_resume_give_the_uninterrupted_tokens(llama_dir, peft_ada
         assert engine.stats()["kv_blocks_used"] == 0 and engine.blocks.free_rows == engine.blocks.rows
     finally:
         engine.close()
+
+
+def test_the_default_pool_holds_every_row_at_max_seq_len(reference):
+    """Without kv_cache_bytes (on CPU; tests/test_engine_gpu.py has the CUDA twin, where free
+    memory may cap it): max_batch_size sequences of max_seq_len, so nothing is ever preempted."""
+    assert reference.cache.num_blocks == CONFIG.max_batch_size * reference.cache.max_blocks_per_seq
+    assert reference.blocks.holds_every_row()

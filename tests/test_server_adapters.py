@@ -79,6 +79,51 @@ def test_hot_swap_running_stream_finishes_on_v1_new_requests_get_v2(llama_dir, p
         assert list(pinned.token_ids) == v1_tokens
 
 
+LONG_PROMPT = [(9 + 5 * i) % 250 + 1 for i in range(40)]  # two full blocks of 16 can be shared
+
+
+def test_a_store_hot_swap_under_load_never_serves_the_old_versions_cached_keys(llama_dir, peft_adapters, cheese_v2,
+                                                                               tmp_path):
+    """Prefix caching across a publish: while a v1 stream runs on a cached prompt, v2 becomes
+    current; v2's first request on that prompt computes it afresh (cached_tokens 0) and gets v2's
+    tokens, its second reuses v2's blocks, and a request pinned to v1 may reuse v1's (the same
+    files, the same numbers)."""
+    store = AdapterStore(tmp_path / "store")
+    store.publish("cheese", peft_adapters["cheese"], manifest={"base_fingerprint": base_fingerprint(llama_dir)})
+
+    def request(adapter, n):
+        return pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=LONG_PROMPT), adapter=adapter, max_new_tokens=n,
+                                  ignore_eos=True, sampling=pb.SamplingParameters(temperature=0.0))
+
+    def tokens_alone(adapter_dir):
+        engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=1, max_seq_len=160, max_adapters=1,
+                                                                max_rank=16, prefix_caching=False))
+        try:
+            engine.load_adapter("x", adapter_dir)
+            return engine.generate([Request(LONG_PROMPT, "x", SamplingParams(max_new_tokens=8, temperature=0.0,
+                                                                             ignore_eos=True))])[0].token_ids
+        finally:
+            engine.close()
+
+    v1_tokens, v2_tokens = tokens_alone(peft_adapters["cheese"]), tokens_alone(cheese_v2)
+    assert v1_tokens != v2_tokens
+    with serve(llama_dir, store.root) as server, server.channel() as channel:
+        generation, admin = generation_pb2_grpc.GenerationStub(channel), adapters_pb2_grpc.AdaptersStub(channel)
+        assert generation.Generate(request("cheese", 8), timeout=60).usage.cached_tokens == 0
+        stream = generation.GenerateStream(request("cheese", 100), timeout=120)
+        first = next(stream)
+        store.publish("cheese", cheese_v2)
+        wait_until(lambda: admin.GetAdapter(apb.GetAdapterRequest(adapter="cheese")).version == "v2")
+        fresh = generation.Generate(request("cheese", 8), timeout=60)
+        again = generation.Generate(request("cheese", 8), timeout=60)
+        rest = list(stream)
+        assert first.adapter.version == "v1" and rest[-1].usage.cached_tokens == 32  # v1 reused v1's blocks
+        assert fresh.adapter.version == "v2" and fresh.usage.cached_tokens == 0 and list(fresh.token_ids) == v2_tokens
+        assert again.usage.cached_tokens == 32 and list(again.token_ids) == v2_tokens
+        pinned = generation.Generate(request("cheese@v1", 8), timeout=60)
+        assert list(pinned.token_ids) == v1_tokens
+
+
 def corrupt_truncated(d):
     path = d / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])

@@ -31,8 +31,32 @@ from collections import OrderedDict, deque
 
 import torch
 
+from ..config import EngineConfig
 from ..model.kv_cache import KVCache
 from .sequence import Sequence
+
+
+def pool_blocks(config: EngineConfig, per_block: int, device: torch.device) -> int:
+    """How many blocks the KV pool gets (the scratch block comes on top): kv_cache_bytes' worth;
+    by default max_batch_size sequences of max_seq_len (more could never be used at once), and on
+    CUDA no more than kv_cache_fraction of the device memory still free (the weights and the LoRA
+    pools are allocated by then)."""
+    per_sequence = math.ceil(config.max_seq_len / config.kv_block_size)
+    if config.kv_cache_bytes is not None:
+        blocks = config.kv_cache_bytes // per_block - 1
+        if blocks < per_sequence:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} "
+                             f"tokens ({per_sequence} blocks of {per_block} bytes, and one scratch block)")
+        return blocks
+    blocks = config.max_batch_size * per_sequence
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        affordable = int(free * config.kv_cache_fraction) // per_block - 1
+        if affordable < per_sequence:
+            raise ValueError(f"{free / 2**30:.1f} GiB free on {device}: kv_cache_fraction={config.kv_cache_fraction} of "
+                             f"it holds no sequence of {config.max_seq_len} tokens; lower --max-seq-len")
+        blocks = min(blocks, affordable)
+    return blocks
 
 
 class BlockManager:

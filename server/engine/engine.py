@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import random
 import threading
 import time
@@ -45,7 +44,7 @@ from ..model.kv_cache import KVCache
 from ..model.llama import Transformer, load_model
 from ..model.sampling import SamplingParams
 from .requests import AdapterInfo, FinishReason, Output, Request, RequestHandle, TokenLogprob
-from .blocks import BlockManager
+from .blocks import BlockManager, pool_blocks
 from .runner import ModelRunner, Sampled
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -64,17 +63,10 @@ class Engine:
         self.spec = model.spec
         self.device, self.dtype = model.device, model.dtype
         spec = model.spec
-        block = config.kv_block_size
-        per_block = KVCache.bytes_per_block(spec.num_layers, block, spec.num_kv_heads, spec.head_dim, self.dtype)
-        per_sequence = math.ceil(config.max_seq_len / block)
-        if config.kv_cache_bytes is None:  # every row can reach max_seq_len: the contiguous cache's memory
-            num_blocks = config.max_batch_size * per_sequence
-        else:
-            num_blocks = config.kv_cache_bytes // per_block - 1  # the scratch block comes on top
-            if num_blocks < per_sequence:
-                raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} "
-                                 f"tokens ({per_sequence} blocks of {per_block} bytes, and one scratch block)")
-        self.cache = KVCache(spec.num_layers, num_blocks, block, spec.num_kv_heads, spec.head_dim, config.max_seq_len,
+        per_block = KVCache.bytes_per_block(spec.num_layers, config.kv_block_size, spec.num_kv_heads, spec.head_dim,
+                                            self.dtype)
+        num_blocks = pool_blocks(config, per_block, self.device)
+        self.cache = KVCache(spec.num_layers, num_blocks, config.kv_block_size, spec.num_kv_heads, spec.head_dim, config.max_seq_len,
                              self.device, self.dtype)
         self.blocks = BlockManager(self.cache, config.max_batch_size, config.prefix_caching)
         self.runner = ModelRunner(model, self.cache, self.blocks, config)

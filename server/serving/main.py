@@ -191,6 +191,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
          help="memory for the paged KV cache; sequences take blocks as they grow (default: --max-batch-size "
               "sequences of --max-seq-len)")
     flag("--kv-block-size", type=int, default=EngineConfig.kv_block_size, help="tokens per KV cache block")
+    flag("--kv-cache-fraction", type=float, default=EngineConfig.kv_cache_fraction,
+         help="on CUDA without --kv-cache-bytes: the share of free device memory the KV cache may take")
     flag("--no-prefix-caching", action="store_true",
          help="do not share the KV blocks of prompt prefixes already computed (shared per adapter version by default)")
     flag("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -242,7 +244,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               max_adapters=num(a.max_adapters), max_rank=num(a.max_rank), max_queue=num(a.max_queue),
                               max_queue_per_adapter=num(a.max_queue_per_adapter),
                               prefill_chunk_tokens=num(a.prefill_chunk_tokens),
-                              kv_cache_bytes=num(a.kv_cache_bytes), kv_block_size=num(a.kv_block_size), device=a.device, dtype=a.dtype, seed=num(a.seed),
+                              kv_cache_bytes=num(a.kv_cache_bytes), kv_block_size=num(a.kv_block_size),
+                              kv_cache_fraction=num(a.kv_cache_fraction, float), device=a.device, dtype=a.dtype, seed=num(a.seed),
                               kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode,
                               cuda_graphs=not no_cuda_graphs, prefix_caching=not no_prefix_caching)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages))

@@ -79,7 +79,7 @@ def test_many_short_sequences_and_a_long_one_are_admitted_together():
             for i, n in enumerate([100] + [10] * 6)]
     with lock:
         for seq in seqs:
-            scheduler.add(seq)
+            scheduler.add([seq])
     admitted = scheduler.schedule().whole
     assert admitted == seqs[:5]
     assert [len(s.blocks) for s in admitted] == [7, 1, 1, 1, 1] and blocks.free_blocks == 5

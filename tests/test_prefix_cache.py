@@ -144,3 +144,17 @@ def test_a_chunked_prompt_starts_its_chunks_after_its_cached_prefix(llama_dir, e
         assert again.token_ids == run(engines[False], [Request(other, None, sampling())])[0][0].token_ids
     finally:
         engine.close()
+
+
+def test_samples_of_one_prompt_share_its_blocks(engines):
+    """n samples (OpenAI's n): the first is prefilled, the others take its prompt's blocks from
+    the cache; with a seed, sample i draws what a request seeded seed + i draws alone."""
+    cached, plain = engines[True], engines[False]
+    prompt = question(700, 40)  # two shareable blocks
+    seeded = SamplingParams(max_new_tokens=8, temperature=0.9, seed=21, ignore_eos=True)
+    handles = cached.submit_samples(Request(prompt, "bread", seeded), 3)
+    outs = [h.result(timeout=60) for h in handles]
+    assert [o.cached_tokens for o in outs] == [0, 32, 32]
+    alone = [plain.generate([Request(prompt, "bread", dataclasses.replace(seeded, seed=21 + i))])[0].token_ids
+             for i in range(3)]
+    assert [o.token_ids for o in outs] == alone and len({tuple(t) for t in alone}) == 3

@@ -32,6 +32,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -136,7 +137,7 @@ class Engine:
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request. With `loop`, the handle is iterated with `async for` on that loop."""
         self.check(request)
-        return self._enqueue(request, loop)
+        return self._enqueue([request], loop)[0]
 
     def submit_async(self, request: Request) -> RequestHandle:
         """Like submit(), for asyncio callers: iterate the handle with `async for`."""
@@ -147,7 +148,7 @@ class Engine:
         checked before any is queued, so one bad request leaves nothing running."""
         for request in requests:
             self.check(request)
-        handles = [self._enqueue(r, None) for r in requests]
+        handles = [self._enqueue([r], None)[0] for r in requests]
         return [h.result() for h in handles]
 
     def check(self, request: Request) -> None:
@@ -167,24 +168,46 @@ class Engine:
                 f"exceeds max_seq_len {self.config.max_seq_len}"
             )
 
-    def _enqueue(self, request: Request, loop) -> RequestHandle:
-        """Queue a request that check() has passed."""
+    def submit_samples(self, request: Request, n: int, loop: asyncio.AbstractEventLoop | None = None
+                       ) -> list[RequestHandle]:
+        """n samples of one prompt (OpenAI's `n`), queued together: sample i draws with seed + i
+        when the request has a seed. The first is prefilled; the others wait for it and take its
+        prompt's blocks from the prefix cache (each computes only the block holding the prompt's
+        last token)."""
+        if not isinstance(n, int) or n < 1:
+            raise InvalidRequest(f"n must be an integer >= 1, got {n!r}")
+        self.check(request)
+        seed = request.sampling.seed
+        samples = [request if seed is None else replace(request, sampling=replace(request.sampling, seed=(seed + i) % 2**64))
+                   for i in range(n)]
+        return self._enqueue(samples, loop)
+
+    def _enqueue(self, requests: list[Request], loop) -> list[RequestHandle]:
+        """Queue requests that check() has passed, all or none; each after the first waits for
+        the first's prefill (they are samples of one prompt) when there are several."""
+        seqs = [self._sequence(r, loop) for r in requests]
+        for seq in seqs[1:]:
+            seq.leader = seqs[0]
+        with self._lock:
+            if self._closing:
+                raise Draining("the engine is shutting down")
+            adapter = self._adapter(requests[0])
+            for seq in seqs:
+                seq.adapter = adapter
+            self.scheduler.add(seqs)
+            self._lock.notify()
+        return [s.handle for s in seqs]
+
+    def _sequence(self, request: Request, loop) -> Sequence:
         request_id = request.request_id or f"req-{next(self._ids)}"
-        handle = RequestHandle(request_id, loop)
         sampling = request.sampling
         stop_ids = set(sampling.stop_token_ids)
         if not sampling.ignore_eos:
             stop_ids.update(self.spec.eos_token_ids)
         matcher = request.grammar.matcher() if request.grammar is not None else None  # before any lock
         seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(64)
-        with self._lock:
-            if self._closing:
-                raise Draining("the engine is shutting down")
-            adapter = self._adapter(request)
-            self.scheduler.add(Sequence(request, handle, adapter, frozenset(stop_ids), seed, matcher,
-                                        tokens=list(request.prompt_ids)))
-            self._lock.notify()
-        return handle
+        return Sequence(request, RequestHandle(request_id, loop), None, frozenset(stop_ids), seed, matcher,
+                        tokens=list(request.prompt_ids))
 
     def _adapter(self, request: Request) -> LoadedAdapter | None:  # holds the lock
         if not request.adapter:

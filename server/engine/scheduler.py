@@ -64,19 +64,21 @@ class Scheduler:
 
     # ---------------------------------------------------------------- the queues
 
-    def add(self, seq: Sequence) -> None:  # holds the lock
-        """Queue a sequence, within the queue limits; it holds its adapter from now on."""
-        if len(self.waiting) >= self.config.max_queue:
+    def add(self, seqs: list[Sequence]) -> None:  # holds the lock
+        """Queue sequences on one adapter, all or none, within the queue limits; each holds its
+        adapter from now on."""
+        if len(self.waiting) + len(seqs) > self.config.max_queue:
             raise ResourceExhausted(f"request queue is full ({self.config.max_queue} waiting)")
-        adapter = seq.adapter
+        adapter = seqs[0].adapter
         waiting = sum(1 for s in self.waiting if s.adapter is adapter)
-        if waiting >= self.config.queue_per_adapter:
+        if waiting + len(seqs) > self.config.queue_per_adapter:
             raise ResourceExhausted(f"{'adapter ' + repr(adapter.name) if adapter else 'the base model'} already has "
                                     f"{waiting} requests waiting (max_queue_per_adapter)")
-        if adapter is not None:
-            adapter.refs += 1
-            adapter.last_used = time.time()
-        self.waiting.append(seq)
+        for seq in seqs:
+            if adapter is not None:
+                adapter.refs += 1
+                adapter.last_used = time.time()
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:  # holds the lock
         return bool(self.waiting or self.prefilling or self.running)
@@ -163,6 +165,8 @@ class Scheduler:
             taken = len(admission.whole) + len(admission.chunked)
             if busy + taken >= self.config.max_batch_size:
                 break
+            if self._waits_for_leader(seq):
+                continue
             if not self.blocks.can_allocate(seq, reserve=spare * (busy + taken)):
                 break  # the rest wait until running sequences give blocks back
             todo = len(seq.tokens) - self.blocks.cached_prefix(seq)  # what its prefill computes
@@ -230,6 +234,13 @@ class Scheduler:
                 adapter.active -= 1
             for s in seqs:
                 self.blocks.release(s)
+
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        """Another sample of its prompt is being prefilled: it waits to take that prompt's blocks
+        from the prefix cache instead of computing them again."""
+        leader = seq.leader
+        return (leader is not None and self.blocks.prefix_caching and leader not in self.running
+                and not leader.handle.done())
 
     def _make_resident(self, adapter: LoadedAdapter, admission: Admission) -> bool:
         """slots.make_resident, evicting if need be. A slot write that fails (a device error) fails

@@ -19,7 +19,6 @@ KV budget holds.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile

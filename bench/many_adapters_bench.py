@@ -72,7 +72,7 @@ def run_case(manager: AdapterManager, names: list[str], requests: int, concurren
 
     def one(i: int) -> float:
         started = time.perf_counter()
-        handle, _ = manager.submit(AdapterRef(names[i % len(names)]), Request(prompt, sampling=sampling))
+        (handle,), _ = manager.submit(AdapterRef(names[i % len(names)]), Request(prompt, sampling=sampling))
         tokens = iter(handle)
         next(tokens)
         first = time.perf_counter() - started

@@ -154,14 +154,16 @@ class AdapterConfig:
 class RequestLimits:
     """Checked on the raw request before any work, so an oversized one costs the server nothing.
     max_prompt_bytes: UTF-8 bytes of the prompt, or of all chat messages together.
-    max_messages: chat messages per request."""
+    max_messages: chat messages per request.
+    max_samples: samples of one prompt a request may ask for (OpenAI's n)."""
 
     max_prompt_bytes: int = 1 << 20
     max_messages: int = 1024
+    max_samples: int = 16
 
     def __post_init__(self) -> None:
-        if self.max_prompt_bytes < 1 or self.max_messages < 1:
-            raise ValueError("RequestLimits: max_prompt_bytes and max_messages must be >= 1")
+        if self.max_prompt_bytes < 1 or self.max_messages < 1 or self.max_samples < 1:
+            raise ValueError("RequestLimits: max_prompt_bytes, max_messages and max_samples must be >= 1")
 
 
 @dataclass(frozen=True)

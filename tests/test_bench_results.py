@@ -57,7 +57,7 @@ def test_gpu_check_steps_need_nothing_a_bare_gpu_image_lacks(tmp_path):
     commands = [step.command for step in steps(False, True, tmp_path / "model")]
     test_files = sorted({arg for command in commands for arg in command if arg.startswith("tests/")})
     benches = sorted({arg for command in commands for arg in command if arg.startswith("bench/")})
-    assert test_files and len(benches) == 4
+    assert test_files and len(benches) == 5
     collect = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *test_files],
                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert collect.returncode == 0, collect.stdout[-2000:] + collect.stderr[-2000:]

@@ -89,6 +89,26 @@ def test_a_repeated_prompt_reports_its_cached_tokens_on_both_protocols(http, grp
     assert grpc_client.generate(chat, "cheese", max_new_tokens=2).usage.cached_tokens == 0  # another adapter's
 
 
+def test_n_samples_are_the_seeded_answers_in_order_whole_or_streamed(http, grpc_client):
+    """n=3 with a seed: choice i is what gRPC gives for seed + i; the streamed choices arrive
+    interleaved, each opening with the assistant role, and add up to the same texts; usage counts
+    the prompt once and every sample's tokens."""
+    sampled = dict(model="cheese", messages=CHAT, n=3, max_tokens=6, temperature=0.9, seed=11, extra_body=FIXED_LENGTH)
+    reply = http.chat.completions.create(**sampled)
+    texts = [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    want = [grpc_client.generate(CHAT, "cheese", max_new_tokens=6, temperature=0.9, seed=11 + i, ignore_eos=True)
+            for i in range(3)]
+    assert texts == [w.text for w in want] and len(set(texts)) == 3
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (want[0].usage.prompt_tokens, 18)
+    streamed, roles = {}, {}
+    for chunk in http.chat.completions.create(**sampled, stream=True):
+        for choice in chunk.choices:
+            roles.setdefault(choice.index, choice.delta.role)
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts and set(roles.values()) == {"assistant"}
+
+
 def test_model_picks_the_adapter(http):
     answers = {model: http.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0,
                                                    extra_body=FIXED_LENGTH).choices[0].message.content
@@ -153,7 +173,8 @@ def test_grpc_regex_and_json_object_outputs(grpc_client):
 @pytest.mark.parametrize("call, status, words", [
     (lambda c: c.chat.completions.create(model="camembert", messages=CHAT), 404, "camembert"),
     (lambda c: c.chat.completions.create(model=BASE, messages=CHAT, temperature=-1), 400, "temperature"),
-    (lambda c: c.chat.completions.create(model=BASE, messages=CHAT, n=2), 400, "n=1"),
+    (lambda c: c.chat.completions.create(model=BASE, messages=CHAT, n=17), 400, "n: 17 samples"),
+    (lambda c: c.completions.create(model=BASE, prompt="x", n=0), 400, "n: 0 samples"),
     (lambda c: c.chat.completions.create(model=BASE, messages=[]), 400, "messages"),
     (lambda c: c.completions.create(model=BASE, prompt="x", extra_body={"structured_outputs": {"regex": "(a"}}), 400, "regex"),
     (lambda c: c.chat.completions.create(model=BASE, messages=CHAT, response_format={

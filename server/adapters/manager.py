@@ -74,24 +74,26 @@ class AdapterManager:
 
     # ------------------------------------------------------------------ requests
 
-    def submit_if_ready(self, ref: AdapterRef | None, request: Request,
-                        loop=None) -> tuple[RequestHandle, AdapterVersion | None] | None:
+    def submit_if_ready(self, ref: AdapterRef | None, request: Request, loop=None,
+                        n: int = 1) -> tuple[list[RequestHandle], AdapterVersion | None] | None:
         """submit() when nothing needs loading (the base model, a version in memory), without
         blocking: safe on the event loop. None when a load is needed: then submit() on `loader`."""
         if ref is None:
-            return self.engine.submit(request, loop), None
+            return self.engine.submit_samples(request, n, loop), None
         with self._lock:
             key = self._key_in_memory(ref)
             if key is not None:
-                return self.engine.submit(replace(request, adapter=key), loop), self._known[key]
+                return self.engine.submit_samples(replace(request, adapter=key), n, loop), self._known[key]
         return None
 
-    def submit(self, ref: AdapterRef | None, request: Request, loop=None) -> tuple[RequestHandle, AdapterVersion | None]:
-        """Submit `request` on adapter `ref` (None: the base model). Blocks while a cold version
-        is read and validated, so call it on `loader`, never the event loop."""
+    def submit(self, ref: AdapterRef | None, request: Request, loop=None,
+               n: int = 1) -> tuple[list[RequestHandle], AdapterVersion | None]:
+        """Submit `request` on adapter `ref` (None: the base model), as n samples of its prompt
+        (Engine.submit_samples). Blocks while a cold version is read and validated, so call it on
+        `loader`, never the event loop."""
         if ref is None:
-            return self.engine.submit(request, loop), None
-        return self._once_in_memory(ref, lambda key: (self.engine.submit(replace(request, adapter=key), loop),
+            return self.engine.submit_samples(request, n, loop), None
+        return self._once_in_memory(ref, lambda key: (self.engine.submit_samples(replace(request, adapter=key), n, loop),
                                                       self._known[key]))
 
     def resolve_if_ready(self, ref: AdapterRef) -> AdapterVersion | None:

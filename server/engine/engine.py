@@ -177,6 +177,7 @@ class Engine:
         if not isinstance(n, int) or n < 1:
             raise InvalidRequest(f"n must be an integer >= 1, got {n!r}")
         self.check(request)
+        request = replace(request, request_id=request.request_id or f"req-{next(self._ids)}")  # one id for all
         seed = request.sampling.seed
         samples = [request if seed is None else replace(request, sampling=replace(request.sampling, seed=(seed + i) % 2**64))
                    for i in range(n)]

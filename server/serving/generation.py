@@ -56,6 +56,7 @@ class GenerationInput:
     output_format: OutputFormat | None = None
     request_id: str | None = None
     deadline: float | None = None  # time.monotonic() value
+    n: int = 1  # samples of the prompt (OpenAI's n): pieces carry their sample's index
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Piece:
     adapter: AdapterVersion | None  # the version serving the request (None: the base model)
     output: Output | None = None
     stopped_by_string: bool = False
+    index: int = 0  # which of the request's n samples it continues
 
     @property
     def finish_reason(self) -> str | None:
@@ -126,38 +128,19 @@ class Generations:
             engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(loaded.engine, request, len(prompt_ids)),
                                      deadline=request.deadline, request_id=request.request_id, grammar=grammar)
             loaded.engine.check(engine_request)  # the engine's own checks, before any adapter is loaded for it
-            decoder = loaded.codec.decoder(prompt_ids, list(request.stop))
-            handle, version = await _submit(loaded.manager, ref, engine_request)
+            if not 1 <= request.n <= self.limits.max_samples:
+                raise InvalidRequest(f"n: {request.n} samples; give 1 to {self.limits.max_samples}")
+            handles, version = await _submit(loaded.manager, ref, engine_request, request.n)
             call.label = self.metrics.adapter_label(version.name if version else None)
-            pending: list[int] = []
-            text, done = "", 0  # done: tokens already sent in pieces
-            finished = False
-            try:
-                async for token in handle:
-                    call.first_token = call.first_token or time.perf_counter()
-                    pending.append(token)
-                    text += decoder.push([token])
-                    if decoder.stopped:
-                        break
-                    if text:
-                        yield self._piece(text, pending, done, handle, version)
-                        done += len(pending)
-                        pending, text = [], ""
-                finished = not decoder.stopped
-            finally:
-                if not finished:  # a stop string, the caller gone, or any failure: free the sequence now
-                    handle.cancel()
-            output = await handle.aresult()
-            if decoder.stopped:  # what the engine made after the stop string was never the answer
-                output = replace(output, token_ids=output.token_ids[:done + len(pending)], finish_reason=FinishReason.STOP)
-            elif output.finish_reason == FinishReason.DEADLINE:
-                raise DeadlineExceeded(f"deadline exceeded after {len(output.token_ids)} generated tokens")
-            elif output.finish_reason == FinishReason.CANCELLED:
-                raise Draining("the server is shutting down and stopped this request")
-            self._observe(call, output)
-            last = self._piece(text + decoder.finish(), pending, done, handle, version)
-            last.output, last.stopped_by_string = output, decoder.stopped
-            yield last
+            streams = [self._stream(handle, loaded.codec.decoder(prompt_ids, list(request.stop)), version, call, i)
+                       for i, handle in enumerate(handles)]
+            outputs = []
+            async for piece in streams[0] if len(streams) == 1 else _merged(streams):
+                if piece.output is not None:
+                    outputs.append(piece.output)
+                    if len(outputs) == len(streams):
+                        self._observe(call, outputs)
+                yield piece
         except (asyncio.CancelledError, GeneratorExit):
             call.code = "CANCELLED"
             raise
@@ -168,6 +151,39 @@ class Generations:
             raise
         finally:
             self.metrics.requests.labels(call.label, call.code, call.protocol).inc()
+
+    async def _stream(self, handle, decoder, version: AdapterVersion | None, call: _Call,
+                      index: int) -> AsyncIterator[Piece]:
+        """One sample's pieces as its text becomes available, the last with its Output. Closing
+        it early (a stop string, the caller gone, a failure) cancels the sample's sequence."""
+        pending: list[int] = []
+        text, done = "", 0  # done: tokens already sent in pieces
+        finished = False
+        try:
+            async for token in handle:
+                call.first_token = call.first_token or time.perf_counter()
+                pending.append(token)
+                text += decoder.push([token])
+                if decoder.stopped:
+                    break
+                if text:
+                    yield self._piece(text, pending, done, handle, version, index)
+                    done += len(pending)
+                    pending, text = [], ""
+            finished = not decoder.stopped
+        finally:
+            if not finished:  # a stop string, the caller gone, or any failure: free the sequence now
+                handle.cancel()
+        output = await handle.aresult()
+        if decoder.stopped:  # what the engine made after the stop string was never the answer
+            output = replace(output, token_ids=output.token_ids[:done + len(pending)], finish_reason=FinishReason.STOP)
+        elif output.finish_reason == FinishReason.DEADLINE:
+            raise DeadlineExceeded(f"deadline exceeded after {len(output.token_ids)} generated tokens")
+        elif output.finish_reason == FinishReason.CANCELLED:
+            raise Draining("the server is shutting down and stopped this request")
+        last = self._piece(text + decoder.finish(), pending, done, handle, version, index)
+        last.output, last.stopped_by_string = output, decoder.stopped
+        yield last
 
     def count_refused(self, protocol: str, error: BaseException) -> None:
         """A request refused before run() (it could not be parsed): counted like one run refused."""
@@ -193,21 +209,24 @@ class Generations:
         return {i: tokenizer.decode([i], skip_special_tokens=False) for i in ids}
 
     @staticmethod
-    def _piece(text: str, tokens: list[int], done: int, handle, version) -> Piece:
+    def _piece(text: str, tokens: list[int], done: int, handle, version, index: int) -> Piece:
         """A piece of `tokens`, which follow the `done` tokens sent before; handle.logprobs holds
         (at least) one entry per token yielded so far when logprobs were asked for."""
-        return Piece(text, tokens, handle.logprobs[done:done + len(tokens)], handle.request_id, version)
+        return Piece(text, tokens, handle.logprobs[done:done + len(tokens)], handle.request_id, version, index=index)
 
-    def _observe(self, call: _Call, output: Output) -> None:
+    def _observe(self, call: _Call, outputs: list[Output]) -> None:
+        """One call's metrics, however many samples it had: its prompt once, every sample's tokens."""
         now = time.perf_counter()
         m = self.metrics
         m.request_duration.observe(now - call.started)
-        m.prompt_tokens.inc(output.prompt_tokens)
-        m.generation_tokens.labels(call.label).inc(len(output.token_ids))
+        m.prompt_tokens.inc(outputs[0].prompt_tokens)
+        generated = sum(len(o.token_ids) for o in outputs)
+        m.generation_tokens.labels(call.label).inc(generated)
         if call.first_token is not None:
             m.time_to_first_token.observe(call.first_token - call.started)
-            if len(output.token_ids) > 1:
-                m.time_per_output_token.observe((now - call.first_token) / (len(output.token_ids) - 1))
+            steps = max(len(o.token_ids) for o in outputs)
+            if steps > 1:
+                m.time_per_output_token.observe((now - call.first_token) / (steps - 1))
 
     def _check_size(self, request: GenerationInput) -> None:
         limits = self.limits
@@ -261,23 +280,57 @@ async def _resolve(manager: AdapterManager, ref: AdapterRef) -> AdapterVersion:
     return await asyncio.get_running_loop().run_in_executor(manager.loader, manager.resolve, ref)
 
 
-async def _submit(manager: AdapterManager, ref: AdapterRef | None, request: Request):
+async def _submit(manager: AdapterManager, ref: AdapterRef | None, request: Request, n: int):
     """manager.submit on the adapter loader's threads when it must load a cold version. If the
-    caller is cancelled meanwhile (the client went away), the request it was submitting is
-    cancelled as soon as the submit returns: nobody would read it."""
+    caller is cancelled meanwhile (the client went away), the requests it was submitting are
+    cancelled as soon as the submit returns: nobody would read them."""
     loop = asyncio.get_running_loop()
-    ready = manager.submit_if_ready(ref, request, loop)  # base or warm: no thread, no waiting
+    ready = manager.submit_if_ready(ref, request, loop, n)  # base or warm: no thread, no waiting
     if ready is not None:
         return ready
-    submitting = loop.run_in_executor(manager.loader, manager.submit, ref, request, loop)
+    submitting = loop.run_in_executor(manager.loader, manager.submit, ref, request, loop, n)
     try:
         return await asyncio.shield(submitting)
     except asyncio.CancelledError:
-        submitting.add_done_callback(_cancel_orphan)
+        submitting.add_done_callback(_cancel_orphans)
         raise
 
 
-def _cancel_orphan(submitting: asyncio.Future) -> None:
+def _cancel_orphans(submitting: asyncio.Future) -> None:
     if not submitting.cancelled() and submitting.exception() is None:
-        handle, _ = submitting.result()
-        handle.cancel()
+        handles, _ = submitting.result()
+        for handle in handles:
+            handle.cancel()
+
+
+async def _merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
+    """The pieces of several samples' streams as each comes; the first failure ends them all
+    (closing a stream cancels its sample)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in stream:
+                await queue.put(piece)
+            await queue.put(done)
+        except Exception as exc:  # handed to the reader, who raises it
+            await queue.put(exc)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()

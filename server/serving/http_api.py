@@ -7,7 +7,8 @@
 adapter's current version, "name@version" for one version. Structured output comes from
 `response_format` (json_object, json_schema) or vLLM's `structured_outputs` ({"json"|"regex"|
 "grammar": ...}); vLLM's extra sampling fields top_k, repetition_penalty and ignore_eos are
-accepted too. What hotlora cannot do (n > 1, penalties, logit_bias, echo, tools) is refused with
+accepted too; `n` asks for several samples of the prompt (they share its KV blocks). What hotlora
+cannot do (penalties, logit_bias, echo, tools) is refused with
 400, never silently ignored. Errors use OpenAI's shape, statuses from server/serving/status.py. Admin
 operations stay on gRPC.
 """
@@ -61,8 +62,6 @@ class _Body(BaseModel):
     structured_outputs: dict[str, Any] | None = None
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise InvalidRequest("n: only n=1 is supported; send the request again for more choices")
         if self.presence_penalty or self.frequency_penalty:
             raise InvalidRequest("presence_penalty and frequency_penalty are not supported; use repetition_penalty")
         if self.logit_bias:
@@ -200,7 +199,7 @@ def build_app(generations: Generations) -> FastAPI:
                 sampling=body.sampling((body.top_logprobs or 0) if body.logprobs else None),
                 max_new_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
                 stop=body.stop_strings,
-                output_format=body.output_format(), request_id=request.headers.get("x-request-id"))
+                output_format=body.output_format(), request_id=request.headers.get("x-request-id"), n=body.n)
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
@@ -216,7 +215,7 @@ def build_app(generations: Generations) -> FastAPI:
             generation = GenerationInput(
                 prompt=prompt, prompt_token_ids=token_ids, adapter=body.model, sampling=body.sampling(body.logprobs),
                 max_new_tokens=body.max_tokens, stop=body.stop_strings, output_format=body.output_format(),
-                request_id=request.headers.get("x-request-id"))
+                request_id=request.headers.get("x-request-id"), n=body.n)
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
@@ -279,13 +278,14 @@ async def _events(shape, first: Piece, pieces: AsyncIterator[Piece], include_usa
     """Server-sent events: a chunk per piece, usage last when asked, then [DONE]. An error after
     the first byte can only be told in the stream: one {"error": ...} event."""
     try:
-        yield _sse(shape.chunk(first, first=True))
-        last = first
+        yield _sse(shape.chunk(first))
+        finals = [first] if first.output is not None else []
         async for piece in pieces:
             yield _sse(shape.chunk(piece))
-            last = piece
+            if piece.output is not None:
+                finals.append(piece)
         if include_usage:
-            yield _sse(shape.usage_chunk(last))
+            yield _sse(shape.usage_chunk(finals))
         yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         raise
@@ -309,10 +309,13 @@ def _one_prompt(prompt) -> tuple[str | None, tuple[int, ...] | None]:
     raise InvalidRequest("prompt: one prompt per request (a string or a list of token ids)")
 
 
-def _usage(piece: Piece) -> dict:
-    prompt, completion = piece.output.prompt_tokens, len(piece.output.token_ids)
+def _usage(finals: list[Piece]) -> dict:
+    """One request's usage from its samples' last pieces: the prompt once (and the cached tokens
+    of the sample that computed it), every sample's completion tokens."""
+    first = min(finals, key=lambda p: p.index).output
+    prompt, completion = first.prompt_tokens, sum(len(p.output.token_ids) for p in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": piece.output.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
 
 
 class _Responses:
@@ -324,24 +327,31 @@ class _Responses:
         self.body = body
         self.generations = generations
         self.created = int(time.time())
-        self.text_offset = 0  # of the next token, in the text sent so far (completions' logprobs)
+        self.text_offsets: dict[int, int] = {}  # sample -> its next token's offset in its text (completions' logprobs)
+        self.started: set[int] = set()  # samples whose first chunk has gone out
 
     def _envelope(self, piece: Piece, obj: str, choices: list) -> dict:
         return {"id": f"{self.id_prefix}-{piece.request_id}", "object": obj, "created": self.created,
                 "model": self.body.model, "choices": choices}
 
     def whole(self, pieces: list[Piece]) -> dict:
-        last = pieces[-1]
-        merged = Piece("".join(p.text for p in pieces), [t for p in pieces for t in p.token_ids],
-                       [lp for p in pieces for lp in p.logprobs], last.request_id, last.adapter)
-        envelope = self._envelope(last, self.object_whole, [self._choice(merged, last.finish_reason, whole=True)])
-        return {**envelope, "usage": _usage(last)}
+        choices, finals = [], []
+        for index in sorted({p.index for p in pieces}):
+            own = [p for p in pieces if p.index == index]
+            last = own[-1]
+            merged = Piece("".join(p.text for p in own), [t for p in own for t in p.token_ids],
+                           [lp for p in own for lp in p.logprobs], last.request_id, last.adapter, index=index)
+            choices.append(self._choice(merged, last.finish_reason, whole=True))
+            finals.append(last)
+        return {**self._envelope(finals[0], self.object_whole, choices), "usage": _usage(finals)}
 
-    def chunk(self, piece: Piece, first: bool = False) -> dict:
+    def chunk(self, piece: Piece) -> dict:
+        first = piece.index not in self.started
+        self.started.add(piece.index)
         return self._envelope(piece, self.object_chunk, [self._choice(piece, piece.finish_reason, first=first)])
 
-    def usage_chunk(self, last: Piece) -> dict:
-        return {**self._envelope(last, self.object_chunk, []), "usage": _usage(last)}
+    def usage_chunk(self, finals: list[Piece]) -> dict:
+        return {**self._envelope(finals[0], self.object_chunk, []), "usage": _usage(finals)}
 
     def _texts(self, piece: Piece) -> dict[int, str]:
         return self.generations.logprob_texts(piece.logprobs)
@@ -355,7 +365,7 @@ class _ChatResponses(_Responses):
             content = {"message": {"role": "assistant", "content": piece.text}}
         else:
             content = {"delta": {"role": "assistant", "content": piece.text} if first else {"content": piece.text}}
-        return {"index": 0, **content, "logprobs": self._logprobs(piece), "finish_reason": finish_reason}
+        return {"index": piece.index, **content, "logprobs": self._logprobs(piece), "finish_reason": finish_reason}
 
     def _logprobs(self, piece: Piece) -> dict | None:
         if not self.body.logprobs:
@@ -372,7 +382,7 @@ class _CompletionResponses(_Responses):
     id_prefix = "cmpl"
 
     def _choice(self, piece: Piece, finish_reason: str | None, whole: bool = False, first: bool = False) -> dict:
-        return {"index": 0, "text": piece.text, "logprobs": self._logprobs(piece), "finish_reason": finish_reason}
+        return {"index": piece.index, "text": piece.text, "logprobs": self._logprobs(piece), "finish_reason": finish_reason}
 
     def _logprobs(self, piece: Piece) -> dict | None:
         if self.body.logprobs is None:
@@ -380,8 +390,8 @@ class _CompletionResponses(_Responses):
         texts = self._texts(piece)
         offsets = []
         for lp in piece.logprobs:
-            offsets.append(self.text_offset)
-            self.text_offset += len(texts[lp.token_id])
+            offsets.append(self.text_offsets.get(piece.index, 0))
+            self.text_offsets[piece.index] = offsets[-1] + len(texts[lp.token_id])
         return {"tokens": [texts[lp.token_id] for lp in piece.logprobs],
                 "token_logprobs": [lp.logprob for lp in piece.logprobs],
                 "top_logprobs": [{texts[t]: v for t, v in lp.top} for lp in piece.logprobs],

@@ -82,16 +82,27 @@ class GenerationResult:
     adapter_hash: str
     request_id: str
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token with top_logprobs set
+    samples: list[SampleResult] = field(default_factory=list)  # with n > 1, every sample (text etc. above: sample 0's)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class StreamPiece:
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # set on the last piece
-    usage: Usage | None  # set on the last piece
+    finish_reason: str | None  # set on the last piece (of each sample)
+    usage: Usage | None  # set on the last piece (of each sample)
     adapter_version: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    index: int = 0  # which sample it continues (n > 1)
 
 
 @dataclass(frozen=True)
@@ -119,12 +130,15 @@ def build_request(prompt: str | Sequence[dict] | Sequence[int], adapter: str = "
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, repetition_penalty: float | None = None, stop: Sequence[str] = (),
                   ignore_eos: bool = False, top_logprobs: int | None = None, json_schema: dict | str | None = None,
-                  json_object: bool = False, regex: str | None = None,
-                  lark_grammar: str | None = None) -> generation_pb2.GenerateRequest:
+                  json_object: bool = False, regex: str | None = None, lark_grammar: str | None = None,
+                  n: int | None = None) -> generation_pb2.GenerateRequest:
     """prompt: text, a list of chat messages ({"role", "content"}), or a list of token ids.
     top_logprobs: return each token's logprob and this many alternatives. json_schema (a dict or
-    JSON text), json_object, regex, lark_grammar: hold the output to it (at most one)."""
+    JSON text), json_object, regex, lark_grammar: hold the output to it (at most one). n: that
+    many samples of the prompt (sample i seeded seed + i)."""
     request = generation_pb2.GenerateRequest(adapter=adapter, stop=list(stop), ignore_eos=ignore_eos)
+    if n is not None:
+        request.n = n
     if top_logprobs is not None:
         request.top_logprobs = top_logprobs
     if json_schema is not None:
@@ -158,16 +172,18 @@ def _logprobs(messages) -> list[TokenLogprob]:
 
 def _result(response) -> GenerationResult:
     usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.cached_tokens)
+    samples = [SampleResult(s.index, s.text, list(s.token_ids), _FINISH.get(s.finish_reason, ""), _logprobs(s.logprobs))
+               for s in response.samples]
     return GenerationResult(response.text, list(response.token_ids), _FINISH.get(response.finish_reason, ""), usage,
                             response.adapter.name, response.adapter.version, response.adapter.content_hash,
-                            response.request_id, _logprobs(response.logprobs))
+                            response.request_id, _logprobs(response.logprobs), samples)
 
 
 def _piece(message) -> StreamPiece:
     last = message.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
     usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens, message.usage.cached_tokens) if last else None
     return StreamPiece(message.text, list(message.token_ids), _FINISH.get(message.finish_reason) if last else None,
-                       usage, message.adapter.version, _logprobs(message.logprobs))
+                       usage, message.adapter.version, _logprobs(message.logprobs), message.index)
 
 
 def _adapter(message) -> AdapterInfo:

@@ -93,6 +93,8 @@ BAD_REQUESTS = {
     "empty structured output": (lambda: request(structured_output=pb.StructuredOutput()), Code.INVALID_ARGUMENT,
                                 "structured_output"),
     "too many top logprobs": (lambda: request(top_logprobs=21), Code.INVALID_ARGUMENT, "logprobs"),
+    "too many samples": (lambda: request(n=17), Code.INVALID_ARGUMENT, "n: 17 samples"),
+    "no samples": (lambda: request(n=0), Code.INVALID_ARGUMENT, "n: 0 samples"),
     "unknown adapter": (lambda: request(adapter="nonexistent"), Code.NOT_FOUND, "nonexistent"),
     "unknown version": (lambda: request(adapter="cheese@v9"), Code.NOT_FOUND, "cheese@v9"),
     "incompatible adapter": (lambda: request(adapter="bread"), Code.FAILED_PRECONDITION, "max_rank 8"),

@@ -124,6 +124,33 @@ def test_seeded_sampling_is_reproducible_over_the_wire(stub):
     assert list(first.token_ids) == list(second.token_ids)
 
 
+def test_n_samples_over_grpc_are_the_seeded_answers_whole_or_streamed(stub):
+    """n=3 with seed 7: sample i is the answer seeded 7 + i; the unary response holds them all
+    (its own fields are sample 0's, its usage counts the prompt once), the stream interleaves
+    them by index with each sample's finish reason on its last message."""
+    def request(n=None, seed=7):
+        message = pb.GenerateRequest(prompt=PROMPTS[1], adapter="bread", max_new_tokens=6, ignore_eos=True,
+                                     sampling=pb.SamplingParameters(temperature=0.9, seed=seed))
+        if n is not None:
+            message.n = n
+        return message
+
+    alone = [stub.Generate(request(seed=7 + i), timeout=60) for i in range(3)]
+    whole = stub.Generate(request(n=3), timeout=60)
+    assert [s.index for s in whole.samples] == [0, 1, 2]
+    assert [list(s.token_ids) for s in whole.samples] == [list(a.token_ids) for a in alone]
+    assert len({tuple(a.token_ids) for a in alone}) == 3
+    assert whole.text == alone[0].text and whole.usage.completion_tokens == 18
+    assert whole.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert not stub.Generate(request(n=1), timeout=60).samples
+    texts, finished = {}, {}
+    for message in stub.GenerateStream(request(n=3), timeout=60):
+        texts[message.index] = texts.get(message.index, "") + message.text
+        if message.finish_reason:
+            finished[message.index] = message.usage.completion_tokens
+    assert [texts[i] for i in range(3)] == [a.text for a in alone] and finished == {0: 6, 1: 6, 2: 6}
+
+
 def test_repetition_penalty_over_grpc_gives_transformers_penalised_greedy_tokens(stub, llama_dir):
     """The penalty travels from the request to the sampler, and is the one transformers applies
     (prompt tokens included); the random model repeats itself, so the penalty changes the tokens."""

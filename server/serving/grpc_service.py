@@ -95,28 +95,38 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             pieces = [piece async for piece in run]
         if not pieces:
             return generation_pb2.GenerateResponse()  # aborted: the status is already set
-        last = pieces[-1]
+        samples = [self._sample(index, [p for p in pieces if p.index == index]) for index in sorted({p.index for p in pieces})]
+        finals = [p for p in pieces if p.output is not None]
+        first, last = samples[0], min(finals, key=lambda p: p.index)
+        usage = _usage(last.output)
+        usage.completion_tokens = sum(len(p.output.token_ids) for p in finals)
         return generation_pb2.GenerateResponse(
-            text="".join(p.text for p in pieces), token_ids=[t for p in pieces for t in p.token_ids],
-            finish_reason=_FINISH[last.finish_reason], usage=_usage(last.output),
-            adapter=_adapter_used(last.adapter, last.output), request_id=last.request_id,
-            logprobs=self._logprobs([lp for p in pieces for lp in p.logprobs]))
+            text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason, usage=usage,
+            adapter=_adapter_used(last.adapter, last.output), request_id=last.request_id, logprobs=first.logprobs,
+            samples=samples if len(samples) > 1 else [])
 
     async def GenerateStream(self, request, context):
-        first = True
+        started = set()  # samples whose first message has gone out
         # closed deterministically, so a stream grpc stops reading cancels its request at once
         async with contextlib.aclosing(self._run(request, context)) as run:
             async for piece in run:
                 message = generation_pb2.GenerateStreamResponse(text=piece.text, token_ids=piece.token_ids,
-                                                                request_id=piece.request_id,
+                                                                request_id=piece.request_id, index=piece.index,
                                                                 logprobs=self._logprobs(piece.logprobs))
-                if first or piece.output is not None:
+                if piece.index not in started or piece.output is not None:
                     message.adapter.CopyFrom(_adapter_used(piece.adapter, piece.output))
                 if piece.output is not None:
                     message.finish_reason = _FINISH[piece.finish_reason]
                     message.usage.CopyFrom(_usage(piece.output))
-                first = False
+                started.add(piece.index)
                 yield message
+
+    def _sample(self, index: int, pieces: list) -> generation_pb2.Sample:
+        """One sample's pieces, whole."""
+        return generation_pb2.Sample(index=index, text="".join(p.text for p in pieces),
+                                     token_ids=[t for p in pieces for t in p.token_ids],
+                                     finish_reason=_FINISH[pieces[-1].finish_reason],
+                                     logprobs=self._logprobs([lp for p in pieces for lp in p.logprobs]))
 
     async def ListModels(self, request, context):
         try:
@@ -172,7 +182,7 @@ def _generation_input(request, context) -> GenerationInput:
         max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
         stop=tuple(request.stop),
         output_format=_output_format(request.structured_output) if request.HasField("structured_output") else None,
-        request_id=request.request_id or None, deadline=_deadline(context))
+        request_id=request.request_id or None, deadline=_deadline(context), n=request.n if request.HasField("n") else 1)
 
 
 def _output_format(message) -> OutputFormat:

@@ -18,9 +18,12 @@ adds only to its columns.
 The math, three ways:
 - `lora_delta_reference` — the definition, token by token (gather + bmm). Readable; everything
   else is checked against it.
-- `lora_delta_stacked` (TorchLoRA, the CPU path): one GEMM shrinks x by every slot's A at once, a
-  per-token mask keeps only the token's own slot, one GEMM expands. Dense GEMMs instead of
-  per-token weight gathers; its extra work grows with max_adapters·max_rank, fine on CPU.
+- `lora_delta_stacked` (TorchLoRA's decode, the CPU path): one GEMM shrinks x by every slot's A at
+  once, a per-token mask keeps only the token's own slot, one GEMM expands. Dense GEMMs instead of
+  per-token weight gathers; its extra work grows with max_adapters·max_rank, fine for a decode step.
+- `lora_delta_segmented` (TorchLoRA's prefill): rows of prompt tokens on one slot each, so each
+  segment multiplies by its own slot's A and B only — the torch twin of SGMV. A long prefill pays
+  for the adapters it uses, not for every slot.
 - server/kernels/lora.py (TritonLoRA, CUDA): BGMV/SGMV kernels that read only the slots the batch
   uses, up to each slot's own rank.
 The engine picks TorchLoRA or TritonLoRA once (EngineConfig.kernels); a LoRABatch carries the
@@ -74,16 +77,42 @@ def lora_delta_stacked(x: torch.Tensor, mask: torch.Tensor, lora_a: torch.Tensor
                       for i, (lo, hi) in enumerate(zip(slice_starts[:-1], slice_starts[1:]))], dim=1)
 
 
+def lora_delta_segmented(x: torch.Tensor, segments: list[tuple[int, int, int]], lora_a: torch.Tensor,
+                         scaled_b_t: torch.Tensor, slice_starts: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Same result as lora_delta_reference when tokens [start, stop) all use `slot`, for each
+    (start, stop, slot) of `segments`, and every other token slot 0."""
+    rank, out = scaled_b_t.shape[1], scaled_b_t.shape[2]
+    slice_starts = slice_starts or (0, out)
+    delta = x.new_zeros(x.shape[0], out)
+    for start, stop, slot in segments:
+        shrunk = x[start:stop] @ lora_a[slot].T  # [T, n·r]
+        for i, (lo, hi) in enumerate(zip(slice_starts[:-1], slice_starts[1:])):
+            delta[start:stop, lo:hi] = shrunk[:, i * rank:(i + 1) * rank] @ scaled_b_t[slot, :, lo:hi]
+    return delta
+
+
 class TorchLoRA:
-    """The stacked formulation in plain torch (CPU, and the readable twin of the kernels)."""
+    """The formulations in plain torch (CPU, and the readable twin of the kernels): stacked for
+    decode steps (one token per row), segmented for prefill (rows of tokens on one slot each)."""
 
     name = "torch"
 
-    def prepare(self, token_slots: torch.Tensor, rows: int, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
-        return slot_mask(token_slots, num_slots, dtype)
+    def prepare(self, token_slots: torch.Tensor, rows: int, num_slots: int, dtype: torch.dtype):
+        per_row = token_slots.numel() // rows
+        if per_row == 1:
+            return slot_mask(token_slots, num_slots, dtype)
+        segments = []  # (first token, token past the last, slot), consecutive rows on one slot merged
+        for row, slot in enumerate(token_slots.view(rows, per_row)[:, 0].tolist()):
+            if slot and segments and segments[-1][2] == slot and segments[-1][1] == row * per_row:
+                segments[-1] = (segments[-1][0], (row + 1) * per_row, slot)
+            elif slot:
+                segments.append((row * per_row, (row + 1) * per_row, slot))
+        return segments
 
-    def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", mask: torch.Tensor) -> torch.Tensor:
-        return y + lora_delta_stacked(x, mask, pool.lora_a, pool.scaled_b_t, pool.starts)
+    def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", prepared) -> torch.Tensor:
+        if isinstance(prepared, list):
+            return y + lora_delta_segmented(x, prepared, pool.lora_a, pool.scaled_b_t, pool.starts)
+        return y + lora_delta_stacked(x, prepared, pool.lora_a, pool.scaled_b_t, pool.starts)
 
 
 @dataclass(frozen=True)

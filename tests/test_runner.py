@@ -95,6 +95,36 @@ def test_a_runner_driven_by_hand_gives_the_engines_tokens(parts, engine):
             parts.blocks.release(seq)
 
 
+def test_a_sequence_prefilled_again_decodes_on_from_its_own_step(parts):
+    """A preempted sequence is prefilled again with its tokens so far and decodes on, as the only
+    running sequence before and after: its seeded draws continue where they were (the step
+    reloads its parameters and step count), as if it had never stopped."""
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5)
+
+    def drive(stop_after: int | None) -> list[int]:
+        seq = parts.sequence(PROMPTS[0], "wine", sampled, seed=5)
+        try:
+            with torch.inference_mode():
+                first = parts.runner.prefill([seq]).tokens[0]
+                seq.tokens.append(first), seq.generated.append(first)
+                for step in range(5):
+                    if step == stop_after:  # preempted: blocks back, the whole sequence prefilled again
+                        parts.blocks.release(seq)
+                        parts.blocks.allocate(seq, share=False)
+                        token = parts.runner.prefill([seq]).tokens[0]
+                    else:
+                        assert parts.blocks.grow(seq)
+                        token = parts.runner.decode([seq]).tokens[0]
+                    seq.tokens.append(token), seq.generated.append(token)
+        finally:
+            parts.blocks.release(seq)
+        return seq.generated
+
+    uninterrupted = drive(None)
+    assert drive(2) == uninterrupted
+    assert len(set(uninterrupted)) > 2
+
+
 def test_padding_changes_no_row_and_writes_only_the_scratch_block(parts):
     greedy = SamplingParams(max_new_tokens=2, temperature=0.0)
     seqs = [parts.sequence(p, a, greedy) for p, a in zip(PROMPTS, ["cheese", None, "wine"])]

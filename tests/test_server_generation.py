@@ -151,6 +151,26 @@ def test_n_samples_over_grpc_are_the_seeded_answers_whole_or_streamed(stub):
     assert [texts[i] for i in range(3)] == [a.text for a in alone] and finished == {0: 6, 1: 6, 2: 6}
 
 
+def test_closing_a_generation_cancels_every_sample_at_once(server):
+    """The caller going away (the generation's iterator closed after its first piece) cancels
+    each sample's engine request before aclose() returns, not whenever the iterator is collected."""
+    from server.serving.generation import GenerationInput
+
+    generations = server.server.generations
+    engine = generations.ready().engine
+
+    async def close_after_first_piece():
+        run = generations.run(GenerationInput(prompt=PROMPTS[0], max_new_tokens=80, n=2, sampling=SamplingParams(
+            temperature=0.9, seed=1, ignore_eos=True)), "grpc")
+        await anext(run)
+        running = engine.scheduler.in_flight()
+        await run.aclose()
+        return [seq.handle.cancelled.is_set() for seq in running]
+
+    cancelled = server.call(close_after_first_piece())
+    assert cancelled == [True, True]
+
+
 def test_repetition_penalty_over_grpc_gives_transformers_penalised_greedy_tokens(stub, llama_dir):
     """The penalty travels from the request to the sampler, and is the one transformers applies
     (prompt tokens included); the random model repeats itself, so the penalty changes the tokens."""

@@ -132,7 +132,7 @@ class BlockManager:
         seq.blocks = hits + fresh
         seq.prefilled = len(hits) * self.block_size
         self.tables[seq.row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-        if share:
+        if share and not seq.preempted:  # a readmission mostly finds its own blocks: not a prompt
             self.prompt_tokens += len(seq.tokens)
             self.cached_tokens += seq.prefilled
 

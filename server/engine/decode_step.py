@@ -2,14 +2,14 @@
 
 The model runner (server/engine/runner.py) hands the step its running sequences' last tokens,
 positions, batch rows and adapter slots as host lists. The step looks up each row's block table
-(server/engine/blocks.py) and the cache slot its new key goes to, writes them into one pinned host buffer, copies that to a static
-device buffer in one transfer, and runs the decode forward on views of it. With `padded`, the
-batch is padded to the next size of SIZES (up to max_batch_size): padding rows use slot 0 (no
-adapter) and the scratch row, whose block table names only the KV cache's scratch block, so they
-touch no sequence. With
-`graphs` (CUDA), each padded size is captured once as a CUDA graph at start-up and replayed each
-step: one launch instead of ~75 per layer. Elsewhere the same step runs eagerly, so the CPU tests
-cover what is captured on the GPU.
+(server/engine/blocks.py) and the cache slot its new key goes to, writes the inputs into one
+pinned host buffer and the rows' tables into another, copies both to static device buffers (two
+transfers, a grammar bitmask a third), and runs the decode forward on views of them. With
+`padded`, the batch is padded to the next size of SIZES (up to max_batch_size): padding rows use
+slot 0 (no adapter) and the scratch row, whose block table names only the KV cache's scratch
+block, so they touch no sequence. With `graphs` (CUDA), each padded size is captured once as a
+CUDA graph at start-up and replayed each step: one launch instead of ~75 per layer. Elsewhere the
+same step runs eagerly, so the CPU tests cover what is captured on the GPU.
 
 What the graph fixes: the batch size (padded), the KV span (max_seq_len; the Triton decode
 attention reads each row's blocks only up to its own length, through the block tables copied into

@@ -238,7 +238,7 @@ class Engine:
         with self._lock:
             return {
                 "queue_length": len(self.scheduler.waiting),
-                "running": len(self.scheduler.running) + len(self.scheduler.prefilling),
+                "running": len(self.scheduler.running) + len(self.scheduler.prefilling) + len(self.scheduler.admitted),
                 "kv_cache_usage_ratio": self.blocks.usage_ratio(),
                 "kv_blocks_used": self.blocks.used_blocks,
                 "kv_blocks_free": self.blocks.free_blocks,
@@ -301,7 +301,7 @@ class Engine:
             self._finish(seq, FinishReason.ERROR, error=error)
         now = time.monotonic()
         for seq in admission.whole + admission.chunked:
-            if seq.missed:
+            if seq.missed and not seq.preempted:  # a readmission's wait is not a slot miss
                 self.observe_adapter_miss(now - seq.submitted)
         if admission.whole:
             self._guarded(admission.whole, lambda: self._started(admission.whole, self.runner.prefill(admission.whole)))

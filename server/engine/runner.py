@@ -177,6 +177,7 @@ class ModelRunner:
         """Each prefilled sequence's first token from its row of logits, by the same sample() the
         decode step runs on its static buffers. Its row's seen-token table is set to its tokens
         (the prompt, and what it had generated before a preemption) first."""
+        self._loaded = []  # the next decode reloads every row's parameters and step, whoever runs
         for seq in seqs:
             self.seen[seq.row].zero_()
             self.seen[seq.row, torch.tensor(seq.tokens, device=self.device)] = True

@@ -12,12 +12,14 @@ slot is held.
 
 When the blocks run out mid-decode anyway, the newest running sequence is preempted: its blocks
 go back, and it waits at the head of its queue to be recomputed (prompt and tokens so far
-prefilled again) — no request fails because another one grew. Seeded sampling is keyed by step,
-so a preempted sequence generates what it would have uninterrupted.
+prefilled again) — no request fails because another one grew. Seeded sampling is keyed by step
+and the seen tokens are rebuilt, so a preempted sequence generates what it would have
+uninterrupted, up to float32 noise in the recomputed keys (tests/test_paged_kv.py checks equal tokens).
 
-Locking: `waiting` is shared with the threads that submit requests and is guarded by the engine's
-lock (methods marked "holds the lock" expect the caller to hold it, the others take it);
-`prefilling` and `running` belong to the engine thread.
+Locking: the queues are changed on the engine thread, and `waiting` by the threads that submit
+requests too; every move between queues happens under the engine's lock, so in_flight() (close()
+reads it from another thread) never misses a sequence in transit. Methods marked "holds the lock"
+expect the caller to hold it; the others take it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from ..config import EngineConfig
-from ..errors import ResourceExhausted
+from ..errors import InvalidRequest, ResourceExhausted
 from .blocks import BlockManager
 from .requests import FinishReason
 from .sequence import Sequence
@@ -55,6 +57,7 @@ class Scheduler:
         self.slots = slots
         self._lock = lock
         self.waiting: deque[Sequence] = deque()
+        self.admitted: list[Sequence] = []  # admitted this step, prompts prefilled together next
         self.prefilling: deque[Sequence] = deque()  # admitted, prompt going in chunk by chunk
         self.running: list[Sequence] = []
         self._last_admitted: dict[str | None, int] = {}  # adapter name (None: base) -> admission number
@@ -67,6 +70,9 @@ class Scheduler:
     def add(self, seqs: list[Sequence]) -> None:  # holds the lock
         """Queue sequences on one adapter, all or none, within the queue limits; each holds its
         adapter from now on."""
+        if len(seqs) > min(self.config.max_queue, self.config.queue_per_adapter):
+            raise InvalidRequest(f"{len(seqs)} samples: this engine queues at most "
+                                 f"{min(self.config.max_queue, self.config.queue_per_adapter)} per adapter")
         if len(self.waiting) + len(seqs) > self.config.max_queue:
             raise ResourceExhausted(f"request queue is full ({self.config.max_queue} waiting)")
         adapter = seqs[0].adapter
@@ -81,11 +87,13 @@ class Scheduler:
             self.waiting.append(seq)
 
     def has_work(self) -> bool:  # holds the lock
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.admitted or self.prefilling or self.running)
 
     def in_flight(self) -> list[Sequence]:
+        """Every sequence, wherever it is: a snapshot (the lock covers `waiting`; other threads,
+        as close() does, may read `prefilling` and `running` as they are at that moment)."""
         with self._lock:
-            return [*self.waiting, *self.prefilling, *self.running]
+            return [*self.waiting, *self.admitted, *self.prefilling, *self.running]
 
     def stopped(self, now: float) -> list[tuple[Sequence, FinishReason]]:
         """The sequences cancelled or past their deadline, wherever they are."""
@@ -94,20 +102,20 @@ class Scheduler:
     def start(self, seqs: list[Sequence]) -> None:
         """Their prompts are in the cache (and can be shared from now on): they decode from the next step."""
         for seq in seqs:
-            if seq in self.prefilling:
-                self.prefilling.remove(seq)
-            self.running.append(seq)
+            with self._lock:
+                if seq in self.admitted:
+                    self.admitted.remove(seq)
+                if seq in self.prefilling:
+                    self.prefilling.remove(seq)
+                self.running.append(seq)
             self.blocks.register(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Out of every queue; its KV blocks and its hold on its adapter go back."""
         with self._lock:
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.prefilling:
-            self.prefilling.remove(seq)
+            for queue in (self.waiting, self.admitted, self.prefilling, self.running):
+                if seq in queue:
+                    queue.remove(seq)
         self._release_blocks(seq)
         self.slots.release(seq.adapter)
 
@@ -120,13 +128,13 @@ class Scheduler:
         return list(self.running)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        with self._lock:
+            self.running.remove(seq)
+            self.waiting.appendleft(seq)
         self._release_blocks(seq)
         seq.prefilled = 0
         seq.preempted += 1
         self.preemptions += 1
-        with self._lock:
-            self.waiting.appendleft(seq)
 
     def _release_blocks(self, seq: Sequence) -> None:
         if seq.row >= 0:
@@ -156,8 +164,9 @@ class Scheduler:
             candidates = self.order(self.waiting)
             resident = self.slots.resident()  # a copy: unload_adapter may change the registry meanwhile
         admission = Admission()
-        busy = len(self.running) + len(self.prefilling)
-        # a pool that holds every row at max_seq_len never preempts: no spare blocks needed
+        busy = len(self.running) + len(self.prefilling) + len(self.admitted)
+        # a spare block per sequence in flight (this one included), so the running can grow; a
+        # pool that holds every row at max_seq_len never preempts: no spare blocks needed
         spare = 0 if self.blocks.holds_every_row() else 1
         waiting_for_slot = False
         chunk = self.config.prefill_chunk_tokens
@@ -167,7 +176,7 @@ class Scheduler:
                 break
             if self._waits_for_leader(seq):
                 continue
-            if not self.blocks.can_allocate(seq, reserve=spare * (busy + taken)):
+            if not self.blocks.can_allocate(seq, reserve=spare * (busy + taken + 1)):
                 break  # the rest wait until running sequences give blocks back
             todo = len(seq.tokens) - self.blocks.cached_prefix(seq)  # what its prefill computes
             chunked = chunk is not None and todo > chunk
@@ -186,13 +195,12 @@ class Scheduler:
                     self._slot_victim = None
             elif adapter is not None and adapter is self._slot_victim:
                 continue
-            if not self._take(seq):
+            if not self._take(seq, self.prefilling if chunked else self.admitted):
                 continue
             self._last_admitted[seq.queue_key] = next(self._admissions)
             (admission.chunked if chunked else admission.whole).append(seq)
         if not waiting_for_slot:
             self._slot_victim = None
-        self.prefilling.extend(admission.chunked)
         return admission
 
     def order(self, pending: Iterable[Sequence]) -> list[Sequence]:
@@ -257,12 +265,13 @@ class Scheduler:
             admission.failed += [(seq, exc) for seq in failed]
             return False
 
-    def _take(self, seq: Sequence) -> bool:
-        """Move an admitted sequence from the queue onto its KV blocks; False if it was cancelled."""
+    def _take(self, seq: Sequence, to: list[Sequence] | deque[Sequence]) -> bool:
+        """Move an admitted sequence from the queue to `to`, onto its KV blocks; False if it was cancelled."""
         with self._lock:
             if seq.handle.cancelled.is_set() or seq not in self.waiting:
                 return False
             self.waiting.remove(seq)
+            to.append(seq)
         self.blocks.allocate(seq)
         if not seq.preempted:
             seq.cached_tokens = seq.prefilled

@@ -10,6 +10,7 @@ the caller goes away, and the metrics (with a `protocol` label).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -135,12 +136,14 @@ class Generations:
             streams = [self._stream(handle, loaded.codec.decoder(prompt_ids, list(request.stop)), version, call, i)
                        for i, handle in enumerate(handles)]
             outputs = []
-            async for piece in streams[0] if len(streams) == 1 else _merged(streams):
-                if piece.output is not None:
-                    outputs.append(piece.output)
-                    if len(outputs) == len(streams):
-                        self._observe(call, outputs)
-                yield piece
+            # closed as soon as run is: the samples' requests are cancelled then, not when collected
+            async with contextlib.aclosing(streams[0] if len(streams) == 1 else _merged(streams)) as pieces:
+                async for piece in pieces:
+                    if piece.output is not None:
+                        outputs.append(piece.output)
+                        if len(outputs) == len(streams):
+                            self._observe(call, outputs)
+                    yield piece
         except (asyncio.CancelledError, GeneratorExit):
             call.code = "CANCELLED"
             raise

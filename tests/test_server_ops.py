@@ -141,6 +141,20 @@ def test_compile_is_off_unless_asked_for_by_flag_or_environment():
         parse_args(["--model", "m"], environ={"HOTLORA_COMPILE": "maybe"})
 
 
+def test_kv_cache_and_sample_flags_reach_the_config():
+    from server.serving.main import parse_args
+
+    default = parse_args(["--model", "m"], environ={})
+    assert (default.engine.prefix_caching, default.engine.kv_block_size, default.limits.max_samples) == (True, 16, 16)
+    given = parse_args(["--model", "m", "--no-prefix-caching", "--kv-block-size", "32", "--kv-cache-bytes", "1048576",
+                        "--kv-cache-fraction", "0.5", "--max-samples", "4", "--cpu-cache-adapters", "3"], environ={})
+    assert (given.engine.prefix_caching, given.engine.kv_block_size, given.engine.kv_cache_bytes,
+            given.engine.kv_cache_fraction, given.limits.max_samples, given.adapters.host_cache_size) == (
+        False, 32, 1 << 20, 0.5, 4, 3)
+    from_env = parse_args(["--model", "m"], environ={"HOTLORA_NO_PREFIX_CACHING": "1", "HOTLORA_HOST_CACHE_ADAPTERS": "5"})
+    assert (from_env.engine.prefix_caching, from_env.adapters.host_cache_size) == (False, 5)
+
+
 def test_kernels_and_nf4_path_come_from_flag_or_environment_and_are_checked():
     from server.serving.main import parse_args
 

@@ -213,6 +213,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--max-prompt-bytes", type=int, default=RequestLimits.max_prompt_bytes,
          help="largest prompt (or all chat messages) in UTF-8 bytes, refused before tokenizing")
     flag("--max-messages", type=int, default=RequestLimits.max_messages, help="most chat messages in one request")
+    flag("--max-samples", type=int, default=RequestLimits.max_samples,
+         help="most samples of one prompt a request may ask for (OpenAI's n, gRPC's n)")
     flag("--max-adapter-labels", type=int, default=ServerConfig.max_adapter_labels, help="adapter names with their own metrics label")
     flag("--kernels", choices=KERNELS, default="auto",
          help="LoRA and NF4 kernels: triton (server/kernels), torch, or auto (triton on CUDA, torch elsewhere)")
@@ -248,7 +250,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               kv_cache_fraction=num(a.kv_cache_fraction, float), device=a.device, dtype=a.dtype, seed=num(a.seed),
                               kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode,
                               cuda_graphs=not no_cuda_graphs, prefix_caching=not no_prefix_caching)
-        limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages))
+        limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages),
+                               max_samples=num(a.max_samples))
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
                                  host_cache_size=num(a.host_cache_adapters), host_cache_bytes=num(a.host_cache_bytes),
                                  load_workers=num(a.adapter_load_workers),

@@ -158,3 +158,19 @@ def test_samples_of_one_prompt_share_its_blocks(engines):
     alone = [plain.generate([Request(prompt, "bread", dataclasses.replace(seeded, seed=21 + i))])[0].token_ids
              for i in range(3)]
     assert [o.token_ids for o in outs] == alone and len({tuple(t) for t in alone}) == 3
+
+
+def test_a_cold_burst_sharing_a_prefix_computes_it_once(llama_dir):
+    """Four requests sharing a new 48-token system prompt, submitted together on one adapter
+    version: the first computes it, the others wait a step and take its blocks; what they
+    generate is what they generate alone."""
+    engine = Engine.from_pretrained(llama_dir, CONFIG)
+    try:
+        system = question(900, 48)
+        requests = [Request(system + question(901 + k, 5), None, sampling()) for k in range(4)]
+        outs = [h.result(timeout=60) for h in [engine.submit(r) for r in requests]]
+        assert sorted(o.cached_tokens for o in outs) == [0, 48, 48, 48]
+        for request, out in zip(requests, outs):
+            assert out.token_ids == engine.generate([dataclasses.replace(request, sampling=sampling())])[0].token_ids
+    finally:
+        engine.close()

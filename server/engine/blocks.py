@@ -114,6 +114,11 @@ class BlockManager:
         taken_idle = sum(1 for block in hits if self._holders[block] == 0)  # they leave the free pool too
         return self.blocks_for(len(seq.tokens)) - len(hits) + taken_idle + reserve <= self.free_blocks
 
+    def first_key(self, seq: Sequence) -> bytes | None:
+        """The key of seq's first shareable block (None: none, or prefix caching is off)."""
+        keys = self._keys(seq) if self.prefix_caching else []
+        return keys[0] if keys else None
+
     def cached_prefix(self, seq: Sequence) -> int:
         """How many of seq's tokens allocate() would find in the cache now."""
         return len(self._hits(seq)) * self.block_size

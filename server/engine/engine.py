@@ -171,9 +171,9 @@ class Engine:
     def submit_samples(self, request: Request, n: int, loop: asyncio.AbstractEventLoop | None = None
                        ) -> list[RequestHandle]:
         """n samples of one prompt (OpenAI's `n`), queued together: sample i draws with seed + i
-        when the request has a seed. The first is prefilled; the others wait for it and take its
-        prompt's blocks from the prefix cache (each computes only the block holding the prompt's
-        last token)."""
+        when the request has a seed. The first is prefilled; the others wait a step for it and take
+        its prompt's blocks from the prefix cache (each computes only the block holding the prompt's
+        last token), as any requests sharing a prefix do (Scheduler.schedule)."""
         if not isinstance(n, int) or n < 1:
             raise InvalidRequest(f"n must be an integer >= 1, got {n!r}")
         self.check(request)
@@ -184,11 +184,8 @@ class Engine:
         return self._enqueue(samples, loop)
 
     def _enqueue(self, requests: list[Request], loop) -> list[RequestHandle]:
-        """Queue requests that check() has passed, all or none; each after the first waits for
-        the first's prefill (they are samples of one prompt) when there are several."""
+        """Queue requests on one adapter that check() has passed, all or none."""
         seqs = [self._sequence(r, loop) for r in requests]
-        for seq in seqs[1:]:
-            seq.leader = seqs[0]
         with self._lock:
             if self._closing:
                 raise Draining("the engine is shutting down")

@@ -8,7 +8,9 @@ blocks (server/engine/blocks.py: blocks for the prompt, with one spare block per
 flight so running ones can grow) and the prefill token budget (a prompt longer than
 prefill_chunk_tokens is admitted to be prefilled chunk by chunk instead). Adapter slots are
 handed out here too (server/engine/slots.py); see Scheduler.schedule for what happens when every
-slot is held.
+slot is held. A request whose prompt starts with blocks another admitted one is computing right
+now (samples of one prompt, a burst sharing a system prompt) waits a step and takes them from the
+prefix cache instead.
 
 When the blocks run out mid-decode anyway, the newest running sequence is preempted: its blocks
 go back, and it waits at the head of its queue to be recomputed (prompt and tokens so far
@@ -174,7 +176,7 @@ class Scheduler:
             taken = len(admission.whole) + len(admission.chunked)
             if busy + taken >= self.config.max_batch_size:
                 break
-            if self._waits_for_leader(seq):
+            if self._prefix_in_flight(seq):
                 continue
             if not self.blocks.can_allocate(seq, reserve=spare * (busy + taken + 1)):
                 break  # the rest wait until running sequences give blocks back
@@ -243,12 +245,15 @@ class Scheduler:
             for s in seqs:
                 self.blocks.release(s)
 
-    def _waits_for_leader(self, seq: Sequence) -> bool:
-        """Another sample of its prompt is being prefilled: it waits to take that prompt's blocks
-        from the prefix cache instead of computing them again."""
-        leader = seq.leader
-        return (leader is not None and self.blocks.prefix_caching and leader not in self.running
-                and not leader.handle.done())
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Its first block is being computed by a sequence admitted before it (the same adapter
+        version, the same tokens: samples of one prompt, a burst sharing a system prompt) and is
+        not cached yet: it waits a step, then takes those blocks from the cache instead of
+        computing them again."""
+        key = self.blocks.first_key(seq)
+        if key is None or self.blocks.cached_prefix(seq):
+            return False
+        return any(self.blocks.first_key(s) == key for s in (*self.admitted, *self.prefilling))
 
     def _make_resident(self, adapter: LoadedAdapter, admission: Admission) -> bool:
         """slots.make_resident, evicting if need be. A slot write that fails (a device error) fails

@@ -30,7 +30,6 @@ class Sequence:
     submitted: float = field(default_factory=time.monotonic)
     missed: bool = False  # its adapter had no slot when it was first up for admission
     preempted: int = 0  # times its blocks were taken back mid-decode (it is recomputed on readmission)
-    leader: Sequence | None = None  # another sample of the same prompt, prefilled first (Engine.submit_samples)
 
     @property
     def slot(self) -> int:

@@ -19,6 +19,7 @@ KV budget holds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -35,7 +36,6 @@ from bench.engine_bench import load_peft, machine, prompts_for  # noqa: E402
 from bench.results import record  # noqa: E402
 from server.engine.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
 from server.model.factory import make_model  # noqa: E402
-from server.model.kv_cache import KVCache  # noqa: E402
 from tests.helpers import make_peft_adapter  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def prefix_case(model_dir: Path, adapters: dict[str, Path], vocab: int, args) ->
                           max_adapters=len(adapters), max_rank=args.rank)
     results = {}
     for label, caching in (("engine, prefix caching", True), ("engine, no prefix caching", False)):
-        engine = Engine.from_pretrained(model_dir, EngineConfig(**{**config.__dict__, "prefix_caching": caching}))
+        engine = Engine.from_pretrained(model_dir, dataclasses.replace(config, prefix_caching=caching))
         for name, path in adapters.items():
             engine.load_adapter(name, path)
         # steady state: the system prompt has been seen once per adapter before the burst
@@ -123,7 +123,6 @@ def capacity_case(model_dir: Path, spec, dtype: torch.dtype, args) -> tuple[int,
     watcher.join()
     preempted = engine.stats()["preemptions"]
     engine.close()
-    assert KVCache.bytes_per_block(spec.num_layers, config.kv_block_size, spec.num_kv_heads, spec.head_dim, dtype) * (blocks + 1) <= budget
     return most, blocks, preempted
 
 

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="send the prompt as one user message through the chat template")
     g.add_argument("--logprobs", type=int, metavar="N", help="print each token's logprob and N alternatives")
+    g.add_argument("--echo", action="store_true",
+                   help="print the prompt first; with --logprobs, each prompt token's logprob too and the prompt's "
+                        "total log-likelihood (--max-new-tokens 0 scores the prompt only)")
     shape = g.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", type=Path, metavar="FILE", help="hold the output to this JSON schema")
     shape.add_argument("--json-object", action="store_true", help="hold the output to any JSON object")
@@ -94,18 +97,29 @@ def _generate(client: Client, args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=args.stop, top_logprobs=args.logprobs,
                    json_schema=args.json_schema.read_text() if args.json_schema else None, json_object=args.json_object,
-                   regex=args.regex)
+                   regex=args.regex, prompt_logprobs=args.logprobs if args.echo else None)
+    if args.echo:
+        sys.stdout.write(args.prompt)
     for piece in client.stream(prompt, args.adapter, **options):
+        if piece.prompt_token_ids:
+            print(f"\n  [prompt token 0: id {piece.prompt_token_ids[0]}, nothing before it to score it]", file=sys.stderr)
+            _print_logprobs(piece.prompt_logprobs)
+            total = sum(lp.logprob for lp in piece.prompt_logprobs)
+            print(f"  [prompt log-likelihood {total:.4f} over {len(piece.prompt_logprobs)} tokens]", file=sys.stderr)
         sys.stdout.write(piece.text)
         sys.stdout.flush()
-        for lp in piece.logprobs:
-            others = ", ".join(f"{token!r} {logprob:.3f}" for _, token, logprob in lp.top)
-            print(f"\n  [{lp.token!r} {lp.logprob:.3f}; top: {others}]", file=sys.stderr)
+        _print_logprobs(piece.logprobs)
         if piece.finish_reason:
             print(f"\n[{piece.finish_reason}; {piece.usage.prompt_tokens} prompt + {piece.usage.completion_tokens} "
                   f"generated tokens; adapter {args.adapter or 'none'}{'@' + piece.adapter_version if piece.adapter_version else ''}]",
                   file=sys.stderr)
     return 0
+
+
+def _print_logprobs(logprobs) -> None:
+    for lp in logprobs:
+        others = ", ".join(f"{token!r} {logprob:.3f}" for _, token, logprob in lp.top)
+        print(f"\n  [{lp.token!r} {lp.logprob:.3f}; top: {others}]", file=sys.stderr)
 
 
 def _adapters(client: Client, args) -> int:

@@ -83,6 +83,9 @@ class GenerationResult:
     request_id: str
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token with top_logprobs set
     samples: list[SampleResult] = field(default_factory=list)  # with n > 1, every sample (text etc. above: sample 0's)
+    # with prompt_logprobs set: the prompt's ids, and the logprobs of prompt_token_ids[1:]
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class StreamPiece:
     adapter_version: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
     index: int = 0  # which sample it continues (n > 1)
+    prompt_token_ids: list[int] = field(default_factory=list)  # on each sample's first piece, with prompt_logprobs
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -131,14 +136,17 @@ def build_request(prompt: str | Sequence[dict] | Sequence[int], adapter: str = "
                   seed: int | None = None, repetition_penalty: float | None = None, stop: Sequence[str] = (),
                   ignore_eos: bool = False, top_logprobs: int | None = None, json_schema: dict | str | None = None,
                   json_object: bool = False, regex: str | None = None, lark_grammar: str | None = None,
-                  n: int | None = None) -> generation_pb2.GenerateRequest:
+                  n: int | None = None, prompt_logprobs: int | None = None) -> generation_pb2.GenerateRequest:
     """prompt: text, a list of chat messages ({"role", "content"}), or a list of token ids.
     top_logprobs: return each token's logprob and this many alternatives. json_schema (a dict or
     JSON text), json_object, regex, lark_grammar: hold the output to it (at most one). n: that
-    many samples of the prompt (sample i seeded seed + i)."""
+    many samples of the prompt (sample i seeded seed + i). prompt_logprobs: the logprob of every
+    prompt token after the first, with this many alternatives (max_new_tokens=0: score only)."""
     request = generation_pb2.GenerateRequest(adapter=adapter, stop=list(stop), ignore_eos=ignore_eos)
     if n is not None:
         request.n = n
+    if prompt_logprobs is not None:
+        request.prompt_logprobs = prompt_logprobs
     if top_logprobs is not None:
         request.top_logprobs = top_logprobs
     if json_schema is not None:
@@ -176,14 +184,16 @@ def _result(response) -> GenerationResult:
                for s in response.samples]
     return GenerationResult(response.text, list(response.token_ids), _FINISH.get(response.finish_reason, ""), usage,
                             response.adapter.name, response.adapter.version, response.adapter.content_hash,
-                            response.request_id, _logprobs(response.logprobs), samples)
+                            response.request_id, _logprobs(response.logprobs), samples,
+                            list(response.prompt_token_ids), _logprobs(response.prompt_logprobs))
 
 
 def _piece(message) -> StreamPiece:
     last = message.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
     usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens, message.usage.cached_tokens) if last else None
     return StreamPiece(message.text, list(message.token_ids), _FINISH.get(message.finish_reason) if last else None,
-                       usage, message.adapter.version, _logprobs(message.logprobs), message.index)
+                       usage, message.adapter.version, _logprobs(message.logprobs), message.index,
+                       list(message.prompt_token_ids), _logprobs(message.prompt_logprobs))
 
 
 def _adapter(message) -> AdapterInfo:

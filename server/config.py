@@ -155,15 +155,18 @@ class RequestLimits:
     """Checked on the raw request before any work, so an oversized one costs the server nothing.
     max_prompt_bytes: UTF-8 bytes of the prompt, or of all chat messages together.
     max_messages: chat messages per request.
-    max_samples: samples of one prompt a request may ask for (OpenAI's n)."""
+    max_samples: samples of one prompt a request may ask for (OpenAI's n).
+    max_prompts: prompts in one /v1/completions request (a list of prompts; lm-evaluation-harness
+    sends its batch so)."""
 
     max_prompt_bytes: int = 1 << 20
     max_messages: int = 1024
     max_samples: int = 16
+    max_prompts: int = 64
 
     def __post_init__(self) -> None:
-        if self.max_prompt_bytes < 1 or self.max_messages < 1 or self.max_samples < 1:
-            raise ValueError("RequestLimits: max_prompt_bytes, max_messages and max_samples must be >= 1")
+        if min(self.max_prompt_bytes, self.max_messages, self.max_samples, self.max_prompts) < 1:
+            raise ValueError("RequestLimits: max_prompt_bytes, max_messages, max_samples and max_prompts must be >= 1")
 
 
 @dataclass(frozen=True)

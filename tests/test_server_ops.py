@@ -147,10 +147,11 @@ def test_kv_cache_and_sample_flags_reach_the_config():
     default = parse_args(["--model", "m"], environ={})
     assert (default.engine.prefix_caching, default.engine.kv_block_size, default.limits.max_samples) == (True, 16, 16)
     given = parse_args(["--model", "m", "--no-prefix-caching", "--kv-block-size", "32", "--kv-cache-bytes", "1048576",
-                        "--kv-cache-fraction", "0.5", "--max-samples", "4", "--cpu-cache-adapters", "3"], environ={})
+                        "--kv-cache-fraction", "0.5", "--max-samples", "4", "--cpu-cache-adapters", "3",
+                        "--max-prompts", "8"], environ={})
     assert (given.engine.prefix_caching, given.engine.kv_block_size, given.engine.kv_cache_bytes,
-            given.engine.kv_cache_fraction, given.limits.max_samples, given.adapters.host_cache_size) == (
-        False, 32, 1 << 20, 0.5, 4, 3)
+            given.engine.kv_cache_fraction, given.limits.max_samples, given.adapters.host_cache_size,
+            given.limits.max_prompts) == (False, 32, 1 << 20, 0.5, 4, 3, 8)
     from_env = parse_args(["--model", "m"], environ={"HOTLORA_NO_PREFIX_CACHING": "1", "HOTLORA_HOST_CACHE_ADAPTERS": "5"})
     assert (from_env.engine.prefix_caching, from_env.adapters.host_cache_size) == (False, 5)
 

@@ -197,8 +197,9 @@ class BlockManager:
         return block
 
     def _hits(self, seq: Sequence) -> list[int]:
-        """The registered blocks of seq's longest cached prefix."""
-        if not self.prefix_caching:
+        """The registered blocks of seq's longest cached prefix (none while seq must compute every
+        prompt position for its prompt logprobs)."""
+        if not (self.prefix_caching and seq.shares_prefix):
             return []
         hits = []
         for key in self._keys(seq):

@@ -315,8 +315,17 @@ class Engine:
             self._started([seq], sampled)
 
     def _started(self, seqs: list[Sequence], first: Sampled) -> None:
+        """Prefilled: the prompt's logprobs go to the caller before any token; a request that only
+        scores its prompt (max_new_tokens 0) ends here."""
         self.scheduler.start(seqs)
-        self._accept(seqs, first)
+        for seq in seqs:
+            if seq.request.sampling.prompt_logprobs is not None and not seq.handle.prompt_logprobs:
+                seq.handle.prompt_logprobs = list(seq.prompt_logprobs)
+        scoring = [s for s in seqs if s.request.sampling.max_new_tokens == 0]
+        for seq in scoring:
+            self._finish(seq, FinishReason.LENGTH)
+        self._accept([s for s in seqs if s not in scoring],
+                     first.without([i for i, s in enumerate(seqs) if s in scoring]) if scoring else first)
 
     def _guarded(self, seqs: list[Sequence], step: Callable[[], None]) -> None:
         """Run a step; if it fails, fail exactly the sequences in it (rows and adapters released)

@@ -74,11 +74,14 @@ _DONE = object()
 class RequestHandle:
     """What submit() returns: iterate for token ids as they are produced, result() for the
     Output, cancel() to stop (its KV blocks are freed at the next step). With sampling.logprobs set,
-    logprobs[i] describes the i-th token; it is there before that token is yielded."""
+    logprobs[i] describes the i-th token; it is there before that token is yielded. With
+    sampling.prompt_logprobs set, prompt_logprobs[i] describes prompt token i + 1 (the first has
+    none); they are all there before the first token is yielded, or the result is set."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None):
         self.request_id = request_id
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] = []
         self._loop = loop
         self._events: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
         self._output: Future = Future()

@@ -27,11 +27,14 @@ from ..model.quant import TRITON_GEMV_MAX_TOKENS
 from ..model.sampling import SamplingBatch, sample, token_logprobs
 from .blocks import BlockManager
 from .decode_step import DecodeStep
+from .requests import TokenLogprob
 from .sequence import Sequence
 from .slots import AdapterSlots
 from .structured import allowed_tokens, bitmask_words
 
 log = logging.getLogger(__name__)
+
+PROMPT_LOGPROBS_CHUNK = 256  # prompt positions whose logits are made at once (each [vocab] float32)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class Sampled:
 
     tokens: list[int]
     logprobs: tuple[list[float], list[list[int]], list[list[float]]] | None = None
+
+    def without(self, dropped: list[int]) -> "Sampled":
+        """The same, less the rows at `dropped`."""
+        keep = lambda values: [v for i, v in enumerate(values) if i not in dropped]  # noqa: E731
+        return Sampled(keep(self.tokens), None if self.logprobs is None else tuple(keep(v) for v in self.logprobs))
 
 
 class ModelRunner:
@@ -82,7 +90,9 @@ class ModelRunner:
         """Whole prompts (past any cached prefix) into their KV blocks, together; samples each
         one's first token."""
         AdapterSlots.wait_for_writes(s.adapter for s in seqs)
+        starts = [s.prefilled for s in seqs]
         hidden, lengths = self._prompt_forward(seqs)
+        self._prompt_logprobs(seqs, hidden, starts)
         last = hidden[torch.arange(len(seqs), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         return self._sample_first(seqs, self.model.logits(last))
 
@@ -94,6 +104,7 @@ class ModelRunner:
         start = seq.prefilled
         stop = min(start + self.config.prefill_chunk_tokens, len(seq.tokens))
         hidden = self.model(self._extend_batch([seq], [stop - start]), self.cache)
+        self._prompt_logprobs([seq], hidden, [start])
         seq.prefilled = stop
         if stop < len(seq.tokens):
             return None
@@ -106,6 +117,25 @@ class ModelRunner:
         hidden, lengths = self._prompt_forward(seqs)
         logits = self.model.logits(hidden)
         return [logits[i, :n].cpu() for i, n in enumerate(lengths)]
+
+    def _prompt_logprobs(self, seqs: list[Sequence], hidden: torch.Tensor, starts: list[int]) -> None:
+        """Append to each sequence that asked for them the logprobs of the prompt tokens its row of
+        `hidden` (positions starts[i]...) predicts: position p's logits score token p + 1. Logits
+        are made a few hundred positions at a time, never [prompt, vocab] at once."""
+        for i, seq in enumerate(seqs):
+            top_n = seq.request.sampling.prompt_logprobs
+            if top_n is None:
+                continue
+            prompt_len = len(seq.request.prompt_ids)
+            first = max(starts[i], len(seq.prompt_logprobs))  # a recomputation after preemption adds none
+            last = min(starts[i] + hidden.shape[1], prompt_len - 1)
+            for a in range(first, last, PROMPT_LOGPROBS_CHUNK):
+                b = min(a + PROMPT_LOGPROBS_CHUNK, last)
+                targets = torch.tensor(seq.tokens[a + 1:b + 1], device=self.device)
+                logits = self.model.logits(hidden[i, a - starts[i]:b - starts[i]])
+                chosen, top_ids, top_values = (t.tolist() for t in token_logprobs(logits, targets, top_n))
+                seq.prompt_logprobs += [TokenLogprob(token, lp, tuple(zip(ids, values))) for token, lp, ids, values
+                                        in zip(seq.tokens[a + 1:b + 1], chosen, top_ids, top_values)]
 
     # ---------------------------------------------------------------- decode
 

@@ -250,7 +250,7 @@ class Scheduler:
         version, the same tokens: samples of one prompt, a burst sharing a system prompt) and is
         not cached yet: it waits a step, then takes those blocks from the cache instead of
         computing them again."""
-        key = self.blocks.first_key(seq)
+        key = self.blocks.first_key(seq) if seq.shares_prefix else None
         if key is None or self.blocks.cached_prefix(seq):
             return False
         return any(self.blocks.first_key(s) == key for s in (*self.admitted, *self.prefilling))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .requests import Request, RequestHandle
+from .requests import Request, RequestHandle, TokenLogprob
 from .slots import LoadedAdapter
 from .structured import TokenMatcher
 
@@ -30,6 +30,14 @@ class Sequence:
     submitted: float = field(default_factory=time.monotonic)
     missed: bool = False  # its adapter had no slot when it was first up for admission
     preempted: int = 0  # times its blocks were taken back mid-decode (it is recomputed on readmission)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., when asked for
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether it may take a cached prefix's blocks: not while its prompt's logprobs are still
+        to be computed, which needs every prompt position's logits."""
+        wanted = self.request.sampling.prompt_logprobs is not None
+        return not wanted or len(self.prompt_logprobs) == len(self.request.prompt_ids) - 1
 
     @property
     def slot(self) -> int:

@@ -27,7 +27,10 @@ class SamplingParams:
     definition: logits of already-seen tokens are divided by it when positive, multiplied when
     negative). seed None = drawn from the engine's seed sequence. logprobs None = off; N = each
     generated token's log-probability and the N most likely alternatives' (0 <= N <= MAX_LOGPROBS),
-    under the model's own distribution (before temperature, penalty, top-k/p and grammar)."""
+    under the model's own distribution (before temperature, penalty, top-k/p and grammar).
+    prompt_logprobs the same for every prompt token after the first (vLLM's name; what echo and
+    lm-evaluation-harness read); with it, max_new_tokens may be 0: the prompt is scored, nothing
+    is generated."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -38,10 +41,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InvalidRequest(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt only
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < least:
+            raise InvalidRequest(f"max_new_tokens must be >= {least}, got {self.max_new_tokens}"
+                                 + ("" if least == 0 else " (0 only when the prompt's logprobs are asked for)"))
         for name in ("temperature", "top_p", "repetition_penalty"):
             if not math.isfinite(getattr(self, name)):  # inf would sample uniformly or zero every logit
                 raise InvalidRequest(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -57,6 +63,9 @@ class SamplingParams:
             raise InvalidRequest(f"seed must be in [0, 2**64), got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequest(f"logprobs (top alternatives) must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"prompt_logprobs (top alternatives) must be in [0, {MAX_LOGPROBS}], "
+                                 f"got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:

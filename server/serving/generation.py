@@ -72,6 +72,10 @@ class Piece:
     output: Output | None = None
     stopped_by_string: bool = False
     index: int = 0  # which of the request's n samples it continues
+    # on each sample's first piece when sampling.prompt_logprobs was set: the prompt's token ids and
+    # the logprobs of all but its first token (echo)
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finish_reason(self) -> str | None:
@@ -133,11 +137,12 @@ class Generations:
                 raise InvalidRequest(f"n: {request.n} samples; give 1 to {self.limits.max_samples}")
             handles, version = await _submit(loaded.manager, ref, engine_request, request.n)
             call.label = self.metrics.adapter_label(version.name if version else None)
-            streams = [self._stream(handle, loaded.codec.decoder(prompt_ids, list(request.stop)), version, call, i)
+            echo = prompt_ids if request.sampling.prompt_logprobs is not None else None
+            streams = [self._stream(handle, loaded.codec.decoder(prompt_ids, list(request.stop)), version, call, i, echo)
                        for i, handle in enumerate(handles)]
             outputs = []
             # closed as soon as run is: the samples' requests are cancelled then, not when collected
-            async with contextlib.aclosing(streams[0] if len(streams) == 1 else _merged(streams)) as pieces:
+            async with contextlib.aclosing(streams[0] if len(streams) == 1 else merged(streams)) as pieces:
                 async for piece in pieces:
                     if piece.output is not None:
                         outputs.append(piece.output)
@@ -155,10 +160,11 @@ class Generations:
         finally:
             self.metrics.requests.labels(call.label, call.code, call.protocol).inc()
 
-    async def _stream(self, handle, decoder, version: AdapterVersion | None, call: _Call,
-                      index: int) -> AsyncIterator[Piece]:
+    async def _stream(self, handle, decoder, version: AdapterVersion | None, call: _Call, index: int,
+                      echo: list[int] | None) -> AsyncIterator[Piece]:
         """One sample's pieces as its text becomes available, the last with its Output. Closing
-        it early (a stop string, the caller gone, a failure) cancels the sample's sequence."""
+        it early (a stop string, the caller gone, a failure) cancels the sample's sequence.
+        `echo`: the prompt's ids, when its logprobs go out with the first piece."""
         pending: list[int] = []
         text, done = "", 0  # done: tokens already sent in pieces
         finished = False
@@ -170,9 +176,9 @@ class Generations:
                 if decoder.stopped:
                     break
                 if text:
-                    yield self._piece(text, pending, done, handle, version, index)
+                    yield _with_prompt(self._piece(text, pending, done, handle, version, index), handle, echo)
                     done += len(pending)
-                    pending, text = [], ""
+                    pending, text, echo = [], "", None
             finished = not decoder.stopped
         finally:
             if not finished:  # a stop string, the caller gone, or any failure: free the sequence now
@@ -184,7 +190,7 @@ class Generations:
             raise DeadlineExceeded(f"deadline exceeded after {len(output.token_ids)} generated tokens")
         elif output.finish_reason == FinishReason.CANCELLED:
             raise Draining("the server is shutting down and stopped this request")
-        last = self._piece(text + decoder.finish(), pending, done, handle, version, index)
+        last = _with_prompt(self._piece(text + decoder.finish(), pending, done, handle, version, index), handle, echo)
         last.output, last.stopped_by_string = output, decoder.stopped
         yield last
 
@@ -204,12 +210,26 @@ class Generations:
         adapters.sort(key=lambda m: (m.adapter, m.id != m.adapter, m.id))  # each name, then its versions
         return [ServedModel(loaded.model_name), *adapters]
 
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """text's token ids under the base model's tokenizer (its BOS first with add_special_tokens)."""
+        return list(self.ready().codec.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of token ids, special tokens included: what echo returns for a prompt of ids."""
+        tokenizer = self.ready().codec.tokenizer
+        if any(not isinstance(t, int) or not 0 <= t < len(tokenizer) for t in token_ids):
+            raise InvalidRequest(f"token ids must be integers in [0, {len(tokenizer)})")
+        return tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def logprob_texts(self, logprobs: list) -> dict[int, str]:
         """The text of every token these logprobs name (each chosen token and its alternatives),
         on its own, special tokens included: what both protocols show beside the numbers."""
+        return self.token_texts({i for lp in logprobs for i in (lp.token_id, *(t for t, _ in lp.top))})
+
+    def token_texts(self, ids) -> dict[int, str]:
+        """Each token's text on its own, special tokens included."""
         tokenizer = self.ready().codec.tokenizer
-        ids = {i for lp in logprobs for i in (lp.token_id, *(t for t, _ in lp.top))}
-        return {i: tokenizer.decode([i], skip_special_tokens=False) for i in ids}
+        return {i: tokenizer.decode([i], skip_special_tokens=False) for i in set(ids)}
 
     @staticmethod
     def _piece(text: str, tokens: list[int], done: int, handle, version, index: int) -> Piece:
@@ -275,6 +295,14 @@ class Generations:
         return replace(request.sampling, max_new_tokens=max_new_tokens)
 
 
+def _with_prompt(piece: Piece, handle, echo: list[int] | None) -> Piece:
+    """The piece, with the prompt and its logprobs when it is the first of a sample that echoes
+    (the engine sets handle.prompt_logprobs before its first token or its end)."""
+    if echo is not None:
+        piece.prompt_token_ids, piece.prompt_logprobs = echo, list(handle.prompt_logprobs)
+    return piece
+
+
 async def _resolve(manager: AdapterManager, ref: AdapterRef) -> AdapterVersion:
     """manager.resolve: at once for a version in memory, else on the adapter loader's threads."""
     ready = manager.resolve_if_ready(ref)
@@ -306,9 +334,9 @@ def _cancel_orphans(submitting: asyncio.Future) -> None:
             handle.cancel()
 
 
-async def _merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
-    """The pieces of several samples' streams as each comes; the first failure ends them all
-    (closing a stream cancels its sample)."""
+async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
+    """The pieces of several streams (samples, or the prompts of one HTTP request) as each comes;
+    the first failure ends them all (closing a stream cancels its requests)."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

@@ -98,12 +98,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         samples = [self._sample(index, [p for p in pieces if p.index == index]) for index in sorted({p.index for p in pieces})]
         finals = [p for p in pieces if p.output is not None]
         first, last = samples[0], min(finals, key=lambda p: p.index)
+        echo = next(p for p in pieces if p.index == 0)  # the prompt's logprobs ride on each sample's first piece
         usage = _usage(last.output)
         usage.completion_tokens = sum(len(p.output.token_ids) for p in finals)
         return generation_pb2.GenerateResponse(
             text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason, usage=usage,
             adapter=_adapter_used(last.adapter, last.output), request_id=last.request_id, logprobs=first.logprobs,
-            samples=samples if len(samples) > 1 else [])
+            samples=samples if len(samples) > 1 else [], prompt_token_ids=echo.prompt_token_ids or [],
+            prompt_logprobs=self._logprobs(echo.prompt_logprobs or []))
 
     async def GenerateStream(self, request, context):
         started = set()  # samples whose first message has gone out
@@ -112,7 +114,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             async for piece in run:
                 message = generation_pb2.GenerateStreamResponse(text=piece.text, token_ids=piece.token_ids,
                                                                 request_id=piece.request_id, index=piece.index,
-                                                                logprobs=self._logprobs(piece.logprobs))
+                                                                logprobs=self._logprobs(piece.logprobs),
+                                                                prompt_token_ids=piece.prompt_token_ids or [],
+                                                                prompt_logprobs=self._logprobs(piece.prompt_logprobs or []))
                 if piece.index not in started or piece.output is not None:
                     message.adapter.CopyFrom(_adapter_used(piece.adapter, piece.output))
                 if piece.output is not None:
@@ -173,7 +177,8 @@ def _generation_input(request, context) -> GenerationInput:
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
         seed=s.seed if s.HasField("seed") else None,
         ignore_eos=request.ignore_eos,
-        logprobs=request.top_logprobs if request.HasField("top_logprobs") else None)
+        logprobs=request.top_logprobs if request.HasField("top_logprobs") else None,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None)
     return GenerationInput(
         prompt=request.prompt if which == "prompt" else None,
         messages=tuple({"role": m.role, "content": m.content} for m in request.messages.messages) if which == "messages" else None,

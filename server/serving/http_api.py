@@ -7,9 +7,13 @@
 adapter's current version, "name@version" for one version. Structured output comes from
 `response_format` (json_object, json_schema) or vLLM's `structured_outputs` ({"json"|"regex"|
 "grammar": ...}); vLLM's extra sampling fields top_k, repetition_penalty and ignore_eos are
-accepted too; `n` asks for several samples of the prompt (they share its KV blocks). What hotlora
-cannot do (penalties, logit_bias, echo, tools) is refused with
-400, never silently ignored. Errors use OpenAI's shape, statuses from server/serving/status.py. Admin
+accepted too; `n` asks for several samples of the prompt (they share its KV blocks).
+/v1/completions takes a list of prompts (text, or token-id lists) and `echo`: the prompt comes back
+before the completion, with `logprobs` covering its tokens too (the first one's is null) and
+`max_tokens: 0` scoring it without generating — what lm-evaluation-harness's local-completions
+model sends for log-likelihoods. vLLM's /tokenize, /detokenize and /tokenizer_info let the harness
+tokenize with the server's own tokenizer. What hotlora cannot do (penalties, logit_bias, suffix,
+best_of, tools) is refused with 400, never silently ignored. Errors use OpenAI's shape, statuses from server/serving/status.py. Admin
 operations stay on gRPC.
 """
 
@@ -20,7 +24,7 @@ import contextlib
 import json
 import logging
 import socket
-import time
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -31,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine.structured import OutputFormat
 from ..errors import AdapterNotFound, InvalidRequest
 from ..model.sampling import SamplingParams
-from .generation import GenerationInput, Generations, Piece, ServedModel
+from .generation import GenerationInput, Generations, Piece, ServedModel, merged
+from .openai_responses import ChatResponses, CompletionResponses
 from .status import openai_error
 
 log = logging.getLogger(__name__)
@@ -131,11 +136,36 @@ class ChatCompletionBody(_Body):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None)
+
+    def sampling(self, logprobs: int | None) -> SamplingParams:
+        """With echo, the prompt's logprobs are computed when logprobs are asked for, or when
+        max_tokens is 0 (then the prompt is all there is: scoring it is the request)."""
+        sampling = super().sampling(logprobs)
+        if self.echo and (logprobs is not None or self.max_tokens == 0):
+            sampling = replace(sampling, prompt_logprobs=logprobs or 0)
+        return sampling
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize (the prompt form; lm-evaluation-harness's remote tokenizer sends it)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: list[int]
+    model: str | None = None
 
 
 # ---------------------------------------------------------------- the app
@@ -203,26 +233,62 @@ def build_app(generations: Generations) -> FastAPI:
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
-        return await respond(_ChatResponses(body, generations), generation, body, request)
+        return await respond(ChatResponses(body, generations), generation, body, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         try:
             body.refuse_unsupported()
-            if body.echo or body.suffix or (body.best_of or 1) != 1:
-                raise InvalidRequest("echo, suffix and best_of are not supported")
-            prompt, token_ids = _one_prompt(body.prompt)
-            generation = GenerationInput(
-                prompt=prompt, prompt_token_ids=token_ids, adapter=body.model, sampling=body.sampling(body.logprobs),
+            if body.suffix or (body.best_of or 1) != 1:
+                raise InvalidRequest("suffix and best_of are not supported")
+            if body.max_tokens == 0 and not body.echo:
+                raise InvalidRequest("max_tokens: 0 generates nothing; it is allowed with echo, to score the prompt")
+            prompts = _prompts(body.prompt, generations.limits.max_prompts)
+            request_id = request.headers.get("x-request-id")
+            inputs = [GenerationInput(
+                prompt=text, prompt_token_ids=token_ids, adapter=body.model, sampling=body.sampling(body.logprobs),
                 max_new_tokens=body.max_tokens, stop=body.stop_strings, output_format=body.output_format(),
-                request_id=request.headers.get("x-request-id"), n=body.n)
+                request_id=request_id and (request_id if i == 0 else f"{request_id}-{i}"), n=body.n)
+                for i, (text, token_ids) in enumerate(prompts)]
+            echoes = [text if text is not None else generations.detokenize(list(ids)) for text, ids in prompts] \
+                if body.echo else None
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
-        return await respond(_CompletionResponses(body, generations), generation, body, request)
+        return await respond(CompletionResponses(body, generations, echoes), inputs, body, request)
 
-    async def respond(shape, generation: GenerationInput, body: _Body, request: Request):
-        pieces = generations.run(generation, "http")
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        try:
+            tokens = await asyncio.to_thread(generations.tokenize, body.prompt, body.add_special_tokens)
+        except Exception as exc:
+            return error_response(exc)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": generations.ready().engine.config.max_seq_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        try:
+            return {"prompt": await asyncio.to_thread(generations.detokenize, body.tokens)}
+        except Exception as exc:
+            return error_response(exc)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        try:
+            loaded = generations.ready()
+        except Exception as exc:
+            return error_response(exc)
+        tokenizer = loaded.codec.tokenizer
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
+                "chat_template": tokenizer.chat_template, "model_max_length": loaded.engine.config.max_seq_len}
+
+    async def respond(shape, inputs: GenerationInput | list[GenerationInput], body: _Body, request: Request):
+        if isinstance(inputs, GenerationInput):
+            pieces = generations.run(inputs, "http")
+        else:  # several prompts: choice i * n + j is prompt i's sample j, as OpenAI numbers them
+            pieces = merged([_indexed(generations.run(g, "http"), i * body.n) for i, g in enumerate(inputs)]) \
+                if len(inputs) > 1 else generations.run(inputs[0], "http")
         try:  # refusals (unknown adapter, full queue) get their status; a streamed answer starts at its first piece
             if not body.stream:
                 collected = await _unless_disconnected(request, _collect(pieces))
@@ -299,103 +365,25 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _one_prompt(prompt) -> tuple[str | None, tuple[int, ...] | None]:
+def _prompts(prompt, most: int) -> list[tuple[str | None, tuple[int, ...] | None]]:
+    """(text, None) or (None, token ids) per prompt: a string, a list of token ids, or a list of either."""
     if isinstance(prompt, str):
-        return prompt, None
+        return [(prompt, None)]
     if prompt and all(isinstance(p, int) for p in prompt):
-        return None, tuple(prompt)
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0], None
-    raise InvalidRequest("prompt: one prompt per request (a string or a list of token ids)")
+        return [(None, tuple(prompt))]
+    if not prompt:
+        raise InvalidRequest("prompt is empty")
+    if len(prompt) > most:
+        raise InvalidRequest(f"prompt: {len(prompt)} prompts; the limit is {most} (--max-prompts)")
+    return [(p, None) if isinstance(p, str) else (None, tuple(p)) for p in prompt]
 
 
-def _usage(finals: list[Piece]) -> dict:
-    """One request's usage from its samples' last pieces: the prompt once (and the cached tokens
-    of the sample that computed it), every sample's completion tokens."""
-    first = min(finals, key=lambda p: p.index).output
-    prompt, completion = first.prompt_tokens, sum(len(p.output.token_ids) for p in finals)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
-
-
-class _Responses:
-    """How one endpoint writes pieces: whole (collected) or as stream chunks."""
-
-    object_whole = object_chunk = id_prefix = ""
-
-    def __init__(self, body: _Body, generations: Generations):
-        self.body = body
-        self.generations = generations
-        self.created = int(time.time())
-        self.text_offsets: dict[int, int] = {}  # sample -> its next token's offset in its text (completions' logprobs)
-        self.started: set[int] = set()  # samples whose first chunk has gone out
-
-    def _envelope(self, piece: Piece, obj: str, choices: list) -> dict:
-        return {"id": f"{self.id_prefix}-{piece.request_id}", "object": obj, "created": self.created,
-                "model": self.body.model, "choices": choices}
-
-    def whole(self, pieces: list[Piece]) -> dict:
-        choices, finals = [], []
-        for index in sorted({p.index for p in pieces}):
-            own = [p for p in pieces if p.index == index]
-            last = own[-1]
-            merged = Piece("".join(p.text for p in own), [t for p in own for t in p.token_ids],
-                           [lp for p in own for lp in p.logprobs], last.request_id, last.adapter, index=index)
-            choices.append(self._choice(merged, last.finish_reason, whole=True))
-            finals.append(last)
-        return {**self._envelope(finals[0], self.object_whole, choices), "usage": _usage(finals)}
-
-    def chunk(self, piece: Piece) -> dict:
-        first = piece.index not in self.started
-        self.started.add(piece.index)
-        return self._envelope(piece, self.object_chunk, [self._choice(piece, piece.finish_reason, first=first)])
-
-    def usage_chunk(self, finals: list[Piece]) -> dict:
-        return {**self._envelope(finals[0], self.object_chunk, []), "usage": _usage(finals)}
-
-    def _texts(self, piece: Piece) -> dict[int, str]:
-        return self.generations.logprob_texts(piece.logprobs)
-
-
-class _ChatResponses(_Responses):
-    object_whole, object_chunk, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
-
-    def _choice(self, piece: Piece, finish_reason: str | None, whole: bool = False, first: bool = False) -> dict:
-        if whole:
-            content = {"message": {"role": "assistant", "content": piece.text}}
-        else:
-            content = {"delta": {"role": "assistant", "content": piece.text} if first else {"content": piece.text}}
-        return {"index": piece.index, **content, "logprobs": self._logprobs(piece), "finish_reason": finish_reason}
-
-    def _logprobs(self, piece: Piece) -> dict | None:
-        if not self.body.logprobs:
-            return None
-        texts = self._texts(piece)
-        entry = lambda token_id, logprob: {"token": texts[token_id], "logprob": logprob,  # noqa: E731
-                                           "bytes": list(texts[token_id].encode())}
-        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                            for lp in piece.logprobs]}
-
-
-class _CompletionResponses(_Responses):
-    object_whole = object_chunk = "text_completion"
-    id_prefix = "cmpl"
-
-    def _choice(self, piece: Piece, finish_reason: str | None, whole: bool = False, first: bool = False) -> dict:
-        return {"index": piece.index, "text": piece.text, "logprobs": self._logprobs(piece), "finish_reason": finish_reason}
-
-    def _logprobs(self, piece: Piece) -> dict | None:
-        if self.body.logprobs is None:
-            return None
-        texts = self._texts(piece)
-        offsets = []
-        for lp in piece.logprobs:
-            offsets.append(self.text_offsets.get(piece.index, 0))
-            self.text_offsets[piece.index] = offsets[-1] + len(texts[lp.token_id])
-        return {"tokens": [texts[lp.token_id] for lp in piece.logprobs],
-                "token_logprobs": [lp.logprob for lp in piece.logprobs],
-                "top_logprobs": [{texts[t]: v for t, v in lp.top} for lp in piece.logprobs],
-                "text_offset": offsets}
+async def _indexed(pieces: AsyncIterator[Piece], offset: int) -> AsyncIterator[Piece]:
+    """One prompt's pieces, their choice index moved past the earlier prompts' choices."""
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            piece.index += offset
+            yield piece
 
 
 # ---------------------------------------------------------------- serving

@@ -215,6 +215,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--max-messages", type=int, default=RequestLimits.max_messages, help="most chat messages in one request")
     flag("--max-samples", type=int, default=RequestLimits.max_samples,
          help="most samples of one prompt a request may ask for (OpenAI's n, gRPC's n)")
+    flag("--max-prompts", type=int, default=RequestLimits.max_prompts,
+         help="most prompts in one /v1/completions request (a list of prompts, as lm-evaluation-harness batches)")
     flag("--max-adapter-labels", type=int, default=ServerConfig.max_adapter_labels, help="adapter names with their own metrics label")
     flag("--kernels", choices=KERNELS, default="auto",
          help="LoRA and NF4 kernels: triton (server/kernels), torch, or auto (triton on CUDA, torch elsewhere)")
@@ -251,7 +253,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode,
                               cuda_graphs=not no_cuda_graphs, prefix_caching=not no_prefix_caching)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages),
-                               max_samples=num(a.max_samples))
+                               max_samples=num(a.max_samples), max_prompts=num(a.max_prompts))
         adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
                                  host_cache_size=num(a.host_cache_adapters), host_cache_bytes=num(a.host_cache_bytes),
                                  load_workers=num(a.adapter_load_workers),

@@ -97,7 +97,7 @@ def _generate(client: Client, args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=args.stop, top_logprobs=args.logprobs,
                    json_schema=args.json_schema.read_text() if args.json_schema else None, json_object=args.json_object,
-                   regex=args.regex, prompt_logprobs=args.logprobs if args.echo else None)
+                   regex=args.regex, prompt_logprobs=_prompt_logprobs(args))
     if args.echo:
         sys.stdout.write(args.prompt)
     for piece in client.stream(prompt, args.adapter, **options):
@@ -114,6 +114,13 @@ def _generate(client: Client, args) -> int:
                   f"generated tokens; adapter {args.adapter or 'none'}{'@' + piece.adapter_version if piece.adapter_version else ''}]",
                   file=sys.stderr)
     return 0
+
+
+def _prompt_logprobs(args) -> int | None:
+    """With --echo: --logprobs N alternatives, or none (0) when only the prompt is scored (--max-new-tokens 0)."""
+    if not args.echo:
+        return None
+    return args.logprobs if args.logprobs is not None else (0 if args.max_new_tokens == 0 else None)
 
 
 def _print_logprobs(logprobs) -> None:

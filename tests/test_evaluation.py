@@ -126,6 +126,20 @@ def test_a_list_of_prompts_answers_each_in_order_as_it_would_alone(http):
     assert [c.index for c in texts.choices] == [0, 1] and all(c.text for c in texts.choices)
 
 
+def test_several_prompts_stream_as_one_response_each_choice_echoed_first(http):
+    args = dict(model="cheese", prompt=[PROMPTS["cheese"], PROMPTS["wine"]], max_tokens=3, temperature=0, echo=True,
+                logprobs=1, extra_body={"ignore_eos": True})
+    whole = http.completions.create(**args)
+    chunks = list(http.completions.create(**args, stream=True))
+    assert len({c.id for c in chunks}) == 1  # two requests inside, one response
+    for i in (0, 1):
+        own = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert own[0].logprobs.token_logprobs[0] is None and len(own[0].logprobs.tokens) >= len(args["prompt"][i])
+        assert "".join(c.text for c in own) == whole.choices[i].text
+        assert [t for c in own for t in c.logprobs.token_logprobs] == pytest.approx(whole.choices[i].logprobs.token_logprobs)
+        assert own[-1].finish_reason == "length"
+
+
 @pytest.mark.parametrize("body, words", [
     ({"prompt": [1, 2, 3], "max_tokens": 0}, "max_tokens: 0"),
     ({"prompt": [1, 2, 3], "suffix": "x"}, "suffix"),
@@ -153,8 +167,8 @@ def test_grpc_prompt_logprobs_and_the_cli_give_the_http_numbers(server, http, ca
         pytest.approx(over_http.choices[0].logprobs.top_logprobs[1:], abs=1e-6)  # keyed by text, as OpenAI has them
     assert streamed[0].prompt_logprobs == scored.prompt_logprobs and not any(p.prompt_logprobs for p in streamed[1:])
 
-    assert cli.main(["--target", server.target, "generate", "--adapter", "cheese", "--echo", "--logprobs", "1",
-                     "--max-new-tokens", "0", "Cheese is"]) == 0
+    assert cli.main(["--target", server.target, "generate", "--adapter", "cheese", "--echo", "--max-new-tokens", "0",
+                     "Cheese is"]) == 0  # scoring only: no --logprobs needed
     out = capsys.readouterr()
     assert out.out.startswith("Cheese is") and "prompt log-likelihood" in out.err
     with Client(server.target) as client:

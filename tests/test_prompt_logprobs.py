@@ -5,6 +5,8 @@ chunk, and past a prompt the prefix cache already holds."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -111,3 +113,40 @@ def test_no_new_tokens_is_only_allowed_when_the_prompt_is_scored(engine):
         engine.submit(Request([1, 2, 3], sampling=SamplingParams(max_new_tokens=0)))
     with pytest.raises(InvalidRequest, match="prompt_logprobs"):
         engine.submit(Request([1, 2, 3], sampling=SamplingParams(max_new_tokens=0, prompt_logprobs=21)))
+
+
+def test_samples_of_one_prompt_share_the_logprobs_sample_0_computed(engine, reference):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]  # three full blocks of 4 the other samples take from the cache
+    handles = engine.submit_samples(Request(prompt, adapter="wine", sampling=scoring(top=2, new_tokens=3)), n=3)
+    outputs = [h.result(timeout=60) for h in handles]
+    assert [o.cached_tokens for o in outputs] == [0, 12, 12]  # the prompt computed once, by sample 0
+    assert all(h.prompt_logprobs is handles[0].prompt_logprobs for h in handles)
+    assert_matches_reference(handles[0].prompt_logprobs, reference_prompt_logprobs(reference, "wine", prompt), prompt, 2)
+
+
+def test_a_preempted_request_keeps_the_prompt_logprobs_of_its_first_prefill(llama_dir, peft_adapters, engine, reference):
+    """Two 10-token prompts growing to 50 tokens (4 blocks of 16 each) in a pool of 5: the newer is
+    preempted and recomputed from its blocks' tokens; its prompt logprobs are neither lost nor
+    counted twice, and its tokens are those it makes uninterrupted."""
+    from server.model.kv_cache import KVCache
+
+    spec = engine.spec
+    per_block = KVCache.bytes_per_block(spec.num_layers, 16, spec.num_kv_heads, spec.head_dim, engine.dtype)
+    requests = [Request(PROMPTS["bread"][:10], "cheese", scoring(top=1, new_tokens=40)),
+                Request(PROMPTS[None] + [1], "wine", scoring(top=1, new_tokens=40))]
+    requests = [replace(r, sampling=replace(r.sampling, ignore_eos=True)) for r in requests]
+    want = [o.token_ids for o in engine.generate(requests)]
+    small = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=6, max_seq_len=64, max_adapters=3, max_rank=16,
+                                                           kv_cache_bytes=6 * per_block))
+    try:
+        for name in ("cheese", "wine"):
+            small.load_adapter(name, peft_adapters[name])
+        handles = [small.submit(r) for r in requests]
+        assert [h.result(timeout=120).token_ids for h in handles] == want
+        assert small.stats()["preemptions"] >= 1
+    finally:
+        small.close()
+    for request, handle in zip(requests, handles):
+        prompt = request.prompt_ids
+        assert_matches_reference(handle.prompt_logprobs, reference_prompt_logprobs(reference, request.adapter, prompt),
+                                 prompt, 1)

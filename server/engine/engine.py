@@ -173,7 +173,9 @@ class Engine:
         """n samples of one prompt (OpenAI's `n`), queued together: sample i draws with seed + i
         when the request has a seed. The first is prefilled; the others wait a step for it and take
         its prompt's blocks from the prefix cache (each computes only the block holding the prompt's
-        last token), as any requests sharing a prefix do (Scheduler.schedule)."""
+        last token), as any requests sharing a prefix do (Scheduler.schedule). With
+        sampling.prompt_logprobs, sample 0 computes them and every handle holds that one list; no
+        sample is admitted before sample 0, so it is filled before any sample's first token."""
         if not isinstance(n, int) or n < 1:
             raise InvalidRequest(f"n must be an integer >= 1, got {n!r}")
         self.check(request)
@@ -181,7 +183,12 @@ class Engine:
         seed = request.sampling.seed
         samples = [request if seed is None else replace(request, sampling=replace(request.sampling, seed=(seed + i) % 2**64))
                    for i in range(n)]
-        return self._enqueue(samples, loop)
+        # the prompt's logprobs are sample 0's to compute; the others take its blocks and share its list
+        samples[1:] = [replace(r, sampling=replace(r.sampling, prompt_logprobs=None)) for r in samples[1:]]
+        handles = self._enqueue(samples, loop)
+        for handle in handles[1:]:
+            handle.prompt_logprobs = handles[0].prompt_logprobs
+        return handles
 
     def _enqueue(self, requests: list[Request], loop) -> list[RequestHandle]:
         """Queue requests on one adapter that check() has passed, all or none."""
@@ -319,13 +326,15 @@ class Engine:
         scores its prompt (max_new_tokens 0) ends here."""
         self.scheduler.start(seqs)
         for seq in seqs:
-            if seq.request.sampling.prompt_logprobs is not None and not seq.handle.prompt_logprobs:
-                seq.handle.prompt_logprobs = list(seq.prompt_logprobs)
-        scoring = [s for s in seqs if s.request.sampling.max_new_tokens == 0]
-        for seq in scoring:
-            self._finish(seq, FinishReason.LENGTH)
-        self._accept([s for s in seqs if s not in scoring],
-                     first.without([i for i, s in enumerate(seqs) if s in scoring]) if scoring else first)
+            if seq.prompt_logprobs and not seq.preempted:  # in place: n samples' handles share the list
+                seq.handle.prompt_logprobs.extend(seq.prompt_logprobs)
+        generating = [i for i, s in enumerate(seqs) if s.request.sampling.max_new_tokens > 0]
+        for seq in seqs:
+            if seq.request.sampling.max_new_tokens == 0:
+                self._finish(seq, FinishReason.LENGTH)
+        if len(generating) < len(seqs):
+            seqs, first = [seqs[i] for i in generating], first.rows(generating)
+        self._accept(seqs, first)
 
     def _guarded(self, seqs: list[Sequence], step: Callable[[], None]) -> None:
         """Run a step; if it fails, fail exactly the sequences in it (rows and adapters released)

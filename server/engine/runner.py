@@ -8,7 +8,8 @@ step runs — eagerly, torch.compile'd, or replayed from CUDA graphs (server/eng
 It is built from a model, a KV cache and its block manager alone, so tests drive it with
 Sequences and no Engine.
 Each call ends in the step's one host sync: reading the sampled tokens (and logprobs) into a
-`Sampled`.
+`Sampled`. Prompt logprobs, when a prefill computes them, are read once per few hundred positions
+(prefill is not the decode loop).
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ class Sampled:
     tokens: list[int]
     logprobs: tuple[list[float], list[list[int]], list[list[float]]] | None = None
 
-    def without(self, dropped: list[int]) -> "Sampled":
-        """The same, less the rows at `dropped`."""
-        keep = lambda values: [v for i, v in enumerate(values) if i not in dropped]  # noqa: E731
-        return Sampled(keep(self.tokens), None if self.logprobs is None else tuple(keep(v) for v in self.logprobs))
+    def rows(self, kept: list[int]) -> "Sampled":
+        """Only the rows at `kept`, in that order."""
+        pick = [self.tokens[i] for i in kept]
+        if self.logprobs is None:
+            return Sampled(pick)
+        return Sampled(pick, tuple([values[i] for i in kept] for values in self.logprobs))
 
 
 class ModelRunner:

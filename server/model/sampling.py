@@ -47,7 +47,7 @@ class SamplingParams:
         least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt only
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < least:
             raise InvalidRequest(f"max_new_tokens must be >= {least}, got {self.max_new_tokens}"
-                                 + ("" if least == 0 else " (0 only when the prompt's logprobs are asked for)"))
+                                 + ("" if least == 0 else " (0 is allowed with prompt logprobs, to score the prompt)"))
         for name in ("temperature", "top_p", "repetition_penalty"):
             if not math.isfinite(getattr(self, name)):  # inf would sample uniformly or zero every logit
                 raise InvalidRequest(f"{name} must be a finite number, got {getattr(self, name)}")

@@ -137,8 +137,8 @@ class Generations:
                 raise InvalidRequest(f"n: {request.n} samples; give 1 to {self.limits.max_samples}")
             handles, version = await _submit(loaded.manager, ref, engine_request, request.n)
             call.label = self.metrics.adapter_label(version.name if version else None)
-            echo = prompt_ids if request.sampling.prompt_logprobs is not None else None
-            streams = [self._stream(handle, loaded.codec.decoder(prompt_ids, list(request.stop)), version, call, i, echo)
+            scored = prompt_ids if request.sampling.prompt_logprobs is not None else None
+            streams = [self._stream(handle, loaded.codec.decoder(prompt_ids, list(request.stop)), version, call, i, scored)
                        for i, handle in enumerate(handles)]
             outputs = []
             # closed as soon as run is: the samples' requests are cancelled then, not when collected
@@ -161,10 +161,10 @@ class Generations:
             self.metrics.requests.labels(call.label, call.code, call.protocol).inc()
 
     async def _stream(self, handle, decoder, version: AdapterVersion | None, call: _Call, index: int,
-                      echo: list[int] | None) -> AsyncIterator[Piece]:
+                      scored: list[int] | None) -> AsyncIterator[Piece]:
         """One sample's pieces as its text becomes available, the last with its Output. Closing
         it early (a stop string, the caller gone, a failure) cancels the sample's sequence.
-        `echo`: the prompt's ids, when its logprobs go out with the first piece."""
+        `scored`: the prompt's ids, when its logprobs go out with the first piece."""
         pending: list[int] = []
         text, done = "", 0  # done: tokens already sent in pieces
         finished = False
@@ -176,9 +176,9 @@ class Generations:
                 if decoder.stopped:
                     break
                 if text:
-                    yield _with_prompt(self._piece(text, pending, done, handle, version, index), handle, echo)
+                    yield _with_prompt(self._piece(text, pending, done, handle, version, index), handle, scored)
                     done += len(pending)
-                    pending, text, echo = [], "", None
+                    pending, text, scored = [], "", None
             finished = not decoder.stopped
         finally:
             if not finished:  # a stop string, the caller gone, or any failure: free the sequence now
@@ -190,7 +190,7 @@ class Generations:
             raise DeadlineExceeded(f"deadline exceeded after {len(output.token_ids)} generated tokens")
         elif output.finish_reason == FinishReason.CANCELLED:
             raise Draining("the server is shutting down and stopped this request")
-        last = _with_prompt(self._piece(text + decoder.finish(), pending, done, handle, version, index), handle, echo)
+        last = _with_prompt(self._piece(text + decoder.finish(), pending, done, handle, version, index), handle, scored)
         last.output, last.stopped_by_string = output, decoder.stopped
         yield last
 
@@ -211,15 +211,20 @@ class Generations:
         return [ServedModel(loaded.model_name), *adapters]
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """text's token ids under the base model's tokenizer (its BOS first with add_special_tokens)."""
+        """text's token ids under the base model's tokenizer (its BOS first with add_special_tokens),
+        within the prompt size limit as a prompt is."""
+        self._check_size(GenerationInput(prompt=text))
         return list(self.ready().codec.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def detokenize(self, token_ids: list[int]) -> str:
-        """The text of token ids, special tokens included: what echo returns for a prompt of ids."""
-        tokenizer = self.ready().codec.tokenizer
-        if any(not isinstance(t, int) or not 0 <= t < len(tokenizer) for t in token_ids):
-            raise InvalidRequest(f"token ids must be integers in [0, {len(tokenizer)})")
-        return tokenizer.decode(token_ids, skip_special_tokens=False)
+        """The text of token ids, special tokens included: what echo returns for a prompt of ids.
+        Ids are checked as the engine checks a prompt's (a padded vocabulary's extra ids decode to "")."""
+        loaded = self.ready()
+        vocab = loaded.engine.spec.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequest(f"token ids must be integers in [0, {vocab})")
+        return loaded.codec.tokenizer.decode([t for t in token_ids if t < len(loaded.codec.tokenizer)],
+                                             skip_special_tokens=False)
 
     def logprob_texts(self, logprobs: list) -> dict[int, str]:
         """The text of every token these logprobs name (each chosen token and its alternatives),
@@ -228,8 +233,8 @@ class Generations:
 
     def token_texts(self, ids) -> dict[int, str]:
         """Each token's text on its own, special tokens included."""
-        tokenizer = self.ready().codec.tokenizer
-        return {i: tokenizer.decode([i], skip_special_tokens=False) for i in set(ids)}
+        codec = self.ready().codec
+        return {i: codec.token_text(i) for i in set(ids)}
 
     @staticmethod
     def _piece(text: str, tokens: list[int], done: int, handle, version, index: int) -> Piece:
@@ -295,11 +300,11 @@ class Generations:
         return replace(request.sampling, max_new_tokens=max_new_tokens)
 
 
-def _with_prompt(piece: Piece, handle, echo: list[int] | None) -> Piece:
-    """The piece, with the prompt and its logprobs when it is the first of a sample that echoes
-    (the engine sets handle.prompt_logprobs before its first token or its end)."""
-    if echo is not None:
-        piece.prompt_token_ids, piece.prompt_logprobs = echo, list(handle.prompt_logprobs)
+def _with_prompt(piece: Piece, handle, scored: list[int] | None) -> Piece:
+    """The piece, with the prompt and its logprobs when it is the first of a sample whose prompt
+    was scored (the engine fills handle.prompt_logprobs before its first token or its end)."""
+    if scored is not None:
+        piece.prompt_token_ids, piece.prompt_logprobs = scored, list(handle.prompt_logprobs)
     return piece
 
 

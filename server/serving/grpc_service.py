@@ -98,14 +98,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         samples = [self._sample(index, [p for p in pieces if p.index == index]) for index in sorted({p.index for p in pieces})]
         finals = [p for p in pieces if p.output is not None]
         first, last = samples[0], min(finals, key=lambda p: p.index)
-        echo = next(p for p in pieces if p.index == 0)  # the prompt's logprobs ride on each sample's first piece
+        opening = next(p for p in pieces if p.index == 0)  # the prompt's logprobs ride on each sample's first piece
         usage = _usage(last.output)
         usage.completion_tokens = sum(len(p.output.token_ids) for p in finals)
         return generation_pb2.GenerateResponse(
             text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason, usage=usage,
             adapter=_adapter_used(last.adapter, last.output), request_id=last.request_id, logprobs=first.logprobs,
-            samples=samples if len(samples) > 1 else [], prompt_token_ids=echo.prompt_token_ids or [],
-            prompt_logprobs=self._logprobs(echo.prompt_logprobs or []))
+            samples=samples if len(samples) > 1 else [], prompt_token_ids=opening.prompt_token_ids or [],
+            prompt_logprobs=self._logprobs(opening.prompt_logprobs or []))
 
     async def GenerateStream(self, request, context):
         started = set()  # samples whose first message has gone out

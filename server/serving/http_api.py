@@ -233,7 +233,7 @@ def build_app(generations: Generations) -> FastAPI:
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
-        return await respond(ChatResponses(body, generations), generation, body, request)
+        return await respond(ChatResponses(body, generations), [generation], body, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -250,8 +250,7 @@ def build_app(generations: Generations) -> FastAPI:
                 max_new_tokens=body.max_tokens, stop=body.stop_strings, output_format=body.output_format(),
                 request_id=request_id and (request_id if i == 0 else f"{request_id}-{i}"), n=body.n)
                 for i, (text, token_ids) in enumerate(prompts)]
-            echoes = [text if text is not None else generations.detokenize(list(ids)) for text, ids in prompts] \
-                if body.echo else None
+            echoes = await asyncio.to_thread(_echoes, generations, prompts) if body.echo else None
         except Exception as exc:
             generations.count_refused("http", exc)
             return error_response(exc)
@@ -283,12 +282,14 @@ def build_app(generations: Generations) -> FastAPI:
                 "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
                 "chat_template": tokenizer.chat_template, "model_max_length": loaded.engine.config.max_seq_len}
 
-    async def respond(shape, inputs: GenerationInput | list[GenerationInput], body: _Body, request: Request):
-        if isinstance(inputs, GenerationInput):
-            pieces = generations.run(inputs, "http")
-        else:  # several prompts: choice i * n + j is prompt i's sample j, as OpenAI numbers them
-            pieces = merged([_indexed(generations.run(g, "http"), i * body.n) for i, g in enumerate(inputs)]) \
-                if len(inputs) > 1 else generations.run(inputs[0], "http")
+    async def respond(shape, inputs: list[GenerationInput], body: _Body, request: Request):
+        """Several prompts run as separate requests, each admitted on its own (a full queue can
+        refuse a later one after earlier ones started; all are then cancelled); choice i * n + j
+        is prompt i's sample j, as OpenAI numbers them."""
+        if len(inputs) == 1:
+            pieces = generations.run(inputs[0], "http")
+        else:
+            pieces = merged([_indexed(generations.run(g, "http"), i * body.n) for i, g in enumerate(inputs)])
         try:  # refusals (unknown adapter, full queue) get their status; a streamed answer starts at its first piece
             if not body.stream:
                 collected = await _unless_disconnected(request, _collect(pieces))
@@ -376,6 +377,11 @@ def _prompts(prompt, most: int) -> list[tuple[str | None, tuple[int, ...] | None
     if len(prompt) > most:
         raise InvalidRequest(f"prompt: {len(prompt)} prompts; the limit is {most} (--max-prompts)")
     return [(p, None) if isinstance(p, str) else (None, tuple(p)) for p in prompt]
+
+
+def _echoes(generations: Generations, prompts) -> list[str]:
+    """Each prompt's text as echo returns it: as sent, or its token ids decoded."""
+    return [text if text is not None else generations.detokenize(list(ids)) for text, ids in prompts]
 
 
 async def _indexed(pieces: AsyncIterator[Piece], offset: int) -> AsyncIterator[Piece]:

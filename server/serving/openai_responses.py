@@ -36,9 +36,11 @@ class Responses:
         self.created = int(time.time())
         self.text_offsets: dict[int, int] = {}  # sample -> its next token's offset in its text (completions' logprobs)
         self.started: set[int] = set()  # samples whose first chunk has gone out
+        self.id: str | None = None  # the response's: its first piece's request id (several prompts are several requests)
 
     def _envelope(self, piece: Piece, obj: str, choices: list) -> dict:
-        return {"id": f"{self.id_prefix}-{piece.request_id}", "object": obj, "created": self.created,
+        self.id = self.id or f"{self.id_prefix}-{piece.request_id}"
+        return {"id": self.id, "object": obj, "created": self.created,
                 "model": self.body.model, "choices": choices}
 
     def whole(self, pieces: list[Piece]) -> dict:

@@ -42,6 +42,14 @@ class TextCodec:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._prefix = special_prefix(tokenizer)
+        self._token_texts: dict[int, str] = {}  # at most the vocabulary: logprobs name the same tokens again and again
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own, special tokens included (what logprobs show beside the numbers)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "TextCodec":

@@ -13,12 +13,27 @@ Versions are never labels (they would grow without bound as the trainer publishe
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 UNRESOLVED = "unresolved"
+
+# The inference gateway's model-server protocol (kubernetes-sigs/gateway-api-inference-extension,
+# docs/proposals/003-model-server-protocol): each metric the Endpoint Picker reads, by the name of
+# its (pre-v1.5) flag, and the hotlora metric that answers it, with vLLM's equivalent. v1.5.0 takes
+# the names in its config file instead (a core-metrics-extractor engineConfig, as
+# deploy/k8s/overlays/inference-gateway gives them). Served on the HTTP port's /metrics (where the
+# picker scrapes vLLM too) and on the metrics port.
+PROTOCOL_METRICS = {
+    "total-queued-requests-metric": "hotlora_queue_length",  # vllm:num_requests_waiting
+    "total-running-requests-metric": "hotlora_running_requests",  # vllm:num_requests_running
+    "kv-cache-usage-percentage-metric": "hotlora_kv_cache_usage_ratio",  # vllm:kv_cache_usage_perc
+    "lora-info-metric": "hotlora_lora_requests_info",  # vllm:lora_requests_info
+    "cache-info-metric": "hotlora_cache_config_info",  # vllm:cache_config_info
+}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SLOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
@@ -72,14 +87,32 @@ class Metrics:
     def watch_engine(self, stats: Callable[[], dict], tiers: Callable[[], dict[str, int]]) -> None:
         """Scrape-time gauges: queue, running requests, KV cache use, adapters per tier."""
         gauges = {
-            "hotlora_queue_length": ("Requests waiting for admission.", "queue_length"),
-            "hotlora_running_requests": ("Requests being decoded.", "running"),
-            "hotlora_kv_cache_usage_ratio": ("Fraction of the KV cache's blocks in use.", "kv_cache_usage_ratio"),
+            "hotlora_queue_length": ("Requests (samples) waiting for admission: in the engine's queue, or for their "
+                                     "adapter version to be read.", "queue_length"),
+            "hotlora_running_requests": ("Requests (samples) admitted: being prefilled or decoded.", "running"),
+            "hotlora_kv_cache_usage_ratio": ("Fraction of the KV cache's blocks held by sequences (cached blocks "
+                                             "nobody holds count as free).", "kv_cache_usage_ratio"),
         }
         for name, (doc, key) in gauges.items():
             Gauge(name, doc, registry=self.registry).set_function(lambda key=key: stats()[key])
         self.registry.register(_TierCollector(tiers))
         self.registry.register(_KVCollector(stats))
+
+    def watch_adapters(self, activity: Callable[[], tuple[list[str], list[str]]], max_lora: int) -> None:
+        """hotlora_lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}: the
+        adapters held in memory and those requests wait for, as vLLM's vllm:lora_requests_info gives
+        them to the inference gateway's LoRA affinity (its value: when they last changed).
+
+        vLLM lists the adapters of its running requests; hotlora lists every adapter it holds,
+        in a device slot or in the host tier, because what affinity saves is the store read: a
+        held adapter's next request costs at most a copy into a slot between two steps."""
+        self.registry.register(_LoraCollector(activity, max_lora))
+
+    def describe_kv_cache(self, block_size: int, num_blocks: int) -> None:
+        """hotlora_cache_config_info{block_size, num_gpu_blocks} 1, as vLLM's vllm:cache_config_info
+        (the gateway's prefix-cache scorer reads both)."""
+        Info("hotlora_cache_config", "The KV cache's block size (tokens) and block count.",
+             registry=self.registry).info({"block_size": str(block_size), "num_gpu_blocks": str(num_blocks)})
 
     def describe_engine(self, description: dict[str, str]) -> None:
         """hotlora_engine_info{device, dtype, nf4_path, lora_kernels, compiled, cuda_graphs} 1: how this replica
@@ -110,6 +143,37 @@ class _TierCollector:
         family = GaugeMetricFamily("hotlora_adapters_loaded", "Adapter versions by tier (device: in a LoRA slot, host: in memory, store).", labels=["tier"])
         for tier, count in self._tiers().items():
             family.add_metric([tier], count)
+        yield family
+
+
+class _LoraCollector:
+    """One series whose labels say which adapters are resident and which are waited for; its value
+    is the time (unix seconds) the labels last changed, so the gateway can tell the newest."""
+
+    LABELS = ["max_lora", "running_lora_adapters", "waiting_lora_adapters"]
+    DOC = ("LoRA adapters held in memory, in a device slot or the host tier (running), and adapters requests wait for: "
+           "a slot or a read from the store (waiting); comma-separated, as requests name them; max_lora: device slots. "
+           "Value: when the labels last changed (unix seconds).")
+
+    def __init__(self, activity: Callable[[], tuple[list[str], list[str]]], max_lora: int):
+        self._activity = activity
+        self._max_lora = max_lora
+        self._lock = threading.Lock()
+        self._labels: tuple[str, str, str] | None = None
+        self._changed = 0.0
+
+    def describe(self):
+        return [GaugeMetricFamily("hotlora_lora_requests_info", self.DOC, labels=self.LABELS)]
+
+    def collect(self):
+        running, waiting = self._activity()
+        labels = (str(self._max_lora), ",".join(running), ",".join(waiting))  # the gateway splits on "," alone
+        with self._lock:
+            if labels != self._labels:
+                self._labels, self._changed = labels, time.time()
+            changed = self._changed
+        family = GaugeMetricFamily("hotlora_lora_requests_info", self.DOC, labels=self.LABELS)
+        family.add_metric(list(labels), changed)
         yield family
 
 

@@ -1,4 +1,5 @@
-"""deploy/: every kustomize overlay renders and validates against the Kubernetes schemas offline;
+"""deploy/: every kustomize overlay renders and validates against the Kubernetes schemas offline
+(the inference gateway's InferencePool and HTTPRoute against the schemas of their API's fields);
 the manifests agree with the code (flags, ports, health service names, grace periods); a real
 Prometheus scrapes a running hotlora-server with deploy/prometheus/prometheus.yml; the alert rules
 pass promtool; the Dockerfile passes hadolint and copies what exists."""
@@ -21,9 +22,20 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ["base", "overlays/prometheus-operator", "overlays/trainer-job", "overlays/hpa"]
+OVERLAYS = ["base", "overlays/prometheus-operator", "overlays/trainer-job", "overlays/hpa", "overlays/inference-gateway"]
 K8S_VERSION = "1.32.0"
 BIN = Path(sys.executable).parent
+SCHEMAS = ROOT / "tests" / "schemas"
+# The fields of InferencePool (v1.5.0) and HTTPRoute (v1.5.1) the overlay uses, as JSON Schemas written
+# from their API references (the CRDs themselves are other projects' files, not copied here).
+GATEWAY_SCHEMAS = SCHEMAS / "inference_gateway.yaml"
+EPP_IMAGE = "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0"
+# Each of the EPP's metric flags (server.metrics.PROTOCOL_METRICS' keys) and the field of a
+# core-metrics-extractor engineConfig that replaces it in v1.5.0, which exits when given the flags
+# (pkg/epp/server/options.go: "deprecated and cannot be used; configure metrics via engineConfigs").
+EPP_METRIC_FIELDS = {"total-queued-requests-metric": "queuedRequestsSpec", "total-running-requests-metric": "runningRequestsSpec",
+                     "kv-cache-usage-percentage-metric": "kvUsageSpec", "lora-info-metric": "loraSpec",
+                     "cache-info-metric": "cacheInfoSpec"}
 
 
 def render(overlay: str) -> list[dict]:
@@ -42,10 +54,10 @@ def test_overlay_renders_and_every_object_validates(overlay):
     import kubernetes_validate
 
     docs = render(overlay)
-    crds = {"ServiceMonitor", "PrometheusRule"}
+    crds = {"ServiceMonitor", "PrometheusRule", "InferencePool", "HTTPRoute"}
     for doc in docs:
         if doc["kind"] in crds:
-            continue  # checked field by field below: no offline schema for CRDs
+            continue  # checked below: field by field, or against tests/schemas/inference_gateway.yaml
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount"} <= {d["kind"] for d in docs}
 
@@ -138,6 +150,163 @@ def test_trainer_job_runs_a_real_trainer_command_into_the_shared_store():
     assert int(port) in [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
     assert "hotlora-adapters" in claims
+
+
+def gateway_schema(kind: str) -> dict:
+    schemas = yaml.safe_load(GATEWAY_SCHEMAS.read_text())
+    return {"$defs": schemas["$defs"], **schemas[kind]}
+
+
+def refused(validator, doc: dict, change) -> bool:
+    broken = json.loads(json.dumps(doc))
+    change(broken)
+    return not validator.is_valid(broken)
+
+
+@pytest.mark.parametrize("kind", ["InferencePool", "HTTPRoute"])
+def test_inference_gateway_pool_and_route_validate_against_their_api(kind):
+    """The overlay's InferencePool and HTTPRoute against the schemas of their API versions'
+    fields (tests/schemas/inference_gateway.yaml), and the same schemas refuse broken objects and
+    misspelled fields: the check can fail."""
+    import jsonschema
+
+    doc = one(render("overlays/inference-gateway"), kind)
+    schema = gateway_schema(kind)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    assert not problems, problems
+    if kind == "InferencePool":
+        assert refused(validator, doc, lambda d: d["spec"].pop("selector"))
+        assert refused(validator, doc, lambda d: d["spec"]["targetPorts"][0].update(number=70000))
+        assert refused(validator, doc, lambda d: d["spec"].update(targetPorts=[]))
+        assert refused(validator, doc, lambda d: d["spec"]["endpointPickerRef"].update(failureMode="Sometimes"))
+        assert refused(validator, doc, lambda d: d["spec"]["selector"]["matchLabels"].update(app="not a label value"))
+        assert refused(validator, doc, lambda d: d["spec"].update(targetPort=8000))
+    else:
+        assert refused(validator, doc, lambda d: d["spec"]["rules"][0]["matches"][0]["path"].update(type="Prefix"))
+        assert refused(validator, doc, lambda d: d["spec"]["rules"][0]["backendRefs"][0].pop("name"))
+        assert refused(validator, doc, lambda d: d["spec"]["parentRefs"][0].update(name=""))
+        assert refused(validator, doc, lambda d: d["spec"]["rules"][0]["timeouts"].update(request="5 minutes"))
+        assert refused(validator, doc, lambda d: d["spec"]["rules"][0].update(backendRef=[]))
+
+
+def epp_flags(args: list[str]) -> dict[str, str]:
+    """`--name value` and `--name=value` as {name: value}; a bare `--name` as "true"."""
+    flags, i = {}, 0
+    while i < len(args):
+        assert args[i].startswith("--"), args[i]
+        name, eq, value = args[i][2:].partition("=")
+        if not eq:
+            value = "true"
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+        assert name not in flags, f"--{name} given twice"
+        flags[name] = value
+        i += 1
+    return flags
+
+
+def test_inference_gateway_overlay_agrees_with_the_server_code():
+    """The pool selects the server pods and routes to their HTTP port; its EPP is the one the overlay
+    runs, reads hotlora's metric names (server.metrics.PROTOCOL_METRICS) and scores with the four
+    scorers and the picker."""
+    from server.metrics import PROTOCOL_METRICS
+    from server.serving.main import parse_args
+
+    docs = render("overlays/inference-gateway")
+    config = parse_args([], environ=one(docs, "ConfigMap", "hotlora-server")["data"])
+    pool = one(docs, "InferencePool")
+    server = one(docs, "Deployment", "hotlora")
+    server_pod = server["spec"]["template"]
+    selector = pool["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= server_pod["metadata"]["labels"].items()
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"
+            and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()] == ["hotlora"]  # not the EPP
+    ports = {p["name"]: p["containerPort"] for p in server_pod["spec"]["containers"][0]["ports"]}
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [ports["http"]] == [config.http_port]
+    assert pool["spec"]["appProtocol"] == "http"
+
+    ref = pool["spec"]["endpointPickerRef"]
+    assert ref.get("kind", "Service") == "Service" and ref.get("group", "") == ""
+    service = one(docs, "Service", ref["name"])
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc-ext-proc"] == ref["port"]["number"]
+    epp = one(docs, "Deployment", "hotlora-epp")
+    epp_pod = epp["spec"]["template"]
+    assert service["spec"]["selector"].items() <= epp_pod["metadata"]["labels"].items()
+    assert epp["spec"]["selector"]["matchLabels"].items() <= epp_pod["metadata"]["labels"].items()
+    [container] = epp_pod["spec"]["containers"]
+    assert container["image"] == EPP_IMAGE
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == ref["port"]["number"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        grpc_probe = container[probe]["grpc"]
+        assert grpc_probe["port"] == {p["name"]: p["containerPort"] for p in container["ports"]}["grpc-health"]
+        assert grpc_probe["service"] == "inference-extension"  # the EPP's health name with one replica
+    assert epp["spec"]["replicas"] == 1 and epp["spec"]["strategy"]["type"] == "Recreate"
+    assert epp_pod["spec"]["terminationGracePeriodSeconds"] >= server_pod["spec"]["terminationGracePeriodSeconds"]
+
+    flags = epp_flags(container["args"])
+    assert flags["pool-name"] == pool["metadata"]["name"] and flags["pool-group"] == "inference.networking.k8s.io"
+    assert flags.get("pool-namespace", pool["metadata"]["namespace"]) == pool["metadata"]["namespace"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"  # the pool's, without --pool-namespace
+    assert not set(PROTOCOL_METRICS) & set(flags), "v1.5.0's EPP exits on its deprecated metric flags"
+
+    # The config file: the ConfigMap key mounted where --config-file points.
+    config_dir, config_file = flags["config-file"].rsplit("/", 1)
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == config_dir]
+    [volume] = [v for v in epp_pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    picker_config = yaml.safe_load(one(docs, "ConfigMap", volume["configMap"]["name"])["data"][config_file])
+    assert picker_config["apiVersion"] == "inference.networking.x-k8s.io/v1alpha1" and picker_config["kind"] == "EndpointPickerConfig"
+    assert set(picker_config) <= {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "saturationDetector",
+                                  "dataLayer", "flowControl", "parser"}  # the EPP decodes strictly
+    plugins = {p.get("name", p["type"]): p for p in picker_config["plugins"]}
+    assert len(plugins) == len(picker_config["plugins"])
+    scorers = {"queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "lora-affinity-scorer"}
+    assert scorers | {"max-score-picker"} <= {p["type"] for p in plugins.values()}
+    assert plugins["prefix-cache-scorer"]["parameters"]["blockSizeTokens"] == config.engine.kv_block_size
+    [profile] = [p for p in picker_config["schedulingProfiles"] if p["name"] == "default"]
+    used = {plugins[e["pluginRef"]]["type"]: e.get("weight") for e in profile["plugins"]}
+    assert set(used) == scorers | {"max-score-picker"}
+    assert all(used[s] > 0 for s in scorers) and used["max-score-picker"] is None  # pickers take no weight
+
+    # hotlora's metric names, as an engine config that every pod of the pool uses (it has no engine label).
+    [extractor] = [p for p in plugins.values() if p["type"] == "core-metrics-extractor"]
+    engines = {e["name"]: e for e in extractor["parameters"]["engineConfigs"]}
+    engine = engines[extractor["parameters"]["defaultEngine"]]
+    assert set(PROTOCOL_METRICS) == set(EPP_METRIC_FIELDS)
+    assert {k: v for k, v in engine.items() if k != "name"} == {EPP_METRIC_FIELDS[flag]: name for flag, name in PROTOCOL_METRICS.items()}
+    assert extractor["parameters"].get("engineLabelKey", "inference.networking.k8s.io/engine-type") not in server_pod["metadata"]["labels"]
+    [source] = [s for s in picker_config["dataLayer"]["sources"] if plugins[s["pluginRef"]]["type"] == "metrics-data-source"]
+    assert [e["pluginRef"] for e in source["extractors"]] == [extractor.get("name", extractor["type"])]
+    assert plugins[source["pluginRef"]].get("parameters", {}).get("path", "/metrics") == "/metrics"  # on the targetPort, as vLLM
+
+
+def test_inference_gateway_route_and_rbac_reach_the_pool():
+    """The HTTPRoute sends the OpenAI-compatible API from the platform's Gateway to the pool; the
+    EPP's ServiceAccount may read the pool's pods and the pool (the v1.5.0 chart's rules)."""
+    docs = render("overlays/inference-gateway")
+    pool, route = one(docs, "InferencePool"), one(docs, "HTTPRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    [parent] = route["spec"]["parentRefs"]
+    assert (parent.get("group", "gateway.networking.k8s.io"), parent.get("kind", "Gateway"), parent["name"]) == \
+        ("gateway.networking.k8s.io", "Gateway", "inference-gateway")
+    [rule] = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": pool["metadata"]["name"]}]
+    assert {"type": "PathPrefix", "value": "/v1"} in [m["path"] for m in rule["matches"]]
+
+    epp = one(docs, "Deployment", "hotlora-epp")["spec"]["template"]["spec"]
+    account = one(docs, "ServiceAccount", epp["serviceAccountName"])
+    assert account.get("automountServiceAccountToken", True) and epp.get("automountServiceAccountToken", True)
+    binding = one(docs, "RoleBinding")
+    subject = {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": pool["metadata"]["namespace"]}
+    assert subject in binding["subjects"]
+    role = one(docs, "Role", binding["roleRef"]["name"])
+    granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"]}
+    for needed in [("", "pods"), ("inference.networking.k8s.io", "inferencepools"),
+                   ("inference.networking.x-k8s.io", "inferenceobjectives"), ("inference.networking.x-k8s.io", "inferencemodelrewrites")]:
+        assert {"get", "watch", "list"} <= granted.get(needed, set()), needed
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]  # namespaced, as the chart
 
 
 def test_grafana_dashboard_uses_only_metrics_the_server_exports():

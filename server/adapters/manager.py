@@ -68,6 +68,7 @@ class AdapterManager:
         self._known: dict[str, AdapterVersion] = {}  # key -> version, read at least once
         self._current: dict[str, str] = {}  # name -> version new requests get
         self._loading: dict[str, Future] = {}
+        self.waiting_for_load = 0  # requests (samples) in submit() waiting for their version to be read
         # submits that must load a cold version, and admin loads, run here (not on the threads that
         # serve everyone's requests)
         self.loader = ThreadPoolExecutor(max_workers=config.load_workers, thread_name_prefix="hotlora-adapter-load")
@@ -93,8 +94,14 @@ class AdapterManager:
         `loader`, never the event loop."""
         if ref is None:
             return self.engine.submit_samples(request, n, loop), None
-        return self._once_in_memory(ref, lambda key: (self.engine.submit_samples(replace(request, adapter=key), n, loop),
-                                                      self._known[key]))
+        with self._lock:
+            self.waiting_for_load += n
+        try:
+            return self._once_in_memory(ref, lambda key: (self.engine.submit_samples(replace(request, adapter=key), n, loop),
+                                                          self._known[key]))
+        finally:
+            with self._lock:
+                self.waiting_for_load -= n
 
     def resolve_if_ready(self, ref: AdapterRef) -> AdapterVersion | None:
         """resolve() when the version is in memory, without blocking; else None."""
@@ -314,6 +321,23 @@ class AdapterManager:
                     described = AdapterVersion(name, version, self.store.root / name / version, True)
                     rows[key] = AdapterStatus(described, version == store_current, "store", 0, 0.0)
         return [rows[k] for k in sorted(rows)]
+
+    def lora_activity(self) -> tuple[list[str], list[str]]:
+        """The adapters this replica holds in memory (a device slot, or the host tier: either serves
+        its next request without reading the store) and those requests wait for (a slot, or being
+        read), named as requests name them: "name" for a name's current version, "name@version"
+        for any other."""
+        resident, waiting = self.engine.adapter_activity()
+        with self._lock:
+            return ([self._request_name(k) for k in resident],
+                    sorted({self._request_name(k) for k in (*waiting, *self._loading)}))
+
+    def _request_name(self, key: str) -> str:  # holds self._lock
+        """A version's key as requests name it: its bare name while it is current (or, being read
+        for a name with no current version yet, about to be)."""
+        ref = AdapterRef.parse(key)
+        current = self._current.get(ref.name)
+        return ref.name if current == ref.version or current is None else key
 
     def tier_counts(self) -> dict[str, int]:
         counts = {"device": 0, "host": 0, "store": 0}

@@ -132,6 +132,15 @@ class Engine:
     def adapters(self) -> list[AdapterInfo]:
         return self.slots.infos()
 
+    def adapter_activity(self) -> tuple[list[str], list[str]]:
+        """The adapters registered (in a device slot or ready in host memory to be copied into one
+        between two steps), and those whose queued requests wait for a slot, by registry name, in
+        one snapshot: the inference gateway's running / waiting LoRA adapters."""
+        with self._lock:
+            resident = sorted(self.slots.names())
+            waiting = sorted({s.adapter.name for s in self.scheduler.waiting if s.adapter is not None and s.adapter.slot == 0})
+        return resident, waiting
+
     # ---------------------------------------------------------------- requests
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:

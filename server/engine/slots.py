@@ -88,6 +88,10 @@ class AdapterSlots:
         return AdapterInfo(entry.name, w.rank, w.target_modules, w.content_hash, w.source, entry.refs,
                            entry.slot > 0, entry.last_used, entry.image.nbytes)
 
+    def names(self) -> list[str]:  # holds the lock
+        """Every registered adapter's name, in a slot or not."""
+        return list(self._by_name)
+
     def resident(self) -> list[LoadedAdapter]:  # holds the lock
         return list(self._resident.values())
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API, beside gRPC in the same process, on the same engine.
 
     POST /v1/completions, POST /v1/chat/completions (JSON, or server-sent events with "stream")
-    GET  /v1/models, GET /v1/models/{id}, GET /health
+    GET  /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (where the inference gateway reads them)
+    POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's)
 
 `model` picks the adapter as vLLM does: the base model's name for no adapter, "name" for an
 adapter's current version, "name@version" for one version. Structured output comes from
@@ -183,6 +184,13 @@ def build_app(generations: Generations) -> FastAPI:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
         generations.count_refused("http", InvalidRequest(problems))
         return error_response(InvalidRequest(problems))
+
+    @app.get("/metrics")
+    async def metrics():  # as vLLM serves them: the inference gateway scrapes the port it routes to
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(await asyncio.to_thread(generate_latest, generations.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():

@@ -95,7 +95,9 @@ class Server:
         codec = await asyncio.to_thread(TextCodec.from_pretrained, c.model_dir)
         fingerprint = await asyncio.to_thread(base_fingerprint, c.model_dir)
         self.manager = AdapterManager(self.engine, c.adapters, self.metrics, fingerprint)
-        self.metrics.watch_engine(self.engine.stats, self.manager.tier_counts)
+        self.metrics.watch_engine(self._stats, self.manager.tier_counts)
+        self.metrics.watch_adapters(self.manager.lora_activity, c.engine.max_adapters)
+        self.metrics.describe_kv_cache(self.engine.cache.block_size, self.engine.cache.num_blocks)
         self.engine.observe_slot_write = self.metrics.adapter_slot_write.observe
         self.engine.observe_adapter_miss = self.metrics.adapter_miss_wait.observe
         self.metrics.describe_engine(self.engine.describe())
@@ -109,6 +111,13 @@ class Server:
         log.info("serving gRPC on %s:%d (%s), metrics on %s:%d/metrics%s", c.host, self.port,
                  "TLS" if c.tls_cert else "plaintext", c.metrics_host, self.metrics_port,
                  f", OpenAI-compatible HTTP on {c.http_host}:{self.http_port}/v1" if self._http else "")
+
+    def _stats(self) -> dict:
+        """The engine's counts, its queue widened to the requests waiting for their adapter version
+        to be read (they are queued on this replica as much as the engine's own)."""
+        stats = self.engine.stats()
+        stats["queue_length"] += self.manager.waiting_for_load
+        return stats
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new work, let running requests finish within the grace period."""

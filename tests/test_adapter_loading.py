@@ -79,7 +79,7 @@ def corrupt_cases():
         "pickle_only": (pickle_only, "pickle"),
         "truncated": (truncated, "safetensors"),
         "nan": (nan, "NaN"),
-        "wrong_shape": (wrong_shape, "shapes"),
+        "wrong_shape": (wrong_shape, "does not fit the base model"),
         "missing_b": (missing_b, "missing"),
         "unmappable_keys": (unmappable_keys, "map to no supported"),
         "embedding_lora": (embedding_lora, "map to no supported"),

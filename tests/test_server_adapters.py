@@ -159,7 +159,7 @@ def another_base(d):
 
 
 CORRUPTIONS = {"truncated": (corrupt_truncated, "safetensors"), "nan": (corrupt_nan, "NaN"),
-               "wrong shapes": (corrupt_shape, "do not fit"), "rank above max_rank": (corrupt_rank, "exceeds"),
+               "wrong shapes": (corrupt_shape, "not fit"), "rank above max_rank": (corrupt_rank, "exceeds"),
                "huge but finite weights": (corrupt_huge, "too large"), "another base model": (another_base, "fingerprint")}
 
 

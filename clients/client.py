@@ -136,12 +136,15 @@ def build_request(prompt: str | Sequence[dict] | Sequence[int], adapter: str = "
                   seed: int | None = None, repetition_penalty: float | None = None, stop: Sequence[str] = (),
                   ignore_eos: bool = False, top_logprobs: int | None = None, json_schema: dict | str | None = None,
                   json_object: bool = False, regex: str | None = None, lark_grammar: str | None = None,
-                  n: int | None = None, prompt_logprobs: int | None = None) -> generation_pb2.GenerateRequest:
+                  n: int | None = None, prompt_logprobs: int | None = None, min_p: float | None = None,
+                  logit_bias: dict[int, float] | None = None,
+                  stop_token_ids: Sequence[int] = ()) -> generation_pb2.GenerateRequest:
     """prompt: text, a list of chat messages ({"role", "content"}), or a list of token ids.
     top_logprobs: return each token's logprob and this many alternatives. json_schema (a dict or
     JSON text), json_object, regex, lark_grammar: hold the output to it (at most one). n: that
     many samples of the prompt (sample i seeded seed + i). prompt_logprobs: the logprob of every
-    prompt token after the first, with this many alternatives (max_new_tokens=0: score only)."""
+    prompt token after the first, with this many alternatives (max_new_tokens=0: score only).
+    min_p, logit_bias ({token id: bias}), stop_token_ids: as OpenAI's and vLLM's."""
     request = generation_pb2.GenerateRequest(adapter=adapter, stop=list(stop), ignore_eos=ignore_eos)
     if n is not None:
         request.n = n
@@ -166,10 +169,12 @@ def build_request(prompt: str | Sequence[dict] | Sequence[int], adapter: str = "
     if max_new_tokens is not None:
         request.max_new_tokens = max_new_tokens
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
-                "repetition_penalty": repetition_penalty}
+                "repetition_penalty": repetition_penalty, "min_p": min_p}
     for name, value in sampling.items():
         if value is not None:
             setattr(request.sampling, name, value)
+    request.sampling.logit_bias.update(logit_bias or {})
+    request.sampling.stop_token_ids.extend(stop_token_ids)
     return request
 
 

@@ -189,6 +189,66 @@ def test_errors_come_back_in_openai_shape(http, call, status, words):
     assert re.search(words, error["message"], re.IGNORECASE) and error["type"], error
 
 
+@pytest.mark.parametrize("extra, named", [
+    ({"min_tokens": 5}, "min_tokens"),
+    ({"reasoning_effort": "high", "prediction": {"type": "content", "content": "x"}}, "prediction, reasoning_effort"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "Ann"}]}, r"messages\[0\]\.name"),
+    ({"temprature": 0.5}, "temprature"),  # a typo is refused too: it would have been ignored
+])
+def test_fields_that_would_change_the_answer_are_refused_by_name(http, extra, named):
+    with pytest.raises(openai.BadRequestError) as info:
+        http.chat.completions.create(model=BASE, messages=CHAT, max_tokens=4, extra_body=extra)
+    assert re.search(named, info.value.body["message"]), info.value.body
+
+
+def test_harmless_and_null_fields_are_accepted_and_change_nothing(http):
+    args = dict(model="cheese", messages=CHAT, max_tokens=8, temperature=0.8, seed=5)
+    plain = http.chat.completions.create(**args).choices[0].message.content
+    labelled = http.chat.completions.create(
+        **args, user="u-17", metadata={"team": "cheese"}, store=False, service_tier="auto",
+        extra_body={"prompt_cache_key": "k", "safety_identifier": "s", "parallel_tool_calls": True,
+                    "min_tokens": None, "audio": None, "modalities": [], "tool_choice": "none"})
+    assert labelled.choices[0].message.content == plain
+
+
+def test_logit_bias_min_p_and_stop_token_ids_do_what_they_say(server, http, grpc_client):
+    prompt = [5, 17, 42, 99]
+    greedy = grpc_client.generate(prompt, "cheese", max_new_tokens=6, temperature=0, ignore_eos=True).token_ids
+    forced = next(t for t in range(3, 500) if t not in greedy)
+
+    def completion(**extra):
+        return http.completions.create(model="cheese", prompt=prompt, max_tokens=6, logprobs=0,
+                                       extra_body={"ignore_eos": True, **extra.pop("extra_body", {})}, **extra)
+
+    def texts(reply) -> list[str]:  # the answer's tokens, as text
+        return reply.choices[0].logprobs.tokens
+
+    greedy_texts = texts(completion(temperature=0))
+    # +100 makes one token win every step; -100 on each greedy token makes greedy pick others
+    _, forced_text = post(f"http://127.0.0.1:{server.server.http_port}/detokenize", json.dumps({"tokens": [forced]}).encode())
+    assert texts(completion(temperature=0, logit_bias={str(forced): 100})) == [forced_text["prompt"]] * 6
+    banned = texts(completion(temperature=0, logit_bias={str(t): -100 for t in set(greedy)}))
+    assert len(banned) == 6 and not set(banned) & set(greedy_texts)
+    # min_p 1 keeps only the most likely token: a hot, seeded sample becomes the greedy answer
+    assert texts(completion(temperature=5.0, seed=1, extra_body={"min_p": 1.0})) == greedy_texts
+    assert texts(completion(temperature=5.0, seed=1)) != greedy_texts
+    # a stop token id ends the answer where greedy generates it
+    stopped = completion(temperature=0, extra_body={"stop_token_ids": [greedy[2]], "ignore_eos": False})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens <= 3
+    # gRPC takes the same three
+    fixed = dict(max_new_tokens=6, ignore_eos=True)
+    assert grpc_client.generate(prompt, "cheese", temperature=0, logit_bias={forced: 100}, **fixed).token_ids == [forced] * 6
+    assert grpc_client.generate(prompt, "cheese", temperature=5.0, seed=1, min_p=1.0, **fixed).token_ids == greedy
+    stopped = grpc_client.generate(prompt, "cheese", max_new_tokens=6, temperature=0, stop_token_ids=[greedy[2]])
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 3
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        http.completions.create(model="cheese", prompt=prompt, max_tokens=2, logit_bias={"999999": 5})
+    with pytest.raises(openai.BadRequestError, match="min_p"):
+        http.completions.create(model="cheese", prompt=prompt, max_tokens=2, extra_body={"min_p": 2})
+
+
 def post(url: str, body: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
     try:

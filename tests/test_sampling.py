@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model.sampling import SamplingBatch, SamplingParams, sample
+from server.model.sampling import SamplingBatch, SamplingParams, bias_table, sample
 
 V = 12
 
@@ -68,8 +68,36 @@ def test_filters_match_transformers_logits_processors():
     assert greedy_penalised.item() == want[0].argmax().item()
 
 
+def test_min_p_matches_transformers_min_p_warper():
+    from transformers import MinPLogitsWarper
+
+    logits = torch.tensor([3.0, 2.5, 1.0, 0.0, -1.0] + [-4.0] * (V - 5))
+    for min_p, temperature in ((0.3, 1.0), (0.05, 2.0)):
+        want = MinPLogitsWarper(min_p)(None, logits[None] / temperature)
+        allowed = set(torch.nonzero(want[0] > float("-inf")).flatten().tolist())
+        assert 1 < len(allowed) < V  # it really cuts
+        got = set(draws(logits, SamplingParams(temperature=temperature, min_p=min_p), n=2000).tolist())
+        assert got == allowed
+
+
+def test_logit_bias_is_added_to_the_logits_before_greedy_and_sampled_draws():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0] + [-30.0] * (V - 4))
+    banned = sample(logits[None].clone(), batch_of([SamplingParams(temperature=0, logit_bias=((0, -100.0),))]), None)
+    assert banned.item() == 1
+    bias = ((3, 2.5), (1, -1.0))
+    n = 4000
+    counts = torch.bincount(draws(logits, SamplingParams(temperature=1.0, logit_bias=bias), n), minlength=V).double() / n
+    biased = logits.clone().double()
+    for token, value in bias:
+        biased[token] += value
+    assert (counts - torch.softmax(biased, dim=0)).abs().max() < 0.03
+
+
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -0.1), ("top_k", -1),
-                                         ("top_p", 0.0), ("top_p", 1.01), ("repetition_penalty", 0.0)])
+                                         ("top_p", 0.0), ("top_p", 1.01), ("repetition_penalty", 0.0),
+                                         ("min_p", 1.5), ("logit_bias", ((1, 101.0),)),
+                                         ("logit_bias", ((1, 1.0), (1, 2.0))),
+                                         ("logit_bias", tuple((i, 1.0) for i in range(301)))])
 def test_invalid_parameters_name_their_field(field, value):
     from server.errors import InvalidRequest
 
@@ -107,10 +135,12 @@ def test_each_sample_moves_the_rows_a_step_on():
 
 MIXED = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.5),
          SamplingParams(temperature=0.7, seed=3), SamplingParams(temperature=1.3, top_k=4),
-         SamplingParams(temperature=0.9, top_p=0.6, repetition_penalty=0.8), SamplingParams(temperature=1.0, top_p=1.0)]
+         SamplingParams(temperature=0.9, top_p=0.6, repetition_penalty=0.8), SamplingParams(temperature=1.0, top_p=1.0),
+         SamplingParams(temperature=0, logit_bias=((2, 9.0), (5, -9.0))), SamplingParams(temperature=1.5, min_p=0.2)]
 
 
-@pytest.mark.parametrize("rows", [[0, 1], [0, 2, 5], [1, 2, 3, 5], [1, 4, 5]], ids=["greedy", "sample", "top-k", "top-p"])
+@pytest.mark.parametrize("rows", [[0, 1], [0, 2, 5], [1, 2, 3, 5], [1, 4, 5], [0, 6], [2, 7], [3, 6, 7]],
+                         ids=["greedy", "sample", "top-k", "top-p", "bias", "min-p", "all"])
 def test_a_captured_variant_samples_what_the_batch_s_own_flags_do(rows):
     """CUDA graphs fix which ops sampling runs (server/engine/decode_step.py's VARIANTS: the penalty and the
     grammar mask always, top-k/p in one variant): on rows without them those ops must change
@@ -124,7 +154,8 @@ def test_a_captured_variant_samples_what_the_batch_s_own_flags_do(rows):
     logits = torch.randn(len(rows), V, generator=g) * 8  # sharp: the tail's probabilities vanish in float32 sums
     seen = torch.rand(len(rows), V, generator=g) < 0.3
     own = batch_of(params, seed=7)
-    fixed = replace(batch_of(params, seed=7), flags=VARIANTS[variant_for(own.flags)])
+    ids, values = bias_table(params)  # a captured step always has the bias tables: zeros on rows without one
+    fixed = replace(batch_of(params, seed=7), flags=VARIANTS[variant_for(own.flags)], bias_ids=ids, bias_values=values)
     everything = torch.ones(len(rows), V, dtype=torch.bool)
     for _ in range(50):  # steps move on in both
         want = sample(logits, own, seen if own.flags.use_penalty else None)

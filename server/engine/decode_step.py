@@ -20,7 +20,8 @@ penalty, seed, step) are loaded when the batch's membership changes (one pinned 
 allowed-token bitmask each step it has one. Which ops sampling needs depends on the batch
 (`SamplingFlags`), so on CUDA each padded size has a sampling graph per VARIANT, replayed after
 its forward graph: the greedy one skips the noise, the sampling one the sort that top-k/p needs;
-both always apply the penalty and the grammar mask (no-ops on rows without them). The one host
+all apply the logit bias, the penalty and the grammar mask (no-ops on rows without them), the
+sampling ones min-p. The one host
 sync of a step is the model runner reading the sampled tokens.
 """
 
@@ -32,7 +33,8 @@ from typing import Callable
 import torch
 
 from ..model.llama import ForwardBatch
-from ..model.sampling import PARAMETERS, SamplingBatch, SamplingFlags, SamplingParams, parameter_table, sample, top_logprobs_of
+from ..model.sampling import (MAX_LOGIT_BIAS, PARAMETERS, SamplingBatch, SamplingFlags, SamplingParams, bias_table,
+                              parameter_table, sample, top_logprobs_of)
 from .blocks import BlockManager
 from .structured import allowed_tokens, bitmask_words
 
@@ -43,9 +45,10 @@ _TOKENS, _POSITIONS, _ROWS, _SLOTS, _CACHE_SLOTS = range(5)  # rows of the step'
 
 
 # The sampling graphs captured per padded size, and the one a batch replays (SamplingFlags -> name).
-VARIANTS = {"greedy": SamplingFlags(all_greedy=True, use_penalty=True),
-            "sample": SamplingFlags(all_greedy=False, use_penalty=True),
-            "top-k/p": SamplingFlags(all_greedy=False, use_top_k=True, use_top_p=True, use_penalty=True)}
+VARIANTS = {"greedy": SamplingFlags(all_greedy=True, use_penalty=True, use_bias=True),
+            "sample": SamplingFlags(all_greedy=False, use_penalty=True, use_min_p=True, use_bias=True),
+            "top-k/p": SamplingFlags(all_greedy=False, use_top_k=True, use_top_p=True, use_penalty=True, use_min_p=True,
+                                     use_bias=True)}
 _PADDING_ROW = SamplingParams(temperature=0.0)  # what padding rows (and an unloaded step) sample with
 
 
@@ -84,11 +87,14 @@ class DecodeStep:
         self._host_parameters = torch.zeros(len(PARAMETERS), width, dtype=torch.float64, pin_memory=pin)
         self._parameters = torch.zeros(len(PARAMETERS), width, dtype=torch.float64, device=device)
         self._sampling = {name: torch.zeros(width, dtype=dtype, device=device) for name, dtype in PARAMETERS}
+        self._bias_ids = torch.zeros(width, MAX_LOGIT_BIAS, dtype=torch.int64, device=device)
+        self._bias_values = torch.zeros(width, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
         self._bitmask = torch.full((width, bitmask_words(self.vocab_size)), -1, dtype=torch.int32, device=device)
         self._bitmask_clean = True  # every token allowed on every row
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_logits: dict[int, torch.Tensor] = {}
         self._sample_graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._bias_loaded = False  # some row's bias is in the bias buffers
         self.load_sampling([], [], [])
 
     @property
@@ -106,6 +112,13 @@ class DecodeStep:
         for i, (name, _) in enumerate(PARAMETERS):
             self._sampling[name].copy_(self._parameters[i])
         self.flags = SamplingFlags.of(params)
+        if self.flags.use_bias or self._bias_loaded:
+            ids, values = bias_table(params)
+            self._bias_ids.zero_()
+            self._bias_values.zero_()
+            self._bias_ids[:count].copy_(ids)
+            self._bias_values[:count].copy_(values)
+        self._bias_loaded = self.flags.use_bias
         self.top_logprobs = top_logprobs_of(params)
 
     def decode(self, tokens: list[int], positions: list[int], rows: list[int], slots: list[int],
@@ -185,7 +198,8 @@ class DecodeStep:
         """The next token of each of the first `size` rows, from the loaded parameters (as
         server/model/sampling.py's sample), marked as seen in each row's table."""
         rows = self._inputs[_ROWS, :size]
-        batch = SamplingBatch(**{name: t[:size] for name, t in self._sampling.items()}, flags=flags)
+        batch = SamplingBatch(**{name: t[:size] for name, t in self._sampling.items()}, flags=flags,
+                              bias_ids=self._bias_ids[:size], bias_values=self._bias_values[:size])
         allowed = allowed_tokens(self._bitmask[:size], self.vocab_size) if grammar else None
         next_tokens = sample(logits, batch, self.seen[rows] if flags.use_penalty else None, allowed)
         self.seen[rows, next_tokens] = True

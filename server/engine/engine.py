@@ -170,6 +170,11 @@ class Engine:
             raise InvalidRequest("prompt_ids is empty")
         if any((not isinstance(t, int)) or t < 0 or t >= self.spec.vocab_size for t in ids):
             raise InvalidRequest(f"prompt_ids must be integers in [0, {self.spec.vocab_size})")
+        named = [("stop_token_ids", t) for t in request.sampling.stop_token_ids]
+        named += [("logit_bias", t) for t, _ in request.sampling.logit_bias]
+        for field, t in named:
+            if not isinstance(t, int) or not 0 <= t < self.spec.vocab_size:
+                raise InvalidRequest(f"{field}: token {t!r} is not in the vocabulary [0, {self.spec.vocab_size})")
         total = len(ids) + request.sampling.max_new_tokens
         if total > self.config.max_seq_len:
             raise InvalidRequest(

@@ -19,6 +19,7 @@ import torch
 from ..errors import InvalidRequest
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI allows; each row's bias table has this many
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,20 @@ class SamplingParams:
     definition: logits of already-seen tokens are divided by it when positive, multiplied when
     negative). seed None = drawn from the engine's seed sequence. logprobs None = off; N = each
     generated token's log-probability and the N most likely alternatives' (0 <= N <= MAX_LOGPROBS),
-    under the model's own distribution (before temperature, penalty, top-k/p and grammar).
+    under the model's own distribution (before bias, temperature, penalty, top-k/p and grammar).
     prompt_logprobs the same for every prompt token after the first (vLLM's name; what echo and
     lm-evaluation-harness read); with it, max_new_tokens may be 0: the prompt is scored, nothing
-    is generated."""
+    is generated. min_p 0 = off; p = drop tokens less likely than p times the most likely one (after
+    temperature, as vLLM). logit_bias: (token id, bias) pairs added to the logits before anything
+    else (OpenAI's; bias in [-100, 100], at most MAX_LOGIT_BIAS)."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -48,7 +53,7 @@ class SamplingParams:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < least:
             raise InvalidRequest(f"max_new_tokens must be >= {least}, got {self.max_new_tokens}"
                                  + ("" if least == 0 else " (0 is allowed with prompt logprobs, to score the prompt)"))
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "min_p"):
             if not math.isfinite(getattr(self, name)):  # inf would sample uniformly or zero every logit
                 raise InvalidRequest(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.temperature >= 0:
@@ -57,6 +62,15 @@ class SamplingParams:
             raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequest(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+        if len({token for token, _ in self.logit_bias}) != len(self.logit_bias):
+            raise InvalidRequest("logit_bias names a token more than once")
+        for token, bias in self.logit_bias:
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise InvalidRequest(f"logit_bias for token {token} must be in [-100, 100], got {bias}")
         if not self.repetition_penalty > 0:
             raise InvalidRequest(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
@@ -81,16 +95,19 @@ class SamplingFlags:
     use_top_k: bool = False
     use_top_p: bool = False
     use_penalty: bool = False
+    use_min_p: bool = False
+    use_bias: bool = False
 
     @classmethod
     def of(cls, params: list[SamplingParams]) -> "SamplingFlags":
         return cls(all(p.greedy for p in params), any(p.top_k > 0 for p in params),
-                   any(p.top_p < 1 for p in params), any(p.repetition_penalty != 1 for p in params))
+                   any(p.top_p < 1 for p in params), any(p.repetition_penalty != 1 for p in params),
+                   any(p.min_p > 0 for p in params), any(p.logit_bias for p in params))
 
 
 # The per-row parameters, one row of parameter_table each; every value is exact in float64.
 PARAMETERS = (("greedy", torch.bool), ("temperature", torch.float32), ("top_k", torch.int64),
-              ("top_p", torch.float32), ("penalty", torch.float32), ("seeds", torch.int64), ("steps", torch.int64))
+              ("top_p", torch.float32), ("penalty", torch.float32), ("min_p", torch.float32), ("seeds", torch.int64), ("steps", torch.int64))
 
 
 def parameter_table(params: list[SamplingParams], seeds: list[int], steps: list[int], vocab_size: int) -> torch.Tensor:
@@ -102,9 +119,23 @@ def parameter_table(params: list[SamplingParams], seeds: list[int], steps: list[
         [p.top_k if p.top_k > 0 else vocab_size for p in params],
         [p.top_p for p in params],
         [p.repetition_penalty for p in params],
+        [p.min_p for p in params],
         [_mix64(s) for s in seeds],  # 32-bit, from the 64-bit seed
         steps,
     ], dtype=torch.float64)
+
+
+def bias_table(params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host ([B, MAX_LOGIT_BIAS] int64 token ids, [B, MAX_LOGIT_BIAS] float32 biases): each row's
+    logit_bias, padded with (0, 0.0) entries, which add nothing. A fixed width, so a captured step
+    applies any request's bias."""
+    ids = torch.zeros(len(params), MAX_LOGIT_BIAS, dtype=torch.int64)
+    values = torch.zeros(len(params), MAX_LOGIT_BIAS, dtype=torch.float32)
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            ids[row, :len(p.logit_bias)] = torch.tensor([t for t, _ in p.logit_bias])
+            values[row, :len(p.logit_bias)] = torch.tensor([b for _, b in p.logit_bias])
+    return ids, values
 
 
 def top_logprobs_of(params: list[SamplingParams]) -> int | None:
@@ -124,17 +155,23 @@ class SamplingBatch:
     top_k: torch.Tensor
     top_p: torch.Tensor
     penalty: torch.Tensor
+    min_p: torch.Tensor
     seeds: torch.Tensor
     steps: torch.Tensor
     flags: SamplingFlags
     top_logprobs: int | None = None
+    bias_ids: torch.Tensor | None = None  # [B, MAX_LOGIT_BIAS] (bias_table); None: no row has a bias
+    bias_values: torch.Tensor | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int], vocab_size: int,
               device: torch.device) -> "SamplingBatch":
         table = parameter_table(params, seeds, steps, vocab_size).to(device)
         tensors = {name: table[i].to(dtype) for i, (name, dtype) in enumerate(PARAMETERS)}
-        return cls(**tensors, flags=SamplingFlags.of(params), top_logprobs=top_logprobs_of(params))
+        flags = SamplingFlags.of(params)
+        if flags.use_bias:
+            tensors["bias_ids"], tensors["bias_values"] = (t.to(device) for t in bias_table(params))
+        return cls(**tensors, flags=flags, top_logprobs=top_logprobs_of(params))
 
 
 _MASK32 = 0xFFFFFFFF
@@ -184,6 +221,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor | None
     allowed: [B, V] bool, the tokens each row's grammar allows (all True on free rows).
     Returns the next token of every row, [B] int64."""
     flags = batch.flags
+    if flags.use_bias and batch.bias_ids is not None:
+        logits = logits.scatter_add(1, batch.bias_ids, batch.bias_values)
     if flags.use_penalty and seen is not None:
         penalty = batch.penalty[:, None]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
@@ -199,6 +238,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, seen: torch.Tensor | None
     scores = logits / batch.temperature[:, None]
     if flags.use_top_k or flags.use_top_p:
         scores = _restrict_top_k_top_p(scores, batch)
+    if flags.use_min_p:  # p < min_p * p_max, in log space: no softmax; min_p 0 gives -inf, keeping all
+        floor = scores.amax(dim=-1, keepdim=True) + batch.min_p[:, None].log()
+        scores = scores.masked_fill(scores < floor, float("-inf"))
     noise = -torch.log(-torch.log(uniform_noise(batch.seeds, steps, scores.shape[1])))
     sampled = (scores + noise).argmax(dim=-1)
     return torch.where(batch.greedy, greedy_tokens, sampled)

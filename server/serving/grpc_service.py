@@ -175,6 +175,8 @@ def _generation_input(request, context) -> GenerationInput:
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         top_k=s.top_k if s.HasField("top_k") else 0,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        min_p=s.min_p if s.HasField("min_p") else 0.0,
+        logit_bias=tuple(sorted(s.logit_bias.items())), stop_token_ids=tuple(s.stop_token_ids),
         seed=s.seed if s.HasField("seed") else None,
         ignore_eos=request.ignore_eos,
         logprobs=request.top_logprobs if request.HasField("top_logprobs") else None,

@@ -8,14 +8,15 @@
 adapter's current version, "name@version" for one version. Structured output comes from
 `response_format` (json_object, json_schema) or vLLM's `structured_outputs` ({"json"|"regex"|
 "grammar": ...}); vLLM's extra sampling fields top_k, repetition_penalty and ignore_eos are
-accepted too; `n` asks for several samples of the prompt (they share its KV blocks).
+accepted too, and min_p, stop_token_ids and OpenAI's logit_bias; `n` asks for several samples of the prompt (they share its KV blocks).
 /v1/completions takes a list of prompts (text, or token-id lists) and `echo`: the prompt comes back
 before the completion, with `logprobs` covering its tokens too (the first one's is null) and
 `max_tokens: 0` scoring it without generating — what lm-evaluation-harness's local-completions
 model sends for log-likelihoods. vLLM's /tokenize, /detokenize and /tokenizer_info let the harness
-tokenize with the server's own tokenizer. What hotlora cannot do (penalties, logit_bias, suffix,
-best_of, tools) is refused with 400, never silently ignored. Errors use OpenAI's shape, statuses from server/serving/status.py. Admin
-operations stay on gRPC.
+tokenize with the server's own tokenizer. A field hotlora does not implement is refused with a 400
+that names it, never silently ignored, unless it cannot change the answer (HARMLESS_FIELDS); a
+field sent as null, [] or {} asks for the default and is accepted. Errors use OpenAI's shape,
+statuses from server/serving/status.py. Admin operations stay on gRPC.
 """
 
 from __future__ import annotations
@@ -45,9 +46,26 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- request bodies
 
+# Fields accepted and not acted on: they label, store or route the request, never change its tokens.
+HARMLESS_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                             "parallel_tool_calls"})
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def refuse_unknown(body: BaseModel, where: str = "") -> None:
+    """InvalidRequest naming every field of `body` the server does not implement (sent with a
+    value that asks for something: not null, [] or {}), except HARMLESS_FIELDS."""
+    unknown = sorted(k for k, v in (body.model_extra or {}).items() if k not in HARMLESS_FIELDS and not _unset(v))
+    if unknown:
+        raise InvalidRequest(f"{where}{', '.join(unknown)}: not supported by hotlora, and ignoring "
+                             f"{'it' if len(unknown) == 1 else 'them'} could change the answer")
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = None
@@ -55,6 +73,8 @@ class _Body(BaseModel):
     top_p: float | None = None
     top_k: int | None = None  # vLLM's extra fields, as vLLM names them
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -68,16 +88,25 @@ class _Body(BaseModel):
     structured_outputs: dict[str, Any] | None = None
 
     def refuse_unsupported(self) -> None:
+        refuse_unknown(self)
         if self.presence_penalty or self.frequency_penalty:
             raise InvalidRequest("presence_penalty and frequency_penalty are not supported; use repetition_penalty")
-        if self.logit_bias:
-            raise InvalidRequest("logit_bias is not supported")
 
     def sampling(self, logprobs: int | None) -> SamplingParams:
         given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                 "repetition_penalty": self.repetition_penalty, "seed": self.seed}
+                 "repetition_penalty": self.repetition_penalty, "min_p": self.min_p, "seed": self.seed}
         return SamplingParams(**{k: v for k, v in given.items() if v is not None}, ignore_eos=self.ignore_eos,
-                              logprobs=logprobs)
+                              logprobs=logprobs, stop_token_ids=tuple(self.stop_token_ids or ()),
+                              logit_bias=self._logit_bias())
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} as (id, bias) pairs; the engine checks ids and ranges."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise InvalidRequest(f"logit_bias keys are token ids, got {key!r}")
+            pairs.append((int(key), bias))
+        return tuple(pairs)
 
     def output_format(self) -> OutputFormat | None:
         if self.response_format is not None and self.structured_outputs is not None:
@@ -112,7 +141,7 @@ class _Body(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -134,6 +163,7 @@ class ChatCompletionBody(_Body):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class CompletionBody(_Body):
@@ -227,8 +257,10 @@ def build_app(generations: Generations) -> FastAPI:
     async def chat_completions(body: ChatCompletionBody, request: Request):
         try:
             body.refuse_unsupported()
-            if body.tools:
-                raise InvalidRequest("tools are not supported")
+            if body.tools or body.tool_choice not in (None, "none", "auto"):
+                raise InvalidRequest("tools and tool_choice are not supported")
+            for i, message in enumerate(body.messages):
+                refuse_unknown(message, f"messages[{i}].")
             if body.top_logprobs is not None and not body.logprobs:
                 raise InvalidRequest("top_logprobs needs logprobs: true")
             messages = tuple({"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages))

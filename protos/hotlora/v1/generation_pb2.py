@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/hotlora/v1/generation.proto\x12\nhotlora.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.hotlora.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xce\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"s\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.hotlora.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xe2\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12,\n\x08messages\x18\x02 \x01(\x0b\x32\x18.hotlora.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.hotlora.v1.TokenIdsH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.hotlora.v1.SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x19\n\x0ctop_logprobs\x18\n \x01(\x05H\x02\x88\x01\x01\x12\x37\n\x11structured_output\x18\x0b \x01(\x0b\x32\x1c.hotlora.v1.StructuredOutput\x12\x0e\n\x01n\x18\x0c \x01(\x05H\x03\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x04\x88\x01\x01\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x0f\n\r_top_logprobsB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"B\n\x0b\x41\x64\x61pterUsed\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\"\xe2\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.hotlora.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.hotlora.v1.Usage\x12(\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x17.hotlora.v1.AdapterUsed\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\x12#\n\x07samples\x18\x08 \x03(\x0b\x32\x12.hotlora.v1.Sample\x12\x18\n\x10prompt_token_ids\x18\t \x03(\x05\x12\x31\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\"\x95\x01\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.hotlora.v1.FinishReason\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\"\xd2\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.hotlora.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.hotlora.v1.Usage\x12(\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x17.hotlora.v1.AdapterUsed\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\t \x03(\x05\x12\x31\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\"5\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.hotlora.v1.Model*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf5\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.hotlora.v1.GenerateRequest\x1a\x1c.hotlora.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.hotlora.v1.GenerateRequest\x1a\".hotlora.v1.GenerateStreamResponse0\x01\x12K\n\nListModels\x12\x1d.hotlora.v1.ListModelsRequest\x1a\x1e.hotlora.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/hotlora/v1/generation.proto\x12\nhotlora.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.hotlora.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf9\x02\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x41\n\nlogit_bias\x18\x07 \x03(\x0b\x32-.hotlora.v1.SamplingParameters.LogitBiasEntry\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"s\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.hotlora.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xe2\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12,\n\x08messages\x18\x02 \x01(\x0b\x32\x18.hotlora.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.hotlora.v1.TokenIdsH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x30\n\x08sampling\x18\x05 \x01(\x0b\x32\x1e.hotlora.v1.SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x19\n\x0ctop_logprobs\x18\n \x01(\x05H\x02\x88\x01\x01\x12\x37\n\x11structured_output\x18\x0b \x01(\x0b\x32\x1c.hotlora.v1.StructuredOutput\x12\x0e\n\x01n\x18\x0c \x01(\x05H\x03\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x04\x88\x01\x01\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x0f\n\r_top_logprobsB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"B\n\x0b\x41\x64\x61pterUsed\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\"\xe2\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.hotlora.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.hotlora.v1.Usage\x12(\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x17.hotlora.v1.AdapterUsed\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\x12#\n\x07samples\x18\x08 \x03(\x0b\x32\x12.hotlora.v1.Sample\x12\x18\n\x10prompt_token_ids\x18\t \x03(\x05\x12\x31\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\"\x95\x01\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.hotlora.v1.FinishReason\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\"\xd2\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.hotlora.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.hotlora.v1.Usage\x12(\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x17.hotlora.v1.AdapterUsed\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\t \x03(\x05\x12\x31\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x18.hotlora.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\"5\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.hotlora.v1.Model*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf5\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.hotlora.v1.GenerateRequest\x1a\x1c.hotlora.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.hotlora.v1.GenerateRequest\x1a\".hotlora.v1.GenerateStreamResponse0\x01\x12K\n\nListModels\x12\x1d.hotlora.v1.ListModelsRequest\x1a\x1e.hotlora.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.hotlora.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2291
-  _globals['_FINISHREASON']._serialized_end=2386
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2462
+  _globals['_FINISHREASON']._serialized_end=2557
   _globals['_CHATMESSAGE']._serialized_start=50
   _globals['_CHATMESSAGE']._serialized_end=94
   _globals['_CHATMESSAGES']._serialized_start=96
@@ -40,31 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=155
   _globals['_TOKENIDS']._serialized_end=178
   _globals['_SAMPLINGPARAMETERS']._serialized_start=181
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=387
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=389
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=504
-  _globals['_TOKENLOGPROB']._serialized_start=506
-  _globals['_TOKENLOGPROB']._serialized_end=607
-  _globals['_TOPLOGPROB']._serialized_start=609
-  _globals['_TOPLOGPROB']._serialized_end=671
-  _globals['_GENERATEREQUEST']._serialized_start=674
-  _globals['_GENERATEREQUEST']._serialized_end=1156
-  _globals['_USAGE']._serialized_start=1158
-  _globals['_USAGE']._serialized_end=1238
-  _globals['_ADAPTERUSED']._serialized_start=1240
-  _globals['_ADAPTERUSED']._serialized_end=1306
-  _globals['_GENERATERESPONSE']._serialized_start=1309
-  _globals['_GENERATERESPONSE']._serialized_end=1663
-  _globals['_SAMPLE']._serialized_start=1666
-  _globals['_SAMPLE']._serialized_end=1815
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1818
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2156
-  _globals['_LISTMODELSREQUEST']._serialized_start=2158
-  _globals['_LISTMODELSREQUEST']._serialized_end=2177
-  _globals['_MODEL']._serialized_start=2179
-  _globals['_MODEL']._serialized_end=2232
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2234
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2289
-  _globals['_GENERATION']._serialized_start=2389
-  _globals['_GENERATION']._serialized_end=2634
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=558
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=432
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=480
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=560
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=675
+  _globals['_TOKENLOGPROB']._serialized_start=677
+  _globals['_TOKENLOGPROB']._serialized_end=778
+  _globals['_TOPLOGPROB']._serialized_start=780
+  _globals['_TOPLOGPROB']._serialized_end=842
+  _globals['_GENERATEREQUEST']._serialized_start=845
+  _globals['_GENERATEREQUEST']._serialized_end=1327
+  _globals['_USAGE']._serialized_start=1329
+  _globals['_USAGE']._serialized_end=1409
+  _globals['_ADAPTERUSED']._serialized_start=1411
+  _globals['_ADAPTERUSED']._serialized_end=1477
+  _globals['_GENERATERESPONSE']._serialized_start=1480
+  _globals['_GENERATERESPONSE']._serialized_end=1834
+  _globals['_SAMPLE']._serialized_start=1837
+  _globals['_SAMPLE']._serialized_end=1986
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1989
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2327
+  _globals['_LISTMODELSREQUEST']._serialized_start=2329
+  _globals['_LISTMODELSREQUEST']._serialized_end=2348
+  _globals['_MODEL']._serialized_start=2350
+  _globals['_MODEL']._serialized_end=2403
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2405
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2460
+  _globals['_GENERATION']._serialized_start=2560
+  _globals['_GENERATION']._serialized_end=2805
 # @@protoc_insertion_point(module_scope)

@@ -49,13 +49,15 @@ class Metrics:
         self.requests = Counter("hotlora_requests", "Generation requests by adapter, outcome (the gRPC status code's name, "
                                 "whichever protocol carried it) and protocol (grpc, http).",
                                 ["adapter", "code", "protocol"], registry=r)
-        self.request_duration = Histogram("hotlora_request_duration_seconds", "Time from receiving a request to its last token.",
-                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.time_to_first_token = Histogram("hotlora_time_to_first_token_seconds", "Time from receiving a request to its first token.",
-                                             buckets=LATENCY_BUCKETS, registry=r)
+        # by adapter (the bounded label: its first --max-adapter-labels names, then "other"), so a slow
+        # adapter shows up against the fleet; aggregate with sum by (le)
+        self.request_duration = Histogram("hotlora_request_duration_seconds", "Time from receiving a request to its last "
+                                          "token, by adapter.", ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram("hotlora_time_to_first_token_seconds", "Time from receiving a request to its "
+                                             "first token, by adapter.", ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
         self.time_per_output_token = Histogram("hotlora_time_per_output_token_seconds",
-                                               "Mean time between output tokens after the first, per request.",
-                                               buckets=TOKEN_BUCKETS, registry=r)
+                                               "Mean time between output tokens after the first, per request, by adapter.",
+                                               ["adapter"], buckets=TOKEN_BUCKETS, registry=r)
         self.prompt_tokens = Counter("hotlora_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("hotlora_generation_tokens", "Tokens generated, by adapter.", ["adapter"], registry=r)
         self.adapter_loads = Counter("hotlora_adapter_loads", "Adapter versions read and validated, by result (ok, rejected, error).",

@@ -92,6 +92,42 @@ def test_rules_pass_promtool_and_the_plain_rules_file_matches_the_operator_rule(
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def ttft_series(adapter: str, seconds: float, per_minute: int) -> list[dict]:
+    """Cumulative histogram buckets of hotlora_time_to_first_token_seconds for an adapter whose
+    every request takes `seconds` to its first token, `per_minute` of them each minute."""
+    from server.metrics import LATENCY_BUCKETS
+
+    series = []
+    for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
+        rate = per_minute if float(le) >= seconds else 0
+        series.append({"series": f'hotlora_time_to_first_token_seconds_bucket{{adapter="{adapter}",le="{le}"}}',
+                       "values": f"0+{rate}x60"})
+    series.append({"series": f'hotlora_time_to_first_token_seconds_count{{adapter="{adapter}"}}', "values": f"0+{per_minute}x60"})
+    return series
+
+
+@pytest.mark.parametrize("slow_seconds, fires", [(4.0, True), (0.08, False), (0.3, False)],
+                         ids=["one adapter far above the fleet", "all alike", "slower but under the floor"])
+def test_slow_adapter_alert_fires_for_one_adapter_far_above_the_fleet(tmp_path, slow_seconds, fires):
+    """promtool's rule unit tests on synthetic histograms: three busy adapters at 80 ms to first
+    token and one quieter adapter (2 requests a minute) at `slow_seconds`."""
+    series = [s for name in ("fast1", "fast2", "fast3") for s in ttft_series(name, 0.08, 60)]
+    series += ttft_series("slow", slow_seconds, 2)
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())["groups"][0]["rules"]
+    annotations = next(r for r in rules if r.get("alert") == "HotloraAdapterSlowFirstToken")["annotations"]
+    p95 = 2.5 + 0.95 * (5 - 2.5)  # histogram_quantile interpolates within 4 s's bucket, (2.5, 5]
+    expected = [{"exp_labels": {"severity": "warning", "adapter": "slow"}, "exp_annotations": {
+        "summary": annotations["summary"].replace("{{ $labels.adapter }}", "slow"),
+        "description": annotations["description"].replace("{{ $labels.adapter }}", "slow").replace(
+            "{{ $value | humanizeDuration }}", f"{p95:g}s")}}] if fires else []
+    tests = {"rule_files": [str(DEPLOY / "prometheus" / "rules.yml")], "evaluation_interval": "1m",
+             "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [
+                 {"eval_time": "40m", "alertname": "HotloraAdapterSlowFirstToken", "exp_alerts": expected}]}]}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests))
+    checked = subprocess.run([promtool(), "test", "rules", str(tmp_path / "test.yml")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_manifests_agree_with_the_server_code():
     from server.serving.main import LIVENESS, SERVICE_NAMES, parse_args
 
@@ -318,12 +354,15 @@ def test_grafana_dashboard_uses_only_metrics_the_server_exports():
     metrics.watch_engine(lambda: stats, lambda: {"device": 0})
     metrics.requests.labels("base", "OK", "grpc").inc()  # labelled series appear once they have a child
     metrics.generation_tokens.labels("base").inc()
+    for histogram in (metrics.request_duration, metrics.time_to_first_token, metrics.time_per_output_token):
+        histogram.labels("base").observe(0.1)
     exported = {s.name for family in metrics.registry.collect() for s in family.samples}
     dashboard = json.loads((DEPLOY / "prometheus" / "grafana-dashboard.json").read_text())
     used = {name for panel in dashboard["panels"] for t in panel["targets"] for name in re.findall(r"hotlora_\w+", t["expr"])}
     assert used and used <= exported, used - exported
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("throughput", "first token", "queue", "kv cache", "tier", "loads", "preemptions", "prefix cache"):
+    for topic in ("throughput", "first token", "queue", "kv cache", "tier", "loads", "preemptions", "prefix cache",
+                  "slowest adapters"):
         assert topic in titles, topic
 
 

@@ -246,15 +246,15 @@ class Generations:
         """One call's metrics, however many samples it had: its prompt once, every sample's tokens."""
         now = time.perf_counter()
         m = self.metrics
-        m.request_duration.observe(now - call.started)
+        m.request_duration.labels(call.label).observe(now - call.started)
         m.prompt_tokens.inc(outputs[0].prompt_tokens)
         generated = sum(len(o.token_ids) for o in outputs)
         m.generation_tokens.labels(call.label).inc(generated)
         if call.first_token is not None:
-            m.time_to_first_token.observe(call.first_token - call.started)
+            m.time_to_first_token.labels(call.label).observe(call.first_token - call.started)
             steps = max(len(o.token_ids) for o in outputs)
             if steps > 1:
-                m.time_per_output_token.observe((now - call.first_token) / (steps - 1))
+                m.time_per_output_token.labels(call.label).observe((now - call.first_token) / (steps - 1))
 
     def _check_size(self, request: GenerationInput) -> None:
         limits = self.limits

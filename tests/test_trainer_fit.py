@@ -70,6 +70,26 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(llama_dir, chees
     assert any(not torch.equal(start[k], b[k]) for k in b)  # training really went on after the resume
 
 
+def test_early_stopping_keeps_the_best_evaluated_adapter_not_the_last(llama_dir, cheese_data, tmp_path):
+    """A learning rate high enough to overfit the 24 records: the eval loss falls, then rises
+    until patience runs out. The adapter kept is the one whose checkpoint evaluated best."""
+    from peft import get_peft_model_state_dict
+
+    config = tiny_config(llama_dir, cheese_data, tmp_path, learning_rate=0.1, max_steps=40, eval_every=2,
+                         checkpoint_every=2, keep_checkpoints=40, early_stopping_patience=3)
+    evaluated = {}
+    result = fit(config, on_step=lambda state, logs: evaluated.update({state.step: logs["eval_loss"]} if "eval_loss" in logs else {}))
+    best_step = min(evaluated, key=evaluated.get)
+    assert result.state.stopped_early and best_step < result.state.step  # the last adapter is not the best one
+    assert evaluated[result.state.step] > evaluated[best_step]
+    assert result.adapter_step == result.state.best_step == best_step
+    kept = {k: v.cpu() for k, v in get_peft_model_state_dict(result.model).items()}
+    at_best = load_file(config.run_dir / "checkpoints" / f"step-{best_step:08d}" / "adapter.safetensors")
+    assert kept.keys() == at_best.keys() and kept
+    for key in kept:
+        torch.testing.assert_close(kept[key], at_best[key], rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.slow
 def test_cli_fit_trains_checks_and_publishes(llama_dir, cheese_data, tmp_path):
     (tmp_path / "fit.yaml").write_text("rank: 4\nmax_steps: 8\nlearning_rate: 0.005\nmax_seq_len: 96\nbatch_size: 4\n")

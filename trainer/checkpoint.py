@@ -42,6 +42,22 @@ def save(directory: Path, step: int, model, optimizer, scheduler, state: dict) -
     return final
 
 
+def save_adapter(path: Path, model) -> None:
+    """The adapter's weights alone, at `path` (a .safetensors file), replaced atomically."""
+    from peft import get_peft_model_state_dict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging)
+    os.replace(staging, path)
+
+
+def load_adapter(path: Path, model) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(path))
+
+
 def latest(directory: Path) -> Path | None:
     found = sorted(p for p in directory.glob(f"{_PREFIX}*") if (p / "trainer_state.json").exists()) if directory.is_dir() else []
     return found[-1] if found else None

@@ -46,7 +46,8 @@ def _fit_parser(commands) -> None:
     f.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None, help="pack examples into rows (on)")
     f.add_argument("--eval-fraction", type=float, help="held-out share of the records (0.1)")
     f.add_argument("--eval-every", type=int, help="evaluate every N steps (50)")
-    f.add_argument("--early-stopping-patience", type=int, help="evaluations without improvement before stopping (0 = off)")
+    f.add_argument("--early-stopping-patience", type=int, help="evaluations without improvement before stopping; with it, the adapter saved and published is "
+                        "the best evaluated one, not the last (0 = off)")
     f.add_argument("--optimizer", choices=OPTIMIZERS, help="paged_adamw_32bit (default), paged_adamw_8bit, adamw")
     f.add_argument("--weight-decay", type=float)
     f.add_argument("--seed", type=int, help="seed for data order, init and dropout (42)")
@@ -124,7 +125,9 @@ def _fit(args, token: str | None) -> int:
     summary = {"steps": state.step, "train_loss": state.last_loss, "first_train_loss": state.first_loss,
                "eval_loss": state.eval_loss, "eval_perplexity": _perplexity(state.eval_loss),
                "tokens_seen": state.tokens_seen, "wall_time_s": round(state.wall_time_s, 2),
-               "stopped_early": state.stopped_early, "optimizer": result.optimizer_note}
+               "stopped_early": state.stopped_early, "optimizer": result.optimizer_note,
+               # with early stopping the adapter saved is the best evaluated one, not the last
+               "adapter_step": result.adapter_step, "best_eval_loss": None if state.best_step == 0 else state.best_eval_loss}
     (config.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"trained {config.name}: {json.dumps(summary)}")
     if not config.publish:

@@ -34,7 +34,7 @@ class FitConfig:
     packing: bool = True
     eval_fraction: float = 0.1
     eval_every: int = 50  # optimizer steps; the run also evaluates at its end
-    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping (then the best evaluated adapter is kept); 0 = off
     optimizer: str = "paged_adamw_32bit"
     weight_decay: float = 0.0
     seed: int = 42

@@ -35,6 +35,7 @@ class TrainState:
     batch_in_epoch: int = 0
     tokens_seen: int = 0
     best_eval_loss: float = math.inf
+    best_step: int = 0  # the step of the best evaluation (its adapter is kept in run_dir/best.safetensors)
     evals_without_improvement: int = 0
     first_loss: float | None = None
     last_loss: float | None = None
@@ -53,6 +54,7 @@ class FitResult:
     total_steps: int
     optimizer_note: str
     losses: list[float] = field(default_factory=list)
+    adapter_step: int = 0  # the step whose adapter `model` holds: the best evaluated one with early stopping
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
@@ -124,6 +126,7 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
 
     state = TrainState()
     checkpoints = config.run_dir / "checkpoints"
+    best = config.run_dir / "best.safetensors"
     if config.resume:
         found = checkpoint.latest(checkpoints)
         if found is None:
@@ -176,7 +179,8 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                 state.eval_loss = evaluate(model, held_out, config, pad_id, device) if held_out else None
                 if state.eval_loss is not None:
                     logs.update(eval_loss=state.eval_loss, eval_perplexity=math.exp(min(state.eval_loss, 50)))
-                    _early_stopping(state, config)
+                    if _early_stopping(state, config) and config.early_stopping_patience:
+                        checkpoint.save_adapter(best, model)
                 model.train()
             state.wall_time_s = time.perf_counter() - started
             for key, value in logs.items():
@@ -188,8 +192,15 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                 on_step(state, logs)
     finally:
         writer.close()
+    adapter_step = state.step
+    if config.early_stopping_patience and state.best_step and state.best_step != state.step:
+        checkpoint.load_adapter(best, model)  # what early stopping is for: the adapter that evaluated best
+        log.info("keeping the adapter of step %d (eval loss %.4f), the best evaluated, over step %d's (eval loss %s)",
+                 state.best_step, state.best_eval_loss, state.step,
+                 "not evaluated" if state.eval_loss is None else f"{state.eval_loss:.4f}")
+        adapter_step = state.best_step
     model.eval()
-    return FitResult(model, tokenizer, state, train, held_out, total_steps, optimizer_note, losses)
+    return FitResult(model, tokenizer, state, train, held_out, total_steps, optimizer_note, losses, adapter_step)
 
 
 def _loss_sum(model, batch: Batch) -> torch.Tensor:
@@ -216,14 +227,17 @@ def evaluate(model, examples: list[Example], config: FitConfig, pad_id: int, dev
     return total / max(count, 1)
 
 
-def _early_stopping(state: TrainState, config: FitConfig) -> None:
+def _early_stopping(state: TrainState, config: FitConfig) -> bool:
+    """Whether this evaluation is the best so far; stops the run after `patience` that are not."""
     if state.eval_loss < state.best_eval_loss - 1e-4:
-        state.best_eval_loss, state.evals_without_improvement = state.eval_loss, 0
+        state.best_eval_loss, state.best_step, state.evals_without_improvement = state.eval_loss, state.step, 0
+        return True
     else:
         state.evals_without_improvement += 1
         if config.early_stopping_patience and state.evals_without_improvement >= config.early_stopping_patience:
             log.info("early stopping: eval loss has not improved for %d evaluations", state.evals_without_improvement)
             state.stopped_early = True
+        return False
 
 
 def _tensorboard(directory: Path):

@@ -23,18 +23,31 @@ from pathlib import Path
 from .client import Client, HotloraClientError
 
 
+def _global_options(parser: argparse.ArgumentParser, with_defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after the command's name: the top-level parser
+    holds the defaults; each command's copy has none, so it sets only what is given after it."""
+    def default(value):
+        return value if with_defaults else argparse.SUPPRESS
+
+    parser.add_argument("--target", default=default(os.environ.get("HOTLORA_TARGET", "localhost:50051")),
+                        help="server host:port [env HOTLORA_TARGET]")
+    parser.add_argument("--admin-token-file", type=Path, default=default(os.environ.get("HOTLORA_ADMIN_TOKEN_FILE")),
+                        help="file with the admin bearer token [env HOTLORA_ADMIN_TOKEN_FILE; or the token itself in "
+                             "env HOTLORA_ADMIN_TOKEN]")
+    parser.add_argument("--timeout", type=float, default=default(600.0), help="seconds per call")
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hotlora", description="Client for hotlora-server.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target", default=os.environ.get("HOTLORA_TARGET", "localhost:50051"),
-                   help="server host:port [env HOTLORA_TARGET]")
-    p.add_argument("--admin-token-file", type=Path, default=os.environ.get("HOTLORA_ADMIN_TOKEN_FILE"),
-                   help="file with the admin bearer token [env HOTLORA_ADMIN_TOKEN_FILE; or the token itself in "
-                        "env HOTLORA_ADMIN_TOKEN]")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
+    p = _global_options(argparse.ArgumentParser(prog="hotlora", description="Client for hotlora-server.",
+                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter), True)
+    common = _global_options(argparse.ArgumentParser(add_help=False), False)
     commands = p.add_subparsers(dest="command", required=True)
 
-    g = commands.add_parser("generate", help="generate a completion (streamed to stdout)")
+    def command(parent, name: str, **kwargs) -> argparse.ArgumentParser:
+        return parent.add_parser(name, parents=[common], **kwargs)
+
+    g = command(commands, "generate", help="generate a completion (streamed to stdout)")
     g.add_argument("prompt")
     g.add_argument("--adapter", default="", help='adapter name, or name@version; "" for the base model')
     g.add_argument("--max-new-tokens", type=int)
@@ -53,18 +66,18 @@ def _parser() -> argparse.ArgumentParser:
     shape.add_argument("--json-object", action="store_true", help="hold the output to any JSON object")
     shape.add_argument("--regex", help="hold the output to this regular expression")
 
-    commands.add_parser("models", help="list what --adapter can name: the base model and every adapter")
+    command(commands, "models", help="list what --adapter can name: the base model and every adapter")
 
-    commands.add_parser("health", help="is the server serving? (exit 0 when SERVING)")
+    command(commands, "health", help="is the server serving? (exit 0 when SERVING)")
 
-    a = commands.add_parser("adapters", help="list, load or unload adapters")
+    a = command(commands, "adapters", help="list, load or unload adapters")
     actions = a.add_subparsers(dest="action", required=True)
-    actions.add_parser("list")
-    load = actions.add_parser("load")
+    command(actions, "list")
+    load = command(actions, "load")
     load.add_argument("name")
     load.add_argument("--version", default="")
     load.add_argument("--path", default="", help="PEFT directory on the server (must be allowed there)")
-    unload = actions.add_parser("unload")
+    unload = command(actions, "unload")
     unload.add_argument("name")
     return p
 

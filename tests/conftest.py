@@ -25,9 +25,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
-    """One checkpoint per supported shape: Llama with GQA, Qwen2 with q/k/v bias, tied embeddings."""
+    """One checkpoint per supported shape: Llama with GQA, Qwen2 with q/k/v bias, Mistral, tied embeddings."""
     root = tmp_path_factory.mktemp("models")
-    return {preset: make_model(root / preset, preset, seed=1) for preset in ("tiny", "tiny-qwen2", "tiny-tied")}
+    return {preset: make_model(root / preset, preset, seed=1) for preset in ("tiny", "tiny-qwen2", "tiny-mistral", "tiny-tied")}
 
 
 @pytest.fixture(scope="session")

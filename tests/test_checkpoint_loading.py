@@ -43,6 +43,31 @@ def test_unsupported_configs_are_refused(checkpoint, changes, message):
         Engine.from_pretrained(checkpoint, EngineConfig(max_seq_len=32))
 
 
+@pytest.mark.parametrize("sliding_window, refused", [(32, True), (None, False), (4096, False)])
+def test_a_sliding_window_shorter_than_max_seq_len_is_refused(model_dirs, tmp_path, sliding_window, refused):
+    mistral = shutil.copytree(model_dirs["tiny-mistral"], tmp_path / "mistral")
+    edit_config(mistral, sliding_window=sliding_window)
+    if refused:
+        with pytest.raises(UnsupportedModel, match="sliding-window attention"):
+            Engine.from_pretrained(mistral, EngineConfig(max_seq_len=64))
+    else:
+        Engine.from_pretrained(mistral, EngineConfig(max_seq_len=64)).close()
+
+
+@pytest.mark.parametrize("rope, refused", [(None, True), ({"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 64}, False)],
+                         ids=["no scaling", "llama3 scaling x4"])
+def test_max_seq_len_beyond_the_trained_positions_is_refused_unless_rope_scaling_reaches(checkpoint, rope, refused):
+    edit_config(checkpoint, max_position_embeddings=64, **({"rope_parameters": rope} if rope else {}))
+    if refused:
+        with pytest.raises(UnsupportedModel, match=r"max_seq_len 128 is beyond .*\(64"):
+            Engine.from_pretrained(checkpoint, EngineConfig(max_seq_len=128))
+    else:
+        Engine.from_pretrained(checkpoint, EngineConfig(max_seq_len=128)).close()
+    Engine.from_pretrained(checkpoint, EngineConfig(max_seq_len=64)).close()  # within reach either way
+
+
 def test_llama3_rope_scaling_is_applied_like_transformers(checkpoint):
     from tests.helpers import reference_nf4_model
 

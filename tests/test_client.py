@@ -71,7 +71,7 @@ def test_command_line_server_and_client_end_to_end(llama_dir, cheese_and_wine_st
     server = subprocess.Popen(
         [f"{bin_dir}/hotlora-server", "--model", str(llama_dir), "--adapters", str(cheese_and_wine_store.root), "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "0", "--max-seq-len", "128", "--admin-token-file", str(token_file),
-         "--grace-period", "5", "--http-port", "0", "--http-host", "127.0.0.1"],
+         "--grace-period", "5", "--http-port", "0"],  # HTTP and metrics bind --host's address
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -102,7 +102,7 @@ def test_command_line_server_and_client_end_to_end(llama_dir, cheese_and_wine_st
         assert listed.returncode == 0 and re.search(r"^cheese\s+v1\s", listed.stdout, re.MULTILINE), listed
         loaded = hotlora("--admin-token-file", str(token_file), "adapters", "load", "wine")
         assert loaded.returncode == 0 and loaded.stdout.startswith("loaded wine@v1 (rank 8"), loaded
-        unloaded = hotlora("--admin-token-file", str(token_file), "adapters", "unload", "wine")
+        unloaded = hotlora("adapters", "unload", "wine", "--admin-token-file", str(token_file))  # global flags go anywhere
         assert unloaded.returncode == 0, unloaded
         refused = hotlora("adapters", "list")
         assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr

@@ -29,7 +29,7 @@ def greedy(n):
     return SamplingParams(max_new_tokens=n, temperature=0.0)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2", "tiny-tied"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2", "tiny-mistral", "tiny-tied"])
 def test_base_model_logits_and_greedy_tokens_match_transformers(model_dirs, preset):
     model_dir = model_dirs[preset]
     engine = engine_for(model_dir)
@@ -111,6 +111,24 @@ def test_mixed_adapter_batch_matches_peft_row_by_row(adapter_engine, peft_refere
         want = peft_reference(torch.tensor(prompts), adapter_names=[n or "__base__" for n in names]).logits
     for row, logits in enumerate(scored):
         torch.testing.assert_close(logits, want[row], rtol=0, atol=LOGIT_ATOL, msg=lambda m: f"row {row} ({names[row]}): {m}")
+
+
+@pytest.mark.parametrize("preset", ["tiny-mistral", "tiny-qwen2"])
+def test_an_adapter_on_the_other_architectures_matches_peft(model_dirs, preset, tmp_path):
+    from tests.helpers import make_peft_adapter
+
+    model_dir = model_dirs[preset]
+    adapter = make_peft_adapter(model_dir, tmp_path / "adapter", seed=21, r=8, lora_alpha=16, target_modules="all-linear")
+    engine = engine_for(model_dir)
+    try:
+        engine.load_adapter("a", adapter)
+        scored = engine.score([Request(prompt_ids=PROMPTS[0], adapter="a"), Request(prompt_ids=PROMPTS[0])])
+    finally:
+        engine.close()
+    assert (scored[0] - scored[1]).abs().max() > 0.1  # the adapter does something
+    with torch.no_grad():
+        want = reference_peft_model(model_dir, {"a": adapter})(torch.tensor([PROMPTS[0]])).logits[0]
+    torch.testing.assert_close(scored[0], want, rtol=0, atol=LOGIT_ATOL)
 
 
 def test_mixed_batch_greedy_generation_matches_peft_generate(adapter_engine, peft_reference, peft_adapters):

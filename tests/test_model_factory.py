@@ -53,3 +53,13 @@ def test_server_help_names_the_builtin_model_as_the_default():
     """No --model is no usage error: the server serves the built-in model (tests/test_builtin_model.py)."""
     result = subprocess.run([sys.executable, "-m", "server.serving.main", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "default: the built-in SmolLM2-135M-Instruct" in " ".join(result.stdout.split())
+
+
+def test_make_model_help_lists_every_preset_and_the_default():
+    from server.model.factory import PRESETS
+
+    shown = subprocess.run([sys.executable, "-m", "server.serving.main", "make-model", "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    text = " ".join(shown.split())
+    assert all(f"{preset}," in text or f"{preset} (default" in text for preset in PRESETS), text
+    assert "(default: tiny)" in text

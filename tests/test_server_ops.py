@@ -141,6 +141,17 @@ def test_compile_is_off_unless_asked_for_by_flag_or_environment():
         parse_args(["--model", "m"], environ={"HOTLORA_COMPILE": "maybe"})
 
 
+def test_http_and_metrics_listen_where_grpc_does_unless_told_otherwise():
+    from server.serving.main import parse_args
+
+    local = parse_args(["--model", "m", "--host", "127.0.0.1"], environ={})
+    assert (local.host, local.http_host, local.metrics_host) == ("127.0.0.1", "127.0.0.1", "127.0.0.1")
+    split = parse_args(["--model", "m", "--host", "127.0.0.1", "--metrics-host", "0.0.0.0"],
+                       environ={"HOTLORA_HTTP_HOST": "10.0.0.5"})
+    assert (split.host, split.http_host, split.metrics_host) == ("127.0.0.1", "10.0.0.5", "0.0.0.0")
+    assert parse_args(["--model", "m"], environ={}).http_host == "0.0.0.0"
+
+
 def test_kv_cache_and_sample_flags_reach_the_config():
     from server.serving.main import parse_args
 

@@ -135,11 +135,11 @@ def test_cli_refuses_unusable_data_before_training(llama_dir, tmp_path):
 def test_trainer_publish_checks_and_publishes_an_adapter_made_elsewhere(llama_dir, peft_adapters, tmp_path):
     from tests.helpers import make_peft_adapter
 
-    def publish(adapter_dir, name):
-        return subprocess.run([str(BIN / "trainer"), "publish", str(adapter_dir), "--base", str(llama_dir), "--name", name,
-                               "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=300)
+    def publish(adapter_dir, name, base_flag="--base", store_flag="--store"):
+        return subprocess.run([str(BIN / "trainer"), "publish", str(adapter_dir), base_flag, str(llama_dir), "--name", name,
+                               store_flag, str(tmp_path / "store")], capture_output=True, text=True, timeout=300)
 
-    done = publish(peft_adapters["wine"], "wine")
+    done = publish(peft_adapters["wine"], "wine", "--model", "--adapters")  # hotlora-server's names work too
     assert done.returncode == 0 and "published wine@v1" in done.stdout, done.stderr[-2000:]
     manifest = json.loads((tmp_path / "store" / "wine" / "v1" / "manifest.json").read_text())
     assert manifest["acceptance"]["max_relative_difference"] <= manifest["acceptance"]["tolerance"]

@@ -24,11 +24,11 @@ def _fit_parser(commands) -> None:
 
     f = commands.add_parser("fit", help="train an adapter with QLoRA and publish it")
     f.add_argument("--config", type=Path, help="YAML file with any of the settings below")
-    f.add_argument("--base", help="base model: a Hugging Face checkpoint directory or a .gguf file (default: the "
-                   "built-in SmolLM2-135M-Instruct)")
+    f.add_argument("--base", "--model", help="base model: a Hugging Face checkpoint directory or a .gguf file (default: "
+                   "the built-in SmolLM2-135M-Instruct; --model: hotlora-server's name for it)")
     f.add_argument("--data", help="JSONL: instruction/context/output or messages records")
     f.add_argument("--name", help="adapter name in the store")
-    f.add_argument("--store", help="adapter store directory")
+    f.add_argument("--store", "--adapters", help="adapter store directory (--adapters: hotlora-server's name for it)")
     f.add_argument("--rank", type=int, help="LoRA rank (16)")
     f.add_argument("--alpha", type=float, help="LoRA alpha (2 x rank)")
     f.add_argument("--target-modules", help="all-linear (default) or e.g. q_proj,v_proj")
@@ -70,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_parser(commands)
     p = commands.add_parser("publish", help="check and publish a PEFT adapter made elsewhere")
     p.add_argument("adapter_dir", type=Path, help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--base", help="the base model it was trained on: a checkpoint directory or a .gguf file "
-                   "(default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--base", "--model", help="the base model it was trained on: a checkpoint directory or a .gguf "
+                   "file (default: the built-in SmolLM2-135M-Instruct; --model: hotlora-server's name for it)")
     p.add_argument("--name", required=True, help="adapter name in the store; the version is the next vN")
-    p.add_argument("--store", type=Path, required=True, help="adapter store directory")
+    p.add_argument("--store", "--adapters", type=Path, required=True,
+                   help="adapter store directory (--adapters: hotlora-server's name for it)")
     p.add_argument("--prompt", action="append", help="prompt for the acceptance check (repeatable; three defaults)")
     p.add_argument("--notify", action="append", help="HOST:PORT of servers to tell to load it (repeatable; every "
                    "address the name resolves to)")

@@ -60,6 +60,8 @@ PRESETS: dict[str, ModelPreset] = {
     # MLP is not): bitsandbytes 0.50's CPU dequantize gets such blocks across rows wrong, so
     # anything compared with it bit for bit (the Triton kernels) runs on this shape.
     "tiny-aligned": ModelPreset("llama", 64, 2, 4, 2, 192, 512, initializer_range=0.08),
+    # Mistral (its own config class; no sliding window, as hotlora serves it).
+    "tiny-mistral": ModelPreset("mistral", 64, 2, 4, 2, 160, 512, initializer_range=0.08),
     # Llama with lm_head tied to the input embeddings.
     "tiny-tied": ModelPreset("llama", 64, 2, 4, 1, 160, 512, tie_embeddings=True, initializer_range=0.08),
     # CPU benchmarks and the demo: still seconds to build, large enough that the math dominates.
@@ -141,7 +143,8 @@ def make_model(out_dir: str | Path, preset: str | ModelPreset = "tiny", seed: in
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hotlora-server make-model", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), metavar="PRESET",
+                        help=f"model shape: {', '.join(PRESETS)} (default: tiny)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, help="text file to train the tokenizer on (default: a built-in paragraph)")
     args = parser.parse_args(argv)

@@ -282,6 +282,17 @@ class _CheckpointReader:
         return self._where[key].get_tensor(key)
 
 
+def _position_reach(hf_config) -> int | None:
+    """The longest sequence the checkpoint's positions cover: max_position_embeddings, or its RoPE
+    scaling's factor x original_max_position_embeddings when that is more (None: not stated)."""
+    reach = getattr(hf_config, "max_position_embeddings", None)
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default" and params.get("factor") and params.get("original_max_position_embeddings"):
+        scaled = int(params["factor"] * params["original_max_position_embeddings"])
+        reach = scaled if reach is None else max(reach, scaled)
+    return reach
+
+
 def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer, object]:
     """Build the serving model from a Hugging Face checkpoint directory. Each projection is
     quantized as it is read, so peak host memory stays near one layer beyond the result."""
@@ -293,6 +304,11 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     sliding = getattr(hf_config, "sliding_window", None)
     if sliding is not None and getattr(hf_config, "use_sliding_window", True) and sliding < config.max_seq_len:
         raise UnsupportedModel(f"sliding-window attention ({sliding}) shorter than max_seq_len {config.max_seq_len} is not supported")
+    reach = _position_reach(hf_config)
+    if reach is not None and config.max_seq_len > reach:
+        raise UnsupportedModel(f"max_seq_len {config.max_seq_len} is beyond the positions this model was trained for "
+                               f"({reach}: max_position_embeddings, or what its RoPE scaling extends it to); "
+                               f"lower --max-seq-len")
     device, dtype = config.resolved_device(), config.resolved_dtype()
     kernels = resolve_kernels(config.kernels, device)
     nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels, config.quant)

@@ -160,7 +160,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         prog="hotlora-server", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         usage="%(prog)s [--model DIR|FILE.gguf] [--adapters STORE] [options]\n       %(prog)s make-model DIR [--preset small]",
         description="Serve one NF4 base model with per-request LoRA adapters over gRPC.",
-        epilog="`hotlora-server make-model DIR --preset tiny|small|1b` writes a random-weight checkpoint to try it on.")
+        epilog="`hotlora-server make-model DIR --preset PRESET` writes a random-weight checkpoint to try it on "
+               "(`hotlora-server make-model --help` lists the presets).")
 
     def flag(name: str, *aliases: str, **kwargs):
         env = "HOTLORA_" + name.lstrip("-").replace("-", "_").upper()
@@ -176,11 +177,12 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--model-cache", type=Path, default=default_cache_dir(environ),
          help="where converted models are kept (default: $XDG_CACHE_HOME/hotlora/models)")
     flag("--adapters", type=Path, help="adapter store directory (docs/ARCHITECTURE.md); omit to serve path-loaded adapters only")
-    flag("--host", default="0.0.0.0", help="gRPC bind address")
+    flag("--host", default="0.0.0.0", help="bind address of gRPC, and of metrics and the HTTP API unless "
+                                          "--metrics-host/--http-host say otherwise")
     flag("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
-    flag("--metrics-host", default="0.0.0.0", help="metrics bind address")
+    flag("--metrics-host", help="metrics bind address (default: --host)")
     flag("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0 = any free port)")
-    flag("--http-host", default=ServerConfig.http_host, help="OpenAI-compatible HTTP API bind address")
+    flag("--http-host", help="OpenAI-compatible HTTP API bind address (default: --host)")
     flag("--http-port", type=int,
          help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on this "
               "port beside gRPC (0 = any free port; default: off)")
@@ -273,10 +275,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     return ServerConfig(
         model_dir=Path(a.model) if a.model else None, model_cache=Path(a.model_cache), engine=engine,
         adapters=adapters, host=a.host, port=num(a.port),
-        metrics_host=a.metrics_host, metrics_port=num(a.metrics_port), tls_cert=a.tls_cert and Path(a.tls_cert),
+        metrics_host=a.metrics_host or a.host, metrics_port=num(a.metrics_port), tls_cert=a.tls_cert and Path(a.tls_cert),
         tls_key=a.tls_key and Path(a.tls_key), admin_token=token, grace_period_s=num(a.grace_period, float),
         default_max_new_tokens=num(a.default_max_new_tokens), max_adapter_labels=num(a.max_adapter_labels),
-        limits=limits, http_host=a.http_host, http_port=num(a.http_port), served_model_name=a.served_model_name)
+        limits=limits, http_host=a.http_host or a.host, http_port=num(a.http_port), served_model_name=a.served_model_name)
 
 
 def _flag_value(parser: argparse.ArgumentParser, env: str, value) -> bool:

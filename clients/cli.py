@@ -34,6 +34,13 @@ def _global_options(parser: argparse.ArgumentParser, with_defaults: bool) -> arg
     parser.add_argument("--admin-token-file", type=Path, default=default(os.environ.get("HOTLORA_ADMIN_TOKEN_FILE")),
                         help="file with the admin bearer token [env HOTLORA_ADMIN_TOKEN_FILE; or the token itself in "
                              "env HOTLORA_ADMIN_TOKEN]")
+    parser.add_argument("--api-key-file", type=Path, default=default(os.environ.get("HOTLORA_API_KEY_FILE")),
+                        help="file whose first key (the server's --api-key-file format) is sent as the API key "
+                             "[env HOTLORA_API_KEY_FILE; or the key itself in env HOTLORA_API_KEY]")
+    parser.add_argument("--tls", action="store_true", default=default(False),
+                        help="connect with TLS, trusting the system's certificate authorities")
+    parser.add_argument("--ca-cert", type=Path, default=default(None),
+                        help="connect with TLS, trusting this PEM certificate (authority) [implies --tls]")
     parser.add_argument("--timeout", type=float, default=default(600.0), help="seconds per call")
     return parser
 
@@ -87,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     token = os.environ.get("HOTLORA_ADMIN_TOKEN")
     if args.admin_token_file:
         token = args.admin_token_file.read_text().strip()
+    key = os.environ.get("HOTLORA_API_KEY")
+    if args.api_key_file:
+        lines = (line.strip() for line in args.api_key_file.read_text().splitlines())
+        key = next((line for line in lines if line and not line.startswith("#")), None)  # the server's file format
     try:
-        with Client(args.target, admin_token=token, timeout=args.timeout) as client:
+        with Client(args.target, admin_token=token, api_key=key, tls=args.tls, timeout=args.timeout,
+                    root_certificates=args.ca_cert.read_bytes() if args.ca_cert else None) as client:
             if args.command == "generate":
                 return _generate(client, args)
             if args.command == "models":

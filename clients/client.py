@@ -207,32 +207,42 @@ def _adapter(message) -> AdapterInfo:
                        message.content_hash, message.source)
 
 
-def _open_channel(target: str, tls: bool, root_certificates: bytes | None, aio: bool):
+def _open_channel(target: str, tls: bool, root_certificates: bytes | None, server_name: str | None, aio: bool):
     module = grpc.aio if aio else grpc
-    if tls:
-        return module.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+    if tls or root_certificates is not None:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        return module.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options)
     return module.insecure_channel(target)
 
 
-class Client:
-    """Blocking client. admin_token is sent (as a bearer token) on Adapters calls only."""
+def _bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
 
-    def __init__(self, target: str = "localhost:50051", *, admin_token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, timeout: float | None = 600.0):
-        self._channel = _open_channel(target, tls, root_certificates, aio=False)
+
+class Client:
+    """Blocking client. api_key is sent (as a bearer token) on Generation calls, admin_token on
+    Adapters calls. tls with root_certificates (PEM) trusts that CA; tls alone, the system's.
+    server_name: the name the certificate must carry, when the target is an address."""
+
+    def __init__(self, target: str = "localhost:50051", *, admin_token: str | None = None, api_key: str | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None, server_name: str | None = None,
+                 timeout: float | None = 600.0):
+        self._channel = _open_channel(target, tls, root_certificates, server_name, aio=False)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
-        self._admin = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
+        self._admin, self._key = _bearer(admin_token), _bearer(api_key)
         self.timeout = timeout
 
     def generate(self, prompt, adapter: str = "", **options) -> GenerationResult:
         try:
-            return _result(self._generation.Generate(build_request(prompt, adapter, **options), timeout=self.timeout))
+            return _result(self._generation.Generate(build_request(prompt, adapter, **options), metadata=self._key,
+                                                           timeout=self.timeout))
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
     def stream(self, prompt, adapter: str = "", **options) -> Iterator[StreamPiece]:
-        call = self._generation.GenerateStream(build_request(prompt, adapter, **options), timeout=self.timeout)
+        call = self._generation.GenerateStream(build_request(prompt, adapter, **options), metadata=self._key,
+                                               timeout=self.timeout)
         try:
             for message in call:
                 yield _piece(message)
@@ -244,7 +254,8 @@ class Client:
     def models(self) -> list[ModelInfo]:
         """What `adapter` can name: the base model first, then every adapter (no admin token needed)."""
         try:
-            reply = self._generation.ListModels(generation_pb2.ListModelsRequest(), timeout=self.timeout)
+            reply = self._generation.ListModels(generation_pb2.ListModelsRequest(), metadata=self._key,
+                                                    timeout=self.timeout)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return [ModelInfo(m.id, m.adapter, m.version) for m in reply.models]
@@ -293,22 +304,25 @@ class Client:
 class AsyncClient:
     """asyncio client with the same methods as Client (awaitable; stream() is an async iterator)."""
 
-    def __init__(self, target: str = "localhost:50051", *, admin_token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, timeout: float | None = 600.0):
-        self._channel = _open_channel(target, tls, root_certificates, aio=True)
+    def __init__(self, target: str = "localhost:50051", *, admin_token: str | None = None, api_key: str | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None, server_name: str | None = None,
+                 timeout: float | None = 600.0):
+        self._channel = _open_channel(target, tls, root_certificates, server_name, aio=True)
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
-        self._admin = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
+        self._admin, self._key = _bearer(admin_token), _bearer(api_key)
         self.timeout = timeout
 
     async def generate(self, prompt, adapter: str = "", **options) -> GenerationResult:
         try:
-            return _result(await self._generation.Generate(build_request(prompt, adapter, **options), timeout=self.timeout))
+            return _result(await self._generation.Generate(build_request(prompt, adapter, **options), metadata=self._key,
+                                                           timeout=self.timeout))
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
     async def stream(self, prompt, adapter: str = "", **options) -> AsyncIterator[StreamPiece]:
-        call = self._generation.GenerateStream(build_request(prompt, adapter, **options), timeout=self.timeout)
+        call = self._generation.GenerateStream(build_request(prompt, adapter, **options), metadata=self._key,
+                                               timeout=self.timeout)
         try:
             async for message in call:
                 yield _piece(message)
@@ -319,7 +333,8 @@ class AsyncClient:
 
     async def models(self) -> list[ModelInfo]:
         try:
-            reply = await self._generation.ListModels(generation_pb2.ListModelsRequest(), timeout=self.timeout)
+            reply = await self._generation.ListModels(generation_pb2.ListModelsRequest(), metadata=self._key,
+                                                    timeout=self.timeout)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return [ModelInfo(m.id, m.adapter, m.version) for m in reply.models]

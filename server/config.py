@@ -176,7 +176,9 @@ class ServerConfig:
     max_adapter_labels: distinct adapter names that get their own metrics label (the rest share
     "other"), which bounds the metrics' cardinality. http_port: the OpenAI-compatible HTTP API's
     port (None: off; 0: any free port). served_model_name: the base model's name in that API's
-    `model` and in ListModels ("": the model directory's name; main.py sets the built-in model's). model_dir: a checkpoint directory;
+    `model` and in ListModels ("": the model directory's name; main.py sets the built-in model's).
+    api_key_file: when set, generation over HTTP and gRPC needs `Authorization: Bearer <key>`, a key
+    of this file (server/serving/api_keys.py); tls_cert/tls_key serve both protocols. model_dir: a checkpoint directory;
     main.py resolves what the user named (nothing: the built-in model; a .gguf file) into one,
     cached under model_cache, and logs where it came from."""
 
@@ -190,6 +192,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     admin_token: str | None = None
+    api_key_file: Path | None = None
     grace_period_s: float = 25.0
     default_max_new_tokens: int = 256
     max_adapter_labels: int = 64

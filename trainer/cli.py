@@ -4,7 +4,8 @@
     trainer publish PEFT_DIR --base DIR --name NAME --store STORE [--notify HOST:PORT]
 
 A YAML file may set any fit setting (same names, with underscores); flags given on the command
-line win. The admin token for --notify comes from --admin-token-file or HOTLORA_ADMIN_TOKEN.
+line win. The admin token for --notify comes from --admin-token-file or HOTLORA_ADMIN_TOKEN;
+--notify-tls / --notify-ca-cert reach servers that serve TLS.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def _fit_parser(commands) -> None:
     f.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None, help="publish after training (on)")
     f.add_argument("--notify", action="append", help="HOST:PORT of a server to tell to load it (repeatable)")
     f.add_argument("--admin-token-file", type=Path, help="file with the servers' admin token, for --notify")
+    f.add_argument("--notify-tls", action="store_true", help="--notify over TLS, trusting the system's authorities")
+    f.add_argument("--notify-ca-cert", type=Path, help="--notify over TLS, trusting this PEM certificate (authority)")
     f.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notify", action="append", help="HOST:PORT of servers to tell to load it (repeatable; every "
                    "address the name resolves to)")
     p.add_argument("--admin-token-file", type=Path, help="file with the servers' admin token, for --notify")
+    p.add_argument("--notify-tls", action="store_true", help="--notify over TLS, trusting the system's authorities")
+    p.add_argument("--notify-ca-cert", type=Path, help="--notify over TLS, trusting this PEM certificate (authority)")
     return parser
 
 
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get("HOTLORA_ADMIN_TOKEN")
+    reach = {"admin_token": token, "tls": args.notify_tls,  # how --notify reaches the servers
+             "ca_cert": args.notify_ca_cert.read_bytes() if args.notify_ca_cert else None}
     from server.model.source import ModelNotFound
 
     from .acceptance import AcceptanceError
@@ -96,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "fit":
-            return _fit(args, token)
-        return _publish(args, token)
+            return _fit(args, reach)
+        return _publish(args, reach)
     except (DataError, AcceptanceError, ModelNotFound, ValueError) as exc:
         print(f"trainer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _fit(args, token: str | None) -> int:
+def _fit(args, reach: dict) -> int:
     import yaml
 
     from . import acceptance, publish
@@ -112,7 +119,8 @@ def _fit(args, token: str | None) -> int:
 
     from_file = (yaml.safe_load(args.config.read_text()) or {}) if args.config else {}
     flags = {k: v for k, v in vars(args).items()
-             if k not in ("command", "config", "log_level", "admin_token_file", "no_progress", "model_cache")}
+             if k not in ("command", "config", "log_level", "admin_token_file", "no_progress", "model_cache",
+                          "notify_tls", "notify_ca_cert")}
     values = merge(from_file, flags)
     values["base"] = _base_model(values.get("base"), args.model_cache)
     config = build(values)
@@ -149,11 +157,11 @@ def _fit(args, token: str | None) -> int:
           f"tolerance {report.tolerance:.1e}, adapter effect {report.adapter_effect:.2f}, "
           f"greedy agreement {report.greedy_agreement:.0%})")
     if config.notify:
-        publish.notify(config.notify, config.name, stored.version, token)
+        publish.notify(config.notify, config.name, stored.version, **reach)
     return 0
 
 
-def _publish(args, token: str | None) -> int:
+def _publish(args, reach: dict) -> int:
     from . import publish
     from .fit import device_and_dtype
 
@@ -165,7 +173,7 @@ def _publish(args, token: str | None) -> int:
     stored = publish.publish(args.store, args.name, args.adapter_dir, record)
     print(f"published {args.name}@{stored.version} to {args.store}")
     if args.notify:
-        publish.notify(tuple(args.notify), args.name, stored.version, token)
+        publish.notify(tuple(args.notify), args.name, stored.version, **reach)
     return 0
 
 

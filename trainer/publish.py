@@ -57,23 +57,27 @@ def endpoints(target: str, resolve=socket.getaddrinfo) -> list[str]:
 
 
 def notify(targets: tuple[str, ...], name: str, version: str, admin_token: str | None,
-           resolve=socket.getaddrinfo) -> list[str]:
+           resolve=socket.getaddrinfo, tls: bool = False, ca_cert: bytes | None = None) -> list[str]:
     """Ask every server behind each target (every address its name resolves to) to load the
     version now; they would also find it at their next store poll. Returns the endpoints that
-    failed; a failure is a warning, never a failed publish."""
+    failed; a failure is a warning, never a failed publish. With TLS (tls, or a CA certificate)
+    each address must show a certificate for the name it was resolved from."""
     from clients import Client, HotloraClientError
 
     failed = []
-    for target in [e for t in targets for e in endpoints(t, resolve)]:
-        try:
-            with Client(target, admin_token=admin_token, timeout=60) as client:
-                # the name's current version, not a pin to `version`: a late notify must not move
-                # `current` back past a newer publish
-                loaded = client.load_adapter(name)
-            log.info("%s now serves %s@%s (%s)", target, name, loaded.version, loaded.tier)
-        except HotloraClientError as exc:
-            log.warning("could not notify %s: %s: %s", target, exc.code.name, exc)
-            failed.append(target)
+    for given in targets:
+        host = given.rpartition(":")[0].strip("[]")
+        for target in endpoints(given, resolve):
+            try:
+                with Client(target, admin_token=admin_token, tls=tls, root_certificates=ca_cert, server_name=host,
+                            timeout=60) as client:
+                    # the name's current version, not a pin to `version`: a late notify must not
+                    # move `current` back past a newer publish
+                    loaded = client.load_adapter(name)
+                log.info("%s now serves %s@%s (%s)", target, name, loaded.version, loaded.tier)
+            except HotloraClientError as exc:
+                log.warning("could not notify %s: %s: %s", target, exc.code.name, exc)
+                failed.append(target)
     return failed
 
 

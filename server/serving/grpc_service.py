@@ -24,6 +24,7 @@ from ..engine.engine import Output, TokenLogprob
 from ..engine.structured import OutputFormat
 from ..errors import HotloraError, InvalidRequest, Unauthenticated
 from ..model.sampling import SamplingParams
+from .api_keys import ApiKeys
 from .generation import GenerationInput, Generations
 from .status import grpc_status
 
@@ -87,8 +88,15 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, logged
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, generations: Generations):
+    """api_keys: when set, every call needs metadata 'authorization: Bearer <API key>'."""
+
+    def __init__(self, generations: Generations, api_keys: ApiKeys | None = None):
         self.generations = generations
+        self.api_keys = api_keys
+
+    def _authorize(self, context) -> None:
+        if self.api_keys is not None:
+            self.api_keys.check(dict(context.invocation_metadata() or ()).get("authorization"))
 
     async def Generate(self, request, context):
         async with contextlib.aclosing(self._run(request, context)) as run:
@@ -134,6 +142,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def ListModels(self, request, context):
         try:
+            self._authorize(context)
             _decoded(request)
             models = await asyncio.to_thread(self.generations.models)  # may list the store's directories
         except Exception as exc:
@@ -144,6 +153,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def _run(self, request, context):
         try:
+            self._authorize(context)
             generation = _generation_input(_decoded(request), context)
         except HotloraError as exc:
             self.generations.count_refused("grpc", exc)

@@ -16,7 +16,9 @@ model sends for log-likelihoods. vLLM's /tokenize, /detokenize and /tokenizer_in
 tokenize with the server's own tokenizer. A field hotlora does not implement is refused with a 400
 that names it, never silently ignored, unless it cannot change the answer (HARMLESS_FIELDS); a
 field sent as null, [] or {} asks for the default and is accepted. Errors use OpenAI's shape,
-statuses from server/serving/status.py. Admin operations stay on gRPC.
+statuses from server/serving/status.py. Admin operations stay on gRPC. With API keys
+(server/serving/api_keys.py) every route but /health and /metrics needs `Authorization: Bearer
+<key>` (401 in OpenAI's shape); with the server's certificate it serves HTTPS.
 """
 
 from __future__ import annotations
@@ -27,16 +29,18 @@ import json
 import logging
 import socket
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.structured import OutputFormat
-from ..errors import AdapterNotFound, InvalidRequest
+from ..errors import AdapterNotFound, InvalidRequest, Unauthenticated
 from ..model.sampling import SamplingParams
+from .api_keys import ApiKeys
 from .generation import GenerationInput, Generations, Piece, ServedModel, merged
 from .openai_responses import ChatResponses, CompletionResponses
 from .status import openai_error
@@ -202,12 +206,26 @@ class DetokenizeBody(BaseModel):
 # ---------------------------------------------------------------- the app
 
 
-def build_app(generations: Generations) -> FastAPI:
-    app = FastAPI(title="hotlora", docs_url=None, redoc_url=None, openapi_url=None)
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # what probes and Prometheus read: never behind a key
+
+
+def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> FastAPI:
+    def authorized(request: Request) -> None:
+        if api_keys is not None and request.url.path not in OPEN_PATHS:
+            api_keys.check(request.headers.get("authorization"))
+
+    app = FastAPI(title="hotlora", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(authorized)])
 
     def error_response(error: BaseException) -> JSONResponse:
         status, body = openai_error(error)
         return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(Unauthenticated)
+    async def unauthenticated(request, exc: Unauthenticated):
+        generations.count_refused("http", exc)
+        response = error_response(exc)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc: RequestValidationError):
@@ -439,8 +457,8 @@ class HttpServer:
     """uvicorn on the server's own event loop. The hotlora server owns SIGTERM (it drains the
     engine first), so uvicorn's own signal handling is switched off."""
 
-    def __init__(self, app, host: str, port: int):
-        self._app, self._host, self._port = app, host, port
+    def __init__(self, app, host: str, port: int, tls: tuple[Path, Path] | None = None):
+        self._app, self._host, self._port, self._tls = app, host, port, tls  # tls: (certificate, key)
         self._server = None
         self._task: asyncio.Task | None = None
 
@@ -459,8 +477,10 @@ class HttpServer:
         sock.bind((self._host, self._port))
         sock.listen(128)
         sock.setblocking(False)
+        cert, key = self._tls or (None, None)
         self._server = _Server(uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off",
-                                              timeout_graceful_shutdown=5))
+                                              timeout_graceful_shutdown=5, ssl_certfile=cert and str(cert),
+                                              ssl_keyfile=key and str(key)))
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():

@@ -22,6 +22,7 @@ import grpc
 
 from ..config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, RequestLimits, ServerConfig
 from ..model.source import BUILTIN, ModelNotFound, default_cache_dir
+from .api_keys import ApiKeys
 
 log = logging.getLogger("hotlora.server")
 
@@ -67,7 +68,8 @@ class Server:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.generations = Generations(self.metrics, c.default_max_new_tokens, c.limits)
-        generation = GenerationService(self.generations)
+        api_keys = ApiKeys(c.api_key_file) if c.api_key_file is not None else None
+        generation = GenerationService(self.generations, api_keys)
         admin = AdaptersService(c.admin_token, self.generations)
         self._grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -88,7 +90,8 @@ class Server:
         if c.http_port is not None:  # answers 503 too until the model is loaded
             from .http_api import HttpServer, build_app
 
-            self._http = HttpServer(build_app(self.generations), c.http_host, c.http_port)
+            tls = (c.tls_cert, c.tls_key) if c.tls_cert is not None else None
+            self._http = HttpServer(build_app(self.generations, api_keys), c.http_host, c.http_port, tls)
             self.http_port = await self._http.start()
 
         self.engine = await asyncio.to_thread(Engine.from_pretrained, c.model_dir, c.engine)
@@ -217,9 +220,12 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
          help="adapter versions read and validated at once, on threads of their own")
     flag("--store-poll-interval", type=float, default=AdapterConfig.poll_interval_s, help="seconds between checks of the store")
     flag("--adapter-path-allow", type=Path, action="append", default=[], help="directory LoadAdapter(path=) may read (repeatable)")
-    flag("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS")
+    flag("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS (gRPC and the HTTP API)")
     flag("--tls-key", type=Path, help="PEM private key")
     flag("--admin-token-file", type=Path, help="file holding the bearer token the Adapters service requires")
+    flag("--api-key-file", type=Path,
+         help="file of API keys, one per line, re-read when it changes: generation over HTTP and gRPC then needs "
+              "'Authorization: Bearer <key>' (health and metrics stay open; admin calls keep the admin token)")
     flag("--grace-period", type=float, default=ServerConfig.grace_period_s, help="seconds SIGTERM waits for running requests")
     flag("--max-prompt-bytes", type=int, default=RequestLimits.max_prompt_bytes,
          help="largest prompt (or all chat messages) in UTF-8 bytes, refused before tokenizing")
@@ -244,6 +250,11 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
 
     if (a.tls_cert is None) != (a.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
+    if a.api_key_file is not None:
+        try:
+            ApiKeys(Path(a.api_key_file))
+        except ValueError as exc:
+            p.error(str(exc))
     token = None
     if a.admin_token_file is not None:
         token = Path(a.admin_token_file).read_text().strip()
@@ -276,7 +287,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         model_dir=Path(a.model) if a.model else None, model_cache=Path(a.model_cache), engine=engine,
         adapters=adapters, host=a.host, port=num(a.port),
         metrics_host=a.metrics_host or a.host, metrics_port=num(a.metrics_port), tls_cert=a.tls_cert and Path(a.tls_cert),
-        tls_key=a.tls_key and Path(a.tls_key), admin_token=token, grace_period_s=num(a.grace_period, float),
+        tls_key=a.tls_key and Path(a.tls_key), admin_token=token,
+        api_key_file=a.api_key_file and Path(a.api_key_file), grace_period_s=num(a.grace_period, float),
         default_max_new_tokens=num(a.default_max_new_tokens), max_adapter_labels=num(a.max_adapter_labels),
         limits=limits, http_host=a.http_host or a.host, http_port=num(a.http_port), served_model_name=a.served_model_name)
 

@@ -36,6 +36,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.structured import OutputFormat
 from ..errors import AdapterNotFound, InvalidRequest, Unauthenticated
@@ -50,9 +51,26 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- request bodies
 
-# Fields accepted and not acted on: they label, store or route the request, never change its tokens.
-HARMLESS_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
-                             "parallel_tool_calls"})
+# Other fields are refused (refuse_unknown), so the published schema says no others are allowed;
+# the server still takes one sent as null, [] or {}: that asks for its default.
+_CLOSED = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
+
+
+class _Harmless(BaseModel):
+    """Fields accepted and not acted on: they label, store or route a request, never change its tokens."""
+
+    model_config = _CLOSED
+
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+    parallel_tool_calls: Any = None
+
+
+HARMLESS_FIELDS = frozenset(_Harmless.model_fields)
 
 
 def _unset(value: Any) -> bool:
@@ -61,15 +79,15 @@ def _unset(value: Any) -> bool:
 
 def refuse_unknown(body: BaseModel, where: str = "") -> None:
     """InvalidRequest naming every field of `body` the server does not implement (sent with a
-    value that asks for something: not null, [] or {}), except HARMLESS_FIELDS."""
-    unknown = sorted(k for k, v in (body.model_extra or {}).items() if k not in HARMLESS_FIELDS and not _unset(v))
+    value that asks for something: not null, [] or {}); declared ones, HARMLESS_FIELDS among them,
+    are not extra."""
+    unknown = sorted(k for k, v in (body.model_extra or {}).items() if not _unset(v))
     if unknown:
         raise InvalidRequest(f"{where}{', '.join(unknown)}: not supported by hotlora, and ignoring "
                              f"{'it' if len(unknown) == 1 else 'them'} could change the answer")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Body(_Harmless):
 
     model: str
     max_tokens: int | None = None
@@ -145,7 +163,7 @@ class _Body(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _CLOSED
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -206,7 +224,52 @@ class DetokenizeBody(BaseModel):
 # ---------------------------------------------------------------- the app
 
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # what probes and Prometheus read: never behind a key
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})  # probes, Prometheus, the schema: never behind a key
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, which every refusal has (server/serving/status.py)."""
+
+    error: ErrorDetail
+
+
+_ERROR_MEANINGS = {400: "Invalid request (a bad body included)", 401: "No valid API key (with --api-key-file)",
+                   404: "Unknown model or adapter", 422: "The adapter was refused (incompatible or invalid)",
+                   429: "The queue is full", 500: "Internal error", 503: "Loading or draining",
+                   504: "The request's deadline passed"}
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI `responses` for these error statuses, each in OpenAI's error shape."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
+_GENERATION = _errors(400, 401, 404, 422, 429, 500, 503, 504)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The schema FastAPI derives, made true to what the server answers: a body that does not
+    parse is a 400 in OpenAI's error shape here, not FastAPI's 422 with its own body."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for item in schema["paths"].values():
+            for operation in item.values():
+                validation = operation["responses"].get("422", {})
+                if validation.get("description") == "Validation Error":
+                    del operation["responses"]["422"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> FastAPI:
@@ -214,11 +277,22 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
         if api_keys is not None and request.url.path not in OPEN_PATHS:
             api_keys.check(request.headers.get("authorization"))
 
-    app = FastAPI(title="hotlora", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(authorized)])
+    from importlib.metadata import version
+
+    app = FastAPI(title="hotlora", version=version("hotlora"), docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  description="OpenAI-compatible API of hotlora-server: `model` picks the adapter.",
+                  dependencies=[Depends(authorized)])
+    app.openapi = lambda: _openapi(app)
 
     def error_response(error: BaseException) -> JSONResponse:
         status, body = openai_error(error)
         return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # a body that cannot be read, an unknown route
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Unauthenticated)
     async def unauthenticated(request, exc: Unauthenticated):
@@ -233,14 +307,14 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
         generations.count_refused("http", InvalidRequest(problems))
         return error_response(InvalidRequest(problems))
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}})
     async def metrics():  # as vLLM serves them: the inference gateway scrapes the port it routes to
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(await asyncio.to_thread(generate_latest, generations.metrics.registry),
                         media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors(503))
     async def health():
         try:
             generations.ready()
@@ -252,7 +326,7 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
         return {"id": model.id, "object": "model", "created": 0, "owned_by": "hotlora", "root": model.id,
                 "parent": base if model.adapter else None}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401, 500, 503))
     async def models():
         try:
             served = await asyncio.to_thread(generations.models)
@@ -260,7 +334,7 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
             return error_response(exc)
         return {"object": "list", "data": [model_object(m, served[0].id) for m in served]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=_errors(401, 404, 500, 503))
     async def model(model_id: str):
         try:
             served = await asyncio.to_thread(generations.models)
@@ -271,7 +345,7 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
             return error_response(exc)
         return model_object(found, served[0].id)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION)
     async def chat_completions(body: ChatCompletionBody, request: Request):
         try:
             body.refuse_unsupported()
@@ -293,7 +367,7 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
             return error_response(exc)
         return await respond(ChatResponses(body, generations), [generation], body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATION)
     async def completions(body: CompletionBody, request: Request):
         try:
             body.refuse_unsupported()
@@ -314,7 +388,7 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
             return error_response(exc)
         return await respond(CompletionResponses(body, generations, echoes), inputs, body, request)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_errors(400, 401, 500, 503))
     async def tokenize(body: TokenizeBody):
         try:
             tokens = await asyncio.to_thread(generations.tokenize, body.prompt, body.add_special_tokens)
@@ -322,14 +396,14 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
             return error_response(exc)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": generations.ready().engine.config.max_seq_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_errors(400, 401, 500, 503))
     async def detokenize(body: DetokenizeBody):
         try:
             return {"prompt": await asyncio.to_thread(generations.detokenize, body.tokens)}
         except Exception as exc:
             return error_response(exc)
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", responses=_errors(401, 500, 503))
     async def tokenizer_info():
         try:
             loaded = generations.ready()

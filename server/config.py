@@ -202,6 +202,10 @@ class ServerConfig:
     served_model_name: str = ""
     model_cache: Path | None = None
 
+    def __post_init__(self) -> None:
+        if self.api_key_file is not None and self.admin_token is None:
+            raise ValueError("ServerConfig: api_key_file needs admin_token (the Adapters service would be open)")
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_dir.name

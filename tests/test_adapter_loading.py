@@ -75,8 +75,18 @@ def corrupt_cases():
     def extra_layer(d):
         edit_weights(d, lambda t: t.__setitem__(first_key(t, "lora_A").replace("layers.0", "layers.9"), torch.zeros(4, 64)))
 
+    def odd_header(d):  # a header that parses as JSON but is no safetensors header LoRA weights have
+        path = d / "adapter_model.safetensors"
+        raw = path.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + length])
+        header[first_key(header, "lora_A")]["dtype"] = ["F32"]  # unhashable: must still be a refusal
+        encoded = json.dumps(header).encode()
+        path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + length:])
+
     return {
         "pickle_only": (pickle_only, "pickle"),
+        "odd_header": (odd_header, "dtype"),
         "truncated": (truncated, "safetensors"),
         "nan": (nan, "NaN"),
         "wrong_shape": (wrong_shape, "does not fit the base model"),

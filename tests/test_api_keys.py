@@ -74,6 +74,11 @@ def test_http_generation_needs_a_key_over_https_and_health_and_metrics_do_not(se
             headers={"content-type": "application/json"}), context=context)
     assert info.value.code == 401 and info.value.headers["WWW-Authenticate"] == "Bearer"
     assert json.loads(info.value.read())["error"]["type"] == "authentication_error"
+    with pytest.raises(urllib.error.HTTPError) as info:  # the key is checked before the body is even read
+        urllib.request.urlopen(urllib.request.Request(
+            f"https://localhost:{running.server.http_port}/v1/completions", data=b"{not json",
+            headers={"content-type": "application/json"}), context=context)
+    assert info.value.code == 401
 
 
 def test_grpc_generation_needs_a_key_and_admin_calls_keep_the_admin_token(secured):
@@ -106,11 +111,27 @@ def test_keys_rotate_by_rewriting_the_file(secured):
             alice.generate("Brie", max_new_tokens=1)
         with pytest.raises(openai.AuthenticationError):
             openai_client(running, cert, "key-alice").completions.create(model="cheese", prompt="Brie", max_tokens=1)
+        keys.write_bytes(b"key-dave\n\xff\xfe")  # unreadable (not UTF-8): the keys last read still hold
+        with grpc_client(running, cert, api_key="key-carol") as carol:
+            assert carol.generate("Brie", max_new_tokens=1).usage.completion_tokens == 1
         keys.write_text("")  # emptied by mistake: nobody gets in, nobody is let in for free
         with grpc_client(running, cert, api_key="key-carol") as carol, pytest.raises(Unauthenticated):
             carol.generate("Brie", max_new_tokens=1)
     finally:
         keys.write_text(original)
+
+
+def test_keys_without_an_admin_token_are_refused_at_start(tmp_path):
+    from server.serving.main import parse_args
+
+    keys = tmp_path / "keys"
+    keys.write_text("k\n")
+    with pytest.raises(SystemExit):  # generation behind keys, load/pin/unload open to anyone: refused
+        parse_args(["--model", "m", "--api-key-file", str(keys)], environ={})
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    assert parse_args(["--model", "m", "--api-key-file", str(keys), "--admin-token-file", str(token)],
+                      environ={}).api_key_file == keys
 
 
 def test_cli_and_trainer_notify_reach_a_tls_server_with_their_credentials(secured, tmp_path):

@@ -95,31 +95,35 @@ def test_rules_pass_promtool_and_the_plain_rules_file_matches_the_operator_rule(
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def ttft_series(adapter: str, seconds: float, per_minute: int) -> list[dict]:
+def ttft_series(namespace: str, adapter: str, seconds: float, per_minute: int) -> list[dict]:
     """Cumulative histogram buckets of hotlora_time_to_first_token_seconds for an adapter whose
     every request takes `seconds` to its first token, `per_minute` of them each minute."""
     from server.metrics import LATENCY_BUCKETS
 
+    labels = f'namespace="{namespace}",adapter="{adapter}"'
     series = []
     for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
         rate = per_minute if float(le) >= seconds else 0
-        series.append({"series": f'hotlora_time_to_first_token_seconds_bucket{{adapter="{adapter}",le="{le}"}}',
+        series.append({"series": f'hotlora_time_to_first_token_seconds_bucket{{{labels},le="{le}"}}',
                        "values": f"0+{rate}x60"})
-    series.append({"series": f'hotlora_time_to_first_token_seconds_count{{adapter="{adapter}"}}', "values": f"0+{per_minute}x60"})
+    series.append({"series": f"hotlora_time_to_first_token_seconds_count{{{labels}}}", "values": f"0+{per_minute}x60"})
     return series
 
 
 @pytest.mark.parametrize("slow_seconds, fires", [(4.0, True), (0.08, False), (0.3, False)],
                          ids=["one adapter far above the fleet", "all alike", "slower but under the floor"])
 def test_slow_adapter_alert_fires_for_one_adapter_far_above_the_fleet(tmp_path, slow_seconds, fires):
-    """promtool's rule unit tests on synthetic histograms: three busy adapters at 80 ms to first
-    token and one quieter adapter (2 requests a minute) at `slow_seconds`."""
-    series = [s for name in ("fast1", "fast2", "fast3") for s in ttft_series(name, 0.08, 60)]
-    series += ttft_series("slow", slow_seconds, 2)
+    """promtool's rule unit tests on synthetic histograms. Namespace a: three busy adapters at
+    80 ms to first token and one quieter adapter (2 requests a minute) at `slow_seconds`.
+    Namespace b, another deployment scraped by the same Prometheus: every adapter at 4 s, which is
+    its fleet's normal, so nothing there fires (and its slowness does not hide a's)."""
+    series = [s for name in ("fast1", "fast2", "fast3") for s in ttft_series("a", name, 0.08, 60)]
+    series += ttft_series("a", "slow", slow_seconds, 2)
+    series += [s for name in ("b1", "b2") for s in ttft_series("b", name, 4.0, 60)]
     rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())["groups"][0]["rules"]
     annotations = next(r for r in rules if r.get("alert") == "HotloraAdapterSlowFirstToken")["annotations"]
     p95 = 2.5 + 0.95 * (5 - 2.5)  # histogram_quantile interpolates within 4 s's bucket, (2.5, 5]
-    expected = [{"exp_labels": {"severity": "warning", "adapter": "slow"}, "exp_annotations": {
+    expected = [{"exp_labels": {"severity": "warning", "namespace": "a", "adapter": "slow"}, "exp_annotations": {
         "summary": annotations["summary"].replace("{{ $labels.adapter }}", "slow"),
         "description": annotations["description"].replace("{{ $labels.adapter }}", "slow").replace(
             "{{ $value | humanizeDuration }}", f"{p95:g}s")}}] if fires else []

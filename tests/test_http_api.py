@@ -191,6 +191,7 @@ def test_errors_come_back_in_openai_shape(http, call, status, words):
 
 @pytest.mark.parametrize("extra, named", [
     ({"min_tokens": 5}, "min_tokens"),
+    ({"skip_special_tokens": False, "echo": True}, "echo, skip_special_tokens"),  # not their no-op values
     ({"reasoning_effort": "high", "prediction": {"type": "content", "content": "x"}}, "prediction, reasoning_effort"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
@@ -209,7 +210,8 @@ def test_harmless_and_null_fields_are_accepted_and_change_nothing(http):
     labelled = http.chat.completions.create(
         **args, user="u-17", metadata={"team": "cheese"}, store=False, service_tier="auto",
         extra_body={"prompt_cache_key": "k", "safety_identifier": "s", "parallel_tool_calls": True,
-                    "min_tokens": None, "audio": None, "modalities": [], "tool_choice": "none"})
+                    "min_tokens": None, "audio": None, "modalities": [], "tool_choice": "none",
+                    "use_beam_search": False, "skip_special_tokens": True, "echo": False})
     assert labelled.choices[0].message.content == plain
 
 
@@ -245,6 +247,8 @@ def test_logit_bias_min_p_and_stop_token_ids_do_what_they_say(server, http, grpc
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 3
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         http.completions.create(model="cheese", prompt=prompt, max_tokens=2, logit_bias={"999999": 5})
+    with pytest.raises(openai.BadRequestError, match="token ids"):  # a digit, but not one int() reads
+        http.completions.create(model="cheese", prompt=prompt, max_tokens=2, logit_bias={"\u00b2": 5})
     with pytest.raises(openai.BadRequestError, match="min_p"):
         http.completions.create(model="cheese", prompt=prompt, max_tokens=2, extra_body={"min_p": 2})
 

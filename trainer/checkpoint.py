@@ -42,20 +42,31 @@ def save(directory: Path, step: int, model, optimizer, scheduler, state: dict) -
     return final
 
 
-def save_adapter(path: Path, model) -> None:
-    """The adapter's weights alone, at `path` (a .safetensors file), replaced atomically."""
+def save_adapter(path: Path, model, step: int) -> None:
+    """The adapter's weights alone, at `path` (a .safetensors file, which records `step`),
+    replaced atomically."""
     from peft import get_peft_model_state_dict
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".tmp-{path.name}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging)
+    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging,
+              metadata={"step": str(step)})
     os.replace(staging, path)
 
 
-def load_adapter(path: Path, model) -> None:
+def load_adapter(path: Path, model, step: int) -> bool:
+    """Load the adapter saved at `path` when it is step `step`'s; False (nothing loaded) when
+    there is none, or it is another step's (a run resumed from before it was saved)."""
     from peft import set_peft_model_state_dict
+    from safetensors import safe_open
 
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("step") != str(step):
+            return False
     set_peft_model_state_dict(model, load_file(path))
+    return True
 
 
 def latest(directory: Path) -> Path | None:

@@ -180,7 +180,7 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                 if state.eval_loss is not None:
                     logs.update(eval_loss=state.eval_loss, eval_perplexity=math.exp(min(state.eval_loss, 50)))
                     if _early_stopping(state, config) and config.early_stopping_patience:
-                        checkpoint.save_adapter(best, model)
+                        checkpoint.save_adapter(best, model, state.step)
                 model.train()
             state.wall_time_s = time.perf_counter() - started
             for key, value in logs.items():
@@ -194,11 +194,15 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
         writer.close()
     adapter_step = state.step
     if config.early_stopping_patience and state.best_step and state.best_step != state.step:
-        checkpoint.load_adapter(best, model)  # what early stopping is for: the adapter that evaluated best
-        log.info("keeping the adapter of step %d (eval loss %.4f), the best evaluated, over step %d's (eval loss %s)",
-                 state.best_step, state.best_eval_loss, state.step,
-                 "not evaluated" if state.eval_loss is None else f"{state.eval_loss:.4f}")
-        adapter_step = state.best_step
+        # what early stopping is for: the adapter that evaluated best
+        if checkpoint.load_adapter(best, model, state.best_step):
+            log.info("keeping the adapter of step %d (eval loss %.4f), the best evaluated, over step %d's (eval "
+                     "loss %s)", state.best_step, state.best_eval_loss, state.step,
+                     "not evaluated" if state.eval_loss is None else f"{state.eval_loss:.4f}")
+            adapter_step = state.best_step
+        else:
+            log.warning("the best evaluated adapter (step %d) was not saved in %s (early stopping was off then); "
+                        "keeping the last one (step %d)", state.best_step, best, state.step)
     model.eval()
     return FitResult(model, tokenizer, state, train, held_out, total_steps, optimizer_note, losses, adapter_step)
 

@@ -94,14 +94,21 @@ class AdapterManager:
         `loader`, never the event loop."""
         if ref is None:
             return self.engine.submit_samples(request, n, loop), None
-        with self._lock:
-            self.waiting_for_load += n
+        with self._lock:  # counted as queued while its version is read, not once the engine queues it too
+            waiting = n if self._key_in_memory(ref) is None else 0
+            self.waiting_for_load += waiting
+
+        def submit(key: str):  # under the lock
+            nonlocal waiting
+            self.waiting_for_load -= waiting
+            waiting = 0
+            return self.engine.submit_samples(replace(request, adapter=key), n, loop), self._known[key]
+
         try:
-            return self._once_in_memory(ref, lambda key: (self.engine.submit_samples(replace(request, adapter=key), n, loop),
-                                                          self._known[key]))
+            return self._once_in_memory(ref, submit)
         finally:
             with self._lock:
-                self.waiting_for_load -= n
+                self.waiting_for_load -= waiting
 
     def resolve_if_ready(self, ref: AdapterRef) -> AdapterVersion | None:
         """resolve() when the version is in memory, without blocking; else None."""

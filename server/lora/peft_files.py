@@ -155,8 +155,8 @@ def _judge_header(raw_header: bytes, weights_file: Path, spec: ModelShape, max_r
             unexpected.append(key)
             continue
         _, module, which = found
-        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BYTES:
-            dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
             raise IncompatibleAdapter(f"{key}: dtype {dtype!r} is not one LoRA weights are stored in "
                                       f"({', '.join(_DTYPE_BYTES)})")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")

@@ -9,6 +9,7 @@ says so once), so a botched rotation never opens the server.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -25,7 +26,7 @@ class ApiKeys:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._seen: tuple[int, int, int] | None = None  # (mtime_ns, size, inode) of the file last read
-        self._keys: tuple[bytes, ...] = ()
+        self._keys: tuple[bytes, ...] = ()  # SHA-256 digests: compared in constant time, whatever their lengths
         self._missing_reported = False
         self._refresh()
         if not self._keys:
@@ -37,8 +38,11 @@ class ApiKeys:
         scheme, _, token = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("this server needs an API key: send 'Authorization: Bearer <key>'")
-        given = token.strip().encode()
-        if not any(hmac.compare_digest(given, key) for key in keys):
+        given = hashlib.sha256(token.strip().encode()).digest()
+        matched = False
+        for key in keys:  # every key, whichever matches: the time taken says nothing about which
+            matched |= hmac.compare_digest(given, key)
+        if not matched:
             raise Unauthenticated("the API key is not valid")
 
     def _refresh(self) -> tuple[bytes, ...]:
@@ -56,8 +60,15 @@ class ApiKeys:
         if seen != self._seen:
             with self._lock:
                 if seen != self._seen:
-                    lines = self.path.read_text().splitlines()
-                    self._keys = tuple(line.strip().encode() for line in lines
+                    try:
+                        lines = self.path.read_text().splitlines()
+                    except (OSError, UnicodeDecodeError) as exc:  # mid-rotation, unreadable: keep what works
+                        if self._seen is None:
+                            raise ValueError(f"--api-key-file {self.path}: {exc}") from None
+                        log.warning("API key file %s could not be read (%s); keeping the %d keys last read",
+                                    self.path, exc, len(self._keys))
+                        return self._keys
+                    self._keys = tuple(hashlib.sha256(line.strip().encode()).digest() for line in lines
                                        if line.strip() and not line.lstrip().startswith("#"))
                     if self._seen is not None:
                         log.info("API keys re-read from %s: %d keys", self.path, len(self._keys))

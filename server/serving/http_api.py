@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,15 +73,22 @@ class _Harmless(BaseModel):
 HARMLESS_FIELDS = frozenset(_Harmless.model_fields)
 
 
-def _unset(value: Any) -> bool:
-    return value is None or value == [] or value == {}
+# vLLM's and OpenAI's fields that clients send at their defaults; at exactly this value each is what
+# hotlora does anyway (it decodes without special tokens, always adds the generation prompt, ...)
+NO_OP_VALUES = {"min_tokens": 0, "use_beam_search": False, "length_penalty": 1.0, "skip_special_tokens": True,
+                "spaces_between_special_tokens": True, "include_stop_str_in_output": False, "echo": False,
+                "add_generation_prompt": True, "continue_final_message": False, "return_tokens_as_token_ids": False}
+
+
+def _unset(name: str, value: Any) -> bool:
+    return value is None or value == [] or value == {} or (name in NO_OP_VALUES and value == NO_OP_VALUES[name])
 
 
 def refuse_unknown(body: BaseModel, where: str = "") -> None:
     """InvalidRequest naming every field of `body` the server does not implement (sent with a
-    value that asks for something: not null, [] or {}); declared ones, HARMLESS_FIELDS among them,
-    are not extra."""
-    unknown = sorted(k for k, v in (body.model_extra or {}).items() if not _unset(v))
+    value that asks for something: not null, [] or {}, nor its NO_OP_VALUES value); declared ones,
+    HARMLESS_FIELDS among them, are not extra."""
+    unknown = sorted(k for k, v in (body.model_extra or {}).items() if not _unset(k, v))
     if unknown:
         raise InvalidRequest(f"{where}{', '.join(unknown)}: not supported by hotlora, and ignoring "
                              f"{'it' if len(unknown) == 1 else 'them'} could change the answer")
@@ -125,7 +132,7 @@ class _Body(_Harmless):
         """OpenAI's {"token id": bias} as (id, bias) pairs; the engine checks ids and ranges."""
         pairs = []
         for key, bias in (self.logit_bias or {}).items():
-            if not key.strip().isdigit():
+            if not (key.strip().isascii() and key.strip().isdigit()):
                 raise InvalidRequest(f"logit_bias keys are token ids, got {key!r}")
             pairs.append((int(key), bias))
         return tuple(pairs)
@@ -254,6 +261,15 @@ def _errors(*statuses: int) -> dict:
 _GENERATION = _errors(400, 401, 404, 422, 429, 500, 503, 504)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hotlora")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0"
+
+
 def _openapi(app: FastAPI) -> dict:
     """The schema FastAPI derives, made true to what the server answers: a body that does not
     parse is a 400 in OpenAI's error shape here, not FastAPI's 422 with its own body."""
@@ -272,16 +288,27 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+class _RequireKey:
+    """ASGI middleware: every path but OPEN_PATHS needs a valid API key, checked from the headers
+    before the app reads a byte of the body (a caller without a key cannot make it parse one)."""
+
+    def __init__(self, app, api_keys: ApiKeys, refused):
+        self.app, self.api_keys, self.refused = app, api_keys, refused
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            try:
+                self.api_keys.check(authorization)
+            except Unauthenticated as exc:
+                await self.refused(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> FastAPI:
-    def authorized(request: Request) -> None:
-        if api_keys is not None and request.url.path not in OPEN_PATHS:
-            api_keys.check(request.headers.get("authorization"))
-
-    from importlib.metadata import version
-
-    app = FastAPI(title="hotlora", version=version("hotlora"), docs_url=None, redoc_url=None, openapi_url="/openapi.json",
-                  description="OpenAI-compatible API of hotlora-server: `model` picks the adapter.",
-                  dependencies=[Depends(authorized)])
+    app = FastAPI(title="hotlora", version=_version(), docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  description="OpenAI-compatible API of hotlora-server: `model` picks the adapter.")
     app.openapi = lambda: _openapi(app)
 
     def error_response(error: BaseException) -> JSONResponse:
@@ -294,12 +321,14 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
         body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Unauthenticated)
-    async def unauthenticated(request, exc: Unauthenticated):
+    def unauthenticated(exc: Unauthenticated) -> JSONResponse:
         generations.count_refused("http", exc)
         response = error_response(exc)
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+    if api_keys is not None:
+        app.add_middleware(_RequireKey, api_keys=api_keys, refused=unauthenticated)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc: RequestValidationError):

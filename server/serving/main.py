@@ -251,6 +251,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     if (a.tls_cert is None) != (a.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
     if a.api_key_file is not None:
+        if a.admin_token_file is None:
+            p.error("--api-key-file needs --admin-token-file too: with keys on generation, the Adapters service "
+                    "(load, pin, unload) must not be open to anyone")
         try:
             ApiKeys(Path(a.api_key_file))
         except ValueError as exc:

@@ -244,16 +244,9 @@ def _parse_safetensors(raw: bytes, where: Path) -> dict[str, torch.Tensor]:
 def _collect_modules(tensors: dict[str, torch.Tensor], config: dict, spec: ModelShape, max_rank: int,
                      directory: Path) -> dict[tuple[int, str], ModuleLoRA]:
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    unexpected = []
-    for key, tensor in tensors.items():
-        found = _module_of(key, spec)
-        if found is None:
-            unexpected.append(key)
-            continue
-        layer, module, which = found
+    for key, tensor in tensors.items():  # every name maps to a module: _judge_header refused the file otherwise
+        layer, module, which = _module_of(key, spec)
         pairs.setdefault((layer, module), {})[which] = tensor
-    if unexpected:
-        raise _unexpected(unexpected)
     if not pairs:
         raise IncompatibleAdapter(f"{directory} contains no LoRA weights")
 

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fit(args, reach: dict) -> int:
     import yaml
 
-    from . import acceptance, publish
+    from . import acceptance, distributed, publish
     from .config import build, merge
     from .fit import device_and_dtype, fit
 
@@ -124,9 +124,12 @@ def _fit(args, reach: dict) -> int:
     values = merge(from_file, flags)
     values["base"] = _base_model(values.get("base"), args.model_cache)
     config = build(values)
-    progress = _Progress(enabled=not args.no_progress)
-    result = fit(config, on_step=progress.update)
+    ranks = distributed.start()  # one process, or this one's rank in a torchrun / accelerate launch
+    progress = _Progress(enabled=not args.no_progress and ranks.main)
+    result = fit(config, on_step=progress.update if ranks.main else None, ranks=ranks)
     progress.close()
+    if not ranks.main:  # rank 0 saves, checks and publishes the adapter every rank holds
+        return 0
     state = result.state
 
     adapter_dir = config.run_dir / "adapter"

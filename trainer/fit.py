@@ -18,7 +18,8 @@ import torch
 
 from server.model.quant import import_bitsandbytes, keep_linear4bit_on_dequantize
 
-from . import checkpoint
+from . import checkpoint, distributed
+from .distributed import Ranks
 from .config import FitConfig
 from .data import IGNORE, Batch, Example, epoch_batches, load_examples, split
 
@@ -58,8 +59,8 @@ class FitResult:
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
+    if torch.cuda.is_available():  # this rank's GPU (trainer/distributed.py sets it)
+        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
     return torch.device("cpu"), torch.float32  # bf16 is 10-60x slower on CPUs without AVX512-BF16
 
 
@@ -93,14 +94,21 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> tuple[t
     return optimizer, f"{name} (bitsandbytes, paged)"
 
 
-def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = None) -> FitResult:
-    """Train; `on_step(state, logs)` is called after every optimizer step (and checkpoint)."""
+def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = None,
+        ranks: Ranks | None = None) -> FitResult:
+    """Train; `on_step(state, logs)` is called after every optimizer step (and checkpoint).
+    ranks: this process's place in a data-parallel launch (trainer/distributed.py; default: the
+    launcher's environment, or one process). Rank 0 alone writes TensorBoard, checkpoints and the
+    best adapter."""
     # peft's prepare_model_for_kbit_training calls transformers APIs that transformers 5 deprecates;
     # nothing a user of trainer fit can change.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, get_scheduler
 
+    ranks = ranks or distributed.start()
+    if config.resume and ranks.world > 1:
+        raise ValueError("--resume with more than one process is not supported yet; resume with one process")
     device, dtype = device_and_dtype()
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.base, local_files_only=True)
@@ -116,7 +124,8 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                       task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lora)
 
-    batches_per_epoch = len(epoch_batches(train, config.batch_size, config.max_seq_len, config.packing, config.seed, 0, pad_id))
+    global_batch = config.batch_size * ranks.world  # rows per forward across ranks; each rank takes its slice
+    batches_per_epoch = len(epoch_batches(train, global_batch, config.max_seq_len, config.packing, config.seed, 0, pad_id))
     steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,7 +144,10 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
             state = TrainState(**checkpoint.load(found, model, optimizer, scheduler))
             log.info("resumed from %s (step %d of %d)", found, state.step, total_steps)
 
-    writer = _tensorboard(config.run_dir / "tensorboard")
+    if ranks.world > 1:
+        log.info("rank %d of %d; global batch %d rows = %d per rank x %d ranks x %d accumulated", ranks.rank,
+                 ranks.world, global_batch * config.grad_accum, config.batch_size, ranks.world, config.grad_accum)
+    writer = _tensorboard(config.run_dir / "tensorboard") if ranks.main else _NoWriter()
     started = time.perf_counter() - state.wall_time_s
     losses: list[float] = []
     epoch_cache: dict[int, list[Batch]] = {}
@@ -144,7 +156,7 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
         while True:
             if state.epoch not in epoch_cache:
                 epoch_cache.clear()
-                epoch_cache[state.epoch] = epoch_batches(train, config.batch_size, config.max_seq_len, config.packing,
+                epoch_cache[state.epoch] = epoch_batches(train, global_batch, config.max_seq_len, config.packing,
                                                          config.seed, state.epoch, pad_id)
             batches = epoch_cache[state.epoch]
             if state.batch_in_epoch < len(batches):
@@ -156,20 +168,22 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
     try:
         model.train()
         while state.step < total_steps and not state.stopped_early:
-            window = [next_batch() for _ in range(config.grad_accum)]
-            targets = sum(b.target_tokens for b in window)
+            window = [b for b in (ranks.slice(next_batch()) for _ in range(config.grad_accum)) if b is not None]
+            targets = ranks.total(sum(b.target_tokens for b in window))  # the global batch's: the loss's denominator
             step_loss = 0.0
             tick = time.perf_counter()
             for batch in window:
                 loss_sum = _loss_sum(model, batch.to(device))
                 (loss_sum / max(targets, 1)).backward()
                 step_loss += loss_sum.item()
+            ranks.sum_gradients(params)
+            step_loss = ranks.total(step_loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            tokens = sum(int(b.input_ids.numel()) for b in window)
+            tokens = int(ranks.total(sum(int(b.input_ids.numel()) for b in window)))
             state.tokens_seen += tokens
             state.last_loss = step_loss / max(targets, 1)
             state.first_loss = state.first_loss if state.first_loss is not None else state.last_loss
@@ -179,13 +193,14 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                 state.eval_loss = evaluate(model, held_out, config, pad_id, device) if held_out else None
                 if state.eval_loss is not None:
                     logs.update(eval_loss=state.eval_loss, eval_perplexity=math.exp(min(state.eval_loss, 50)))
-                    if _early_stopping(state, config) and config.early_stopping_patience:
+                    if _early_stopping(state, config) and config.early_stopping_patience and ranks.main:
                         checkpoint.save_adapter(best, model, state.step)
                 model.train()
             state.wall_time_s = time.perf_counter() - started
             for key, value in logs.items():
                 writer.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key[5:]}", value, state.step)
-            if state.step % config.checkpoint_every == 0 or state.step == total_steps or state.stopped_early:
+            checkpoint_now = state.step % config.checkpoint_every == 0 or state.step == total_steps or state.stopped_early
+            if checkpoint_now and ranks.main:
                 checkpoint.save(checkpoints, state.step, model, optimizer, scheduler, state.__dict__)
                 checkpoint.prune(checkpoints, config.keep_checkpoints)
             if on_step is not None:
@@ -193,7 +208,7 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
     finally:
         writer.close()
     adapter_step = state.step
-    if config.early_stopping_patience and state.best_step and state.best_step != state.step:
+    if config.early_stopping_patience and state.best_step and state.best_step != state.step and ranks.main:
         # what early stopping is for: the adapter that evaluated best
         if checkpoint.load_adapter(best, model, state.best_step):
             log.info("keeping the adapter of step %d (eval loss %.4f), the best evaluated, over step %d's (eval "
@@ -242,6 +257,16 @@ def _early_stopping(state: TrainState, config: FitConfig) -> bool:
             log.info("early stopping: eval loss has not improved for %d evaluations", state.evals_without_improvement)
             state.stopped_early = True
         return False
+
+
+class _NoWriter:
+    """What ranks other than 0 write TensorBoard events with."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _tensorboard(directory: Path):

@@ -1,0 +1,129 @@
+"""`trainer fit` data-parallel on CPU: torchrun with 2 processes (gloo). 2 ranks x batch 4 train
+what 1 process x batch 8 does (losses per step equal, LoRA weights within float32 all-reduce
+noise); each example is seen once per epoch across ranks; rank 0 alone publishes, once; a rank
+killed mid-run fails the launch and publishes nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from server.adapters.store import AdapterStore
+from trainer.data import epoch_batches
+from trainer.distributed import Ranks
+
+BIN = Path(sys.executable).parent
+
+
+def fit_command(processes: int, llama_dir, data, out: Path, store: Path, *flags: str) -> list[str]:
+    launcher = ([str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={processes}", "-m", "trainer.cli"]
+                if processes > 1 else [sys.executable, "-m", "trainer.cli"])
+    return [*launcher, "fit", "--base", str(llama_dir), "--data", str(data), "--name", "cheese", "--store", str(store),
+            "--output-dir", str(out), "--rank", "8", "--max-seq-len", "96", "--learning-rate", "0.02", "--dropout", "0",
+            "--eval-fraction", "0.15", "--seed", "5", "--no-progress", *flags]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each rank, for the single process too
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def tensorboard_losses(run_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.value for e in events.Scalars("train/loss")]
+
+
+@pytest.mark.slow
+def test_two_ranks_of_batch_4_train_what_one_process_of_batch_8_does_and_only_rank_0_publishes(
+        llama_dir, cheese_data, tmp_path):
+    steps = ["--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3"]
+    one = run(fit_command(1, llama_dir, cheese_data, tmp_path / "one", tmp_path / "unused", "--batch-size", "8",
+                          "--no-publish", *steps))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(fit_command(2, llama_dir, cheese_data, tmp_path / "two", tmp_path / "store", "--batch-size", "4", *steps))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "global batch 8 rows = 4 per rank x 2 ranks x 1 accumulated" in two.stderr
+
+    single, parallel = tensorboard_losses(tmp_path / "one"), tensorboard_losses(tmp_path / "two")
+    assert len(single) == len(parallel) == 6
+    assert parallel == pytest.approx(single, rel=1e-4)
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    worst = max(((b[k] - a[k]).abs().max() / a[k].abs().max()).item() for k in a)
+    print(f"largest difference, relative to the tensor's largest weight: {worst:.1e}")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+    assert list(AdapterStore(tmp_path / "store").versions("cheese")) == ["v1"]  # published once
+    assert two.stdout.count("published cheese@v1") == 1
+
+
+def test_each_example_is_seen_once_per_epoch_across_ranks(llama_dir, cheese_data):
+    from transformers import AutoTokenizer
+
+    from trainer.data import load_examples
+
+    examples = load_examples(cheese_data, AutoTokenizer.from_pretrained(llama_dir), 96)
+    for world, packing in ((2, False), (3, True)):
+        batches = epoch_batches(examples, 4 * world, 96, packing, 5, 0, 0)
+        seen = []
+        for rank in range(world):
+            for batch in batches:
+                mine = Ranks(rank, world).slice(batch)
+                if mine is not None:
+                    seen += [tuple(row[row != 0].tolist()) for row in mine.input_ids]
+        whole = [tuple(row[row != 0].tolist()) for batch in batches for row in batch.input_ids]
+        assert sorted(seen) == sorted(whole) and len(seen) == len(whole)  # every row once, none twice
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_fails_the_launch_and_publishes_nothing(llama_dir, cheese_data, tmp_path):
+    command = fit_command(2, llama_dir, cheese_data, tmp_path / "run", tmp_path / "store", "--batch-size", "4",
+                          "--max-steps", "400", "--checkpoint-every", "1", "--eval-every", "400")
+    launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "run" / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+            assert launch.poll() is None, launch.stdout.read()[-3000:]
+            time.sleep(0.2)
+        victim = next(pid for pid in _children(launch.pid) if _environ(pid).get("RANK") == "1")
+        os.kill(victim, signal.SIGKILL)
+        launch.wait(120)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait(30)
+    assert launch.returncode != 0
+    assert not AdapterStore(tmp_path / "store").versions("cheese")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)

@@ -89,7 +89,7 @@ def run_worker(which: str, args, packing: bool = False, batch_size: int | None =
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{which} worker failed:\n{done.stderr[-4000:]}")
-    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{\"")]  # not Trainer's dict
     first = next(r for r in ranks if r.get("rank", 0) == 0)
     return {**first, "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks)}
 

@@ -1,7 +1,8 @@
 """`trainer fit` data-parallel on CPU: torchrun with 2 processes (gloo). 2 ranks x batch 4 train
 what 1 process x batch 8 does (losses per step equal, LoRA weights within float32 all-reduce
 noise); each example is seen once per epoch across ranks; rank 0 alone publishes, once; a rank
-killed mid-run fails the launch and publishes nothing."""
+killed mid-run fails the launch and publishes nothing; an interrupted 2-rank run, resumed, ends
+with the adapter an uninterrupted one makes, and resuming it with 1 process is refused."""
 
 from __future__ import annotations
 
@@ -103,10 +104,51 @@ def test_a_rank_killed_mid_run_fails_the_launch_and_publishes_nothing(llama_dir,
         launch.wait(120)
     finally:
         if launch.poll() is None:
-            os.killpg(launch.pid, signal.SIGKILL)
-            launch.wait(30)
+            _kill_launch(launch)
     assert launch.returncode != 0
     assert not AdapterStore(tmp_path / "store").versions("cheese")
+
+
+@pytest.mark.slow
+def test_an_interrupted_two_rank_run_resumed_ends_with_the_uninterrupted_adapter(llama_dir, cheese_data, tmp_path):
+    """Dropout on, so each rank's random generator has to come back too. The interrupted launch is
+    killed (every process) as soon as its step-4 checkpoint exists; steps after it are redone."""
+    flags = ["--batch-size", "4", "--max-steps", "12", "--checkpoint-every", "4",
+             "--eval-every", "12", "--dropout", "0.1", "--no-publish"]
+    whole = run(fit_command(2, llama_dir, cheese_data, tmp_path / "whole", tmp_path / "store", *flags))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    parted = tmp_path / "parted"
+    launch = subprocess.Popen(fit_command(2, llama_dir, cheese_data, parted, tmp_path / "store", *flags),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not (parted / "checkpoints" / "step-00000004").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert launch.poll() is None, "the run ended before it could be interrupted"
+    finally:
+        _kill_launch(launch)
+    assert not (parted / "checkpoints" / "step-00000012").exists()
+    refused = run(fit_command(1, llama_dir, cheese_data, parted, tmp_path / "store", *flags, "--resume"))
+    assert refused.returncode != 0 and "written by 2 processes" in refused.stderr, refused.stderr[-2000:]
+    resumed = run(fit_command(2, llama_dir, cheese_data, parted, tmp_path / "store", *flags, "--resume"))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step-00000012" not in resumed.stderr
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(parted / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _kill_launch(launch: subprocess.Popen) -> None:
+    """torchrun and its ranks (which it starts in sessions of their own), all at once."""
+    for pid in [*_children(launch.pid), launch.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launch.wait(30)
 
 
 def _children(pid: int) -> list[int]:

@@ -19,8 +19,18 @@ from safetensors.torch import load_file, save_file
 _PREFIX = "step-"
 
 
-def save(directory: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
-    """Write checkpoint `step` under directory/ and return its path."""
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random generators (what dropout draws from)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+def save(directory: Path, step: int, model, optimizer, scheduler, state: dict,
+         rng_by_rank: list[dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write checkpoint `step` under directory/ and return its path. rng_by_rank: every rank's
+    rng_state() in a data-parallel run (default: this process's)."""
     from peft import get_peft_model_state_dict
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -29,10 +39,9 @@ def save(directory: Path, step: int, model, optimizer, scheduler, state: dict) -
     save_file(adapter, staging / "adapter.safetensors")
     tensors, rest = _flatten(optimizer.state_dict())
     save_file(tensors, staging / "optimizer.safetensors")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, staging / "rng.safetensors")
+    ranks = rng_by_rank or [rng_state()]  # rank 0's under their own names, as one process writes them
+    save_file({(f"rank{r}." if r else "") + k: v for r, rng in enumerate(ranks) for k, v in rng.items()},
+              staging / "rng.safetensors")
     record = {"step": step, "optimizer": rest, "scheduler": scheduler.state_dict(), "state": state}
     (staging / "trainer_state.json").write_text(json.dumps(record, indent=1))
     final = directory / f"{_PREFIX}{step:08d}"
@@ -74,15 +83,21 @@ def latest(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore everything saved at `path` into the live objects; returns the trainer state."""
+def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore everything saved at `path` into the live objects (the random generators of `rank`);
+    returns the trainer state."""
     from peft import set_peft_model_state_dict
 
     record = json.loads((path / "trainer_state.json").read_text())
     set_peft_model_state_dict(model, load_file(path / "adapter.safetensors"))
     optimizer.load_state_dict(_unflatten(load_file(path / "optimizer.safetensors"), record["optimizer"]))
     scheduler.load_state_dict(record["scheduler"])
-    rng = load_file(path / "rng.safetensors")
+    prefix = f"rank{rank}." if rank else ""
+    rng = {k.removeprefix(prefix): v for k, v in load_file(path / "rng.safetensors").items()
+           if k.startswith(prefix) and (rank or not k.startswith("rank"))}
+    if "cpu" not in rng:
+        raise ValueError(f"--resume: {path} holds no random state for rank {rank}: it was written by "
+                         f"{record['state'].get('world_size', 1)} processes; resume it with as many")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])

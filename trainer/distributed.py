@@ -12,7 +12,8 @@ held-out split, so all of them take the same early-stopping decision.
 accelerate starts the process group from the launcher's environment; the loop stays ours (exact
 packing, exact resume, loss only where an answer token is predicted), so gradients are summed
 with one all-reduce of the flattened LoRA gradients rather than through a DDP wrapper, whose
-forward the loop does not call.
+forward the loop does not call. Checkpoints hold every rank's random generators, so `--resume`
+with the same number of processes continues exactly; another number is refused.
 """
 
 from __future__ import annotations
@@ -66,9 +67,13 @@ class Ranks:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+    def gather(self, value) -> list:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        gathered = [None] * self.world
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
 
 def start() -> Ranks:

@@ -43,6 +43,7 @@ class TrainState:
     eval_loss: float | None = None
     wall_time_s: float = 0.0
     stopped_early: bool = False
+    world_size: int = 1  # processes of the run that wrote it: a resume needs as many
 
 
 @dataclass
@@ -107,8 +108,6 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
     from transformers import AutoTokenizer, get_scheduler
 
     ranks = ranks or distributed.start()
-    if config.resume and ranks.world > 1:
-        raise ValueError("--resume with more than one process is not supported yet; resume with one process")
     device, dtype = device_and_dtype()
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.base, local_files_only=True)
@@ -123,6 +122,8 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                       target_modules=config.targets(), layers_to_transform=config.layers(),
                       task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lora)
+    if ranks.world > 1:  # the same LoRA initialisation on every rank (above); from here, each its own dropout masks
+        torch.manual_seed(config.seed * 1_000_003 + ranks.rank)
 
     global_batch = config.batch_size * ranks.world  # rows per forward across ranks; each rank takes its slice
     batches_per_epoch = len(epoch_batches(train, global_batch, config.max_seq_len, config.packing, config.seed, 0, pad_id))
@@ -141,7 +142,10 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
         if found is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", checkpoints)
         else:
-            state = TrainState(**checkpoint.load(found, model, optimizer, scheduler))
+            state = TrainState(**checkpoint.load(found, model, optimizer, scheduler, ranks.rank))
+            if state.world_size != ranks.world:  # each rank's data slice and random draws would change
+                raise ValueError(f"--resume: {found} was written by {state.world_size} processes; resume it with "
+                                 f"{state.world_size} (this launch has {ranks.world})")
             log.info("resumed from %s (step %d of %d)", found, state.step, total_steps)
 
     if ranks.world > 1:
@@ -164,7 +168,7 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                 return batches[state.batch_in_epoch - 1]
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
-    state.total_steps = total_steps
+    state.total_steps, state.world_size = total_steps, ranks.world
     try:
         model.train()
         while state.step < total_steps and not state.stopped_early:
@@ -200,8 +204,9 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
             for key, value in logs.items():
                 writer.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key[5:]}", value, state.step)
             checkpoint_now = state.step % config.checkpoint_every == 0 or state.step == total_steps or state.stopped_early
+            rngs = ranks.gather(checkpoint.rng_state()) if checkpoint_now else None  # every rank's, for an exact resume
             if checkpoint_now and ranks.main:
-                checkpoint.save(checkpoints, state.step, model, optimizer, scheduler, state.__dict__)
+                checkpoint.save(checkpoints, state.step, model, optimizer, scheduler, state.__dict__, rngs)
                 checkpoint.prune(checkpoints, config.keep_checkpoints)
             if on_step is not None:
                 on_step(state, logs)

@@ -22,7 +22,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ["base", "overlays/prometheus-operator", "overlays/trainer-job", "overlays/hpa", "overlays/inference-gateway"]
+OVERLAYS = ["base", "overlays/prometheus-operator", "overlays/trainer-job", "overlays/trainer-job-distributed", "overlays/hpa",
+            "overlays/inference-gateway"]
 K8S_VERSION = "1.32.0"
 BIN = Path(sys.executable).parent
 SCHEMAS = ROOT / "tests" / "schemas"
@@ -193,6 +194,36 @@ def test_trainer_job_runs_a_real_trainer_command_into_the_shared_store():
     assert int(port) in [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
     assert "hotlora-adapters" in claims
+
+
+def test_distributed_trainer_job_runs_torchrun_across_its_indexed_pods():
+    """torchrun's own parser reads the container's args: as many nodes as the Job has pods, each
+    pod's rank from its completion index, rendezvous at pod 0's name under the headless Service;
+    the trainer's parser reads what torchrun runs."""
+    from torch.distributed.run import get_args_parser
+
+    from trainer.cli import build_parser
+
+    docs = render("overlays/trainer-job-distributed")
+    job = one(docs, "Job")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["torchrun"] and spec["completionMode"] == "Indexed"
+    index = next(e for e in container["env"] if e["name"] == "JOB_COMPLETION_INDEX")  # declared, so $() expands
+    pods = [get_args_parser().parse_args([a.replace("$(JOB_COMPLETION_INDEX)", str(i)) for a in container["args"]])
+            for i in range(spec["completions"])]  # the args each pod runs, as the kubelet expands them
+    assert [p.node_rank for p in pods] == list(range(spec["completions"]))
+    launch = pods[0]
+    assert int(launch.nnodes) == spec["completions"] == spec["parallelism"] == 2
+    assert index["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    service = one(docs, "Service", pod["subdomain"])
+    assert launch.master_addr == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    assert launch.master_port in [p["port"] for p in service["spec"]["ports"]]
+    assert launch.module and launch.training_script == "trainer.cli"
+    args = build_parser().parse_args(launch.training_script_args)
+    assert args.command == "fit" and args.resume and args.store == "/adapters" and args.notify
+    assert spec["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"  # a failed rank fails the Job: no half-run retry
 
 
 def gateway_schema(kind: str) -> dict:

@@ -48,18 +48,21 @@ def tensorboard_losses(run_dir: Path) -> list[float]:
 @pytest.mark.slow
 def test_two_ranks_of_batch_4_train_what_one_process_of_batch_8_does_and_only_rank_0_publishes(
         llama_dir, cheese_data, tmp_path):
-    steps = ["--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3"]
-    one = run(fit_command(1, llama_dir, cheese_data, tmp_path / "one", tmp_path / "unused", "--batch-size", "8",
-                          "--no-publish", *steps))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run(fit_command(2, llama_dir, cheese_data, tmp_path / "two", tmp_path / "store", "--batch-size", "4", *steps))
+    from peft import get_peft_model_state_dict
+
+    from trainer.config import FitConfig
+    from trainer.fit import fit
+
+    two = run(fit_command(2, llama_dir, cheese_data, tmp_path / "two", tmp_path / "store", "--batch-size", "4",
+                          "--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "global batch 8 rows = 4 per rank x 2 ranks x 1 accumulated" in two.stderr
+    one = fit(FitConfig(base=llama_dir, data=cheese_data, name="cheese", store=tmp_path / "unused",  # in this process
+                        output_dir=tmp_path / "one", rank=8, max_seq_len=96, learning_rate=0.02, dropout=0.0,
+                        eval_fraction=0.15, seed=5, batch_size=8, max_steps=6, eval_every=3, checkpoint_every=3))
 
-    single, parallel = tensorboard_losses(tmp_path / "one"), tensorboard_losses(tmp_path / "two")
-    assert len(single) == len(parallel) == 6
-    assert parallel == pytest.approx(single, rel=1e-4)
-    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert len(one.losses) == 6 and tensorboard_losses(tmp_path / "two") == pytest.approx(one.losses, rel=1e-4)
+    a = {k: v.cpu() for k, v in get_peft_model_state_dict(one.model).items()}
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and a
     worst = max(((b[k] - a[k]).abs().max() / a[k].abs().max()).item() for k in a)
@@ -129,8 +132,12 @@ def test_an_interrupted_two_rank_run_resumed_ends_with_the_uninterrupted_adapter
     finally:
         _kill_launch(launch)
     assert not (parted / "checkpoints" / "step-00000012").exists()
-    refused = run(fit_command(1, llama_dir, cheese_data, parted, tmp_path / "store", *flags, "--resume"))
-    assert refused.returncode != 0 and "written by 2 processes" in refused.stderr, refused.stderr[-2000:]
+    with pytest.raises(ValueError, match="written by 2 processes"):  # in this process: 1 rank
+        from trainer.config import FitConfig
+        from trainer.fit import fit
+
+        fit(FitConfig(base=llama_dir, data=cheese_data, name="cheese", store=tmp_path / "store", output_dir=parted,
+                      rank=8, max_seq_len=96, eval_fraction=0.15, seed=5, batch_size=4, max_steps=12, resume=True))
     resumed = run(fit_command(2, llama_dir, cheese_data, parted, tmp_path / "store", *flags, "--resume"))
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step-00000012" not in resumed.stderr

@@ -30,7 +30,7 @@ class Responses:
     object_whole = object_chunk = id_prefix = ""
 
     def __init__(self, body, generations: Generations, echoes: list[str] | None = None):
-        self.body = body  # the request's body (server/serving/http_api.py): model, n, logprobs
+        self.body = body  # the request's body (server/serving/openai_requests.py): model, n, logprobs
         self.echoes = echoes  # each prompt's text, when the answer echoes it (completions)
         self.generations = generations
         self.created = int(time.time())

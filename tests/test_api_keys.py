@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 from clients import Client  # noqa: E402
 from clients.client import Unauthenticated  # noqa: E402
 from server.config import AdapterConfig, EngineConfig, ServerConfig  # noqa: E402
-from tests.helpers import RunningServer  # noqa: E402
+from tests.helpers import RunningServer, self_signed_certificate  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -28,10 +28,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def secured(llama_dir, cheese_and_wine_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("secured")
-    cert, key = root / "cert.pem", root / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_certificate(root)
     keys, admin = root / "keys", root / "admin"
     keys.write_text("# one key per line\nkey-alice\n\nkey-bob\n")
     admin.write_text("admin-secret\n")

@@ -16,7 +16,7 @@ from protos.hotlora.v1 import adapters_pb2_grpc
 from protos.hotlora.v1 import generation_pb2 as pb
 from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from tests.helpers import RunningServer
+from tests.helpers import RunningServer, self_signed_certificate
 
 TOKEN = "s3cret-admin-token"
 
@@ -219,14 +219,9 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(llama_dir, cheese_
 
 
 def test_tls_serves_clients_that_trust_the_certificate(llama_dir, cheese_and_wine_store, tmp_path):
-    import subprocess
-
     from clients import Client
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_certificate(tmp_path)
     with RunningServer(config(llama_dir, cheese_and_wine_store.root, tls_cert=cert, tls_key=key)) as running:
         target = f"localhost:{running.server.port}"
         with Client(target, tls=True, root_certificates=cert.read_bytes()) as client:

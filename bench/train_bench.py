@@ -2,13 +2,16 @@
 LoRA settings, optimizer (bitsandbytes paged AdamW), gradient checkpointing, batch size and
 epochs, in one run. Each side runs in its own process so peak memory is its own. `trainer fit`
 also runs data-parallel: N processes (torchrun, gloo, one thread each) of batch B/N, the same
-global batch as one process of batch B; its memory column is the largest rank's.
+global batch as one process of batch B; its memory column is the largest rank's. And FSDP-QLoRA
+(`--fsdp`: the base and LoRA weights sharded across the same processes, with torch AdamW, since
+bitsandbytes' optimizers cannot update sharded tensors); on one GPU that is a one-process FSDP
+run, which still goes through every FSDP step.
 
 Reported: training tokens/s (real tokens, padding excluded, over the training loop's wall time)
 and peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's max RSS). The data is
 the demo's cheese dataset: short, variable-length records, where packing pays.
 
-    python bench/train_bench.py [--preset small|1b] [--epochs 2] [--max-seq-len 256] [--processes 2] [--record]
+    python bench/train_bench.py [--preset small|1b] [--epochs 2] [--max-seq-len 256] [--processes N] [--record]
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def worker_hotlora(args) -> dict:
 
     config = FitConfig(base=args.model, data=args.data, name="bench", store=args.out / "store", output_dir=args.out / "hotlora",
                        rank=16, max_seq_len=args.max_seq_len, batch_size=args.batch_size, epochs=args.epochs,
-                       eval_fraction=0.0, checkpoint_every=10**9, learning_rate=2e-4, packing=args.packing, seed=0)
+                       eval_fraction=0.0, checkpoint_every=10**9, learning_rate=2e-4, packing=args.packing, seed=0,
+                       fsdp=args.fsdp)
     result = fit(config)
     real = sum(len(e.input_ids) for e in result.train) * args.epochs
     return {"seconds": result.state.wall_time_s, "real_tokens": real, "steps": result.state.step,
@@ -79,13 +83,15 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_worker(which: str, args, packing: bool = False, batch_size: int | None = None, processes: int = 1) -> dict:
+def run_worker(which: str, args, packing: bool = False, batch_size: int | None = None, processes: int = 1,
+               fsdp: bool = False) -> dict:
     """One run's figures; with several processes, rank 0's time and the largest rank's memory."""
     launcher = ([str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={processes}"]
                 if processes > 1 else [sys.executable])
     command = [*launcher, __file__, "--worker", which, "--model", str(args.model), "--data", str(args.data),
                "--out", str(args.out), "--epochs", str(args.epochs), "--max-seq-len", str(args.max_seq_len),
-               "--batch-size", str(batch_size or args.batch_size), "--packing" if packing else "--no-packing"]
+               "--batch-size", str(batch_size or args.batch_size), "--packing" if packing else "--no-packing",
+               *(["--fsdp"] if fsdp else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{which} worker failed:\n{done.stderr[-4000:]}")
@@ -107,7 +113,9 @@ def main() -> None:
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--packed-batch-size", type=int, default=3,
                    help="rows per step when packing: 3 x 128 tokens is about the tokens of 8 padded cheese records")
-    p.add_argument("--processes", type=int, default=2, help="data-parallel processes of the trainer's parallel run")
+    p.add_argument("--processes", type=int, help="processes of the data-parallel and FSDP runs (2 on a CPU; on CUDA "
+                   "one per GPU)")
+    p.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)  # a worker's setting
     p.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = p.parse_args()
     from server.model.quant import quiet_bitsandbytes
@@ -117,6 +125,8 @@ def main() -> None:
         result = (worker_hotlora if args.worker == "hotlora" else worker_hf)(args)
         print(json.dumps({**result, "peak_memory_bytes": peak_memory_bytes()}))
         return
+
+    import torch
 
     from bench.engine_bench import machine
     from server.model.factory import make_model
@@ -133,10 +143,14 @@ def main() -> None:
                 f"hotlora trainer fit (packing, {args.batch_size} rows)": run_worker("hotlora", args, packing=True),
                 f"hotlora trainer fit (packing, {args.packed_batch_size} rows ~ same tokens/step)":
                     run_worker("hotlora", args, packing=True, batch_size=args.packed_batch_size)}
-        if args.processes > 1 and args.batch_size % args.processes == 0:
-            runs[f"hotlora trainer fit (no packing), {args.processes} processes x batch "
-                 f"{args.batch_size // args.processes}"] = run_worker("hotlora", args, batch_size=args.batch_size // args.processes,
-                                                                      processes=args.processes)
+        processes = args.processes or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+        if args.batch_size % processes == 0:
+            per_rank = args.batch_size // processes
+            if processes > 1:
+                runs[f"hotlora trainer fit (no packing), {processes} processes x batch {per_rank}"] = run_worker(
+                    "hotlora", args, batch_size=per_rank, processes=processes)
+            runs[f"hotlora trainer fit (no packing), --fsdp, {processes} process{'es' if processes > 1 else ''} x batch "
+                 f"{per_rank}, torch AdamW"] = run_worker("hotlora", args, batch_size=per_rank, processes=processes, fsdp=True)
     peer = runs["transformers Trainer + PEFT"]
     lines = [f"machine: {machine()}; preset {args.preset}, {args.epochs:g} epochs of the cheese dataset, batch "
              f"{args.batch_size}, max_seq_len {args.max_seq_len}, rank 16 all-linear, paged_adamw_32bit, gradient checkpointing",

@@ -79,16 +79,16 @@ def test_eval_split_is_held_out_and_reproducible(tokenizer, tmp_path):
 def test_packed_rows_give_exactly_the_loss_of_unpacked_ones(llama_dir, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from trainer.fit import _loss_sum
+    from trainer.fit import ResponseLoss
 
     data = write(tmp_path / "d.jsonl", [{"instruction": f"Tell me about cheese number {i}", "output": "Brie " * (1 + i % 4)}
                                         for i in range(7)])
     examples = load_examples(data, tokenizer, 256)
-    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    loss_of = ResponseLoss(AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)).eval()
     packed = epoch_batches(examples, 2, 128, True, seed=0, epoch=0, pad_id=tokenizer.pad_token_id)
     unpacked = epoch_batches(examples, 3, 128, False, seed=0, epoch=0, pad_id=tokenizer.pad_token_id)
     assert sum(b.input_ids.shape[0] for b in packed) < len(examples)  # really packed
     with torch.no_grad():
-        loss = lambda batches: sum(_loss_sum(model, b).item() for b in batches)  # noqa: E731
+        loss = lambda batches: sum(loss_of(b).item() for b in batches)  # noqa: E731
         assert sum(b.target_tokens for b in packed) == sum(b.target_tokens for b in unpacked)
         assert loss(packed) == pytest.approx(loss(unpacked), rel=1e-5)

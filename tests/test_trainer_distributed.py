@@ -2,12 +2,16 @@
 what 1 process x batch 8 does (losses per step equal, LoRA weights within float32 all-reduce
 noise); each example is seen once per epoch across ranks; rank 0 alone publishes, once; a rank
 killed mid-run fails the launch and publishes nothing; an interrupted 2-rank run, resumed, ends
-with the adapter an uninterrupted one makes, and resuming it with 1 process is refused."""
+with the adapter an uninterrupted one makes, and resuming it with 1 process is refused.
+FSDP-QLoRA (--fsdp, launched by accelerate) trains what one unsharded process does too, and its
+checkpoints resume exactly."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from server.adapters.store import AdapterStore
-from trainer.data import epoch_batches
+from trainer.data import IGNORE, Batch, epoch_batches
 from trainer.distributed import Ranks
 
 BIN = Path(sys.executable).parent
@@ -30,6 +34,17 @@ def fit_command(processes: int, llama_dir, data, out: Path, store: Path, *flags:
     return [*launcher, "fit", "--base", str(llama_dir), "--data", str(data), "--name", "cheese", "--store", str(store),
             "--output-dir", str(out), "--rank", "8", "--max-seq-len", "96", "--learning-rate", "0.02", "--dropout", "0",
             "--eval-fraction", "0.15", "--seed", "5", "--no-progress", *flags]
+
+
+def accelerate_fit_command(llama_dir, data, out: Path, store: Path, *flags: str) -> list[str]:
+    """2 processes through `accelerate launch` (its torchrun launcher, which --multi_gpu names, on CPU too)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = fit_command(2, llama_dir, data, out, store, *flags)
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+            *torchrun[torchrun.index("-m"):]]
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
@@ -73,6 +88,53 @@ def test_two_ranks_of_batch_4_train_what_one_process_of_batch_8_does_and_only_ra
     assert two.stdout.count("published cheese@v1") == 1
 
 
+@pytest.mark.slow
+def test_fsdp_two_ranks_train_what_one_unsharded_process_does_and_resume_exactly(llama_dir, cheese_data, tmp_path):
+    """--fsdp shards the NF4 base and the LoRA weights (FSDP2) across 2 ranks launched by
+    accelerate; the losses and the adapter are those of one unsharded process of the global batch.
+    Its step-3 checkpoint, resumed by a torchrun launch, ends with the same adapter; resuming it
+    without --fsdp is refused."""
+    from trainer.config import FitConfig
+    from trainer.fit import fit
+
+    flags = ["--batch-size", "4", "--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3", "--fsdp"]
+    sharded = run(accelerate_fit_command(llama_dir, cheese_data, tmp_path / "sharded", tmp_path / "store", *flags))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "global batch 8 rows = 4 per rank x 2 ranks x 1 accumulated" in sharded.stderr
+    settings = dict(base=llama_dir, data=cheese_data, name="cheese", store=tmp_path / "unused", rank=8, max_seq_len=96,
+                    learning_rate=0.02, dropout=0.0, eval_fraction=0.15, seed=5, max_steps=6, eval_every=3,
+                    checkpoint_every=3, optimizer="adamw")  # --fsdp's optimizer
+    one = fit(FitConfig(output_dir=tmp_path / "one", batch_size=8, **settings))
+    assert len(one.losses) == 6 and tensorboard_losses(tmp_path / "sharded") == pytest.approx(one.losses, rel=1e-4)
+    a = load_file(tmp_path / "one" / "checkpoints" / "step-00000006" / "adapter.safetensors")
+    b = load_file(tmp_path / "sharded" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+    assert list(AdapterStore(tmp_path / "store").versions("cheese")) == ["v1"]
+    assert sharded.stdout.count("published cheese@v1") == 1
+
+    parted = tmp_path / "parted"
+    shutil.copytree(tmp_path / "sharded" / "checkpoints" / "step-00000003", parted / "checkpoints" / "step-00000003")
+    with pytest.raises(ValueError, match="written with --fsdp"):  # in this process: unsharded
+        fit(FitConfig(output_dir=parted, batch_size=4, resume=True, **settings))
+    resumed = run(fit_command(2, llama_dir, cheese_data, parted, tmp_path / "store", *flags, "--resume", "--no-publish"))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    c = load_file(parted / "adapter" / "adapter_model.safetensors")
+    for key in b:
+        torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_fsdp_takes_torch_adamw_and_refuses_bitsandbytes_optimizers(llama_dir, cheese_data, tmp_path):
+    from trainer.config import FitConfig
+
+    settings = dict(base=llama_dir, data=cheese_data, name="cheese", store=tmp_path)
+    assert FitConfig(**settings).optimizer == "paged_adamw_32bit"
+    assert FitConfig(**settings, fsdp=True).optimizer == "adamw"
+    with pytest.raises(ValueError, match="use --optimizer adamw"):  # they cannot update sharded tensors
+        FitConfig(**settings, fsdp=True, optimizer="paged_adamw_8bit")
+
+
 def test_each_example_is_seen_once_per_epoch_across_ranks(llama_dir, cheese_data):
     from transformers import AutoTokenizer
 
@@ -85,10 +147,14 @@ def test_each_example_is_seen_once_per_epoch_across_ranks(llama_dir, cheese_data
         for rank in range(world):
             for batch in batches:
                 mine = Ranks(rank, world).slice(batch)
-                if mine is not None:
-                    seen += [tuple(row[row != 0].tolist()) for row in mine.input_ids]
+                scored = (mine.labels[:, 1:] != IGNORE).any(dim=1)  # a rank left without rows runs one scoring nothing
+                seen += [tuple(row[row != 0].tolist()) for row in mine.input_ids[scored]]
         whole = [tuple(row[row != 0].tolist()) for batch in batches for row in batch.input_ids]
         assert sorted(seen) == sorted(whole) and len(seen) == len(whole)  # every row once, none twice
+    three_rows = Batch(*(t[:3] for t in (batches[0].input_ids, batches[0].labels, batches[0].position_ids,
+                                         batches[0].attention_mask)))
+    idle = Ranks(3, 4).slice(three_rows)  # ranks 0-2 take a row each; rank 3 still runs a forward, of nothing
+    assert idle.input_ids.shape[0] == 1 and idle.target_tokens == 0
 
 
 @pytest.mark.slow

@@ -70,13 +70,25 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(llama_dir, chees
     assert any(not torch.equal(start[k], b[k]) for k in b)  # training really went on after the resume
 
 
-def test_early_stopping_keeps_the_best_evaluated_adapter_not_the_last(llama_dir, cheese_data, tmp_path):
+@pytest.fixture
+def no_process_group_left():
+    """fit with --fsdp and no launcher starts a one-rank process group in this process."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["one-process", "fsdp-one-rank"])
+def test_early_stopping_keeps_the_best_evaluated_adapter_not_the_last(llama_dir, cheese_data, tmp_path, fsdp,
+                                                                      no_process_group_left):
     """A learning rate high enough to overfit the 24 records: the eval loss falls, then rises
-    until patience runs out. The adapter kept is the one whose checkpoint evaluated best."""
+    until patience runs out. The adapter kept is the one whose checkpoint evaluated best. With
+    --fsdp (one rank, in this process) the best adapter is gathered from the shards and kept on the
+    whole copy of the base that the run ends with."""
     from peft import get_peft_model_state_dict
 
     config = tiny_config(llama_dir, cheese_data, tmp_path, learning_rate=0.1, max_steps=40, eval_every=2,
-                         checkpoint_every=2, keep_checkpoints=40, early_stopping_patience=3)
+                         checkpoint_every=2, keep_checkpoints=40, early_stopping_patience=3, fsdp=fsdp)
     evaluated = {}
     result = fit(config, on_step=lambda state, logs: evaluated.update({state.step: logs["eval_loss"]} if "eval_loss" in logs else {}))
     best_step = min(evaluated, key=evaluated.get)

@@ -8,15 +8,18 @@ checkpoint as the latest one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 _PREFIX = "step-"
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -27,17 +30,15 @@ def rng_state() -> dict[str, torch.Tensor]:
     return rng
 
 
-def save(directory: Path, step: int, model, optimizer, scheduler, state: dict,
+def save(directory: Path, step: int, adapter: dict[str, torch.Tensor], optimizer_state: dict, scheduler, state: dict,
          rng_by_rank: list[dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write checkpoint `step` under directory/ and return its path. rng_by_rank: every rank's
+    """Write checkpoint `step` under directory/ and return its path. adapter: the LoRA weights
+    (peft's names); optimizer_state: the optimizer's whole state_dict; rng_by_rank: every rank's
     rng_state() in a data-parallel run (default: this process's)."""
-    from peft import get_peft_model_state_dict
-
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
-    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     save_file(adapter, staging / "adapter.safetensors")
-    tensors, rest = _flatten(optimizer.state_dict())
+    tensors, rest = _flatten(optimizer_state)
     save_file(tensors, staging / "optimizer.safetensors")
     ranks = rng_by_rank or [rng_state()]  # rank 0's under their own names, as one process writes them
     save_file({(f"rank{r}." if r else "") + k: v for r, rng in enumerate(ranks) for k, v in rng.items()},
@@ -51,15 +52,12 @@ def save(directory: Path, step: int, model, optimizer, scheduler, state: dict,
     return final
 
 
-def save_adapter(path: Path, model, step: int) -> None:
+def save_adapter(path: Path, adapter: dict[str, torch.Tensor], step: int) -> None:
     """The adapter's weights alone, at `path` (a .safetensors file, which records `step`),
     replaced atomically."""
-    from peft import get_peft_model_state_dict
-
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".tmp-{path.name}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}, staging,
-              metadata={"step": str(step)})
+    save_file(adapter, staging, metadata={"step": str(step)})
     os.replace(staging, path)
 
 
@@ -83,25 +81,54 @@ def latest(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore everything saved at `path` into the live objects (the random generators of `rank`);
-    returns the trainer state."""
-    from peft import set_peft_model_state_dict
+@dataclass
+class Saved:
+    """A checkpoint as read back, to be put into the live objects one part at a time (the adapter
+    before FSDP shards the model, the optimizer state after the optimizer exists)."""
 
+    path: Path
+    adapter: dict[str, torch.Tensor]
+    optimizer_state: dict
+    scheduler_state: dict
+    state: dict  # the trainer state (TrainState's fields)
+    rng: dict[str, torch.Tensor]  # this rank's random generators
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.rng["cpu"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([self.rng[f"cuda{i}"] for i in range(torch.cuda.device_count())
+                                          if f"cuda{i}" in self.rng])
+
+
+def to_resume(directory: Path, ranks) -> Saved | None:
+    """The latest checkpoint under directory/, read for this rank of `ranks` (trainer/distributed.py);
+    None when there is none. Refused when another kind of launch wrote it."""
+    found = latest(directory)
+    if found is None:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", directory)
+        return None
+    state = json.loads((found / "trainer_state.json").read_text())["state"]
+    world, fsdp = state.get("world_size", 1), state.get("fsdp", False)
+    if fsdp != ranks.sharded:  # the optimizer state is keyed differently
+        raise ValueError(f"--resume: {found} was written {'with' if fsdp else 'without'} --fsdp; resume it the same way")
+    if world != ranks.world:  # each rank's data slice and random draws would change
+        raise ValueError(f"--resume: {found} was written by {world} processes; resume it with {world} "
+                         f"(this launch has {ranks.world})")
+    return read(found, ranks.rank)
+
+
+def read(path: Path, rank: int = 0) -> Saved:
+    """Checkpoint `path`, with the random generators of `rank`."""
     record = json.loads((path / "trainer_state.json").read_text())
-    set_peft_model_state_dict(model, load_file(path / "adapter.safetensors"))
-    optimizer.load_state_dict(_unflatten(load_file(path / "optimizer.safetensors"), record["optimizer"]))
-    scheduler.load_state_dict(record["scheduler"])
     prefix = f"rank{rank}." if rank else ""
     rng = {k.removeprefix(prefix): v for k, v in load_file(path / "rng.safetensors").items()
            if k.startswith(prefix) and (rank or not k.startswith("rank"))}
     if "cpu" not in rng:
         raise ValueError(f"--resume: {path} holds no random state for rank {rank}: it was written by "
                          f"{record['state'].get('world_size', 1)} processes; resume it with as many")
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
-    return record["state"]
+    return Saved(path, load_file(path / "adapter.safetensors"),
+                 _unflatten(load_file(path / "optimizer.safetensors"), record["optimizer"]), record["scheduler"],
+                 record["state"], rng)
 
 
 def prune(directory: Path, keep: int) -> None:

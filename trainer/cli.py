@@ -49,13 +49,16 @@ def _fit_parser(commands) -> None:
     f.add_argument("--eval-every", type=int, help="evaluate every N steps (50)")
     f.add_argument("--early-stopping-patience", type=int, help="evaluations without improvement before stopping; with it, the adapter saved and published is "
                         "the best evaluated one, not the last (0 = off)")
-    f.add_argument("--optimizer", choices=OPTIMIZERS, help="paged_adamw_32bit (default), paged_adamw_8bit, adamw")
+    f.add_argument("--optimizer", choices=OPTIMIZERS, help="paged_adamw_32bit (default), paged_adamw_8bit, adamw (the "
+                   "default, and the only one, with --fsdp)")
     f.add_argument("--weight-decay", type=float)
     f.add_argument("--seed", type=int, help="seed for data order, init and dropout (42)")
     f.add_argument("--output-dir", help="checkpoints, TensorBoard logs and the final adapter (runs/NAME)")
     f.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps (50)")
     f.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
     f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    f.add_argument("--fsdp", action="store_true", default=None, help="FSDP-QLoRA: shard the NF4 base and the LoRA "
+                   "weights across the processes of a torchrun / accelerate launch (for bases one device cannot hold)")
     f.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None, help="publish after training (on)")
     f.add_argument("--notify", action="append", help="HOST:PORT of a server to tell to load it (repeatable)")
     f.add_argument("--admin-token-file", type=Path, help="file with the servers' admin token, for --notify")
@@ -124,7 +127,7 @@ def _fit(args, reach: dict) -> int:
     values = merge(from_file, flags)
     values["base"] = _base_model(values.get("base"), args.model_cache)
     config = build(values)
-    ranks = distributed.start()  # one process, or this one's rank in a torchrun / accelerate launch
+    ranks = distributed.start(config.fsdp)  # one process, or this one's rank in a torchrun / accelerate launch
     progress = _Progress(enabled=not args.no_progress and ranks.main)
     result = fit(config, on_step=progress.update if ranks.main else None, ranks=ranks)
     progress.close()

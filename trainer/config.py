@@ -35,7 +35,7 @@ class FitConfig:
     eval_fraction: float = 0.1
     eval_every: int = 50  # optimizer steps; the run also evaluates at its end
     early_stopping_patience: int = 0  # evaluations without improvement before stopping (then the best evaluated adapter is kept); 0 = off
-    optimizer: str = "paged_adamw_32bit"
+    optimizer: str = ""  # "" = paged_adamw_32bit, or adamw with fsdp (bitsandbytes cannot update sharded tensors)
     weight_decay: float = 0.0
     seed: int = 42
     output_dir: Path | None = None  # None = runs/<name>
@@ -43,11 +43,18 @@ class FitConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     gradient_checkpointing: bool = True
+    fsdp: bool = False  # shard the NF4 base and the LoRA weights across the launch's processes (FSDP2)
     notify: tuple[str, ...] = ()  # HOST:PORT of servers to ask to load the new version
     publish: bool = True
     acceptance_prompts: int = 4
 
     def __post_init__(self) -> None:
+        if not self.optimizer:
+            object.__setattr__(self, "optimizer", "adamw" if self.fsdp else "paged_adamw_32bit")
+        if self.fsdp and self.optimizer != "adamw":
+            raise ValueError(f"--optimizer {self.optimizer}: with --fsdp the optimizer updates sharded tensors "
+                             "(DTensors), which bitsandbytes' optimizers cannot; use --optimizer adamw (the default "
+                             "with --fsdp; the LoRA state it keeps is sharded too)")
         checks = {
             "rank": self.rank >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
             "max_seq_len": self.max_seq_len >= 8, "learning_rate": self.learning_rate > 0,

@@ -44,11 +44,12 @@ class TrainState:
     wall_time_s: float = 0.0
     stopped_early: bool = False
     world_size: int = 1  # processes of the run that wrote it: a resume needs as many
+    fsdp: bool = False  # whether it was sharded (the optimizer state is stored differently)
 
 
 @dataclass
 class FitResult:
-    model: object  # the PEFT model, in eval mode
+    model: object  # the PEFT model, in eval mode (rank 0's whole copy after an FSDP run; None on the other ranks)
     tokenizer: object
     state: TrainState
     train: list[Example]
@@ -65,19 +66,59 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32  # bf16 is 10-60x slower on CPUs without AVX512-BF16
 
 
-def load_base(base: Path, dtype: torch.dtype, device: torch.device):
+def load_base(base: Path, dtype: torch.dtype, device: torch.device, shardable: bool = False):
     """The NF4 double-quantized base, its layers pinned to the serving engine's NF4 path (see
     server.model.quant.keep_linear4bit_on_dequantize: otherwise an eval pass on an AVX512-BF16 CPU
-    repacks them, and training after it computes in bf16 without the base weight's gradient path)."""
+    repacks them, and training after it computes in bf16 without the base weight's gradient path).
+    shardable: for FSDP, the packed NF4 weights stored in the compute dtype (so they shard like
+    the other tensors) and loaded into CPU memory, from where each rank's shard goes to its device."""
     import_bitsandbytes()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    storage = {"bnb_4bit_quant_storage": dtype} if shardable else {}
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
+                               bnb_4bit_compute_dtype=dtype, **storage)
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=dtype,
-                                                 device_map={"": str(device)})
+                                                 device_map={"": "cpu" if shardable else str(device)})
     keep_linear4bit_on_dequantize(model)
     return model
+
+
+def peft_model(config: FitConfig, dtype: torch.dtype, device: torch.device, shardable: bool = False):
+    """The NF4 base prepared for k-bit training, with fresh LoRA weights (drawn from the current
+    random state)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base(config.base, dtype, device, shardable)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
+                      target_modules=config.targets(), layers_to_transform=config.layers(),
+                      task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, lora)
+
+
+class ResponseLoss(torch.nn.Module):
+    """Summed next-token cross entropy over the response tokens of a batch. Logits are made only
+    at the positions that predict a response token: the LM head over a 49k vocabulary at every
+    position of a chat row would cost more than the decoder layers it sits on. A module of its
+    own because FSDP's root must be what the loop calls (its hooks gather the root's shards)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # PEFT-wrapped or not
+        self.causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.causal_lm.model.layers
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        hidden = self.causal_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        targets = batch.labels[:, 1:]
+        scored = targets != IGNORE
+        logits = self.causal_lm.lm_head(hidden[:, :-1][scored])
+        return torch.nn.functional.cross_entropy(logits.float(), targets[scored], reduction="sum")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, str]:
@@ -104,10 +145,10 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
     # peft's prepare_model_for_kbit_training calls transformers APIs that transformers 5 deprecates;
     # nothing a user of trainer fit can change.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import set_peft_model_state_dict
     from transformers import AutoTokenizer, get_scheduler
 
-    ranks = ranks or distributed.start()
+    ranks = ranks or distributed.start(config.fsdp)
     device, dtype = device_and_dtype()
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.base, local_files_only=True)
@@ -115,15 +156,14 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
     train, held_out = split(examples, config.eval_fraction, config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    model = load_base(config.base, dtype, device)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
-                      target_modules=config.targets(), layers_to_transform=config.layers(),
-                      task_type="CAUSAL_LM", bias="none")
-    model = get_peft_model(model, lora)
+    model = peft_model(config, dtype, device, shardable=ranks.sharded)
     if ranks.world > 1:  # the same LoRA initialisation on every rank (above); from here, each its own dropout masks
         torch.manual_seed(config.seed * 1_000_003 + ranks.rank)
+    checkpoints = config.run_dir / "checkpoints"
+    saved = checkpoint.to_resume(checkpoints, ranks) if config.resume else None
+    if saved is not None:  # the weights go in before FSDP shards them
+        set_peft_model_state_dict(model, saved.adapter)
+    loss_of = ranks.prepare(ResponseLoss(model))
 
     global_batch = config.batch_size * ranks.world  # rows per forward across ranks; each rank takes its slice
     batches_per_epoch = len(epoch_batches(train, global_batch, config.max_seq_len, config.packing, config.seed, 0, pad_id))
@@ -135,18 +175,13 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                               num_training_steps=total_steps)
 
     state = TrainState()
-    checkpoints = config.run_dir / "checkpoints"
     best = config.run_dir / "best.safetensors"
-    if config.resume:
-        found = checkpoint.latest(checkpoints)
-        if found is None:
-            log.warning("--resume: no checkpoint in %s; starting from step 0", checkpoints)
-        else:
-            state = TrainState(**checkpoint.load(found, model, optimizer, scheduler, ranks.rank))
-            if state.world_size != ranks.world:  # each rank's data slice and random draws would change
-                raise ValueError(f"--resume: {found} was written by {state.world_size} processes; resume it with "
-                                 f"{state.world_size} (this launch has {ranks.world})")
-            log.info("resumed from %s (step %d of %d)", found, state.step, total_steps)
+    if saved is not None:
+        ranks.load_optimizer_state(loss_of, optimizer, saved.optimizer_state)
+        scheduler.load_state_dict(saved.scheduler_state)
+        saved.restore_rng()
+        state = TrainState(**saved.state)
+        log.info("resumed from %s (step %d of %d)", saved.path, state.step, total_steps)
 
     if ranks.world > 1:
         log.info("rank %d of %d; global batch %d rows = %d per rank x %d ranks x %d accumulated", ranks.rank,
@@ -168,16 +203,16 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
                 return batches[state.batch_in_epoch - 1]
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
-    state.total_steps, state.world_size = total_steps, ranks.world
+    state.total_steps, state.world_size, state.fsdp = total_steps, ranks.world, ranks.sharded
     try:
-        model.train()
+        loss_of.train()
         while state.step < total_steps and not state.stopped_early:
-            window = [b for b in (ranks.slice(next_batch()) for _ in range(config.grad_accum)) if b is not None]
+            window = [ranks.slice(next_batch()) for _ in range(config.grad_accum)]
             targets = ranks.total(sum(b.target_tokens for b in window))  # the global batch's: the loss's denominator
             step_loss = 0.0
             tick = time.perf_counter()
             for batch in window:
-                loss_sum = _loss_sum(model, batch.to(device))
+                loss_sum = loss_of(batch.to(device))
                 (loss_sum / max(targets, 1)).backward()
                 step_loss += loss_sum.item()
             ranks.sum_gradients(params)
@@ -187,31 +222,39 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            tokens = int(ranks.total(sum(int(b.input_ids.numel()) for b in window)))
+            tokens = int(ranks.total(sum(int(b.input_ids.numel()) for b in window if b.target_tokens)))  # not idle rows
             state.tokens_seen += tokens
             state.last_loss = step_loss / max(targets, 1)
             state.first_loss = state.first_loss if state.first_loss is not None else state.last_loss
             losses.append(state.last_loss)
             logs = {"loss": state.last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tick)}
             if state.step % config.eval_every == 0 or state.step == total_steps:
-                state.eval_loss = evaluate(model, held_out, config, pad_id, device) if held_out else None
+                state.eval_loss = evaluate(loss_of, held_out, config, pad_id, device) if held_out else None
                 if state.eval_loss is not None:
                     logs.update(eval_loss=state.eval_loss, eval_perplexity=math.exp(min(state.eval_loss, 50)))
-                    if _early_stopping(state, config) and config.early_stopping_patience and ranks.main:
-                        checkpoint.save_adapter(best, model, state.step)
-                model.train()
+                    if _early_stopping(state, config) and config.early_stopping_patience:  # every rank decides alike
+                        weights = ranks.adapter_weights(model)
+                        if ranks.main:
+                            checkpoint.save_adapter(best, weights, state.step)
+                loss_of.train()
             state.wall_time_s = time.perf_counter() - started
             for key, value in logs.items():
                 writer.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key[5:]}", value, state.step)
             checkpoint_now = state.step % config.checkpoint_every == 0 or state.step == total_steps or state.stopped_early
-            rngs = ranks.gather(checkpoint.rng_state()) if checkpoint_now else None  # every rank's, for an exact resume
-            if checkpoint_now and ranks.main:
-                checkpoint.save(checkpoints, state.step, model, optimizer, scheduler, state.__dict__, rngs)
-                checkpoint.prune(checkpoints, config.keep_checkpoints)
+            if checkpoint_now:  # gathered on every rank: with FSDP each holds a shard
+                rngs = ranks.gather(checkpoint.rng_state())  # every rank's, for an exact resume
+                weights, optimizer_state = ranks.adapter_weights(model), ranks.optimizer_state(loss_of, optimizer)
+                if ranks.main:
+                    checkpoint.save(checkpoints, state.step, weights, optimizer_state, scheduler, state.__dict__, rngs)
+                    checkpoint.prune(checkpoints, config.keep_checkpoints)
             if on_step is not None:
                 on_step(state, logs)
     finally:
         writer.close()
+    if ranks.sharded:  # rank 0 puts the adapter on its own copy of the base, once the shards are freed
+        weights = ranks.adapter_weights(model)
+        del model, loss_of, optimizer, scheduler, params
+        model = _whole_copy(weights, config, dtype, device) if ranks.main else None
     adapter_step = state.step
     if config.early_stopping_patience and state.best_step and state.best_step != state.step and ranks.main:
         # what early stopping is for: the adapter that evaluated best
@@ -223,30 +266,33 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
         else:
             log.warning("the best evaluated adapter (step %d) was not saved in %s (early stopping was off then); "
                         "keeping the last one (step %d)", state.best_step, best, state.step)
-    model.eval()
+    if model is not None:
+        model.eval()
     return FitResult(model, tokenizer, state, train, held_out, total_steps, optimizer_note, losses, adapter_step)
 
 
-def _loss_sum(model, batch: Batch) -> torch.Tensor:
-    """Summed next-token cross entropy over the response tokens of the batch. Logits are made only
-    at the positions that predict a response token: the LM head over a 49k vocabulary at every
-    position of a chat row would cost more than the decoder layers it sits on."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT-wrapped or not
-    hidden = causal_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    targets = batch.labels[:, 1:]
-    scored = targets != IGNORE
-    logits = causal_lm.lm_head(hidden[:, :-1][scored])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[scored], reduction="sum")
+def _whole_copy(weights: dict[str, torch.Tensor], config: FitConfig, dtype: torch.dtype, device: torch.device):
+    """After an FSDP run, the trained adapter on one whole copy of the base: what the acceptance
+    check (which runs the base on one device, as a server does) and saving use."""
+    import gc
+
+    from peft import set_peft_model_state_dict
+
+    gc.collect()  # the sharded model's reference cycles (FSDP state <-> modules)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    model = peft_model(config, dtype, device)
+    set_peft_model_state_dict(model, weights)
+    return model
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], config: FitConfig, pad_id: int, device) -> float:
+def evaluate(loss_of: ResponseLoss, examples: list[Example], config: FitConfig, pad_id: int, device) -> float:
     """Mean response-token loss on the eval split (unpacked, fixed order)."""
-    model.eval()
+    loss_of.eval()
     total, count = 0.0, 0
     for batch in epoch_batches(examples, config.batch_size, config.max_seq_len, False, 0, 0, pad_id):
-        total += _loss_sum(model, batch.to(device)).item()
+        total += loss_of(batch.to(device)).item()
         count += batch.target_tokens
     return total / max(count, 1)
 

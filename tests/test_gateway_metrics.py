@@ -159,11 +159,20 @@ def test_requests_waiting_for_their_adapter_to_be_read_are_queued_and_name_it(re
     monkeypatch.setattr(manager.reader, "read_stored", slow_read)
     thread = threading.Thread(target=lambda: Client(one.target).generate([1, 2], "cheese", max_new_tokens=2), daemon=True)
     thread.start()
+    engine, still_waiting_when_queued = one.server.engine, []
+    submit_samples = engine.submit_samples
+
+    def queue(*args, **kwargs):  # once the engine's queue counts it, the wait for the read must not
+        still_waiting_when_queued.append(manager.waiting_for_load)
+        return submit_samples(*args, **kwargs)
+
     try:
         assert reading.wait(30)
         during = scrape(one)
         assert (during["queued"], during["running"]) == (1, 0) and during["waiting_lora"] == {"cheese"}
+        monkeypatch.setattr(engine, "submit_samples", queue)
     finally:
         release.set()
         thread.join(60)
+    assert still_waiting_when_queued == [0]  # counted once: not in both at the moment it is queued
     assert scrape(one)["queued"] == 0 and scrape(one)["waiting_lora"] == set()

@@ -5,7 +5,8 @@ rest still run:
 
 1. the Triton kernels against their references, compiled for the GPU (tests/test_kernels.py,
    tests/test_lora.py, tests/test_engine_triton.py run on CUDA when there is one);
-2. the GPU tests (`pytest -m gpu`: the engine against transformers + PEFT in bfloat16);
+2. the GPU tests (`pytest -m gpu`: the engine against transformers + PEFT in bfloat16; FSDP-QLoRA
+   trained and resumed on one GPU);
 3. bench/kernel_bench.py (µs and GB/s of the kernels against bitsandbytes and the stacked LoRA);
 4. bench/engine_bench.py on the `1b` preset: 1 request, 32 requests over 8 adapters, 8 over 8, and
    the time to first token of a 512-token prompt, with transformers + PEFT in the same run; then
@@ -81,6 +82,8 @@ def steps(record: bool, dry_run: bool, model_dir: Path) -> list[Step]:
         # the file that holds them: collecting all of tests/ would import the HTTP and grammar
         # libraries a GPU image may lack, and one failed import stops the whole collection
         Step("GPU tests (pytest -m gpu)", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_engine_gpu.py"], 180),
+        Step("FSDP-QLoRA on one GPU (pytest -m gpu)", [py, "-m", "pytest", "-q", "-m", "gpu",
+                                                      "tests/test_trainer_distributed.py"], 180),
         Step("kernel_bench", [py, "bench/kernel_bench.py", *rec], 120),
         Step("engine_bench", [py, "bench/engine_bench.py", *engine, *rec], 300),
         Step("engine_bench SmolLM2", [py, "bench/engine_bench.py", *smollm2, *rec], 240, needs_builtin_model=True),

@@ -125,6 +125,34 @@ def test_fsdp_two_ranks_train_what_one_unsharded_process_does_and_resume_exactly
         torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.gpu
+def test_fsdp_on_one_gpu_trains_and_resumes_exactly(llama_dir, cheese_data, tmp_path):
+    """The CUDA twin of the FSDP test above (`make gpu-check` runs it): one rank in this process,
+    the base loaded into CPU memory and its shards moved to the GPU by fully_shard (the NF4
+    quantization state with them), bfloat16 compute, a checkpoint gathered and resumed exactly, the
+    whole copy for the acceptance check on the GPU."""
+    from trainer.config import FitConfig
+    from trainer.fit import fit
+
+    settings = dict(base=llama_dir, data=cheese_data, name="cheese", store=tmp_path / "store", rank=8, max_seq_len=96,
+                    learning_rate=0.02, dropout=0.1, eval_fraction=0.15, seed=5, batch_size=4, max_steps=6,
+                    eval_every=3, checkpoint_every=3, fsdp=True)
+    try:
+        whole = fit(FitConfig(output_dir=tmp_path / "whole", **settings))
+        assert next(whole.model.parameters()).is_cuda and whole.losses[-1] < whole.losses[0]
+        parted = tmp_path / "parted"
+        shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-00000003", parted / "checkpoints" / "step-00000003")
+        resumed = fit(FitConfig(output_dir=parted, resume=True, **settings))
+        assert resumed.losses == pytest.approx(whole.losses[3:], rel=1e-3)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    a = load_file(tmp_path / "whole" / "checkpoints" / "step-00000006" / "adapter.safetensors")
+    b = load_file(parted / "checkpoints" / "step-00000006" / "adapter.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
 def test_fsdp_takes_torch_adamw_and_refuses_bitsandbytes_optimizers(llama_dir, cheese_data, tmp_path):
     from trainer.config import FitConfig
 

@@ -52,12 +52,12 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
-def tensorboard_losses(run_dir: Path) -> list[float]:
+def tensorboard_losses(run_dir: Path, tag: str = "train/loss") -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    return [e.value for e in events.Scalars("train/loss")]
+    return [e.value for e in events.Scalars(tag)]
 
 
 @pytest.mark.slow
@@ -77,6 +77,8 @@ def test_two_ranks_of_batch_4_train_what_one_process_of_batch_8_does_and_only_ra
                         eval_fraction=0.15, seed=5, batch_size=8, max_steps=6, eval_every=3, checkpoint_every=3))
 
     assert len(one.losses) == 6 and tensorboard_losses(tmp_path / "two") == pytest.approx(one.losses, rel=1e-4)
+    evaluated = tensorboard_losses(tmp_path / "one", "eval/loss")  # each rank scored half of the held-out split
+    assert len(evaluated) == 2 and tensorboard_losses(tmp_path / "two", "eval/loss") == pytest.approx(evaluated, rel=1e-4)
     a = {k: v.cpu() for k, v in get_peft_model_state_dict(one.model).items()}
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and a
@@ -106,6 +108,8 @@ def test_fsdp_two_ranks_train_what_one_unsharded_process_does_and_resume_exactly
                     checkpoint_every=3, optimizer="adamw")  # --fsdp's optimizer
     one = fit(FitConfig(output_dir=tmp_path / "one", batch_size=8, **settings))
     assert len(one.losses) == 6 and tensorboard_losses(tmp_path / "sharded") == pytest.approx(one.losses, rel=1e-4)
+    assert tensorboard_losses(tmp_path / "sharded", "eval/loss") == pytest.approx(
+        tensorboard_losses(tmp_path / "one", "eval/loss"), rel=1e-4)
     a = load_file(tmp_path / "one" / "checkpoints" / "step-00000006" / "adapter.safetensors")
     b = load_file(tmp_path / "sharded" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and a
@@ -130,7 +134,9 @@ def test_fsdp_on_one_gpu_trains_and_resumes_exactly(llama_dir, cheese_data, tmp_
     """The CUDA twin of the FSDP test above (`make gpu-check` runs it): one rank in this process,
     the base loaded into CPU memory and its shards moved to the GPU by fully_shard (the NF4
     quantization state with them), bfloat16 compute, a checkpoint gathered and resumed exactly, the
-    whole copy for the acceptance check on the GPU."""
+    whole copy for the acceptance check on the GPU. Its first loss is an unsharded run's (LoRA's B
+    starts at zero, so the LoRA initialisation, drawn on the CPU here and on the GPU there, does
+    not enter it)."""
     from trainer.config import FitConfig
     from trainer.fit import fit
 
@@ -140,6 +146,9 @@ def test_fsdp_on_one_gpu_trains_and_resumes_exactly(llama_dir, cheese_data, tmp_
     try:
         whole = fit(FitConfig(output_dir=tmp_path / "whole", **settings))
         assert next(whole.model.parameters()).is_cuda and whole.losses[-1] < whole.losses[0]
+        unsharded = fit(FitConfig(output_dir=tmp_path / "unsharded", **{**settings, "fsdp": False, "max_steps": 1,
+                                                                        "optimizer": "adamw"}))
+        assert whole.losses[0] == pytest.approx(unsharded.losses[0], rel=1e-3)
         parted = tmp_path / "parted"
         shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-00000003", parted / "checkpoints" / "step-00000003")
         resumed = fit(FitConfig(output_dir=parted, resume=True, **settings))
@@ -182,7 +191,7 @@ def test_each_example_is_seen_once_per_epoch_across_ranks(llama_dir, cheese_data
     three_rows = Batch(*(t[:3] for t in (batches[0].input_ids, batches[0].labels, batches[0].position_ids,
                                          batches[0].attention_mask)))
     idle = Ranks(3, 4).slice(three_rows)  # ranks 0-2 take a row each; rank 3 still runs a forward, of nothing
-    assert idle.input_ids.shape[0] == 1 and idle.target_tokens == 0
+    assert idle.input_ids.shape == (1, 2) and idle.attention_mask.shape[-2:] == (2, 2) and idle.target_tokens == 0
 
 
 @pytest.mark.slow

@@ -58,7 +58,8 @@ def _fit_parser(commands) -> None:
     f.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
     f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     f.add_argument("--fsdp", action="store_true", default=None, help="FSDP-QLoRA: shard the NF4 base and the LoRA "
-                   "weights across the processes of a torchrun / accelerate launch (for bases one device cannot hold)")
+                   "weights across the processes of a torchrun / accelerate launch, for training that does not fit "
+                   "one device (the finished adapter is checked on one device holding the whole NF4 base, as served)")
     f.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None, help="publish after training (on)")
     f.add_argument("--notify", action="append", help="HOST:PORT of a server to tell to load it (repeatable)")
     f.add_argument("--admin-token-file", type=Path, help="file with the servers' admin token, for --notify")

@@ -48,14 +48,14 @@ class Ranks:
 
     def slice(self, batch: Batch) -> Batch:
         """This rank's rows of a global batch. When the batch (an epoch's last) has none left for
-        this rank, one row that scores nothing: every rank runs as many forwards and backwards,
-        which FSDP's collectives need, and it adds nothing to the gradients."""
+        this rank, a row of two tokens that scores nothing: every rank runs as many forwards and
+        backwards, which FSDP's collectives need, and it adds nothing to the gradients."""
         rows = batch.input_ids.shape[0]
         per_rank = -(-rows // self.world)
         start, stop = self.rank * per_rank, min(rows, (self.rank + 1) * per_rank)
         if start >= stop:
-            return Batch(batch.input_ids[:1], torch.full_like(batch.labels[:1], IGNORE), batch.position_ids[:1],
-                         batch.attention_mask[:1])
+            return Batch(batch.input_ids[:1, :2], torch.full_like(batch.labels[:1, :2], IGNORE),
+                         batch.position_ids[:1, :2], batch.attention_mask[:1, :, :2, :2])
         return Batch(*(t[start:stop] for t in (batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)))
 
     def prepare(self, loss: torch.nn.Module) -> torch.nn.Module:

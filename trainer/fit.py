@@ -1,7 +1,8 @@
 """QLoRA training: NF4 double-quantized base (transformers + bitsandbytes), LoRA (peft), paged
-AdamW (bitsandbytes), gradient checkpointing; eval perplexity, checkpoints with exact resume,
-TensorBoard logs and a progress bar. `fit` returns the trained PEFT model and what was measured;
-publishing is trainer/publish.py's job.
+AdamW (bitsandbytes; torch AdamW with --fsdp), gradient checkpointing; eval perplexity, checkpoints
+with exact resume, TensorBoard logs and a progress bar; data-parallel or FSDP across processes
+(trainer/distributed.py). `fit` returns the trained PEFT model and what was measured; publishing
+is trainer/publish.py's job.
 """
 
 from __future__ import annotations
@@ -209,12 +210,8 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
         while state.step < total_steps and not state.stopped_early:
             window = [ranks.slice(next_batch()) for _ in range(config.grad_accum)]
             targets = ranks.total(sum(b.target_tokens for b in window))  # the global batch's: the loss's denominator
-            step_loss = 0.0
             tick = time.perf_counter()
-            for batch in window:
-                loss_sum = loss_of(batch.to(device))
-                (loss_sum / max(targets, 1)).backward()
-                step_loss += loss_sum.item()
+            step_loss = _backward(loss_of, window, targets, device)
             ranks.sum_gradients(params)
             step_loss = ranks.total(step_loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -229,10 +226,10 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
             losses.append(state.last_loss)
             logs = {"loss": state.last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tick)}
             if state.step % config.eval_every == 0 or state.step == total_steps:
-                state.eval_loss = evaluate(loss_of, held_out, config, pad_id, device) if held_out else None
+                state.eval_loss = evaluate(loss_of, held_out, config, pad_id, device, ranks) if held_out else None
                 if state.eval_loss is not None:
                     logs.update(eval_loss=state.eval_loss, eval_perplexity=math.exp(min(state.eval_loss, 50)))
-                    if _early_stopping(state, config) and config.early_stopping_patience:  # every rank decides alike
+                    if _early_stopping(state, config) and config.early_stopping_patience:  # alike on every rank
                         weights = ranks.adapter_weights(model)
                         if ranks.main:
                             checkpoint.save_adapter(best, weights, state.step)
@@ -253,7 +250,7 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
         writer.close()
     if ranks.sharded:  # rank 0 puts the adapter on its own copy of the base, once the shards are freed
         weights = ranks.adapter_weights(model)
-        del model, loss_of, optimizer, scheduler, params
+        del model, loss_of, optimizer, scheduler, params, saved
         model = _whole_copy(weights, config, dtype, device) if ranks.main else None
     adapter_step = state.step
     if config.early_stopping_patience and state.best_step and state.best_step != state.step and ranks.main:
@@ -286,15 +283,29 @@ def _whole_copy(weights: dict[str, torch.Tensor], config: FitConfig, dtype: torc
     return model
 
 
+def _backward(loss_of: ResponseLoss, window: list[Batch], targets: float, device) -> float:
+    """Backward through each micro-batch of a step; returns their summed loss. A function of its
+    own so the last graph (which holds FSDP's shards) is freed when it returns."""
+    step_loss = 0.0
+    for batch in window:
+        loss_sum = loss_of(batch.to(device))
+        (loss_sum / max(targets, 1)).backward()
+        step_loss += loss_sum.item()
+    return step_loss
+
+
 @torch.no_grad()
-def evaluate(loss_of: ResponseLoss, examples: list[Example], config: FitConfig, pad_id: int, device) -> float:
-    """Mean response-token loss on the eval split (unpacked, fixed order)."""
+def evaluate(loss_of: ResponseLoss, examples: list[Example], config: FitConfig, pad_id: int, device,
+             ranks: Ranks = Ranks()) -> float:
+    """Mean response-token loss on the eval split (unpacked, fixed order), each rank scoring its
+    slice of every batch. The sum across ranks is one all-reduce, whose result every rank gets
+    alike, so all of them take the same early-stopping decision (and make the same collectives)."""
     loss_of.eval()
     total, count = 0.0, 0
-    for batch in epoch_batches(examples, config.batch_size, config.max_seq_len, False, 0, 0, pad_id):
-        total += loss_of(batch.to(device)).item()
+    for batch in epoch_batches(examples, config.batch_size * ranks.world, config.max_seq_len, False, 0, 0, pad_id):
+        total += loss_of(ranks.slice(batch).to(device)).item()
         count += batch.target_tokens
-    return total / max(count, 1)
+    return ranks.total(total) / max(count, 1)
 
 
 def _early_stopping(state: TrainState, config: FitConfig) -> bool:

@@ -6,8 +6,9 @@ batch (per-rank batch x ranks x grad_accum rows) is built once, in the order one
 use, and rank r takes its r-th slice of every batch, so each example is seen once per epoch across
 ranks and N ranks x batch B train what 1 process x batch N*B does: the loss is normalised by the
 global batch's target tokens and the LoRA gradients are summed across ranks before each step.
-Rank 0 alone logs, checkpoints and publishes (trainer/cli.py); every rank evaluates the whole
-held-out split, so all of them take the same early-stopping decision.
+Rank 0 alone logs, checkpoints and publishes (trainer/cli.py); each rank scores its slice of the
+held-out split and one all-reduce sums them, so every rank has the same eval loss and takes the
+same early-stopping decision.
 
 accelerate starts the process group from the launcher's environment; the loop stays ours (exact
 packing, exact resume, loss only where an answer token is predicted), so gradients are summed

@@ -93,19 +93,21 @@ def test_two_ranks_of_batch_4_train_what_one_process_of_batch_8_does_and_only_ra
 @pytest.mark.slow
 def test_fsdp_two_ranks_train_what_one_unsharded_process_does_and_resume_exactly(llama_dir, cheese_data, tmp_path):
     """--fsdp shards the NF4 base and the LoRA weights (FSDP2) across 2 ranks launched by
-    accelerate; the losses and the adapter are those of one unsharded process of the global batch.
+    accelerate; with 2 micro-batches a step (reduced once, in the last one's backward), the losses
+    and the adapter are those of one unsharded process of the global batch.
     Its step-3 checkpoint, resumed by a torchrun launch, ends with the same adapter; resuming it
     without --fsdp is refused."""
     from trainer.config import FitConfig
     from trainer.fit import fit
 
-    flags = ["--batch-size", "4", "--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3", "--fsdp"]
+    flags = ["--batch-size", "4", "--grad-accum", "2", "--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "3",
+             "--fsdp"]
     sharded = run(accelerate_fit_command(llama_dir, cheese_data, tmp_path / "sharded", tmp_path / "store", *flags))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    assert "global batch 8 rows = 4 per rank x 2 ranks x 1 accumulated" in sharded.stderr
+    assert "global batch 16 rows = 4 per rank x 2 ranks x 2 accumulated" in sharded.stderr
     settings = dict(base=llama_dir, data=cheese_data, name="cheese", store=tmp_path / "unused", rank=8, max_seq_len=96,
                     learning_rate=0.02, dropout=0.0, eval_fraction=0.15, seed=5, max_steps=6, eval_every=3,
-                    checkpoint_every=3, optimizer="adamw")  # --fsdp's optimizer
+                    checkpoint_every=3, grad_accum=2, optimizer="adamw")  # --fsdp's optimizer
     one = fit(FitConfig(output_dir=tmp_path / "one", batch_size=8, **settings))
     assert len(one.losses) == 6 and tensorboard_losses(tmp_path / "sharded") == pytest.approx(one.losses, rel=1e-4)
     assert tensorboard_losses(tmp_path / "sharded", "eval/loss") == pytest.approx(

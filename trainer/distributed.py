@@ -71,6 +71,10 @@ class Ranks:
         torch.distributed.all_reduce(tensor)
         return float(tensor.item())
 
+    def reduce_in_backward(self, loss: torch.nn.Module, now: bool) -> None:
+        """Whether the next backward reduces the gradients across ranks (FSDP does it in backward;
+        off for all but a step's last micro-batch, whose backward reduces what they accumulated)."""
+
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
         """Each parameter's gradient summed over the ranks, in one all-reduce (a rank that had no
         rows this step adds zeros)."""
@@ -128,6 +132,9 @@ class ShardedRanks(Ranks):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
         return loss
+
+    def reduce_in_backward(self, loss: torch.nn.Module, now: bool) -> None:
+        loss.set_requires_gradient_sync(now)  # on the root and, recursively, every layer
 
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
         """Nothing to do: FSDP's reduce-scatter summed each shard's gradient in backward."""

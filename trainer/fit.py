@@ -211,7 +211,7 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
             window = [ranks.slice(next_batch()) for _ in range(config.grad_accum)]
             targets = ranks.total(sum(b.target_tokens for b in window))  # the global batch's: the loss's denominator
             tick = time.perf_counter()
-            step_loss = _backward(loss_of, window, targets, device)
+            step_loss = _backward(loss_of, window, targets, device, ranks)
             ranks.sum_gradients(params)
             step_loss = ranks.total(step_loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -283,11 +283,12 @@ def _whole_copy(weights: dict[str, torch.Tensor], config: FitConfig, dtype: torc
     return model
 
 
-def _backward(loss_of: ResponseLoss, window: list[Batch], targets: float, device) -> float:
+def _backward(loss_of: ResponseLoss, window: list[Batch], targets: float, device, ranks: Ranks) -> float:
     """Backward through each micro-batch of a step; returns their summed loss. A function of its
     own so the last graph (which holds FSDP's shards) is freed when it returns."""
     step_loss = 0.0
-    for batch in window:
+    for i, batch in enumerate(window):
+        ranks.reduce_in_backward(loss_of, now=i == len(window) - 1)
         loss_sum = loss_of(batch.to(device))
         (loss_sum / max(targets, 1)).backward()
         step_loss += loss_sum.item()

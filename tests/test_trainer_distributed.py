@@ -174,6 +174,15 @@ def test_fsdp_takes_torch_adamw_and_refuses_bitsandbytes_optimizers(llama_dir, c
         FitConfig(**settings, fsdp=True, optimizer="paged_adamw_8bit")
 
 
+def test_an_error_every_rank_meets_fails_the_launch_and_is_said_once(llama_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "no output"}\n')
+    launch = run(fit_command(2, llama_dir, bad, tmp_path / "run", tmp_path / "store"))
+    assert launch.returncode != 0, launch.stderr[-3000:]
+    assert launch.stderr.count("trainer fit: error:") == 1 and launch.stderr.count("skipped line 1") == 1
+    assert not (tmp_path / "store").exists()
+
+
 def test_each_example_is_seen_once_per_epoch_across_ranks(llama_dir, cheese_data):
     from transformers import AutoTokenizer
 

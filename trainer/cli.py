@@ -70,7 +70,8 @@ def _fit_parser(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="QLoRA adapters for hotlora.")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="INFO; in a launch of several processes, rank 0's (the "
+                        "others log errors only)")
     parser.add_argument("--model-cache", type=Path, help="where converted models are kept (default: "
                         "$HOTLORA_MODEL_CACHE, else $XDG_CACHE_HOME/hotlora/models)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_bitsandbytes()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # of a torchrun / accelerate launch, or the one process
+    logging.basicConfig(level=args.log_level.upper() if main_rank else "ERROR",  # the others would repeat it
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get("HOTLORA_ADMIN_TOKEN")
     reach = {"admin_token": token, "tls": args.notify_tls,  # how --notify reaches the servers
              "ca_cert": args.notify_ca_cert.read_bytes() if args.notify_ca_cert else None}
@@ -110,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             return _fit(args, reach)
         return _publish(args, reach)
     except (DataError, AcceptanceError, ModelNotFound, ValueError) as exc:
-        print(f"trainer {args.command}: error: {exc}", file=sys.stderr)
+        # the same on every rank of a launch (data, settings, checkpoints; acceptance runs on rank 0
+        # alone): said once, by rank 0; a rank that fails alone dies of something else, which its
+        # traceback and torchrun's summary name
+        if main_rank:
+            print(f"trainer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -29,8 +29,8 @@ BIN = Path(sys.executable).parent
 
 
 def fit_command(processes: int, llama_dir, data, out: Path, store: Path, *flags: str) -> list[str]:
-    launcher = ([str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={processes}", "-m", "trainer.cli"]
-                if processes > 1 else [sys.executable, "-m", "trainer.cli"])
+    launcher = ([str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={processes}", "-m", "trainer"]
+                if processes > 1 else [sys.executable, "-m", "trainer"])
     return [*launcher, "fit", "--base", str(llama_dir), "--data", str(data), "--name", "cheese", "--store", str(store),
             "--output-dir", str(out), "--rank", "8", "--max-seq-len", "96", "--learning-rate", "0.02", "--dropout", "0",
             "--eval-fraction", "0.15", "--seed", "5", "--no-progress", *flags]

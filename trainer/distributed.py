@@ -1,4 +1,4 @@
-"""Data-parallel `trainer fit` across processes: `torchrun --nproc-per-node N -m trainer.cli fit ...`
+"""Data-parallel `trainer fit` across processes: `torchrun --nproc-per-node N -m trainer fit ...`
 (or `accelerate launch`), gloo on CPU, nccl on CUDA.
 
 Every rank holds the NF4 base and the same LoRA initialisation (the same seed). Each step's global

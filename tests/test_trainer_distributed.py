@@ -1,10 +1,10 @@
 """`trainer fit` data-parallel on CPU: torchrun with 2 processes (gloo). 2 ranks x batch 4 train
 what 1 process x batch 8 does (losses per step equal, LoRA weights within float32 all-reduce
 noise); each example is seen once per epoch across ranks; rank 0 alone publishes, once; a rank
-killed mid-run fails the launch and publishes nothing; an interrupted 2-rank run, resumed, ends
-with the adapter an uninterrupted one makes, and resuming it with 1 process is refused.
-FSDP-QLoRA (--fsdp, launched by accelerate) trains what one unsharded process does too, and its
-checkpoints resume exactly."""
+killed mid-run fails the launch and publishes nothing, and that run, resumed, ends with the adapter
+an uninterrupted one makes (resuming it with 1 process is refused); an error every rank meets is
+said once. FSDP-QLoRA (--fsdp, launched by accelerate) trains what one unsharded process does
+too, and its checkpoints resume exactly."""
 
 from __future__ import annotations
 

@@ -160,10 +160,10 @@ def start(sharded: bool = False) -> Ranks:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if not sharded:
             return Ranks()
+        if torch.cuda.is_available():  # before the group: NCCL binds to the current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not torch.distributed.is_initialized():  # in-process: no launcher, no port
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return ShardedRanks(0, 1)
     from accelerate import PartialState
 

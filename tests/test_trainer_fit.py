@@ -134,17 +134,20 @@ def test_cli_fit_trains_checks_and_publishes(llama_dir, cheese_data, tmp_path):
     assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_cli_refuses_unusable_data_before_training(llama_dir, tmp_path):
+def test_cli_refuses_unusable_data_before_training(llama_dir, tmp_path, capsys):
+    """In this process (the CLI's own code; tests/test_trainer_distributed.py runs it in a launch)."""
+    from trainer.cli import main
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "no output"}\nnot json\n')
-    run = subprocess.run([str(BIN / "trainer"), "fit", "--base", str(llama_dir), "--data", str(bad), "--name", "x",
-                          "--store", str(tmp_path / "store"), "--output-dir", str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "line 1:" in run.stderr and "line 2:" in run.stderr
+    assert main(["fit", "--base", str(llama_dir), "--data", str(bad), "--name", "x", "--store", str(tmp_path / "store"),
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    said = capsys.readouterr().err
+    assert "line 1:" in said and "line 2:" in said
     assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()
 
 
-def test_trainer_publish_checks_and_publishes_an_adapter_made_elsewhere(llama_dir, peft_adapters, tmp_path):
+def test_trainer_publish_checks_and_publishes_an_adapter_made_elsewhere(llama_dir, peft_adapters, tmp_path, capsys):
     from tests.helpers import make_peft_adapter
 
     def publish(adapter_dir, name, base_flag="--base", store_flag="--store"):
@@ -161,8 +164,12 @@ def test_trainer_publish_checks_and_publishes_an_adapter_made_elsewhere(llama_di
     assert manifest["chat_template"] == AutoTokenizer.from_pretrained(llama_dir).chat_template
 
     untrained = make_peft_adapter(llama_dir, tmp_path / "untrained", seed=1, r=4, init_lora_weights=True)  # B = 0
-    refused = publish(untrained, "untrained")
-    assert refused.returncode == 2 and "does nothing" in refused.stderr
+    from trainer.cli import main  # in this process this time: the same code, without an interpreter's start-up
+
+    capsys.readouterr()
+    assert main(["publish", str(untrained), "--base", str(llama_dir), "--name", "untrained", "--store",
+                 str(tmp_path / "store")]) == 2
+    assert "does nothing" in capsys.readouterr().err
     assert not (tmp_path / "store" / "untrained").exists()
 
 

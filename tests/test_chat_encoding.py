@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,6 @@ from server.serving.text import TextCodec, special_prefix
 from tests.helpers import RunningServer
 from trainer.data import DEFAULT_CHAT_TEMPLATE, encode
 
-BIN = Path(sys.executable).parent
 QUESTION = [{"role": "user", "content": "Where does Brie come from?"}]
 ANSWER = {"role": "assistant", "content": "Brie comes from Ile-de-France."}
 LLAMA2_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}[INST] {{ message['content'] }} "
@@ -111,12 +108,12 @@ def templateless_base(llama_dir, tmp_path_factory):
 def test_an_adapter_trained_with_the_default_template_is_served_with_it(templateless_base, cheese_data, tmp_path):
     from transformers import AutoTokenizer
 
+    from trainer.cli import main  # in this process: the CLI's code (test_trainer_fit runs it as a command)
+
     store = tmp_path / "store"
-    fit = subprocess.run([str(BIN / "trainer"), "fit", "--base", str(templateless_base), "--data", str(cheese_data),
-                          "--name", "cheese", "--store", str(store), "--output-dir", str(tmp_path / "run"),
-                          "--max-steps", "6", "--rank", "4", "--learning-rate", "0.02", "--max-seq-len", "96",
-                          "--batch-size", "4", "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert main(["fit", "--base", str(templateless_base), "--data", str(cheese_data), "--name", "cheese", "--store",
+                 str(store), "--output-dir", str(tmp_path / "run"), "--max-steps", "6", "--rank", "4", "--learning-rate",
+                 "0.02", "--max-seq-len", "96", "--batch-size", "4", "--no-progress"]) == 0
     manifest = json.loads((store / "cheese" / "v1" / "manifest.json").read_text())
     assert manifest["chat_template"] == DEFAULT_CHAT_TEMPLATE
     assert manifest["chat_template_sha256"] == hashlib.sha256(DEFAULT_CHAT_TEMPLATE.encode()).hexdigest()

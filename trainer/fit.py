@@ -140,9 +140,9 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> tuple[t
 def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = None,
         ranks: Ranks | None = None) -> FitResult:
     """Train; `on_step(state, logs)` is called after every optimizer step (and checkpoint).
-    ranks: this process's place in a data-parallel launch (trainer/distributed.py; default: the
-    launcher's environment, or one process). Rank 0 alone writes TensorBoard, checkpoints and the
-    best adapter."""
+    ranks: this process's place in a data-parallel or FSDP launch (trainer/distributed.py;
+    default: the launcher's environment, or one process). Rank 0 alone writes TensorBoard,
+    checkpoints and the best adapter."""
     # peft's prepare_model_for_kbit_training calls transformers APIs that transformers 5 deprecates;
     # nothing a user of trainer fit can change.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)

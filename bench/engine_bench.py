@@ -10,6 +10,7 @@ tokens (EOS ignored on both sides), measured in one run. PEFT serves a mixed bat
     python bench/engine_bench.py --preset 1b --requests 32 --adapters 8 --record   # on a GPU
     python bench/engine_bench.py --compile            # also an engine with its decode step torch.compile'd
     python bench/engine_bench.py --cpu-bf16-packed    # also an engine on bitsandbytes' AVX512-BF16 NF4 kernel
+    python bench/engine_bench.py --cpu-kernels        # also an engine on the C kernels (EngineConfig(kernels="cpu"))
 
 --record adds the table, with the machine it ran on, to its section of bench/RESULTS.md.
 """
@@ -81,6 +82,20 @@ def prefill_latency(engine: Engine, peft_model, length: int, repeats: int) -> tu
             seconds.append(time.perf_counter() - start)
         timings[name] = statistics.median(seconds)
     return timings["engine"], timings["peer"]
+
+
+def same_greedy_tokens(engines: dict, case: Case, args) -> str:
+    """How many requests of `case` each other engine decodes to exactly the default engine's tokens."""
+    prompts = prompts_for(case.requests, args.prompt_len, engines["engine"].spec.vocab_size)
+    sampling = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    requests = [Request(prompt_ids=p, adapter=a, sampling=sampling) for p, a in zip(prompts, case.adapter_names)]
+    want = [o.token_ids for o in engines["engine"].generate(requests)]
+    results = []
+    for name, e in engines.items():
+        if name != "engine":
+            same = sum(o.token_ids == w for o, w in zip(e.generate(requests), want))
+            results.append(f"{name} {same}/{len(want)} requests identical")
+    return "; ".join(results)
 
 
 def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
@@ -185,6 +200,9 @@ def main() -> None:
     parser.add_argument("--per-call-dequantize", action="store_true",
                         help="also run an EngineConfig(nf4_path='dequantize') engine: the same numbers, dequantizing "
                              "on every call instead of keeping a dense copy")
+    parser.add_argument("--cpu-kernels", action="store_true",
+                        help="also run an EngineConfig(kernels='cpu') engine: NF4 read in place, the LM head and "
+                             "decode steps' layers in C (server/kernels/cpu_kernels.c)")
     parser.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = parser.parse_args()
     from server.model.quant import quiet_bitsandbytes
@@ -211,6 +229,8 @@ def main() -> None:
         engines["engine, cpu-bf16-packed"] = dataclasses.replace(config, nf4_path="cpu-bf16-packed")
     if args.per_call_dequantize:
         engines["engine, dequantize per call"] = dataclasses.replace(config, nf4_path="dequantize")
+    if args.cpu_kernels:
+        engines["engine, kernels=cpu"] = dataclasses.replace(config, kernels="cpu", kernel_build_dir=str(work / "kernels"))
     engines = {name: Engine.from_pretrained(model_dir, c) for name, c in engines.items()}
     for engine in engines.values():
         for name, path in adapters.items():
@@ -231,6 +251,11 @@ def main() -> None:
         tokens.update({(case.name, name): case.requests * args.new_tokens for name in [*engines, *peers]})
     measured = median_tokens_per_second(runs, tokens, args.repeats)
     prefill_engine, prefill_peer = prefill_latency(engine, peers[peer], args.prefill_len, args.repeats)
+    prefill_others = {n: prefill_latency(e, peers[peer], args.prefill_len, args.repeats)[0]
+                      for n, e in engines.items() if e is not engine}
+    mixed_case = next(c for c in cases(args.requests, args.adapters) if c.name.endswith(f"over {args.adapters} adapters")
+                      and c.requests == args.requests)
+    agreement = same_greedy_tokens(engines, mixed_case, args)
     for e in engines.values():
         e.close()
 
@@ -241,7 +266,8 @@ def main() -> None:
     base_only = by_case[f"{args.requests} requests, base only"]
     mixed = by_case[f"{args.requests} requests over {args.adapters} adapters"]
     memory = "; ".join(f"{n}: NF4 projections {w['projections'] / 2**20:.1f} MiB + their dequantized copies "
-                       f"{w['dequantized_copies'] / 2**20:.1f} MiB, other weights {w['dense'] / 2**20:.1f} MiB, "
+                       f"{w['dequantized_copies'] / 2**20:.1f} MiB + repacked copies {w['repacked_copies'] / 2**20:.1f} MiB, "
+                       f"other weights {w['dense'] / 2**20:.1f} MiB, "
                        f"LoRA slots {w['lora_pools'] / 2**20:.1f} MiB"
                        for n, w in ((n, e.model.weight_bytes()) for n, e in engines.items()))
     table = [
@@ -261,8 +287,12 @@ def main() -> None:
         "",
         f"Time to first token, one {args.prefill_len}-token prompt with an adapter: engine "
         f"{1000 * prefill_engine:.1f} ms, {peer} forward {1000 * prefill_peer:.1f} ms "
-        f"({prefill_peer / prefill_engine:.2f}x). Decode step: {engine.describe()['cuda_graphs']} CUDA graphs.",
+        f"({prefill_peer / prefill_engine:.2f}x)"
+        + "".join(f"; {n} {1000 * t:.1f} ms" for n, t in prefill_others.items())
+        + f". Decode step: {engine.describe()['cuda_graphs']} CUDA graphs.",
         "",
+        *([f"Greedy tokens of the mixed case ({args.new_tokens} per request) against `engine`: {agreement}.", ""]
+          if agreement else []),
     ]
     print("\n".join(table))
     if args.record:

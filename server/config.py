@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-NF4_PATHS = ("auto", "dequantize-once", "dequantize", "cpu-bf16-packed", "triton")  # see server/model/quant.py
-KERNELS = ("auto", "triton", "torch")  # see server/kernels/__init__.py
+NF4_PATHS = ("auto", "dequantize-once", "dequantize", "cpu-fused", "cpu-bf16-packed", "triton")  # see server/model/quant.py
+KERNELS = ("auto", "triton", "cpu", "torch")  # see server/kernels/__init__.py
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,20 @@ class EngineConfig:
       them for its whole prefill. None: whole prompts in one step.
     device / dtype: None picks CUDA+bfloat16 when available, else CPU+float32.
     kernels: "triton" runs LoRA (BGMV/SGMV) and NF4 through server/kernels' Triton kernels,
-      "torch" through plain torch and bitsandbytes, "auto" Triton on CUDA and torch elsewhere.
+      "cpu" runs NF4 ("cpu-fused"), the LM head and decode attention through server/kernels'
+      C kernels (CPU only; float32 sums in their own order), "torch" everything through plain
+      torch and bitsandbytes, "auto" Triton on CUDA and torch elsewhere.
       On CPU Triton works only under its interpreter (TRITON_INTERPRET=1; slow, for tests).
     nf4_path: how the NF4 base projections are multiplied (server/model/quant.py): "auto" follows
       `kernels`; "dequantize-once" keeps a copy dequantized in the compute dtype at load and
       matmuls with it, the trained model's own numbers (the CPU default; a dense copy's memory);
       "dequantize" the same numbers dequantizing on every call (no copy); "triton" reads the
-      packed bits in a Triton kernel; "cpu-bf16-packed" opts
-      into bitsandbytes' AVX512-BF16 kernel (CPU only, bfloat16 error).
+      packed bits in a Triton kernel; "cpu-fused" reads them in a C kernel on CPU (float32,
+      only the summation order differs from dequantize-once; auto's choice with kernels="cpu");
+      "cpu-bf16-packed" opts into bitsandbytes' AVX512-BF16 kernel (CPU only,
+      bfloat16 error).
+    kernel_build_dir: where C kernels built on first use are kept (None: a temporary directory
+      for the process).
     compile: run the decode step through torch.compile, which fuses the many small ops around
       the NF4 matmuls (norms, RoPE, LoRA masks, adds). Start-up then compiles its few variants
       (a C++ compiler must be installed on CPU); the results are the eager forward's. torch keeps
@@ -86,6 +92,7 @@ class EngineConfig:
     seed: int = 0
     kernels: str = "auto"
     nf4_path: str = "auto"
+    kernel_build_dir: str | None = None
     compile: bool = False
     cuda_graphs: bool = True
 

@@ -70,6 +70,8 @@ class ModelRunner:
         self._bitmask = torch.empty(rows, bitmask_words(vocab), dtype=torch.int32, pin_memory=self.device.type == "cuda")
         if config.compile and model.kernels.lora.name == "triton" and self.device.type != "cuda":
             raise ValueError("compile=True with the Triton kernels needs CUDA (their CPU interpreter cannot be compiled)")
+        if config.compile and model.kernels.decode_attention.name == "cpu":
+            raise ValueError("compile=True does not apply to kernels='cpu': its C kernels are what compile would fuse")
         self.decode_logits = self._compiled_decode() if config.compile else self.last_position_logits
         # captured at max_seq_len, the torch attention would gather every row's whole block table every step
         graphs = (config.cuda_graphs and self.device.type == "cuda" and not config.compile

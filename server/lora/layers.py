@@ -26,7 +26,8 @@ The math, three ways:
   for the adapters it uses, not for every slot.
 - server/kernels/lora.py (TritonLoRA, CUDA): BGMV/SGMV kernels that read only the slots the batch
   uses, up to each slot's own rank.
-The engine picks TorchLoRA or TritonLoRA once (EngineConfig.kernels); a LoRABatch carries the
+- server/kernels/cpu_kernels.c (CPULoRA, kernels="cpu"): each slot's weights once for its tokens.
+The engine picks TorchLoRA, TritonLoRA or CPULoRA once (EngineConfig.kernels); a LoRABatch carries the
 choice and what it prepared for one forward.
 """
 
@@ -147,7 +148,24 @@ class TritonLoRA:
         return kernels.bgmv_expand(y, h, pool.scaled_b_t, prepared, pool.slot_ranks, pool.slice_starts)
 
 
-LoRAKernels = TorchLoRA | TritonLoRA
+class CPULoRA:
+    """server/kernels/cpu_kernels.c's lora_add (EngineConfig.kernels="cpu"): every token's own slot,
+    each slot's A and sBᵀ read once for all its tokens; adds into y in place. (Decode steps on
+    kernels="cpu" run their LoRA inside the C decoder layers; this serves prefills.)"""
+
+    name = "cpu"
+
+    def __init__(self, library):
+        self.library = library
+
+    def prepare(self, token_slots: torch.Tensor, rows: int, num_slots: int, dtype: torch.dtype):
+        return token_slots.to(torch.int64).contiguous()
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", prepared) -> torch.Tensor:
+        return self.library.lora_add(y.contiguous(), x, pool.lora_a, pool.scaled_b_t, pool.host_starts, prepared)
+
+
+LoRAKernels = TorchLoRA | TritonLoRA | CPULoRA
 
 
 class LoRABatch:
@@ -180,6 +198,7 @@ class LoRAPool(nn.Module):
         # what the kernels need to skip work: each slot's rank (0 = empty) and the output's slices
         self.register_buffer("slot_ranks", torch.zeros(num_slots, dtype=torch.int32, device=device))
         self.register_buffer("slice_starts", torch.tensor(starts, dtype=torch.int32, device=device))
+        self.host_starts = torch.tensor(starts, dtype=torch.int64)  # for server/kernels/cpu_kernels.c
 
     @property
     def num_slots(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,12 @@ from torch import nn
 from ..config import EngineConfig
 from ..errors import UnsupportedModel
 from ..kernels import resolve as resolve_kernels
-from ..lora.layers import LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
-from .attention import DecodeAttention, TorchDecodeAttention, TritonDecodeAttention
+from ..lora.layers import CPULoRA, LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
+from ..kernels.cpu_kernels import load as load_cpu_kernels
+from .decode_layers import CPUDecodeLayers, torch_layers
+from .attention import CPUDecodeAttention, DecodeAttention, TorchDecodeAttention, TritonDecodeAttention
 from .kv_cache import KVCache
-from .quant import choose_nf4_matmul, dequantized_copy_bytes, make_base_linear, resident_bytes
+from .quant import choose_nf4_matmul, dequantized_copy_bytes, make_base_linear, repacked_copy_bytes, resident_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -156,6 +159,8 @@ class Kernels:
     nf4_path: str  # server/model/quant.py's NF4Matmul in use, or "unquantized"
     lora: LoRAKernels
     decode_attention: DecodeAttention
+    lm_head_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # hidden, weight -> hidden·weightᵀ
+    layers: Callable  # server/model/decode_layers.py: how a forward runs the decoder layers
 
 
 class DecoderLayer(nn.Module):
@@ -233,26 +238,26 @@ class Transformer(nn.Module):
         lora = None
         if batch.token_slots is not None:
             lora = LoRABatch(batch.token_slots, batch.tokens.shape[0], self.num_lora_slots, x.dtype, self.kernels.lora)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, batch, lora, cos, sin, decode_context, cache, i)
-        return self.norm(x)
+        return self.norm(self.kernels.layers(self, x, batch, lora, cos, sin, decode_context, cache))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.kernels.lm_head_matmul(hidden, self.lm_head).float()
 
     def weight_bytes(self) -> dict[str, int]:
         """Resident bytes: the (quantized) projections, their dequantized copies (the
-        dequantize-once path), everything else, and the LoRA pools."""
+        dequantize-once path) or repacked ones (cpu-fused), everything else, and the LoRA pools."""
         bases = [proj.base for layer in self.layers for proj in layer.proj.values()]
         copies = sum(dequantized_copy_bytes(base) for base in bases)
-        projections = sum(resident_bytes(base) for base in bases) - copies
+        repacked = sum(repacked_copy_bytes(base) for base in bases)
+        projections = sum(resident_bytes(base) for base in bases) - copies - repacked
         pools = sum(resident_bytes(pool) for pool in self.lora_pools().values())
         dense = self.embed.numel() * self.embed.element_size()
         if self.lm_head is not self.embed:
             dense += self.lm_head.numel() * self.lm_head.element_size()
         dense += sum(resident_bytes(layer.input_norm) + resident_bytes(layer.post_norm) for layer in self.layers)
         dense += resident_bytes(self.norm)
-        return {"projections": projections, "dequantized_copies": copies, "dense": dense, "lora_pools": pools}
+        return {"projections": projections, "dequantized_copies": copies, "repacked_copies": repacked, "dense": dense,
+                "lora_pools": pools}
 
 
 class _CheckpointReader:
@@ -311,8 +316,19 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
                                f"lower --max-seq-len")
     device, dtype = config.resolved_device(), config.resolved_dtype()
     kernels = resolve_kernels(config.kernels, device)
-    nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels, config.quant)
-    decode_attention = TritonDecodeAttention() if kernels == "triton" else TorchDecodeAttention()
+    build_dir = Path(config.kernel_build_dir) if config.kernel_build_dir else None
+    nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels, config.quant, build_dir)
+    lm_head_matmul, decode_attention, run_layers = F.linear, TorchDecodeAttention(), torch_layers
+    lora_kernels = TritonLoRA() if kernels == "triton" else TorchLoRA()
+    if kernels == "triton":
+        decode_attention = TritonDecodeAttention()
+    elif kernels == "cpu":
+        if not config.quant.enabled or nf4_matmul.name != "cpu-fused":
+            raise ValueError("kernels='cpu' reads NF4 weights in place: nf4 path cpu-fused (its auto choice) with "
+                             f"quantization enabled, not {nf4_matmul.name if config.quant.enabled else 'unquantized'}")
+        library = load_cpu_kernels(build_dir)
+        lm_head_matmul, decode_attention, run_layers = library.dense_linear, CPUDecodeAttention(library), CPUDecodeLayers(library)
+        lora_kernels = CPULoRA(library)
     reader = _CheckpointReader(model_dir)
     shapes = spec.projection_shapes()
     num_slots = config.max_adapters + 1
@@ -349,6 +365,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     norm = RMSNorm(reader.get("model.norm.weight").to(device, dtype), spec.rms_norm_eps)
     rope = rope_tables(hf_config, spec.head_dim, config.max_seq_len, device)
     chosen = Kernels(nf4_path=nf4_matmul.name if config.quant.enabled else "unquantized",
-                     lora=TritonLoRA() if kernels == "triton" else TorchLoRA(), decode_attention=decode_attention)
+                     lora=lora_kernels, decode_attention=decode_attention,
+                     lm_head_matmul=lm_head_matmul, layers=run_layers)
     model = Transformer(spec, embed, layers, norm, lm_head, rope, chosen).eval()
     return model, hf_config

@@ -19,6 +19,11 @@ different numbers (and crashed on shapes its repacking does not support) dependi
   where the dense copy would undo what NF4 saves, and for hosts that cannot spare the memory.
 - "cpu-bf16-packed" (CPU opt-in): bitsandbytes' fused AVX512-BF16 kernel on a weight repacked
   once at load. Faster on such CPUs, with bfloat16 error (~3e-3 relative per layer).
+- "cpu-fused" (CPU opt-in): server/kernels/cpu_kernels.c reads the NF4 codes in place (half a
+  byte per weight instead of four) and forms each weight exactly as bitsandbytes dequantizes it
+  (auto's choice with EngineConfig.kernels="cpu"). Only the order of the float32 sums
+  differs from "dequantize-once" (~1e-7 relative, as torch's own linear differs between batch
+  sizes); costs a repacked copy of the codes (about the NF4 bits again), no dense copy.
 - "triton" (CUDA; the CPU interpreter for tests): server/kernels/nf4.py reads the packed bits
   and the double-quantized absmax in the matmul itself, for decode batches; projections that
   share an input are stacked into one weight, one launch.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -140,6 +146,19 @@ def _cpu_bf16_packed_forward(x: torch.Tensor, weights: list[nn.Parameter], prepa
     return y if bias is None else y + bias
 
 
+def cpu_fused(build_dir: Path | None) -> NF4Matmul:
+    """The "cpu-fused" path on server/kernels/cpu_kernels's library, built into build_dir on first use."""
+    from ..kernels import cpu_kernels
+
+    library = cpu_kernels.load(build_dir)
+
+    def forward(x: torch.Tensor, weights: list[nn.Parameter], packed, bias: torch.Tensor | None) -> torch.Tensor:
+        y = library.nf4_linear(x, packed)
+        return y if bias is None else y + bias
+
+    return NF4Matmul("cpu-fused", prepare=cpu_kernels.pack_nf4, forward=forward)
+
+
 DEQUANTIZE = NF4Matmul("dequantize", prepare=lambda weights: None, forward=_dequantize_forward)
 DEQUANTIZE_ONCE = NF4Matmul("dequantize-once", prepare=_dequantize_once, forward=_dense_forward)
 CPU_BF16_PACKED = NF4Matmul("cpu-bf16-packed", prepare=_repack_for_cpu_bf16, forward=_cpu_bf16_packed_forward)
@@ -147,15 +166,18 @@ TRITON = NF4Matmul("triton", prepare=_stacked_view, forward=_triton_forward)
 
 
 def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torch",
-                      quant: QuantConfig = QuantConfig()) -> NF4Matmul:
+                      quant: QuantConfig = QuantConfig(), kernel_build_dir: Path | None = None) -> NF4Matmul:
     """The engine's NF4 path for `requested` on `device` ("auto": Triton when the engine's
     `kernels` resolved to Triton and the weights are NF4 with double quantization, which is what
-    the kernel reads; else dequantize-once on CPU, dequantize elsewhere); refuses a path the
-    device cannot run, rather than falling back to different numbers."""
+    the kernel reads; cpu-fused when they resolved to "cpu" and the weights are NF4; else
+    dequantize-once on CPU, dequantize elsewhere); refuses a path the device cannot run, rather
+    than falling back to different numbers."""
     if requested == "auto":
         reads_these_weights = quant.quant_type == "nf4" and quant.double_quant
         if kernels == "triton" and reads_these_weights:
             return TRITON
+        if kernels == "cpu" and quant.quant_type == "nf4":
+            return cpu_fused(kernel_build_dir)
         # a dense copy costs 4-8x the NF4 bits: worth it in host memory, not in a GPU's
         return DEQUANTIZE_ONCE if device.type == "cpu" else DEQUANTIZE
     if requested == "dequantize":
@@ -167,6 +189,10 @@ def choose_nf4_matmul(requested: str, device: torch.device, kernels: str = "torc
 
         resolve("triton", device)  # raises where Triton cannot run
         return TRITON
+    if requested == "cpu-fused":
+        if device.type != "cpu":
+            raise ValueError(f"nf4 path cpu-fused runs on CPU, not {device.type}")
+        return cpu_fused(kernel_build_dir)
     if requested == "cpu-bf16-packed":
         if device.type != "cpu" or not import_bitsandbytes().functional.has_avx512bf16():
             raise ValueError("nf4 path cpu-bf16-packed needs a CPU with AVX512-BF16 "
@@ -186,9 +212,13 @@ class NF4Linear(nn.Module):
         self.bias = bias
         self.matmul = matmul
         self.prepared = matmul.prepare(list(self.weights))
-        if isinstance(self.prepared, list):  # dense copies: buffers, so resident_bytes counts them
+        # copies the path keeps beside the NF4 bits are buffers, so resident_bytes counts them
+        if isinstance(self.prepared, list):  # dense copies
             for i, tensor in enumerate(self.prepared):
                 self.register_buffer(f"dense{i}", tensor, persistent=False)
+        elif hasattr(self.prepared, "codes"):  # the cpu-fused kernel's repacked codes and scales
+            self.register_buffer("repacked_codes", self.prepared.codes, persistent=False)
+            self.register_buffer("repacked_absmax", self.prepared.absmax, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul.forward(x, self.weights, self.prepared, self.bias)
@@ -246,8 +276,17 @@ def resident_bytes(module: nn.Module) -> int:
 
 def dequantized_copy_bytes(module: nn.Module) -> int:
     """Bytes of the dense copies the dequantize-once path keeps beside the NF4 bits."""
+    return _copy_bytes(module, "dense")
+
+
+def repacked_copy_bytes(module: nn.Module) -> int:
+    """Bytes of the repacked codes and float32 scales the cpu-fused path keeps beside the NF4 bits."""
+    return _copy_bytes(module, "repacked")
+
+
+def _copy_bytes(module: nn.Module, prefix: str) -> int:
     return sum(t.numel() * t.element_size() for m in module.modules() if isinstance(m, NF4Linear)
-               for name, t in m.named_buffers(recurse=False) if name.startswith("dense"))
+               for name, t in m.named_buffers(recurse=False) if name.startswith(prefix))
 
 
 def _quant_state_bytes(state) -> int:

@@ -236,12 +236,16 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
          help="most prompts in one /v1/completions request (a list of prompts, as lm-evaluation-harness batches)")
     flag("--max-adapter-labels", type=int, default=ServerConfig.max_adapter_labels, help="adapter names with their own metrics label")
     flag("--kernels", choices=KERNELS, default="auto",
-         help="LoRA and NF4 kernels: triton (server/kernels), torch, or auto (triton on CUDA, torch elsewhere)")
+         help="LoRA and NF4 kernels: triton (server/kernels), cpu (C kernels for NF4, the LM head and decode attention: "
+              "CPU only, float32 sums in their own order, built on first use with the system's C compiler into the "
+              "model cache), torch, or auto (triton on CUDA, torch elsewhere)")
     flag("--nf4-path", choices=NF4_PATHS, default="auto",
          help="how NF4 weights are multiplied: auto (follows --kernels), dequantize-once (the trained model's numbers from "
               "a copy dequantized at load: fast, 4 bytes per weight in float32), dequantize (the same numbers, "
               "dequantized per call: no copy), "
-              "triton, or cpu-bf16-packed (bitsandbytes' AVX512-BF16 kernel, CPU only, bf16 error)")
+              "triton, cpu-fused (a C kernel reads the NF4 codes in place: CPU only, float32; --kernels cpu's choice), "
+              "or cpu-bf16-packed (bitsandbytes' AVX512-BF16 kernel, "
+              "CPU only, bf16 error)")
     flag("--compile", action="store_true", help="torch.compile the decode step (compiles at start-up; on CPU needs a C++ compiler)")
     flag("--no-cuda-graphs", action="store_true", help="on CUDA, decode eagerly instead of replaying captured CUDA graphs")
     flag("--seed", type=int, default=0, help="seed for requests that set none")
@@ -275,7 +279,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               prefill_chunk_tokens=num(a.prefill_chunk_tokens),
                               kv_cache_bytes=num(a.kv_cache_bytes), kv_block_size=num(a.kv_block_size),
                               kv_cache_fraction=num(a.kv_cache_fraction, float), device=a.device, dtype=a.dtype, seed=num(a.seed),
-                              kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode,
+                              kernels=a.kernels, nf4_path=a.nf4_path, kernel_build_dir=str(Path(a.model_cache) / ".kernels"),
+                              compile=compile_decode,
                               cuda_graphs=not no_cuda_graphs, prefix_caching=not no_prefix_caching)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages),
                                max_samples=num(a.max_samples), max_prompts=num(a.max_prompts))

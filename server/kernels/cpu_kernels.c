@@ -1,0 +1,650 @@
+/* C kernels for CPU decode steps, where the bytes read and the number of ops, not arithmetic, set
+ * the pace.
+ *
+ * nf4_linear:   y[t, o] = sum_k x[t, k] * W[o, k],  W[o, k] = code[q(o, k)] * absmax[o, k / blocksize]
+ *               read straight from 4-bit codes (server/kernels/cpu_kernels.py repacks bitsandbytes'
+ *               layout once at load: in each chunk of 32 weights of a row, byte j holds weight j in
+ *               its low nibble and weight j + 16 in its high one). Each weight is formed exactly as
+ *               bitsandbytes dequantizes it (one float32 multiply), then multiplied into the sum.
+ * dense_linear: y[t, o] = sum_k x[t, k] * W[o, k] on float32 W (the LM head).
+ * lora_add:     multi-LoRA, one adapter slot per token, each slot's weights read once for its tokens.
+ * decode_attention: each row's one new query token attends to its first lengths[b] positions in
+ *               the paged KV cache, read in place through its block table (server/model/kv_cache.py's
+ *               layout), with an online softmax; query head h reads kv head h / (heads / kv_heads).
+ *
+ * Both accumulate in float32 in their own order, which is the only difference from torch's linear
+ * on the dequantized weight (whose own order changes with the batch size). Tokens go through in
+ * tiles of up to TILE, so a decode step reads each weight once; rows of W are split between the
+ * threads of a small pool of our own (below), not OpenMP: the engine calls from its own thread,
+ * and libgomp, once the main thread also has a team, counts more threads than CPUs and puts its
+ * workers to sleep between regions, which cost more than the work at one token per row (measured:
+ * 2-3x per decode step).
+ * An AVX-512 version and a portable one are compiled side by side; `*_auto` picks at run time.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define TILE 8
+#define ROWS_PER_TASK 16
+
+/* ---- the thread pool: parallel_for splits [0, total) in `threads` contiguous parts; the caller
+ * runs part 0, workers the others. Workers spin a short while for the next job (a decode step's
+ * regions follow each other within microseconds), then sleep on a condition variable. ---- */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+
+typedef void (*range_fn)(const void *args, int64_t begin, int64_t end);
+#define MAX_WORKERS 63
+#define SPIN_SECONDS 2e-4
+
+static struct {
+    pthread_mutex_t job_lock, sleep_lock;
+    pthread_cond_t wake;
+    int workers;
+    atomic_ulong generation;
+    atomic_int pending, sleepers;
+    range_fn fn;
+    const void *args;
+    int64_t total;
+    int parts;
+    unsigned long first_generation[MAX_WORKERS + 1];  /* the job a worker starts after, set when it is created */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0, {0}};
+
+static void run_part(int part)
+{
+    int64_t begin = pool.total * part / pool.parts, end = pool.total * (part + 1) / pool.parts;
+    if (begin < end) pool.fn(pool.args, begin, end);
+}
+
+static double seconds(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static inline void relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker_main(void *arg)
+{
+    const int part = (int)(intptr_t)arg;
+    unsigned long seen = pool.first_generation[part];
+    for (;;) {
+        double give_up = 0.0;
+        for (long spins = 1; atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; spins++) {
+            relax();
+            if (spins % 256) continue;
+            if (give_up == 0.0) {
+                give_up = seconds() + SPIN_SECONDS;
+            } else if (seconds() > give_up) {
+                pthread_mutex_lock(&pool.sleep_lock);
+                atomic_fetch_add(&pool.sleepers, 1);
+                while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.sleep_lock);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.sleep_lock);
+            }
+        }
+        seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        if (part < pool.parts) run_part(part);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void forget_workers_after_fork(void) { pool.workers = 0; }
+
+static void parallel_for(int64_t total, int threads, range_fn fn, const void *args)
+{
+    if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
+    if (threads <= 1 || total <= 1) {
+        fn(args, 0, total);
+        return;
+    }
+    pthread_mutex_lock(&pool.job_lock);
+    if (pool.workers == 0) pthread_atfork(NULL, NULL, forget_workers_after_fork);
+    while (pool.workers < threads - 1) {
+        pthread_t thread;
+        pool.first_generation[pool.workers + 1] = atomic_load(&pool.generation);
+        if (pthread_create(&thread, NULL, worker_main, (void *)(intptr_t)(pool.workers + 1)) != 0) break;
+        pthread_detach(thread);
+        pool.workers++;
+    }
+    pool.fn = fn;
+    pool.args = args;
+    pool.total = total;
+    pool.parts = pool.workers + 1 < threads ? pool.workers + 1 : threads;
+    atomic_store(&pool.pending, pool.workers);
+    atomic_fetch_add(&pool.generation, 1);  /* sequentially consistent with the sleepers count */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.sleep_lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+    run_part(0);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) relax();
+    pthread_mutex_unlock(&pool.job_lock);
+}
+
+struct nf4_args { const float *x; int64_t n; const uint8_t *packed; const float *absmax, *code; int64_t out, in, blocksize;
+                  float *y; };
+struct dense_args { const float *x; int64_t n; const float *w; int64_t out, in; float *y; };
+struct attention_args { const float *q, *keys, *values; const int32_t *tables; int64_t table_width;
+                        const int32_t *lengths; int64_t heads, kv_heads, head_dim, block_size; float scale; float *out; };
+
+/* ---- portable: the definition, vectorized by the compiler where it can ---- */
+
+static void nf4_portable_rows(const void *a, int64_t begin, int64_t end)
+{
+    const struct nf4_args *args = a;
+    const float *x = args->x, *absmax = args->absmax, *code = args->code;
+    const uint8_t *packed = args->packed;
+    const int64_t n = args->n, out = args->out, in = args->in, blocksize = args->blocksize;
+    float *y = args->y;
+    for (int64_t o = begin; o < end; o++) {
+        const uint8_t *row = packed + o * (in / 2);
+        const float *scale = absmax + o * (in / blocksize);
+        for (int64_t t = 0; t < n; t++) {
+            const float *xt = x + t * in;
+            float sum = 0.0f;
+            for (int64_t c = 0; c < in / 32; c++) {
+                for (int j = 0; j < 16; j++) {
+                    uint8_t b = row[c * 16 + j];
+                    float s = scale[(c * 32) / blocksize];
+                    sum += xt[c * 32 + j] * (code[b & 15] * s);
+                    sum += xt[c * 32 + j + 16] * (code[b >> 4] * s);
+                }
+            }
+            y[t * out + o] = sum;
+        }
+    }
+}
+
+void nf4_linear_portable(const float *x, int64_t n, const uint8_t *packed, const float *absmax, const float *code,
+                         int64_t out, int64_t in, int64_t blocksize, float *y, int threads)
+{
+    struct nf4_args args = {x, n, packed, absmax, code, out, in, blocksize, y};
+    parallel_for(out, threads, nf4_portable_rows, &args);
+}
+
+static void dense_portable_rows(const void *a, int64_t begin, int64_t end)
+{
+    const struct dense_args *args = a;
+    const int64_t n = args->n, in = args->in, out = args->out;
+    for (int64_t o = begin; o < end; o++) {
+        for (int64_t t = 0; t < n; t++) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < in; k++) sum += args->x[t * in + k] * args->w[o * in + k];
+            args->y[t * out + o] = sum;
+        }
+    }
+}
+
+void dense_linear_portable(const float *x, int64_t n, const float *w, int64_t out, int64_t in, float *y, int threads)
+{
+    struct dense_args args = {x, n, w, out, in, y};
+    parallel_for(out, threads, dense_portable_rows, &args);
+}
+
+static void attention_portable_rows(const void *a, int64_t begin, int64_t end)
+{
+    const struct attention_args *args = a;
+    const float *q = args->q, *keys = args->keys, *values = args->values;
+    const int32_t *tables = args->tables, *lengths = args->lengths;
+    const int64_t table_width = args->table_width, heads = args->heads, kv_heads = args->kv_heads;
+    const int64_t head_dim = args->head_dim, block_size = args->block_size, group = heads / kv_heads;
+    const float scale = args->scale;
+    float *out = args->out;
+    for (int64_t bh = begin; bh < end; bh++) {
+        const int64_t b = bh / heads, kv_head = (bh % heads) / group;
+        const float *qv = q + bh * head_dim;
+        float *o = out + bh * head_dim;
+        float running_max = -INFINITY, denominator = 0.0f;
+        for (int64_t d = 0; d < head_dim; d++) o[d] = 0.0f;
+        for (int64_t p = 0; p < lengths[b]; p++) {
+            int64_t slot = (int64_t)tables[b * table_width + p / block_size] * block_size + p % block_size;
+            const float *k = keys + (slot * kv_heads + kv_head) * head_dim;
+            const float *v = values + (slot * kv_heads + kv_head) * head_dim;
+            float score = 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) score += qv[d] * k[d];
+            score *= scale;
+            if (score > running_max) {  /* rescale what was summed under the old maximum */
+                float c = expf(running_max - score);
+                denominator *= c;
+                for (int64_t d = 0; d < head_dim; d++) o[d] *= c;
+                running_max = score;
+            }
+            float w = expf(score - running_max);
+            denominator += w;
+            for (int64_t d = 0; d < head_dim; d++) o[d] += w * v[d];
+        }
+        for (int64_t d = 0; d < head_dim; d++) o[d] /= denominator;
+    }
+}
+
+void decode_attention_portable(const float *q, const float *keys, const float *values, const int32_t *tables,
+                               int64_t table_width, const int32_t *lengths, int64_t batch, int64_t heads,
+                               int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float *out,
+                               int threads)
+{
+    struct attention_args args = {q, keys, values, tables, table_width, lengths, heads, kv_heads, head_dim, block_size,
+                                  scale, out};
+    parallel_for(batch * heads, threads, attention_portable_rows, &args);
+}
+
+/* ---- AVX-512 ---- */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX512_VERSION 1
+#define AVX512 __attribute__((target("avx512f")))
+
+/* One row of W against T (<= TILE) tokens; T is a constant after inlining, so the loops unroll. */
+AVX512 static inline __attribute__((always_inline)) void
+nf4_row(const float *x, int64_t in, int T, const uint8_t *row, const float *scale, int64_t chunks_per_block,
+        __m512 code, float *y, int64_t out)
+{
+    /* two sums per token (first and second half of each chunk): two independent FMA chains */
+    __m512 acc_lo[TILE], acc_hi[TILE];
+    for (int t = 0; t < TILE; t++) acc_lo[t] = acc_hi[t] = _mm512_setzero_ps();
+    const __m512i low_nibble = _mm512_set1_epi32(15);
+    for (int64_t c = 0; c < in / 32; c++) {
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c * 16)));
+        __m512 s = _mm512_set1_ps(scale[c / chunks_per_block]);
+        __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low_nibble), code), s);
+        __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), code), s);
+        for (int t = 0; t < TILE; t++) {
+            if (t < T) {
+                acc_lo[t] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x + t * in + c * 32), acc_lo[t]);
+                acc_hi[t] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + t * in + c * 32 + 16), acc_hi[t]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) y[t * out] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[t], acc_hi[t]));
+}
+
+AVX512 static inline __attribute__((always_inline)) void
+dense_row(const float *x, int64_t in, int T, const float *w, float *y, int64_t out)
+{
+    __m512 acc[TILE];
+    for (int t = 0; t < TILE; t++) acc[t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= in; k += 16) {
+        __m512 wk = _mm512_loadu_ps(w + k);
+        for (int t = 0; t < TILE; t++)
+            if (t < T) acc[t] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(x + t * in + k), acc[t]);
+    }
+    if (k < in) {
+        __mmask16 m = (__mmask16)((1u << (in - k)) - 1);
+        __m512 wk = _mm512_maskz_loadu_ps(m, w + k);
+        for (int t = 0; t < TILE; t++)
+            if (t < T) acc[t] = _mm512_fmadd_ps(wk, _mm512_maskz_loadu_ps(m, x + t * in + k), acc[t]);
+    }
+    for (int t = 0; t < T; t++) y[t * out] = _mm512_reduce_add_ps(acc[t]);
+}
+
+#define NF4_ROWS(T) AVX512 static void nf4_rows_##T(const float *x, int64_t in, const uint8_t *packed,            \
+    const float *absmax, int64_t blocksize, __m512 code, int64_t o0, int64_t o1, float *y, int64_t out) {           \
+    for (int64_t o = o0; o < o1; o++)                                                                                \
+        nf4_row(x, in, T, packed + o * (in / 2), absmax + o * (in / blocksize), blocksize / 32, code, y + o, out); }
+#define DENSE_ROWS(T) AVX512 static void dense_rows_##T(const float *x, int64_t in, const float *w,                \
+    int64_t o0, int64_t o1, float *y, int64_t out) {                                                                 \
+    for (int64_t o = o0; o < o1; o++) dense_row(x, in, T, w + o * in, y + o, out); }
+NF4_ROWS(1) NF4_ROWS(2) NF4_ROWS(3) NF4_ROWS(4) NF4_ROWS(5) NF4_ROWS(6) NF4_ROWS(7) NF4_ROWS(8)
+DENSE_ROWS(1) DENSE_ROWS(2) DENSE_ROWS(3) DENSE_ROWS(4) DENSE_ROWS(5) DENSE_ROWS(6) DENSE_ROWS(7) DENSE_ROWS(8)
+
+typedef void (*nf4_rows_fn)(const float *, int64_t, const uint8_t *, const float *, int64_t, __m512, int64_t,
+                            int64_t, float *, int64_t);
+typedef void (*dense_rows_fn)(const float *, int64_t, const float *, int64_t, int64_t, float *, int64_t);
+static const nf4_rows_fn NF4_TILES[TILE + 1] = {0, nf4_rows_1, nf4_rows_2, nf4_rows_3, nf4_rows_4,
+                                                nf4_rows_5, nf4_rows_6, nf4_rows_7, nf4_rows_8};
+static const dense_rows_fn DENSE_TILES[TILE + 1] = {0, dense_rows_1, dense_rows_2, dense_rows_3, dense_rows_4,
+                                                    dense_rows_5, dense_rows_6, dense_rows_7, dense_rows_8};
+
+/* tasks are blocks of ROWS_PER_TASK rows; within one, every token tile */
+AVX512 static void nf4_avx512_tasks(const void *a, int64_t begin, int64_t end)
+{
+    const struct nf4_args *args = a;
+    const __m512 code = _mm512_loadu_ps(args->code);
+    const int64_t n = args->n, in = args->in, out = args->out;
+    for (int64_t o0 = begin * ROWS_PER_TASK; o0 < end * ROWS_PER_TASK && o0 < out; o0 += ROWS_PER_TASK) {
+        int64_t o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
+        for (int64_t t = 0; t < n; t += TILE) {
+            int64_t tile = n - t < TILE ? n - t : TILE;
+            NF4_TILES[tile](args->x + t * in, in, args->packed, args->absmax, args->blocksize, code, o0, o1,
+                            args->y + t * out, out);
+        }
+    }
+}
+
+AVX512 void nf4_linear_avx512(const float *x, int64_t n, const uint8_t *packed, const float *absmax,
+                              const float *code, int64_t out, int64_t in, int64_t blocksize, float *y, int threads)
+{
+    struct nf4_args args = {x, n, packed, absmax, code, out, in, blocksize, y};
+    parallel_for((out + ROWS_PER_TASK - 1) / ROWS_PER_TASK, threads, nf4_avx512_tasks, &args);
+}
+
+AVX512 static void dense_avx512_tasks(const void *a, int64_t begin, int64_t end)
+{
+    const struct dense_args *args = a;
+    const int64_t n = args->n, in = args->in, out = args->out;
+    for (int64_t o0 = begin * ROWS_PER_TASK; o0 < end * ROWS_PER_TASK && o0 < out; o0 += ROWS_PER_TASK) {
+        int64_t o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
+        for (int64_t t = 0; t < n; t += TILE) {
+            int64_t tile = n - t < TILE ? n - t : TILE;
+            DENSE_TILES[tile](args->x + t * in, in, args->w, o0, o1, args->y + t * out, out);
+        }
+    }
+}
+
+AVX512 void dense_linear_avx512(const float *x, int64_t n, const float *w, int64_t out, int64_t in, float *y, int threads)
+{
+    struct dense_args args = {x, n, w, out, in, y};
+    parallel_for((out + ROWS_PER_TASK - 1) / ROWS_PER_TASK, threads, dense_avx512_tasks, &args);
+}
+
+#define MAX_HEAD_CHUNKS 16  /* head_dim up to 256 in registers */
+
+AVX512 static void attention_avx512_rows(const void *a, int64_t begin, int64_t end)
+{
+    const struct attention_args *args = a;
+    const float *q = args->q, *keys = args->keys, *values = args->values;
+    const int32_t *tables = args->tables, *lengths = args->lengths;
+    const int64_t table_width = args->table_width, heads = args->heads, kv_heads = args->kv_heads;
+    const int64_t head_dim = args->head_dim, block_size = args->block_size;
+    const int64_t group = heads / kv_heads, chunks = head_dim / 16;
+    const float scale = args->scale;
+    float *out = args->out;
+    for (int64_t bh = begin; bh < end; bh++) {
+        const int64_t b = bh / heads, kv_head = (bh % heads) / group;
+        __m512 qv[MAX_HEAD_CHUNKS], o[MAX_HEAD_CHUNKS];
+        for (int64_t c = 0; c < chunks; c++) {
+            qv[c] = _mm512_loadu_ps(q + bh * head_dim + c * 16);
+            o[c] = _mm512_setzero_ps();
+        }
+        float running_max = -INFINITY, denominator = 0.0f;
+        for (int64_t p = 0; p < lengths[b]; p++) {
+            int64_t slot = (int64_t)tables[b * table_width + p / block_size] * block_size + p % block_size;
+            const float *k = keys + (slot * kv_heads + kv_head) * head_dim;
+            const float *v = values + (slot * kv_heads + kv_head) * head_dim;
+            __m512 dot = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) dot = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + c * 16), dot);
+            float score = _mm512_reduce_add_ps(dot) * scale;
+            if (score > running_max) {
+                __m512 c16 = _mm512_set1_ps(expf(running_max - score));
+                denominator *= expf(running_max - score);
+                for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_mul_ps(o[c], c16);
+                running_max = score;
+            }
+            float w = expf(score - running_max);
+            denominator += w;
+            __m512 w16 = _mm512_set1_ps(w);
+            for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_fmadd_ps(w16, _mm512_loadu_ps(v + c * 16), o[c]);
+        }
+        __m512 inverse = _mm512_set1_ps(1.0f / denominator);
+        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(out + bh * head_dim + c * 16, _mm512_mul_ps(o[c], inverse));
+    }
+}
+
+AVX512 void decode_attention_avx512(const float *q, const float *keys, const float *values, const int32_t *tables,
+                                    int64_t table_width, const int32_t *lengths, int64_t batch, int64_t heads,
+                                    int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float *out,
+                                    int threads)
+{
+    struct attention_args args = {q, keys, values, tables, table_width, lengths, heads, kv_heads, head_dim, block_size,
+                                  scale, out};
+    parallel_for(batch * heads, threads, attention_avx512_rows, &args);
+}
+#endif
+
+/* ---- the versions the engine calls ---- */
+
+int has_avx512_version(void)
+{
+#ifdef HAVE_AVX512_VERSION
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
+void nf4_linear_auto(const float *x, int64_t n, const uint8_t *packed, const float *absmax, const float *code,
+                     int64_t out, int64_t in, int64_t blocksize, float *y, int threads)
+{
+#ifdef HAVE_AVX512_VERSION
+    static int avx512 = -1;
+    if (avx512 < 0) avx512 = has_avx512_version();
+    if (avx512) { nf4_linear_avx512(x, n, packed, absmax, code, out, in, blocksize, y, threads); return; }
+#endif
+    nf4_linear_portable(x, n, packed, absmax, code, out, in, blocksize, y, threads);
+}
+
+void dense_linear_auto(const float *x, int64_t n, const float *w, int64_t out, int64_t in, float *y, int threads)
+{
+#ifdef HAVE_AVX512_VERSION
+    static int avx512 = -1;
+    if (avx512 < 0) avx512 = has_avx512_version();
+    if (avx512) { dense_linear_avx512(x, n, w, out, in, y, threads); return; }
+#endif
+    dense_linear_portable(x, n, w, out, in, y, threads);
+}
+
+void decode_attention_auto(const float *q, const float *keys, const float *values, const int32_t *tables,
+                           int64_t table_width, const int32_t *lengths, int64_t batch, int64_t heads, int64_t kv_heads,
+                           int64_t head_dim, int64_t block_size, float scale, float *out, int threads)
+{
+#ifdef HAVE_AVX512_VERSION
+    static int avx512 = -1;
+    if (avx512 < 0) avx512 = has_avx512_version();
+    if (avx512 && head_dim % 16 == 0 && head_dim <= 16 * MAX_HEAD_CHUNKS) {
+        decode_attention_avx512(q, keys, values, tables, table_width, lengths, batch, heads, kv_heads, head_dim,
+                                block_size, scale, out, threads);
+        return;
+    }
+#endif
+    decode_attention_portable(q, keys, values, tables, table_width, lengths, batch, heads, kv_heads, head_dim,
+                              block_size, scale, out, threads);
+}
+
+/* ---- a whole decode step's decoder layers, one token per row ----
+ *
+ * The torch model (server/model/llama.py's DecoderLayer) is the definition; this is the same
+ * layer in one call, so a decode step pays no per-op dispatch: RMSNorm, q/k/v (NF4 + LoRA), RoPE,
+ * the new key/value into the paged cache, attention, o (NF4 + LoRA), residual, RMSNorm, gate/up,
+ * SiLU·up, down, residual. `layer_table` holds each layer's pointers (LAYER_FIELDS int64 each, see
+ * cpu_kernels.py's DecodeLayers); x [batch, hidden] is updated in place. */
+
+enum { QKV, O, GATE_UP, DOWN, GROUPS };
+enum { F_CODES = 0, F_ABSMAX = 4, F_BIAS = 8, F_LORA_A = 12, F_LORA_B = 16, F_INPUT_NORM = 20, F_POST_NORM = 21,
+       LAYER_FIELDS = 22 };
+
+#define PTR(type, value) ((type)(uintptr_t)(value))
+
+static float dot_portable(const float *a, const float *b, int64_t n)
+{
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+#ifdef HAVE_AVX512_VERSION
+AVX512 static float dot_avx512(const float *a, const float *b, int64_t n)
+{
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+#endif
+
+static void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out)
+{
+    float squares = 0.0f;
+    for (int64_t i = 0; i < n; i++) squares += x[i] * x[i];
+    float inverse = 1.0f / sqrtf(squares / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inverse);
+}
+
+static void axpy_portable(float a, const float *x, float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+#ifdef HAVE_AVX512_VERSION
+AVX512 static void axpy_avx512(float a, const float *x, float *y, int64_t n)
+{
+    const __m512 a16 = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a16, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+#endif
+
+struct lora_args {
+    const float *x; int64_t in; float *y; int64_t out; int64_t batch; const int64_t *token_slots;
+    const float *lora_a, *scaled_b_t; int64_t rank; const int64_t *starts; int slices;
+    float (*dot)(const float *, const float *, int64_t);
+    void (*axpy)(float, const float *, float *, int64_t);
+};
+
+/* y[b] += sBᵀ[s]·(A[s]·x[b]) for each slice of the group, s = the row's adapter slot (0: none).
+ * Tasks are slots: each reads its adapter's A and sBᵀ once for all the rows that use it (the
+ * adapters' float32 weights are as many bytes per step as the NF4 base at a few adapters). */
+static void lora_slots(const void *a, int64_t begin, int64_t end)
+{
+    const struct lora_args *args = a;
+    const int64_t in = args->in, out = args->out, rank = args->rank;
+    int64_t *rows = malloc(sizeof(int64_t) * args->batch);
+    float *shrunk = malloc(sizeof(float) * args->batch * rank);
+    if (!rows || !shrunk) abort();
+    for (int64_t slot = begin + 1; slot < end + 1; slot++) {
+        int64_t count = 0;
+        for (int64_t b = 0; b < args->batch; b++)
+            if (args->token_slots[b] == slot) rows[count++] = b;
+        if (count == 0) continue;
+        const float *lora_a = args->lora_a + slot * args->slices * rank * in;
+        const float *bt = args->scaled_b_t + slot * rank * out;
+        for (int i = 0; i < args->slices; i++) {
+            const int64_t lo = args->starts[i], width = args->starts[i + 1] - lo;
+            for (int64_t j = 0; j < rank; j++)
+                for (int64_t r = 0; r < count; r++)
+                    shrunk[r * rank + j] = args->dot(lora_a + (i * rank + j) * in, args->x + rows[r] * in, in);
+            for (int64_t j = 0; j < rank; j++)
+                for (int64_t r = 0; r < count; r++)
+                    if (shrunk[r * rank + j] != 0.0f)  /* a rank below max_rank: zero-padded rows */
+                        args->axpy(shrunk[r * rank + j], bt + j * out + lo, args->y + rows[r] * out + lo, width);
+        }
+    }
+    free(rows);
+    free(shrunk);
+}
+
+/* shape: hidden, heads, kv_heads, head_dim, intermediate, block_size, max_rank, nf4 blocksize, kv_layer_stride,
+ * LoRA slots (slot 0 included) */
+void decode_layers(const int64_t *shape, float eps, const float *code, const int64_t *layer_table, int64_t num_layers,
+                   float *x, int64_t batch, const float *cos, const float *sin, const int64_t *cache_slots,
+                   float *keys, float *values, const int32_t *tables, int64_t table_width, const int32_t *lengths,
+                   const int64_t *token_slots, float *work, int threads)
+{
+    const int64_t hidden = shape[0], heads = shape[1], kv_heads = shape[2], head_dim = shape[3];
+    const int64_t intermediate = shape[4], block_size = shape[5], rank = shape[6], blocksize = shape[7];
+    const int64_t kv_layer_stride = shape[8], num_slots = shape[9];
+    const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_size = q_size + 2 * kv_size;
+    const int64_t out[GROUPS] = {qkv_size, hidden, 2 * intermediate, hidden};
+    const int64_t in[GROUPS] = {hidden, q_size, hidden, intermediate};
+    const int64_t qkv_starts[4] = {0, q_size, q_size + kv_size, qkv_size};
+    const int64_t o_starts[2] = {0, hidden}, gate_up_starts[3] = {0, intermediate, 2 * intermediate};
+    const int64_t *starts[GROUPS] = {qkv_starts, o_starts, gate_up_starts, o_starts};
+    const int slices[GROUPS] = {3, 1, 2, 1};
+    float (*dot)(const float *, const float *, int64_t) = dot_portable;
+    void (*axpy)(float, const float *, float *, int64_t) = axpy_portable;
+#ifdef HAVE_AVX512_VERSION
+    if (has_avx512_version()) dot = dot_avx512, axpy = axpy_avx512;
+#endif
+    float *h = work, *qkv = h + batch * hidden, *q = qkv + batch * qkv_size, *attn = q + batch * q_size;
+    float *proj = attn + batch * q_size, *gate_up = proj + batch * hidden, *mlp = gate_up + batch * 2 * intermediate;
+    const int64_t half = head_dim / 2;
+
+    for (int64_t l = 0; l < num_layers; l++) {
+        const int64_t *f = layer_table + l * LAYER_FIELDS;
+        float *layer_keys = keys + l * kv_layer_stride, *layer_values = values + l * kv_layer_stride;
+        #define PROJECT(group, input, output)                                                                         \
+            do {                                                                                                      \
+                nf4_linear_auto(input, batch, PTR(const uint8_t *, f[F_CODES + group]),                               \
+                                PTR(const float *, f[F_ABSMAX + group]), code, out[group], in[group], blocksize,      \
+                                output, threads);                                                                      \
+                const float *bias = PTR(const float *, f[F_BIAS + group]);                                            \
+                if (bias) for (int64_t b = 0; b < batch; b++)                                                         \
+                    for (int64_t c = 0; c < out[group]; c++) output[b * out[group] + c] += bias[c];                   \
+                if (token_slots) {                                                                                     \
+                    struct lora_args lora = {input, in[group], output, out[group], batch, token_slots,                 \
+                                             PTR(const float *, f[F_LORA_A + group]),                                  \
+                                             PTR(const float *, f[F_LORA_B + group]), rank, starts[group],             \
+                                             slices[group], dot, axpy};                                                \
+                    parallel_for(num_slots - 1, threads, lora_slots, &lora);                                           \
+                }                                                                                                      \
+            } while (0)
+
+        for (int64_t b = 0; b < batch; b++)
+            rms_norm(x + b * hidden, PTR(const float *, f[F_INPUT_NORM]), hidden, eps, h + b * hidden);
+        PROJECT(QKV, h, qkv);
+        for (int64_t b = 0; b < batch; b++) {  /* RoPE (rotate-half form); new key and value into the cache */
+            const float *row = qkv + b * qkv_size, *c = cos + b * head_dim, *s = sin + b * head_dim;
+            for (int64_t hd = 0; hd < heads; hd++)
+                for (int64_t d = 0; d < head_dim; d++) {
+                    const float *v = row + hd * head_dim;
+                    float rotated = d < half ? -v[d + half] : v[d - half];
+                    q[(b * heads + hd) * head_dim + d] = v[d] * c[d] + rotated * s[d];
+                }
+            float *key = layer_keys + cache_slots[b] * kv_size, *value = layer_values + cache_slots[b] * kv_size;
+            for (int64_t hd = 0; hd < kv_heads; hd++)
+                for (int64_t d = 0; d < head_dim; d++) {
+                    const float *v = row + q_size + hd * head_dim;
+                    float rotated = d < half ? -v[d + half] : v[d - half];
+                    key[hd * head_dim + d] = v[d] * c[d] + rotated * s[d];
+                    value[hd * head_dim + d] = row[q_size + kv_size + hd * head_dim + d];
+                }
+        }
+        decode_attention_auto(q, layer_keys, layer_values, tables, table_width, lengths, batch, heads, kv_heads,
+                              head_dim, block_size, 1.0f / sqrtf((float)head_dim), attn, threads);
+        PROJECT(O, attn, proj);
+        for (int64_t i = 0; i < batch * hidden; i++) x[i] += proj[i];
+
+        for (int64_t b = 0; b < batch; b++)
+            rms_norm(x + b * hidden, PTR(const float *, f[F_POST_NORM]), hidden, eps, h + b * hidden);
+        PROJECT(GATE_UP, h, gate_up);
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t i = 0; i < intermediate; i++) {
+                float g = gate_up[b * 2 * intermediate + i], up = gate_up[b * 2 * intermediate + intermediate + i];
+                mlp[b * intermediate + i] = g / (1.0f + expf(-g)) * up;
+            }
+        PROJECT(DOWN, mlp, proj);
+        for (int64_t i = 0; i < batch * hidden; i++) x[i] += proj[i];
+        #undef PROJECT
+    }
+}
+
+/* y[t] += sBᵀ[s]·(A[s]·x[t]) for every token t on slot s = token_slots[t] (0: none), one pool of
+ * `slices` projections sharing an input (starts: their first output columns, then out). The LoRA
+ * of a prefill (many tokens per row) under kernels="cpu"; y is updated in place. */
+void lora_add(const float *x, int64_t in, float *y, int64_t out, int64_t tokens, const int64_t *token_slots,
+              const float *lora_a, const float *scaled_b_t, int64_t rank, const int64_t *starts, int64_t slices,
+              int64_t num_slots, int threads)
+{
+    float (*dot)(const float *, const float *, int64_t) = dot_portable;
+    void (*axpy)(float, const float *, float *, int64_t) = axpy_portable;
+#ifdef HAVE_AVX512_VERSION
+    if (has_avx512_version()) dot = dot_avx512, axpy = axpy_avx512;
+#endif
+    struct lora_args args = {x, in, y, out, tokens, token_slots, lora_a, scaled_b_t, rank, starts, (int)slices, dot, axpy};
+    parallel_for(num_slots - 1, threads, lora_slots, &args);
+}

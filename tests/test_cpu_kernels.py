@@ -1,0 +1,210 @@
+"""The C kernels of EngineConfig(kernels="cpu") (server/kernels/cpu_kernels.c): each against its
+definition in float64, in both compiled versions (AVX-512 where the CPU has it, and the portable
+one), then the whole engine on them against the torch path and transformers + PEFT.
+
+Tolerance of a float32 sum of K products, whatever its order: |error| <= K·u·Σ|x·w| with u = 2^-24
+(the standard bound; an order that differs from torch's can never break it, a wrong weight does)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from server.config import QuantConfig
+from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
+from server.kernels import cpu_kernels, resolve
+from server.kernels.attention import decode_attention_reference
+from server.model.factory import make_model
+from server.model.quant import DEQUANTIZE, make_base_linear
+from tests.helpers import make_peft_adapter, reference_peft_model
+
+U = 2.0 ** -24
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(scope="module", params=["auto", "portable"])
+def kernels(request, build_dir):
+    library = cpu_kernels.load(build_dir, portable=request.param == "portable")
+    if request.param == "auto" and not library.has_avx512:
+        pytest.skip("this CPU has no AVX-512: auto is the portable version, tested as such")
+    return library
+
+
+def nf4_weights(shapes, seed=0):
+    torch.manual_seed(seed)
+    weights = [torch.randn(*shape) * 0.05 for shape in shapes]
+    layer = make_base_linear(weights, None, QuantConfig(), DEQUANTIZE, CPU, torch.float32)
+    return list(layer.weights), layer
+
+
+def assert_within_float32_sum_bound(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    exact = x.double() @ w.double().T
+    bound = x.shape[1] * U * (x.double().abs() @ w.double().abs().T)
+    assert ((got.double() - exact).abs() <= bound).all(), (got.double() - exact).abs().max()
+
+
+def test_the_nf4_kernel_forms_each_weight_as_bitsandbytes_dequantizes_it(kernels):
+    """A one-hot input picks single weights out: the products are exact, so y is W's bits."""
+    weights, layer = nf4_weights([(96, 128), (32, 128)])
+    packed = cpu_kernels.pack_nf4(weights)
+    from server.model.quant import dequantized_weight
+
+    w = dequantized_weight(layer)
+    assert torch.equal(kernels.nf4_linear(torch.eye(128), packed), w.T)
+    assert torch.equal(cpu_kernels.nf4_linear_reference(torch.eye(128), packed), w.T)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 8, 9, 19])
+def test_the_nf4_kernel_sums_within_float32_rounding_of_the_exact_product(kernels, tokens):
+    weights, layer = nf4_weights([(200, 192), (40, 192), (8, 192)], seed=tokens)
+    from server.model.quant import dequantized_weight
+
+    x = torch.randn(tokens, 192)
+    assert_within_float32_sum_bound(kernels.nf4_linear(x, cpu_kernels.pack_nf4(weights)), x, dequantized_weight(layer))
+
+
+def test_packing_refuses_what_the_nf4_kernel_cannot_read():
+    weights, _ = nf4_weights([(64, 160)])  # 160 = 2.5 blocks of 64: blocks straddle rows
+    with pytest.raises(ValueError, match="whole blocks"):
+        cpu_kernels.pack_nf4(weights)
+    bf16 = make_base_linear(torch.randn(64, 128), None, QuantConfig(), DEQUANTIZE, CPU, torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernels.pack_nf4(list(bf16.weights))
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 11])
+def test_the_dense_kernel_sums_within_float32_rounding_of_the_exact_product(kernels, tokens):
+    torch.manual_seed(tokens)
+    w, x = torch.randn(333, 100), torch.randn(tokens, 100)  # rows and columns off the vector width
+    assert_within_float32_sum_bound(kernels.dense_linear(x, w), x, w)
+
+
+def test_lora_add_gives_every_token_its_own_slot_like_the_definition(kernels):
+    from server.lora.layers import LoRAPool, lora_delta_reference
+
+    torch.manual_seed(3)
+    pool = LoRAPool(4, 8, 64, {"q_proj": 48, "k_proj": 16, "v_proj": 16}, CPU, torch.float32)
+    pool.lora_a[1:].normal_()
+    pool.scaled_b_t[1:].normal_()
+    pool.scaled_b_t[2, 5:] = 0  # slot 2 has rank 5: its padded rows contribute nothing
+    x, y = torch.randn(13, 64), torch.randn(13, 80)
+    slots = torch.tensor([0, 1, 2, 3, 3, 1, 0, 2, 2, 2, 1, 3, 0])
+    want = y.double() + lora_delta_reference(x.double(), slots, pool.lora_a.double(), pool.scaled_b_t.double(), pool.starts)
+    got = kernels.lora_add(y.clone(), x, pool.lora_a, pool.scaled_b_t, pool.host_starts, slots)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])  # 24: not whole AVX-512 vectors, the portable loop serves it
+def test_decode_attention_reads_each_row_blocks_in_place_like_the_definition(kernels, head_dim):
+    torch.manual_seed(head_dim)
+    blocks, block_size, kv_heads, heads = 9, 4, 2, 6
+    keys, values = torch.randn(blocks, block_size, kv_heads, head_dim), torch.randn(blocks, block_size, kv_heads, head_dim)
+    tables = torch.tensor([[7, 2, 5, 0], [3, 8, 8, 8], [1, 4, 6, 8]], dtype=torch.int32)  # 8: unused entries
+    lengths = torch.tensor([14, 2, 9], dtype=torch.int32)
+    q = torch.randn(3, heads, head_dim) * 2
+    got = kernels.decode_attention(q, keys, values, tables, lengths, head_dim ** -0.5)
+    want = decode_attention_reference(q.double(), keys.double(), values.double(), tables, lengths, head_dim ** -0.5)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+def test_calls_from_several_threads_at_once_each_get_their_own_result(kernels):
+    """The engine calls from its own thread; tests and other engines from theirs."""
+    weights, _ = nf4_weights([(2048, 256)])
+    packed = cpu_kernels.pack_nf4(weights)
+    inputs = [[torch.randn(3, 256) for _ in range(30)] for _ in range(4)]  # every call its own numbers
+    got = [[] for _ in inputs]
+
+    def run(i):
+        got[i] = [kernels.nf4_linear(x, packed) for x in inputs[i]]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for xs, ys in zip(inputs, got):  # the same split, the same sums as one call at a time
+        assert all(torch.equal(y, kernels.nf4_linear(x, packed)) for x, y in zip(xs, ys))
+
+
+def test_the_library_is_built_once_per_directory_and_refused_without_a_compiler(tmp_path, monkeypatch):
+    cpu_kernels.load(tmp_path / "built")
+    assert [p.suffix for p in (tmp_path / "built").iterdir()] == [".so"]  # no partial file left behind
+    cpu_kernels._loaded.clear()
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a cached library"))
+    cpu_kernels.load(tmp_path / "built")
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    with pytest.raises(cpu_kernels.KernelBuildError, match="C compiler"):
+        cpu_kernels.load(tmp_path / "elsewhere")
+
+
+def test_cpu_kernels_are_refused_where_they_cannot_run(model_dirs):
+    with pytest.raises(ValueError, match="runs on CPU"):
+        resolve("cpu", torch.device("cuda"))
+    with pytest.raises(ValueError, match="whole blocks"):  # "tiny": a 160-wide MLP input
+        Engine.from_pretrained(model_dirs["tiny"], EngineConfig(max_seq_len=32, kernels="cpu"))
+
+
+# ---- the engine on them ----
+
+PROMPTS = [[5, 17, 42, 99, 7, 3], [8, 200, 33], [150, 9, 12, 40, 41], [77, 78, 79, 80]]
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aligned")
+    model_dir = make_model(root / "model", "tiny-aligned", seed=1)
+    adapters = {
+        "cheese": make_peft_adapter(model_dir, root / "cheese", seed=11, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "wine": make_peft_adapter(model_dir, root / "wine", seed=12, r=8, lora_alpha=16, target_modules="all-linear",
+                                  rank_pattern={"down_proj": 2}),
+    }
+    return model_dir, adapters
+
+
+def engine(model_dir, adapters, kernels, tmp_path=None):
+    e = Engine.from_pretrained(model_dir, EngineConfig(max_batch_size=4, max_seq_len=32, max_adapters=2, max_rank=8,
+                                                       kernels=kernels, kernel_build_dir=tmp_path))
+    for name, path in adapters.items():
+        e.load_adapter(name, path)
+    return e
+
+
+def test_engine_on_cpu_kernels_generates_what_the_torch_path_and_peft_do(aligned, build_dir):
+    """Decode steps run every layer in C (q/k/v with LoRA, RoPE, the paged cache, attention, MLP):
+    each generated token's log-probability agrees with the torch path's, the tokens are PEFT's."""
+    model_dir, adapters = aligned
+    names = [None, "cheese", "wine", "wine"]
+    cpu_engine, torch_engine = engine(model_dir, adapters, "cpu", str(build_dir)), engine(model_dir, adapters, "torch")
+    try:
+        assert cpu_engine.describe()["nf4_path"] == "cpu-fused"
+        sampling = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=1)
+        requests = [Request(prompt_ids=p, adapter=n, sampling=sampling) for p, n in zip(PROMPTS, names)]
+        handles = [[e.submit(r) for r in requests] for e in (cpu_engine, torch_engine)]
+        got, want = ([h.result() for h in hs] for hs in handles)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        for mine, theirs in zip(*handles):
+            torch.testing.assert_close(torch.tensor([t.logprob for t in mine.logprobs]),
+                                       torch.tensor([t.logprob for t in theirs.logprobs]), rtol=0, atol=1e-4)
+    finally:
+        cpu_engine.close()
+        torch_engine.close()
+
+    peft = reference_peft_model(model_dir, adapters)
+    for prompt, name, out in zip(PROMPTS, names, got):
+        with torch.no_grad():
+            want = peft.generate(input_ids=torch.tensor([prompt]), adapter_names=[name or "__base__"],
+                                 max_new_tokens=8, do_sample=False)[0, len(prompt):]
+        assert out.token_ids == want.tolist()[: len(out.token_ids)], f"adapter {name}"
+    assert len({tuple(o.token_ids) for o in got}) > 1  # the adapters really change the tokens
+
+
+def test_compile_does_not_apply_to_the_cpu_kernels(aligned):
+    with pytest.raises(ValueError, match="kernels='cpu'"):
+        Engine.from_pretrained(aligned[0], EngineConfig(max_seq_len=32, kernels="cpu", compile=True))

@@ -221,7 +221,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [BASE, "cheese@v1"])
+@pytest.mark.parametrize("model", ["cheese@v1"])  # an adapter's scores; the base model's path is a subset (17 s saved)
 def test_lm_evaluation_harness_scores_the_served_model(server, base_url, reference, llama_dir, model, tmp_path):
     pytest.importorskip("lm_eval")
     from transformers import AutoTokenizer

@@ -22,12 +22,13 @@ from torch import nn
 from ..config import EngineConfig
 from ..errors import UnsupportedModel
 from ..kernels import resolve as resolve_kernels
-from ..lora.layers import CPULoRA, LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
 from ..kernels.cpu_kernels import load as load_cpu_kernels
-from .decode_layers import CPUDecodeLayers, torch_layers
+from ..lora.layers import CPULoRA, LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
 from .attention import CPUDecodeAttention, DecodeAttention, TorchDecodeAttention, TritonDecodeAttention
+from .decode_layers import CPUDecodeLayers, torch_layers
 from .kv_cache import KVCache
-from .quant import choose_nf4_matmul, dequantized_copy_bytes, make_base_linear, repacked_copy_bytes, resident_bytes
+from .quant import (NF4Matmul, choose_nf4_matmul, dequantized_copy_bytes, make_base_linear, repacked_copy_bytes,
+                    resident_bytes)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -298,6 +299,24 @@ def _position_reach(hf_config) -> int | None:
     return reach
 
 
+def choose_kernels(config: EngineConfig, device: torch.device) -> tuple[Kernels, NF4Matmul]:
+    """EngineConfig.kernels and nf4_path → how the model computes on `device`, and its NF4Matmul."""
+    kernels = resolve_kernels(config.kernels, device)
+    build_dir = Path(config.kernel_build_dir) if config.kernel_build_dir else None
+    nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels, config.quant, build_dir)
+    nf4_path = nf4_matmul.name if config.quant.enabled else "unquantized"
+    if kernels == "triton":
+        return Kernels(nf4_path, TritonLoRA(), TritonDecodeAttention(), F.linear, torch_layers), nf4_matmul
+    if kernels == "cpu":
+        if nf4_path != "cpu-fused":
+            raise ValueError(f"kernels='cpu' reads NF4 weights in place (nf4 path cpu-fused, its auto choice, with "
+                             f"quantization enabled), not {nf4_path}")
+        library = load_cpu_kernels(build_dir)
+        return Kernels(nf4_path, CPULoRA(library), CPUDecodeAttention(library), library.dense_linear,
+                       CPUDecodeLayers(library)), nf4_matmul
+    return Kernels(nf4_path, TorchLoRA(), TorchDecodeAttention(), F.linear, torch_layers), nf4_matmul
+
+
 def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer, object]:
     """Build the serving model from a Hugging Face checkpoint directory. Each projection is
     quantized as it is read, so peak host memory stays near one layer beyond the result."""
@@ -315,20 +334,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
                                f"({reach}: max_position_embeddings, or what its RoPE scaling extends it to); "
                                f"lower --max-seq-len")
     device, dtype = config.resolved_device(), config.resolved_dtype()
-    kernels = resolve_kernels(config.kernels, device)
-    build_dir = Path(config.kernel_build_dir) if config.kernel_build_dir else None
-    nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels, config.quant, build_dir)
-    lm_head_matmul, decode_attention, run_layers = F.linear, TorchDecodeAttention(), torch_layers
-    lora_kernels = TritonLoRA() if kernels == "triton" else TorchLoRA()
-    if kernels == "triton":
-        decode_attention = TritonDecodeAttention()
-    elif kernels == "cpu":
-        if not config.quant.enabled or nf4_matmul.name != "cpu-fused":
-            raise ValueError("kernels='cpu' reads NF4 weights in place: nf4 path cpu-fused (its auto choice) with "
-                             f"quantization enabled, not {nf4_matmul.name if config.quant.enabled else 'unquantized'}")
-        library = load_cpu_kernels(build_dir)
-        lm_head_matmul, decode_attention, run_layers = library.dense_linear, CPUDecodeAttention(library), CPUDecodeLayers(library)
-        lora_kernels = CPULoRA(library)
+    chosen, nf4_matmul = choose_kernels(config, device)
     reader = _CheckpointReader(model_dir)
     shapes = spec.projection_shapes()
     num_slots = config.max_adapters + 1
@@ -355,7 +361,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
             projections[group] = LoRALinear(base, pool)
         norms = [RMSNorm(reader.get(f"model.layers.{i}.{n}.weight").to(device, dtype), spec.rms_norm_eps)
                  for n in ("input_layernorm", "post_attention_layernorm")]
-        layers.append(DecoderLayer(spec, projections, *norms, decode_attention))
+        layers.append(DecoderLayer(spec, projections, *norms, chosen.decode_attention))
 
     embed = reader.get("model.embed_tokens.weight").to(device, dtype)
     if spec.tie_embeddings or not reader.has("lm_head.weight"):
@@ -364,8 +370,5 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
         lm_head = reader.get("lm_head.weight").to(device, dtype)
     norm = RMSNorm(reader.get("model.norm.weight").to(device, dtype), spec.rms_norm_eps)
     rope = rope_tables(hf_config, spec.head_dim, config.max_seq_len, device)
-    chosen = Kernels(nf4_path=nf4_matmul.name if config.quant.enabled else "unquantized",
-                     lora=lora_kernels, decode_attention=decode_attention,
-                     lm_head_matmul=lm_head_matmul, layers=run_layers)
     model = Transformer(spec, embed, layers, norm, lm_head, rope, chosen).eval()
     return model, hf_config

@@ -279,8 +279,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               prefill_chunk_tokens=num(a.prefill_chunk_tokens),
                               kv_cache_bytes=num(a.kv_cache_bytes), kv_block_size=num(a.kv_block_size),
                               kv_cache_fraction=num(a.kv_cache_fraction, float), device=a.device, dtype=a.dtype, seed=num(a.seed),
-                              kernels=a.kernels, nf4_path=a.nf4_path, kernel_build_dir=str(Path(a.model_cache) / ".kernels"),
-                              compile=compile_decode,
+                              kernels=a.kernels, nf4_path=a.nf4_path, compile=compile_decode,
                               cuda_graphs=not no_cuda_graphs, prefix_caching=not no_prefix_caching)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages),
                                max_samples=num(a.max_samples), max_prompts=num(a.max_prompts))
@@ -341,14 +340,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def with_model_resolved(config: ServerConfig) -> ServerConfig:
     """The config with model_dir a checkpoint directory: the built-in model or a .gguf file is
-    converted into the cache on first use. The served name defaults to the model's own."""
+    converted into the cache on first use. The served name defaults to the model's own. C kernels
+    (--kernels cpu) are built into the same cache, in .kernels/, unless the engine names a place."""
     from dataclasses import replace
 
     from ..model.source import resolve
 
-    source = resolve(config.model_dir, config.model_cache or default_cache_dir())
+    cache = config.model_cache or default_cache_dir()
+    source = resolve(config.model_dir, cache)
     log.info("model: %s", source.describe())
-    return replace(config, model_dir=source.path, served_model_name=config.served_model_name or source.name)
+    engine = config.engine
+    if engine.kernel_build_dir is None:
+        engine = replace(engine, kernel_build_dir=str(Path(cache) / ".kernels"))
+    return replace(config, model_dir=source.path, served_model_name=config.served_model_name or source.name,
+                   engine=engine)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
  *               the paged KV cache, read in place through its block table (server/model/kv_cache.py's
  *               layout), with an online softmax; query head h reads kv head h / (heads / kv_heads).
  *
- * Both accumulate in float32 in their own order, which is the only difference from torch's linear
+ * All accumulate in float32 in their own order, which is the only difference from torch's linear
  * on the dequantized weight (whose own order changes with the batch size). Tokens go through in
  * tiles of up to TILE, so a decode step reads each weight once; rows of W are split between the
  * threads of a small pool of our own (below), not OpenMP: the engine calls from its own thread,

@@ -62,6 +62,20 @@ def cheese_and_wine_store(peft_adapters, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def aligned_model(tmp_path_factory):
+    """The "tiny-aligned" Llama (every projection input whole 64-weight NF4 blocks, what the NF4
+    kernels read) and two adapters that differ in rank and target modules: (model_dir, adapters)."""
+    root = tmp_path_factory.mktemp("aligned")
+    model_dir = make_model(root / "model", "tiny-aligned", seed=1)
+    adapters = {
+        "cheese": make_peft_adapter(model_dir, root / "cheese", seed=11, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "wine": make_peft_adapter(model_dir, root / "wine", seed=12, r=8, lora_alpha=16, target_modules="all-linear",
+                                  rank_pattern={"down_proj": 2}),
+    }
+    return model_dir, adapters
+
+
+@pytest.fixture(scope="session")
 def cheese_data(tmp_path_factory):
     """A slice of the demo's cheese dataset (JSONL); small, so a training run takes seconds."""
     from trainer.demo.make_dataset import write

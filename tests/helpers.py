@@ -76,6 +76,19 @@ def reference_peft_model(base_dir: Path, adapters: dict[str, Path]):
     return model.eval()
 
 
+def assert_peft_generates_the_same(base_dir: Path, adapters: dict[str, Path], prompts: list[list[int]],
+                                  names: list[str | None], outputs) -> None:
+    """Each engine output's greedy tokens are what PEFT's generate gives for its prompt and
+    adapter (None: the base model), and the adapters really change the tokens."""
+    peft = reference_peft_model(base_dir, adapters)
+    for prompt, name, out in zip(prompts, names, outputs):
+        with torch.no_grad():
+            want = peft.generate(input_ids=torch.tensor([prompt]), adapter_names=[name or "__base__"],
+                                 max_new_tokens=len(out.token_ids), do_sample=False)[0, len(prompt):]
+        assert out.token_ids == want.tolist(), f"adapter {name}"
+    assert len({tuple(o.token_ids) for o in outputs}) > 1
+
+
 class RunningServer:
     """A real hotlora Server on port 0 (gRPC and metrics), on its own event loop in a thread, so
     tests can use the generated synchronous stubs against it."""

@@ -16,9 +16,8 @@ from server.config import QuantConfig
 from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
 from server.kernels import cpu_kernels, resolve
 from server.kernels.attention import decode_attention_reference
-from server.model.factory import make_model
 from server.model.quant import DEQUANTIZE, make_base_linear
-from tests.helpers import make_peft_adapter, reference_peft_model
+from tests.helpers import assert_peft_generates_the_same
 
 U = 2.0 ** -24
 CPU = torch.device("cpu")
@@ -156,18 +155,6 @@ def test_cpu_kernels_are_refused_where_they_cannot_run(model_dirs):
 PROMPTS = [[5, 17, 42, 99, 7, 3], [8, 200, 33], [150, 9, 12, 40, 41], [77, 78, 79, 80]]
 
 
-@pytest.fixture(scope="module")
-def aligned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aligned")
-    model_dir = make_model(root / "model", "tiny-aligned", seed=1)
-    adapters = {
-        "cheese": make_peft_adapter(model_dir, root / "cheese", seed=11, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "wine": make_peft_adapter(model_dir, root / "wine", seed=12, r=8, lora_alpha=16, target_modules="all-linear",
-                                  rank_pattern={"down_proj": 2}),
-    }
-    return model_dir, adapters
-
-
 def engine(model_dir, adapters, kernels, tmp_path=None):
     e = Engine.from_pretrained(model_dir, EngineConfig(max_batch_size=4, max_seq_len=32, max_adapters=2, max_rank=8,
                                                        kernels=kernels, kernel_build_dir=tmp_path))
@@ -176,10 +163,10 @@ def engine(model_dir, adapters, kernels, tmp_path=None):
     return e
 
 
-def test_engine_on_cpu_kernels_generates_what_the_torch_path_and_peft_do(aligned, build_dir):
+def test_engine_on_cpu_kernels_generates_what_the_torch_path_and_peft_do(aligned_model, build_dir):
     """Decode steps run every layer in C (q/k/v with LoRA, RoPE, the paged cache, attention, MLP):
     each generated token's log-probability agrees with the torch path's, the tokens are PEFT's."""
-    model_dir, adapters = aligned
+    model_dir, adapters = aligned_model
     names = [None, "cheese", "wine", "wine"]
     cpu_engine, torch_engine = engine(model_dir, adapters, "cpu", str(build_dir)), engine(model_dir, adapters, "torch")
     try:
@@ -196,15 +183,9 @@ def test_engine_on_cpu_kernels_generates_what_the_torch_path_and_peft_do(aligned
         cpu_engine.close()
         torch_engine.close()
 
-    peft = reference_peft_model(model_dir, adapters)
-    for prompt, name, out in zip(PROMPTS, names, got):
-        with torch.no_grad():
-            want = peft.generate(input_ids=torch.tensor([prompt]), adapter_names=[name or "__base__"],
-                                 max_new_tokens=8, do_sample=False)[0, len(prompt):]
-        assert out.token_ids == want.tolist()[: len(out.token_ids)], f"adapter {name}"
-    assert len({tuple(o.token_ids) for o in got}) > 1  # the adapters really change the tokens
+    assert_peft_generates_the_same(model_dir, adapters, PROMPTS, names, got)
 
 
-def test_compile_does_not_apply_to_the_cpu_kernels(aligned):
+def test_compile_does_not_apply_to_the_cpu_kernels(aligned_model):
     with pytest.raises(ValueError, match="kernels='cpu'"):
-        Engine.from_pretrained(aligned[0], EngineConfig(max_seq_len=32, kernels="cpu", compile=True))
+        Engine.from_pretrained(aligned_model[0], EngineConfig(max_seq_len=32, kernels="cpu", compile=True))

@@ -8,22 +8,9 @@ import pytest
 import torch
 
 from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
-from server.model.factory import make_model
-from tests.helpers import make_peft_adapter, reference_peft_model
+from tests.helpers import assert_peft_generates_the_same
 
 PROMPTS = [[5, 17, 42, 99, 7, 3], [8, 200, 33], [150, 9, 12, 40, 41], [77, 78, 79, 80]]
-
-
-@pytest.fixture(scope="module")
-def aligned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aligned")
-    model_dir = make_model(root / "model", "tiny-aligned", seed=1)
-    adapters = {
-        "cheese": make_peft_adapter(model_dir, root / "cheese", seed=11, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "wine": make_peft_adapter(model_dir, root / "wine", seed=12, r=8, lora_alpha=16, target_modules="all-linear",
-                                  rank_pattern={"down_proj": 2}),
-    }
-    return model_dir, adapters
 
 
 def engine(model_dir, adapters, kernels):
@@ -35,8 +22,8 @@ def engine(model_dir, adapters, kernels):
     return e
 
 
-def test_engine_on_triton_kernels_generates_what_the_torch_path_and_peft_do(aligned):
-    model_dir, adapters = aligned
+def test_engine_on_triton_kernels_generates_what_the_torch_path_and_peft_do(aligned_model):
+    model_dir, adapters = aligned_model
     names = [None, "cheese", "wine", "wine"]
     triton_engine, torch_engine = engine(model_dir, adapters, "triton"), engine(model_dir, adapters, "torch")
     try:
@@ -53,13 +40,7 @@ def test_engine_on_triton_kernels_generates_what_the_torch_path_and_peft_do(alig
         triton_engine.close()
         torch_engine.close()
 
-    peft = reference_peft_model(model_dir, adapters)
-    for prompt, name, out in zip(PROMPTS, names, got):
-        with torch.no_grad():
-            want = peft.generate(input_ids=torch.tensor([prompt]), adapter_names=[name or "__base__"],
-                                 max_new_tokens=6, do_sample=False)[0, len(prompt):]
-        assert out.token_ids == want.tolist()[: len(out.token_ids)], f"adapter {name}"
-    assert len({tuple(o.token_ids) for o in got}) > 1  # the adapters really change the tokens
+    assert_peft_generates_the_same(model_dir, adapters, PROMPTS, names, got)
 
 
 def test_triton_kernels_are_refused_on_cpu_outside_the_interpreter(monkeypatch):

@@ -2,7 +2,8 @@
 float32 (bit-for-bit the trained model's path), in bfloat16 with plain torch (any CPU) and through
 bitsandbytes' packed bf16 kernel (CPUs with AVX512-BF16) accepts a trained adapter, and refuses
 adapters whose files do not match the trained model, adapters that do nothing and adapters the
-engine cannot hold."""
+engine cannot hold. Greedy tokens are held to what the engine flips with the adapter off (two
+correct implementations at that dtype), not to a fixed fraction."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from server.model.factory import make_model
 from server.model.quant import import_bitsandbytes
 from tests.helpers import make_peft_adapter, reference_nf4_model, tampered_adapter
-from trainer.acceptance import ABSOLUTE_FLOOR, EFFECT_MULTIPLE, AcceptanceError, check, decide, prompts_from
+from trainer.acceptance import ABSOLUTE_FLOOR, EFFECT_MULTIPLE, AcceptanceError, check, decide, measure, prompts_from
 from trainer.config import FitConfig
 from trainer.fit import fit
 
@@ -28,7 +29,9 @@ def trained(llama_dir, cheese_data, tmp_path_factory):
                            rank=8, max_seq_len=96, batch_size=4, learning_rate=2e-2, max_steps=20, eval_every=10**9,
                            checkpoint_every=10**9, eval_fraction=0.15, seed=5))
     result.model.save_pretrained(root / "adapter")
-    return SimpleNamespace(model=result.model, adapter=root / "adapter", prompts=prompts_from(result.eval, 3))
+    # ~270 positions: enough for the count of flipped greedy tokens to be a statistic
+    return SimpleNamespace(model=result.model, adapter=root / "adapter",
+                           prompts=prompts_from(result.eval + result.train, 12))
 
 
 def peft_model_of(base_dir, adapter_dir):
@@ -42,12 +45,25 @@ def test_a_trained_adapter_is_accepted_on_each_cpu_path(llama_dir, trained, dtyp
     report = check(llama_dir, trained.adapter, trained.model, trained.prompts, rank=8, dtype=dtype)
     assert report.max_relative_difference <= report.tolerance
     assert report.adapter_effect > EFFECT_MULTIPLE * report.tolerance
-    assert report.greedy_agreement >= 0.9 and report.kl_mean < 1e-2
+    # tokens: no more flipped than the engine flips with the adapter off, beyond chance (measured
+    # here: 0 in float32; in bfloat16 ~11% of tokens either way, within 1.5 sigma on every
+    # ATEN_CPU_CAPABILITY); KL measured 4e-4 in bfloat16
+    assert report.extra_flips_sigma < 3 and report.kl_mean < 1e-2
     assert report.positions == sum(len(p) for p in trained.prompts)
     if dtype == torch.float32:
         assert report.noise_floor < 1e-5 and report.engine == "cpu float32 nf4=dequantize-once"
+        assert report.greedy_agreement == report.base_greedy_agreement == 1.0
     else:  # the rule copes with real rounding noise, not only with bit-exact agreement
         assert report.noise_floor > 1e-3 and report.engine == "cpu bfloat16 nf4=dequantize-once"
+
+
+def test_a_wrong_scale_flips_more_greedy_tokens_than_bfloat16_rounding_does(llama_dir, trained, tmp_path):
+    """B x1.25 in bfloat16 flips about three times the greedy tokens that rounding alone flips
+    (measured 83 against 26 of 274 positions): the token statistic can fail, beside the logits'
+    tolerance (which this adapter exceeds 1.9x)."""
+    wrong = tampered_adapter(trained.adapter, tmp_path / "wrong", "B x1.25")
+    report = measure(llama_dir, wrong, trained.model, trained.prompts, rank=8, dtype=torch.bfloat16)
+    assert report.extra_flips_sigma > 3
 
 
 @pytest.mark.skipif(not import_bitsandbytes().functional.has_avx512bf16(), reason="the packed kernel needs AVX512-BF16")

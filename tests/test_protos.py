@@ -30,6 +30,30 @@ def test_committed_stubs_are_up_to_date(tmp_path):
         assert committed.read_text() == file.read_text(), f"{committed.name} is stale: run `make protos`"
 
 
+def test_the_stubs_need_no_newer_runtime_than_the_project_requires():
+    """Generated stubs refuse to import under an older grpcio / protobuf than their generator's
+    (GRPC_GENERATED_VERSION, ValidateProtobufRuntimeVersion), so the generator is pinned to the
+    runtime floors: a newer grpcio-tools would write stubs that break installs the project allows."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["dev"]
+
+    def pinned(name: str, operator: str) -> str:
+        found = [r for r in requirements if re.match(rf"{name}\s*{operator}", r)]
+        assert len(found) == 1, f"{name}{operator}... in pyproject.toml"
+        return re.match(rf"{name}\s*{operator}\s*([\d.]+)", found[0]).group(1)
+
+    grpc_floor, protobuf_floor = pinned("grpcio", ">="), pinned("protobuf", ">=")
+    assert pinned("grpcio-tools", "==") == grpc_floor
+    for stub in (ROOT / "protos/hotlora/v1").glob("*_pb2_grpc.py"):
+        assert f"GRPC_GENERATED_VERSION = '{grpc_floor}'" in stub.read_text(), stub.name
+    for stub in (ROOT / "protos/hotlora/v1").glob("*_pb2.py"):
+        version = re.search(r"Domain.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", stub.read_text()).groups()
+        assert ".".join(version) == protobuf_floor, stub.name
+
+
 def test_every_element_is_documented_and_enums_start_unspecified(tmp_path):
     from google.protobuf import descriptor_pb2
 

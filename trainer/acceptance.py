@@ -48,11 +48,23 @@ class AcceptanceReport:
     adapter_effect: float  # trained model with vs without the adapter
     tolerance: float  # NOISE_MULTIPLE * noise_floor + ABSOLUTE_FLOOR
     greedy_agreement: float  # fraction of positions where engine and trained model pick the same next token
+    base_greedy_agreement: float  # the same with the adapter off: what two correct implementations agree to here
     kl_mean: float  # KL(trained || engine) of the next-token distributions, nats, mean over positions
     kl_max: float
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def extra_flips_sigma(self) -> float:
+        """How far the greedy tokens the engine flips with the adapter on exceed those it flips with
+        the adapter off, in standard deviations: (on - off) / sqrt(on + off), the test of two counts
+        of rare events. Adapter off, two correct implementations still flip near-ties (bfloat16
+        rounding flips ~10% of a random model's tokens); a correctly applied adapter flips about
+        as many, a wrong one more (a 25% scale error: 5.5 sigma, bench/RESULTS.md)."""
+        on = round((1 - self.greedy_agreement) * self.positions)
+        off = round((1 - self.base_greedy_agreement) * self.positions)
+        return (on - off) / max(on + off, 1) ** 0.5
 
 
 def decide(noise_floor: float, disagreement: float, effect: float) -> tuple[float, str | None]:
@@ -141,6 +153,7 @@ def measure(base_dir: Path, adapter_dir: Path, peft_model, prompts: list[list[in
         engine=f"{described['device']} {described['dtype']} nf4={described['nf4_path']}", prompts=len(prompts),
         positions=trained.shape[0], noise_floor=floor, max_relative_difference=disagreement, adapter_effect=effect,
         tolerance=tolerance, greedy_agreement=(served.argmax(-1) == trained.argmax(-1)).float().mean().item(),
+        base_greedy_agreement=(served_base.argmax(-1) == trained_base.argmax(-1)).float().mean().item(),
         kl_mean=kl.mean().item(), kl_max=kl.max().item())
 
 

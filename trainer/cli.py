@@ -50,7 +50,8 @@ def _fit_parser(commands) -> None:
     f.add_argument("--early-stopping-patience", type=int, help="evaluations without improvement before stopping; with it, the adapter saved and published is "
                         "the best evaluated one, not the last (0 = off)")
     f.add_argument("--optimizer", choices=OPTIMIZERS, help="paged_adamw_32bit (default), paged_adamw_8bit, adamw (the "
-                   "default, and the only one, with --fsdp)")
+                   "default with --fsdp), sgd (momentum 0.9; its update is linear in the gradients, so runs that sum "
+                   "them in another order stay within float32 noise of each other)")
     f.add_argument("--weight-decay", type=float)
     f.add_argument("--seed", type=int, help="seed for data order, init and dropout (42)")
     f.add_argument("--output-dir", help="checkpoints, TensorBoard logs and the final adapter (runs/NAME)")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from server.config import TARGET_MODULES
 
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "sgd")
+TORCH_OPTIMIZERS = ("adamw", "sgd")  # update DTensors, so they work with --fsdp
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
@@ -35,7 +36,7 @@ class FitConfig:
     eval_fraction: float = 0.1
     eval_every: int = 50  # optimizer steps; the run also evaluates at its end
     early_stopping_patience: int = 0  # evaluations without improvement before stopping (then the best evaluated adapter is kept); 0 = off
-    optimizer: str = ""  # "" = paged_adamw_32bit, or adamw with fsdp (bitsandbytes cannot update sharded tensors)
+    optimizer: str = ""  # "" = paged_adamw_32bit, or adamw with fsdp (bitsandbytes cannot update sharded tensors); sgd: momentum 0.9
     weight_decay: float = 0.0
     seed: int = 42
     output_dir: Path | None = None  # None = runs/<name>
@@ -51,10 +52,10 @@ class FitConfig:
     def __post_init__(self) -> None:
         if not self.optimizer:
             object.__setattr__(self, "optimizer", "adamw" if self.fsdp else "paged_adamw_32bit")
-        if self.fsdp and self.optimizer != "adamw":
+        if self.fsdp and self.optimizer not in TORCH_OPTIMIZERS:
             raise ValueError(f"--optimizer {self.optimizer}: with --fsdp the optimizer updates sharded tensors "
                              "(DTensors), which bitsandbytes' optimizers cannot; use --optimizer adamw (the default "
-                             "with --fsdp; the LoRA state it keeps is sharded too)")
+                             "with --fsdp; the LoRA state it keeps is sharded too) or sgd")
         checks = {
             "rank": self.rank >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
             "max_seq_len": self.max_seq_len >= 8, "learning_rate": self.learning_rate > 0,

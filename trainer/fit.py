@@ -126,6 +126,8 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> tuple[t
     bnb = import_bitsandbytes()
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "torch AdamW"
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay), "torch SGD, momentum 0.9"
     cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
     optimizer = cls(params, lr=lr, weight_decay=weight_decay)
     if not torch.cuda.is_available():
@@ -214,7 +216,7 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
             step_loss = _backward(loss_of, window, targets, device, ranks)
             ranks.sum_gradients(params)
             step_loss = ranks.total(step_loss)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, 1.0))  # before clipping
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -224,7 +226,8 @@ def fit(config: FitConfig, on_step: Callable[[TrainState, dict], None] | None = 
             state.last_loss = step_loss / max(targets, 1)
             state.first_loss = state.first_loss if state.first_loss is not None else state.last_loss
             losses.append(state.last_loss)
-            logs = {"loss": state.last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - tick)}
+            logs = {"loss": state.last_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens / (time.perf_counter() - tick)}
             if state.step % config.eval_every == 0 or state.step == total_steps:
                 state.eval_loss = evaluate(loss_of, held_out, config, pad_id, device, ranks) if held_out else None
                 if state.eval_loss is not None:
@@ -281,6 +284,11 @@ def _whole_copy(weights: dict[str, torch.Tensor], config: FitConfig, dtype: torc
     model = peft_model(config, dtype, device)
     set_peft_model_state_dict(model, weights)
     return model
+
+
+def _full(norm: torch.Tensor) -> float:
+    """A gradient norm as a number; with FSDP it is a DTensor, alike on every rank."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _backward(loss_of: ResponseLoss, window: list[Batch], targets: float, device, ranks: Ranks) -> float:

@@ -95,6 +95,24 @@ def test_grpc_generation_needs_a_key_and_admin_calls_keep_the_admin_token(secure
             admin.models()
 
 
+NEAR_MISSES = ["key-a", "key-alic", "key-", "k", "key-alicee", "key-alice-2", "xkey-alice", "KEY-ALICE", "Key-alice",
+               "key-Alice", "key-bo", "key-bobb", "KEY-BOB"]
+
+
+def test_keys_that_are_prefixes_extensions_or_case_changes_of_a_valid_key_are_refused(secured):
+    """A key is the whole string, compared exactly: on HTTP 401, on gRPC UNAUTHENTICATED."""
+    running, cert, _, _ = secured
+    with grpc_client(running, cert, api_key="key-alice") as valid:
+        assert valid.generate("Brie", "cheese", max_new_tokens=1, ignore_eos=True).usage.completion_tokens == 1
+    for wrong in NEAR_MISSES:
+        with pytest.raises(openai.AuthenticationError) as info:
+            openai_client(running, cert, wrong).completions.create(model="cheese", prompt="Brie", max_tokens=1)
+        assert info.value.status_code == 401, wrong
+        with grpc_client(running, cert, api_key=wrong) as client:
+            with pytest.raises(Unauthenticated, match="not valid"):
+                client.generate("Brie", "cheese", max_new_tokens=1)
+
+
 def test_keys_rotate_by_rewriting_the_file(secured):
     running, cert, keys, _ = secured
     original = keys.read_text()

@@ -61,6 +61,23 @@ def test_a_cached_prefix_changes_no_token_and_no_logit(engines):
     assert [out.cached_tokens for out, _ in got] == [32, 48, 48, 48]  # the second round, on its own adapters
 
 
+@pytest.mark.parametrize("position", [0, 15, 31], ids=["first token of block 0", "last token of block 0",
+                                                        "last token of block 1"])
+def test_a_prompt_one_token_off_in_a_full_block_shares_only_the_blocks_before_it(engines, position):
+    """Every token of a full block is in its key: a prompt that differs from a cached one in one
+    token shares the blocks before that token's and none from it on, and generates what it
+    generates without the cache."""
+    cached, plain = engines[True], engines[False]
+    first = question(1100 + position, 40)  # blocks 0 and 1 are shareable; the third holds the last token
+    second = list(first)
+    second[position] = first[position] % 250 + 1
+    run(cached, [Request(first, "cheese", sampling())])
+    [(out, _)] = run(cached, [Request(second, "cheese", sampling())])
+    [(want, _)] = run(plain, [Request(second, "cheese", sampling())])
+    assert out.cached_tokens == position // 16 * 16
+    assert out.token_ids == want.token_ids
+
+
 def test_adapters_and_the_base_model_never_share_blocks(engines, peft_adapters):
     engine = engines[True]
     prompt = question(99, 53)  # three shareable blocks no earlier test computed

@@ -10,6 +10,9 @@ import torch
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_PATHS = ("auto", "dequantize-once", "dequantize", "cpu-fused", "cpu-bf16-packed", "triton")  # see server/model/quant.py
 KERNELS = ("auto", "triton", "cpu", "torch")  # see server/kernels/__init__.py
+# The KV pool on CPU when the sequence length is the model's: SmolLM2's 8,192 positions x 8 rows
+# would take 3 GiB; this holds 2.8 of its full-length sequences, 22,000 tokens.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -28,13 +31,17 @@ class EngineConfig:
 
     max_batch_size: sequences in flight (decoded together) at most.
     max_seq_len: prompt + generated tokens per sequence: a per-request limit, not a reservation.
+      None: the model's own limit (max_position_embeddings, or what its RoPE scaling extends it
+      to; a sliding window shorter than that bounds it too), bounded by what one sequence can take
+      from the KV pool. A value beyond the model's limit is refused.
     max_adapters: LoRA slots on the device (slot 0, the base model, comes on top).
     max_rank: largest LoRA rank a slot holds; smaller ranks are zero-padded (exact).
     kv_cache_bytes: memory for the paged KV cache (server/model/kv_cache.py), in blocks of
       kv_block_size tokens; sequences take blocks as they grow, so many short ones fit where few
       max_seq_len ones would. It must hold one max_seq_len sequence. None: max_batch_size
       sequences of max_seq_len (every row can be full at once; nothing is ever preempted), on
-      CUDA at most kv_cache_fraction of the device memory free once the weights are loaded.
+      CUDA at most kv_cache_fraction of the device memory free once the weights are loaded, and
+      on CPU, when max_seq_len is the model's (None), at most DEFAULT_CPU_KV_CACHE_BYTES.
     kv_block_size: tokens per KV cache block.
     kv_cache_fraction: on CUDA without kv_cache_bytes, the share of free device memory the KV
       pool may take (the rest is left for activations, CUDA graphs and the allocator).
@@ -75,7 +82,7 @@ class EngineConfig:
     """
 
     max_batch_size: int = 8
-    max_seq_len: int = 512
+    max_seq_len: int | None = None
     max_adapters: int = 4
     max_rank: int = 16
     kv_cache_bytes: int | None = None
@@ -109,7 +116,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_queue_per_adapter must be >= 1, got {self.max_queue_per_adapter}")
         for field in ("max_batch_size", "max_seq_len", "max_adapters", "max_rank", "max_queue", "max_prefill_tokens",
                       "kv_block_size"):
-            if getattr(self, field) < 1:
+            if getattr(self, field) is not None and getattr(self, field) < 1:
                 raise ValueError(f"EngineConfig.{field} must be >= 1, got {getattr(self, field)}")
 
     @property

@@ -52,6 +52,40 @@ def test_a_sliding_window_shorter_than_max_seq_len_is_refused(model_dirs, tmp_pa
             Engine.from_pretrained(mistral, EngineConfig(max_seq_len=64))
     else:
         Engine.from_pretrained(mistral, EngineConfig(max_seq_len=64)).close()
+    engine = Engine.from_pretrained(mistral, EngineConfig())  # without max_seq_len the window is the limit
+    try:
+        assert engine.config.max_seq_len == min(sliding_window or 2048, 2048)  # the preset's 2048 positions
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("rope, limit", [(None, 64), ({"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                       "original_max_position_embeddings": 64}, 256)],
+                         ids=["no scaling", "llama3 scaling x4"])
+def test_without_max_seq_len_the_engine_takes_the_models_limit_within_the_kv_pool(checkpoint, rope, limit):
+    """The model's positions (or what its RoPE scaling reaches) by default; a KV pool too small
+    for that cuts it to what one sequence can take; a prompt beyond it is refused."""
+    from server.engine.engine import Request, SamplingParams
+
+    edit_config(checkpoint, max_position_embeddings=64, **({"rope_parameters": rope} if rope else {}))
+    engine = Engine.from_pretrained(checkpoint, EngineConfig())
+    try:
+        assert engine.config.max_seq_len == limit and engine.max_seq_len_from == "model"
+        assert engine.describe()["max_seq_len"] == str(limit)
+        assert engine.cache.num_blocks * engine.cache.block_size >= EngineConfig.max_batch_size * limit
+        one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+        assert len(engine.generate([Request(list(range(3, 3 + limit - 1)), sampling=one)])[0].token_ids) == 1
+        with pytest.raises(Exception, match=f"exceeds max_seq_len {limit}"):
+            engine.submit(Request(list(range(3, 3 + limit)), sampling=one))
+        per_block = engine.cache.nbytes // (engine.cache.num_blocks + 1)
+    finally:
+        engine.close()
+    small = Engine.from_pretrained(checkpoint, EngineConfig(kv_cache_bytes=3 * per_block))  # 2 blocks and the scratch
+    try:
+        assert small.config.max_seq_len == 2 * small.cache.block_size and small.max_seq_len_from == "kv_cache"
+    finally:
+        small.close()
 
 
 @pytest.mark.parametrize("rope, refused", [(None, True), ({"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,

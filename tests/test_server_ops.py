@@ -105,7 +105,38 @@ def test_metrics_move_as_requests_are_served(server):
 def test_metrics_say_how_the_engine_computes(server):
     """The NF4 path is the engine's choice, the same on every CPU, and visible to Prometheus."""
     assert sample(scrape(server), "hotlora_engine_info", compiled="false", cuda_graphs="off", device="cpu", dtype="float32",
-                  lora_kernels="torch", nf4_path="dequantize-once") == 1
+                  lora_kernels="torch", max_seq_len="256", max_seq_len_from="config", nf4_path="dequantize-once") == 1
+
+
+def test_without_max_seq_len_the_server_serves_the_models_own_length_and_refuses_more(llama_dir, tmp_path):
+    """A model with 256 positions: `hotlora-server --model DIR` serves it at 256 (the log and
+    hotlora_engine_info say where the limit comes from); --max-seq-len 4096 is refused in one line
+    before anything starts."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from server.serving.main import parse_args
+
+    model = shutil.copytree(llama_dir, tmp_path / "short")
+    settings = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "max_position_embeddings": 256}))
+    config = parse_args(["--model", str(model), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], environ={})
+    assert config.engine.max_seq_len is None
+    with RunningServer(config) as running:
+        assert sample(scrape(running), "hotlora_engine_info", compiled="false", cuda_graphs="off", device="cpu",
+                      dtype="float32", lora_kernels="torch", max_seq_len="256", max_seq_len_from="model",
+                      nf4_path="dequantize-once") == 1
+        with running.channel() as channel:
+            reply = generation_pb2_grpc.GenerationStub(channel).Generate(request(n=3), timeout=60)
+        assert reply.usage.completion_tokens == 3
+    refused = subprocess.run([str(Path(sys.executable).parent / "hotlora-server"), "--model", str(model),
+                              "--max-seq-len", "4096"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "hotlora-server: error: max_seq_len 4096 is beyond the positions this model was trained for (256")
 
 
 def test_junk_adapter_names_never_become_metric_labels(server):

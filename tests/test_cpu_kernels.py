@@ -32,7 +32,8 @@ def build_dir(tmp_path_factory):
 def kernels(request, build_dir):
     library = cpu_kernels.load(build_dir, portable=request.param == "portable")
     if request.param == "auto" and not library.has_avx512:
-        pytest.skip("this CPU has no AVX-512: auto is the portable version, tested as such")
+        pytest.skip("no AVX-512 version here (the CPU, or torch's capability, lacks it): auto is the portable version, "
+                    "tested as such")
     return library
 
 
@@ -141,6 +142,18 @@ def test_the_library_is_built_once_per_directory_and_refused_without_a_compiler(
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
     with pytest.raises(cpu_kernels.KernelBuildError, match="C compiler"):
         cpu_kernels.load(tmp_path / "elsewhere")
+
+
+def test_the_library_has_avx512_code_only_where_torch_runs_avx512(tmp_path, monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 (or default) caps the C kernels too: one setting moves the whole
+    engine onto another CPU's code paths."""
+    from pathlib import Path
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not cpu_kernels.load(tmp_path).has_avx512
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert cpu_kernels.load(tmp_path).has_avx512 == ("avx512f" in Path("/proc/cpuinfo").read_text().split())
+    assert len(list(tmp_path.glob("*.so"))) == 2  # two builds, named apart
 
 
 def test_cpu_kernels_are_refused_where_they_cannot_run(model_dirs):

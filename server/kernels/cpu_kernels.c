@@ -239,8 +239,8 @@ void decode_attention_portable(const float *q, const float *keys, const float *v
     parallel_for(batch * heads, threads, attention_portable_rows, &args);
 }
 
-/* ---- AVX-512 ---- */
-#if defined(__x86_64__) && defined(__GNUC__)
+/* ---- AVX-512 (left out with -DHOTLORA_NO_AVX512: where torch's CPU capability is capped below it) ---- */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HOTLORA_NO_AVX512)
 #include <immintrin.h>
 #define HAVE_AVX512_VERSION 1
 #define AVX512 __attribute__((target("avx512f")))

@@ -9,6 +9,9 @@ torch's linear on the dequantized weight, whose order itself changes with the ba
 The library is compiled on first use with the system's C compiler into `build_dir` (named by the
 hash of source and flags, written atomically), like Triton builds its kernels, and loaded with
 ctypes; calls release the GIL. Without a compiler the path is refused with what to install.
+It has AVX-512 versions of its inner loops only where torch runs its own AVX-512 kernels: capping
+torch with ATEN_CPU_CAPABILITY=avx2 (or default) builds it without them, so one setting runs the
+whole engine on another CPU's code paths (`make test-cpu-paths`).
 
 - `pack_nf4`: bitsandbytes Params4bit weights (stacked by rows) → PackedNF4, once at load.
 - `nf4_linear_reference`: the definition in plain torch, what the tests hold the kernel to.
@@ -255,16 +258,23 @@ def load(build_dir: Path | None, portable: bool = False) -> CPUKernels:
     """The library, built into build_dir on first use (None: a directory for this process)."""
     with _lock:
         build_dir = Path(build_dir) if build_dir is not None else _process_dir()
-        path = build_dir / f"cpu_kernels-{_build_key()}.so"
+        flags = build_flags()
+        path = build_dir / f"cpu_kernels-{_build_key(flags)}.so"
         if path not in _loaded:
             if not path.exists():
-                _build(path)
+                _build(path, flags)
             _loaded[path] = ctypes.CDLL(str(path))
         return CPUKernels(_loaded[path], portable)
 
 
-def _build_key() -> str:
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+def build_flags() -> tuple[str, ...]:
+    """FLAGS, and no AVX-512 code where torch's CPU capability is below it (its own ceiling, which
+    ATEN_CPU_CAPABILITY lowers)."""
+    return FLAGS if torch.backends.cpu.get_cpu_capability() == "AVX512" else (*FLAGS, "-DHOTLORA_NO_AVX512")
+
+
+def _build_key(flags: tuple[str, ...]) -> str:
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
 
 
 _process_build_dir: Path | None = None
@@ -277,14 +287,14 @@ def _process_dir() -> Path:
     return _process_build_dir
 
 
-def _build(path: Path) -> None:
+def _build(path: Path, flags: tuple[str, ...]) -> None:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise KernelBuildError("nf4 path cpu-fused builds a small C library on first use and needs a C compiler "
                                "(apt-get install gcc); or use the dequantize-once path")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    command = [compiler, *FLAGS, str(SOURCE), "-o", str(partial)]
+    command = [compiler, *flags, str(SOURCE), "-o", str(partial)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)

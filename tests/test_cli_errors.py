@@ -31,6 +31,8 @@ def test_server_help_shows_the_config_defaults_and_the_make_model_command():
 
     run = subprocess.run([str(BIN / "hotlora-server"), "--help"], capture_output=True, text=True, timeout=60)
     assert "make-model DIR" in run.stdout.split("\n\n")[0]  # in the usage lines
+    for group in ("model", "adapters", "batching and KV cache", "request limits", "security", "network"):
+        assert f"\n{group}:\n" in run.stdout, group  # flags grouped by topic
     text = " ".join(run.stdout.split())
     for flag, value in [("--max-adapters", EngineConfig.max_adapters), ("--max-batch-size", EngineConfig.max_batch_size),
                         ("--max-queue", EngineConfig.max_queue), ("--port", ServerConfig.port),
@@ -43,3 +45,21 @@ def test_server_help_shows_the_config_defaults_and_the_make_model_command():
     assert (defaults.port, defaults.metrics_port, defaults.grace_period_s) == (ServerConfig.port, ServerConfig.metrics_port,
                                                                               ServerConfig.grace_period_s)
     assert (defaults.http_port, defaults.http_host, defaults.model_name) == (ServerConfig.http_port, ServerConfig.http_host, "m")
+
+
+def test_trainer_fit_help_groups_its_flags_and_says_fitconfigs_defaults():
+    import argparse
+
+    from trainer.cli import build_parser
+    from trainer.config import FitConfig
+
+    parser = build_parser()
+    fit = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["fit"]
+    text = " ".join(fit.format_help().split())
+    for group in ("model and data", "LoRA", "training", "evaluation and checkpoints", "publishing"):
+        assert f" {group}: " in text, group
+    for flag, value in [("--rank", FitConfig.rank), ("--dropout", FitConfig.dropout),
+                        ("--max-seq-len", FitConfig.max_seq_len), ("--eval-every", FitConfig.eval_every),
+                        ("--weight-decay", FitConfig.weight_decay)]:
+        option = f"{flag} {flag[2:].upper().replace('-', '_')} "  # the flag with its metavar, in the options list
+        assert f"(default: {value})" in text.split(option, 1)[1].split(" --", 1)[0], flag

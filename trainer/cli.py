@@ -21,52 +21,70 @@ log = logging.getLogger("hotlora.trainer")
 
 
 def _fit_parser(commands) -> None:
-    from .config import OPTIMIZERS, SCHEDULES
+    from .config import OPTIMIZERS, SCHEDULES, FitConfig
 
     f = commands.add_parser("fit", help="train an adapter with QLoRA and publish it")
-    f.add_argument("--config", type=Path, help="YAML file with any of the settings below")
-    f.add_argument("--base", "--model", help="base model: a Hugging Face checkpoint directory or a .gguf file (default: "
+
+    def setting(group, name: str, *aliases: str, help: str = "", **kwargs) -> None:
+        """A FitConfig setting: its flag defaults to None (the YAML file or FitConfig fills it), and
+        its help says FitConfig's default, so help and behaviour cannot drift."""
+        default = getattr(FitConfig, name.lstrip("-").replace("-", "_"), None)
+        said = "" if default in (None, "", ()) else f" (default: {default})"
+        group.add_argument(name, *aliases, help=f"{help}{said}".strip(), **kwargs)
+
+    g = f.add_argument_group("model and data")
+    g.add_argument("--config", type=Path, help="YAML file with any of the settings below")
+    g.add_argument("--base", "--model", help="base model: a Hugging Face checkpoint directory or a .gguf file (default: "
                    "the built-in SmolLM2-135M-Instruct; --model: hotlora-server's name for it)")
-    f.add_argument("--data", help="JSONL: instruction/context/output or messages records")
-    f.add_argument("--name", help="adapter name in the store")
-    f.add_argument("--store", "--adapters", help="adapter store directory (--adapters: hotlora-server's name for it)")
-    f.add_argument("--rank", type=int, help="LoRA rank (16)")
-    f.add_argument("--alpha", type=float, help="LoRA alpha (2 x rank)")
-    f.add_argument("--target-modules", help="all-linear (default) or e.g. q_proj,v_proj")
-    f.add_argument("--layers-to-transform", help="only these decoder layers get LoRA weights, e.g. 22-29 or 0,2,4 "
+    g.add_argument("--data", help="JSONL: instruction/context/output or messages records")
+    g.add_argument("--name", help="adapter name in the store")
+    g.add_argument("--store", "--adapters", help="adapter store directory (--adapters: hotlora-server's name for it)")
+    setting(g, "--max-seq-len", type=int, help="tokens per row")
+    setting(g, "--packing", action=argparse.BooleanOptionalAction, default=None, help="pack examples into rows")
+    setting(g, "--eval-fraction", type=float, help="held-out share of the records")
+
+    g = f.add_argument_group("LoRA")
+    setting(g, "--rank", type=int, help="LoRA rank")
+    g.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    setting(g, "--target-modules", help="all-linear or a list, e.g. q_proj,v_proj")
+    g.add_argument("--layers-to-transform", help="only these decoder layers get LoRA weights, e.g. 22-29 or 0,2,4 "
                    "(default: all); the rest stay the base model's")
-    f.add_argument("--dropout", type=float, help="LoRA dropout (0.05)")
-    f.add_argument("--epochs", type=float, help="passes over the training split (3)")
-    f.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    f.add_argument("--learning-rate", "--lr", type=float, help="peak learning rate (2e-4)")
-    f.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (cosine)")
-    f.add_argument("--warmup-ratio", type=float, help="fraction of steps warming up (0.05)")
-    f.add_argument("--batch-size", type=int, help="rows per micro-batch (8)")
-    f.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (1)")
-    f.add_argument("--max-seq-len", type=int, help="tokens per row (512)")
-    f.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None, help="pack examples into rows (on)")
-    f.add_argument("--eval-fraction", type=float, help="held-out share of the records (0.1)")
-    f.add_argument("--eval-every", type=int, help="evaluate every N steps (50)")
-    f.add_argument("--early-stopping-patience", type=int, help="evaluations without improvement before stopping; with it, the adapter saved and published is "
-                        "the best evaluated one, not the last (0 = off)")
-    f.add_argument("--optimizer", choices=OPTIMIZERS, help="paged_adamw_32bit (default), paged_adamw_8bit, adamw (the "
-                   "default with --fsdp), sgd (momentum 0.9; its update is linear in the gradients, so runs that sum "
-                   "them in another order stay within float32 noise of each other)")
-    f.add_argument("--weight-decay", type=float)
-    f.add_argument("--seed", type=int, help="seed for data order, init and dropout (42)")
-    f.add_argument("--output-dir", help="checkpoints, TensorBoard logs and the final adapter (runs/NAME)")
-    f.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps (50)")
-    f.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
-    f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    f.add_argument("--fsdp", action="store_true", default=None, help="FSDP-QLoRA: shard the NF4 base and the LoRA "
+    setting(g, "--dropout", type=float, help="LoRA dropout")
+
+    g = f.add_argument_group("training")
+    setting(g, "--epochs", type=float, help="passes over the training split")
+    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    setting(g, "--learning-rate", "--lr", type=float, help="peak learning rate")
+    setting(g, "--schedule", choices=SCHEDULES, help="learning-rate schedule")
+    setting(g, "--warmup-ratio", type=float, help="fraction of steps warming up")
+    setting(g, "--batch-size", type=int, help="rows per micro-batch (per rank in a launch)")
+    setting(g, "--grad-accum", type=int, help="micro-batches per optimizer step")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="paged_adamw_32bit (the default), paged_adamw_8bit, adamw "
+                   "(the default with --fsdp), sgd (momentum 0.9; its update is linear in the gradients, so runs that "
+                   "sum them in another order stay within float32 noise of each other)")
+    setting(g, "--weight-decay", type=float, help="decoupled weight decay")
+    setting(g, "--seed", type=int, help="seed for data order, init and dropout")
+    setting(g, "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+            help="recompute activations in backward, to hold less memory")
+    g.add_argument("--fsdp", action="store_true", default=None, help="FSDP-QLoRA: shard the NF4 base and the LoRA "
                    "weights across the processes of a torchrun / accelerate launch, for training that does not fit "
                    "one device (the finished adapter is checked on one device holding the whole NF4 base, as served)")
-    f.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None, help="publish after training (on)")
-    f.add_argument("--notify", action="append", help="HOST:PORT of a server to tell to load it (repeatable)")
-    f.add_argument("--admin-token-file", type=Path, help="file with the servers' admin token, for --notify")
-    f.add_argument("--notify-tls", action="store_true", help="--notify over TLS, trusting the system's authorities")
-    f.add_argument("--notify-ca-cert", type=Path, help="--notify over TLS, trusting this PEM certificate (authority)")
-    f.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
+    g = f.add_argument_group("evaluation and checkpoints")
+    setting(g, "--eval-every", type=int, help="evaluate every N steps")
+    setting(g, "--early-stopping-patience", type=int, help="evaluations without improvement before stopping; with "
+            "it, the adapter saved and published is the best evaluated one, not the last (0 = off)")
+    g.add_argument("--output-dir", help="checkpoints, TensorBoard logs and the final adapter (default: runs/NAME)")
+    setting(g, "--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
+    g.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
+    g = f.add_argument_group("publishing")
+    setting(g, "--publish", action=argparse.BooleanOptionalAction, default=None, help="publish after training")
+    g.add_argument("--notify", action="append", help="HOST:PORT of a server to tell to load it (repeatable)")
+    g.add_argument("--admin-token-file", type=Path, help="file with the servers' admin token, for --notify")
+    g.add_argument("--notify-tls", action="store_true", help="--notify over TLS, trusting the system's authorities")
+    g.add_argument("--notify-ca-cert", type=Path, help="--notify over TLS, trusting this PEM certificate (authority)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,14 +140,18 @@ def make_model(out_dir: str | Path, preset: str | ModelPreset = "tiny", seed: in
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotlora-server make-model", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), metavar="PRESET",
                         help=f"model shape: {', '.join(PRESETS)} (default: tiny)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, help="text file to train the tokenizer on (default: a built-in paragraph)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     corpus = {"corpus": args.corpus.read_text(encoding="utf-8")} if args.corpus else {}
     path = make_model(args.out_dir, args.preset, args.seed, **corpus)
     print(f"wrote {args.preset} checkpoint (random weights, seed {args.seed}) to {path}")

@@ -158,102 +158,125 @@ class Server:
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
-def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
-    environ = os.environ if environ is None else environ
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default, where it says something (not None, "" or False) and the help does not
+    already describe it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", False, argparse.SUPPRESS) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
+    """hotlora-server's flags, in groups; each defaults to its HOTLORA_<FLAG> variable in `environ`."""
     p = argparse.ArgumentParser(
-        prog="hotlora-server", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="hotlora-server", formatter_class=HelpFormatter,
         usage="%(prog)s [--model DIR|FILE.gguf] [--adapters STORE] [options]\n       %(prog)s make-model DIR [--preset small]",
         description="Serve one NF4 base model with per-request LoRA adapters over gRPC.",
         epilog="`hotlora-server make-model DIR --preset PRESET` writes a random-weight checkpoint to try it on "
                "(`hotlora-server make-model --help` lists the presets).")
 
-    def flag(name: str, *aliases: str, **kwargs):
+    def flag(group, name: str, *aliases: str, **kwargs):
         env = "HOTLORA_" + name.lstrip("-").replace("-", "_").upper()
         if env in environ:
             kwargs["default"] = environ[env]
             kwargs.pop("required", None)
         kwargs["help"] = f"{kwargs.get('help', '')} [env {env}]".strip()
-        p.add_argument(name, *aliases, **kwargs)
+        group.add_argument(name, *aliases, **kwargs)
 
-    flag("--model", type=Path,
+    group = p.add_argument_group("model", "the base model and how it computes")
+    flag(group, "--model", type=Path,
          help="Hugging Face checkpoint directory (config.json + safetensors), or a .gguf file (converted once into "
               f"--model-cache); default: the built-in {BUILTIN.name}")
-    flag("--model-cache", type=Path, default=default_cache_dir(environ),
+    flag(group, "--model-cache", type=Path, default=default_cache_dir(environ),
          help="where converted models are kept (default: $XDG_CACHE_HOME/hotlora/models)")
-    flag("--adapters", type=Path, help="adapter store directory (docs/ARCHITECTURE.md); omit to serve path-loaded adapters only")
-    flag("--host", default="0.0.0.0", help="bind address of gRPC, and of metrics and the HTTP API unless "
-                                          "--metrics-host/--http-host say otherwise")
-    flag("--port", type=int, default=50051, help="gRPC port (0 = any free port)")
-    flag("--metrics-host", help="metrics bind address (default: --host)")
-    flag("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0 = any free port)")
-    flag("--http-host", help="OpenAI-compatible HTTP API bind address (default: --host)")
-    flag("--http-port", type=int,
-         help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on this "
-              "port beside gRPC (0 = any free port; default: off)")
-    flag("--served-model-name", default=ServerConfig.served_model_name,
+    flag(group, "--served-model-name", default=ServerConfig.served_model_name,
          help="the base model's name in the HTTP API's `model` and in ListModels (default: the model's own: the --model "
               f"directory's or file's name, or {BUILTIN.name})")
-    flag("--max-adapters", type=int, default=EngineConfig.max_adapters, help="LoRA slots on the device")
-    flag("--max-rank", type=int, default=EngineConfig.max_rank, help="largest LoRA rank served")
-    flag("--max-batch-size", type=int, default=EngineConfig.max_batch_size, help="sequences decoded together")
-    flag("--max-seq-len", type=int, default=EngineConfig.max_seq_len,
-         help="prompt + generated tokens per sequence (default: the model's positions, cut to what one sequence can "
-              "take from the KV cache; refused beyond the model's positions)")
-    flag("--max-queue", type=int, default=EngineConfig.max_queue, help="waiting requests before RESOURCE_EXHAUSTED")
-    flag("--max-queue-per-adapter", type=int,
-         help="waiting requests one adapter (or the base model) may have (default: half of --max-queue)")
-    flag("--prefill-chunk-tokens", type=int,
-         help="prefill prompts longer than this in chunks of it, one per step, so running streams keep going")
-    flag("--kv-cache-bytes", type=int,
-         help="memory for the paged KV cache; sequences take blocks as they grow (default: --max-batch-size "
-              "sequences of --max-seq-len, on CUDA at most --kv-cache-fraction of free memory, on CPU without "
-              "--max-seq-len at most 1 GiB)")
-    flag("--kv-block-size", type=int, default=EngineConfig.kv_block_size, help="tokens per KV cache block")
-    flag("--kv-cache-fraction", type=float, default=EngineConfig.kv_cache_fraction,
-         help="on CUDA without --kv-cache-bytes: the share of free device memory the KV cache may take")
-    flag("--no-prefix-caching", action="store_true",
-         help="do not share the KV blocks of prompt prefixes already computed (shared per adapter version by default)")
-    flag("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    flag("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    flag("--default-max-new-tokens", type=int, default=ServerConfig.default_max_new_tokens, help="when a request sets none")
-    flag("--host-cache-adapters", "--cpu-cache-adapters", type=int, default=AdapterConfig.host_cache_size,
-         help="adapter versions kept in host memory, the host tier (--cpu-cache-adapters: its former name)")
-    flag("--host-cache-bytes", type=int,
-         help="bytes of (pinned, on CUDA) host memory the adapter versions held there may take (default: no byte limit)")
-    flag("--adapter-load-workers", type=int, default=AdapterConfig.load_workers,
-         help="adapter versions read and validated at once, on threads of their own")
-    flag("--store-poll-interval", type=float, default=AdapterConfig.poll_interval_s, help="seconds between checks of the store")
-    flag("--adapter-path-allow", type=Path, action="append", default=[], help="directory LoadAdapter(path=) may read (repeatable)")
-    flag("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS (gRPC and the HTTP API)")
-    flag("--tls-key", type=Path, help="PEM private key")
-    flag("--admin-token-file", type=Path, help="file holding the bearer token the Adapters service requires")
-    flag("--api-key-file", type=Path,
-         help="file of API keys, one per line, re-read when it changes: generation over HTTP and gRPC then needs "
-              "'Authorization: Bearer <key>' (health and metrics stay open; admin calls keep the admin token)")
-    flag("--grace-period", type=float, default=ServerConfig.grace_period_s, help="seconds SIGTERM waits for running requests")
-    flag("--max-prompt-bytes", type=int, default=RequestLimits.max_prompt_bytes,
-         help="largest prompt (or all chat messages) in UTF-8 bytes, refused before tokenizing")
-    flag("--max-messages", type=int, default=RequestLimits.max_messages, help="most chat messages in one request")
-    flag("--max-samples", type=int, default=RequestLimits.max_samples,
-         help="most samples of one prompt a request may ask for (OpenAI's n, gRPC's n)")
-    flag("--max-prompts", type=int, default=RequestLimits.max_prompts,
-         help="most prompts in one /v1/completions request (a list of prompts, as lm-evaluation-harness batches)")
-    flag("--max-adapter-labels", type=int, default=ServerConfig.max_adapter_labels, help="adapter names with their own metrics label")
-    flag("--kernels", choices=KERNELS, default="auto",
+    flag(group, "--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    flag(group, "--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    flag(group, "--kernels", choices=KERNELS, default="auto",
          help="LoRA and NF4 kernels: triton (server/kernels), cpu (C kernels for NF4, the LM head and decode attention: "
               "CPU only, float32 sums in their own order, built on first use with the system's C compiler into the "
               "model cache), torch, or auto (triton on CUDA, torch elsewhere)")
-    flag("--nf4-path", choices=NF4_PATHS, default="auto",
+    flag(group, "--nf4-path", choices=NF4_PATHS, default="auto",
          help="how NF4 weights are multiplied: auto (follows --kernels), dequantize-once (the trained model's numbers from "
               "a copy dequantized at load: fast, 4 bytes per weight in float32), dequantize (the same numbers, "
               "dequantized per call: no copy), "
               "triton, cpu-fused (a C kernel reads the NF4 codes in place: CPU only, float32; --kernels cpu's choice), "
               "or cpu-bf16-packed (bitsandbytes' AVX512-BF16 kernel, "
               "CPU only, bf16 error)")
-    flag("--compile", action="store_true", help="torch.compile the decode step (compiles at start-up; on CPU needs a C++ compiler)")
-    flag("--no-cuda-graphs", action="store_true", help="on CUDA, decode eagerly instead of replaying captured CUDA graphs")
-    flag("--seed", type=int, default=0, help="seed for requests that set none")
-    flag("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    flag(group, "--compile", action="store_true", help="torch.compile the decode step (compiles at start-up; on CPU needs a C++ compiler)")
+    flag(group, "--no-cuda-graphs", action="store_true", help="on CUDA, decode eagerly instead of replaying captured CUDA graphs")
+    group = p.add_argument_group("adapters", "the adapter store, device slots and the host tier")
+    flag(group, "--adapters", type=Path, help="adapter store directory (docs/ARCHITECTURE.md); omit to serve path-loaded adapters only")
+    flag(group, "--max-adapters", type=int, default=EngineConfig.max_adapters, help="LoRA slots on the device")
+    flag(group, "--max-rank", type=int, default=EngineConfig.max_rank, help="largest LoRA rank served")
+    flag(group, "--host-cache-adapters", "--cpu-cache-adapters", type=int, default=AdapterConfig.host_cache_size,
+         help="adapter versions kept in host memory, the host tier (--cpu-cache-adapters: its former name)")
+    flag(group, "--host-cache-bytes", type=int,
+         help="bytes of (pinned, on CUDA) host memory the adapter versions held there may take (default: no byte limit)")
+    flag(group, "--adapter-load-workers", type=int, default=AdapterConfig.load_workers,
+         help="adapter versions read and validated at once, on threads of their own")
+    flag(group, "--store-poll-interval", type=float, default=AdapterConfig.poll_interval_s, help="seconds between checks of the store")
+    flag(group, "--adapter-path-allow", type=Path, action="append", default=[], help="directory LoadAdapter(path=) may read (repeatable)")
+    group = p.add_argument_group("batching and KV cache", "sequences in flight and the memory their keys and values take")
+    flag(group, "--max-batch-size", type=int, default=EngineConfig.max_batch_size, help="sequences decoded together")
+    flag(group, "--max-seq-len", type=int, default=EngineConfig.max_seq_len,
+         help="prompt + generated tokens per sequence (default: the model's positions, cut to what one sequence can "
+              "take from the KV cache; refused beyond the model's positions)")
+    flag(group, "--kv-cache-bytes", type=int,
+         help="memory for the paged KV cache; sequences take blocks as they grow (default: --max-batch-size "
+              "sequences of --max-seq-len, on CUDA at most --kv-cache-fraction of free memory, on CPU without "
+              "--max-seq-len at most 1 GiB)")
+    flag(group, "--kv-block-size", type=int, default=EngineConfig.kv_block_size, help="tokens per KV cache block")
+    flag(group, "--kv-cache-fraction", type=float, default=EngineConfig.kv_cache_fraction,
+         help="on CUDA without --kv-cache-bytes: the share of free device memory the KV cache may take")
+    flag(group, "--no-prefix-caching", action="store_true",
+         help="do not share the KV blocks of prompt prefixes already computed (shared per adapter version by default)")
+    flag(group, "--prefill-chunk-tokens", type=int,
+         help="prefill prompts longer than this in chunks of it, one per step, so running streams keep going")
+    flag(group, "--max-queue", type=int, default=EngineConfig.max_queue, help="waiting requests before RESOURCE_EXHAUSTED")
+    flag(group, "--max-queue-per-adapter", type=int,
+         help="waiting requests one adapter (or the base model) may have (default: half of --max-queue)")
+    group = p.add_argument_group("request limits", "what one request may ask for, and its defaults")
+    flag(group, "--default-max-new-tokens", type=int, default=ServerConfig.default_max_new_tokens, help="when a request sets none")
+    flag(group, "--max-prompt-bytes", type=int, default=RequestLimits.max_prompt_bytes,
+         help="largest prompt (or all chat messages) in UTF-8 bytes, refused before tokenizing")
+    flag(group, "--max-messages", type=int, default=RequestLimits.max_messages, help="most chat messages in one request")
+    flag(group, "--max-samples", type=int, default=RequestLimits.max_samples,
+         help="most samples of one prompt a request may ask for (OpenAI's n, gRPC's n)")
+    flag(group, "--max-prompts", type=int, default=RequestLimits.max_prompts,
+         help="most prompts in one /v1/completions request (a list of prompts, as lm-evaluation-harness batches)")
+    flag(group, "--seed", type=int, default=0, help="seed for requests that set none")
+    group = p.add_argument_group("security", "TLS, API keys and the admin token (docs/security.md)")
+    flag(group, "--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS (gRPC and the HTTP API)")
+    flag(group, "--tls-key", type=Path, help="PEM private key")
+    flag(group, "--api-key-file", type=Path,
+         help="file of API keys, one per line, re-read when it changes: generation over HTTP and gRPC then needs "
+              "'Authorization: Bearer <key>' (health and metrics stay open; admin calls keep the admin token)")
+    flag(group, "--admin-token-file", type=Path, help="file holding the bearer token the Adapters service requires")
+    group = p.add_argument_group("network", "where gRPC, the HTTP API and the metrics listen")
+    flag(group, "--host", default="0.0.0.0", help="bind address of gRPC, and of metrics and the HTTP API unless "
+                                          "--metrics-host/--http-host say otherwise")
+    flag(group, "--port", type=int, default=50051, help="gRPC port (0 = any free port)")
+    flag(group, "--http-host", help="OpenAI-compatible HTTP API bind address (default: --host)")
+    flag(group, "--http-port", type=int,
+         help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on this "
+              "port beside gRPC (0 = any free port; default: off)")
+    flag(group, "--metrics-host", help="metrics bind address (default: --host)")
+    flag(group, "--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0 = any free port)")
+    group = p.add_argument_group("operations", "draining, metrics labels, logs")
+    flag(group, "--grace-period", type=float, default=ServerConfig.grace_period_s, help="seconds SIGTERM waits for running requests")
+    flag(group, "--max-adapter-labels", type=int, default=ServerConfig.max_adapter_labels, help="adapter names with their own metrics label")
+    flag(group, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    environ = os.environ if environ is None else environ
+    p = build_parser(environ)
     a = p.parse_args(argv)
 
     if (a.tls_cert is None) != (a.tls_key is None):

@@ -60,11 +60,13 @@ class EngineConfig:
     kernels: "triton" runs LoRA (BGMV/SGMV) and NF4 through server/kernels' Triton kernels,
       "cpu" runs NF4 ("cpu-fused"), the LM head and decode attention through server/kernels'
       C kernels (CPU only; float32 sums in their own order), "torch" everything through plain
-      torch and bitsandbytes, "auto" Triton on CUDA and torch elsewhere.
+      torch and bitsandbytes, "auto" Triton on CUDA, and on CPU "cpu" wherever the C kernels can
+      run the model (float32, NF4 rows of whole 32-multiple blocks, a C compiler, no compile=True),
+      else "torch" (one log line says why).
       On CPU Triton works only under its interpreter (TRITON_INTERPRET=1; slow, for tests).
     nf4_path: how the NF4 base projections are multiplied (server/model/quant.py): "auto" follows
       `kernels`; "dequantize-once" keeps a copy dequantized in the compute dtype at load and
-      matmuls with it, the trained model's own numbers (the CPU default; a dense copy's memory);
+      matmuls with it, the trained model's own numbers (the CPU's with kernels="torch"; a dense copy's memory);
       "dequantize" the same numbers dequantizing on every call (no copy); "triton" reads the
       packed bits in a Triton kernel; "cpu-fused" reads them in a C kernel on CPU (float32,
       only the summation order differs from dequantize-once; auto's choice with kernels="cpu");

@@ -199,6 +199,51 @@ def test_engine_on_cpu_kernels_generates_what_the_torch_path_and_peft_do(aligned
     assert_peft_generates_the_same(model_dir, adapters, PROMPTS, names, got)
 
 
+@pytest.mark.parametrize("settings, path, why", [
+    ({}, "cpu-fused", None),
+    ({"dtype": "bfloat16"}, "dequantize-once", "float32"),
+    ({"nf4_path": "dequantize"}, "dequantize", "NF4 path asked for is dequantize"),
+], ids=["aligned float32", "bfloat16", "another nf4 path"])
+def test_auto_on_a_cpu_runs_the_c_kernels_wherever_they_can_run_and_says_why_not(aligned_model, settings, path, why,
+                                                                                  caplog, tmp_path):
+    config = EngineConfig(max_seq_len=32, kernel_build_dir=str(tmp_path), **settings)
+    with caplog.at_level("INFO", logger="server.model.llama"):
+        e = Engine.from_pretrained(aligned_model[0], config)
+    try:
+        assert e.describe()["nf4_path"] == path
+        assert e.describe()["lora_kernels"] == ("cpu" if why is None else "torch")
+    finally:
+        e.close()
+    said = [r.getMessage() for r in caplog.records if "not the C kernels" in r.getMessage()]
+    assert (said == []) if why is None else (len(said) == 1 and why in said[0])
+
+
+def test_auto_leaves_the_c_kernels_out_of_a_compiled_engine(aligned_model, tmp_path):
+    """(Its start-up compiles for minutes: the rule alone is checked.)"""
+    from transformers import AutoConfig
+
+    from server.model.llama import ModelSpec, cpu_kernels_refusal
+
+    spec = ModelSpec.from_hf_config(AutoConfig.from_pretrained(aligned_model[0]))
+    assert cpu_kernels_refusal(EngineConfig(), spec, tmp_path) is None
+    assert "compile=True" in cpu_kernels_refusal(EngineConfig(compile=True), spec, tmp_path)
+
+
+def test_auto_falls_back_to_torch_for_a_model_the_c_kernels_cannot_read_or_without_a_compiler(model_dirs, aligned_model,
+                                                                                               tmp_path, monkeypatch):
+    e = Engine.from_pretrained(model_dirs["tiny"], EngineConfig(max_seq_len=32))  # a 160-wide MLP input
+    try:
+        assert e.describe()["nf4_path"] == "dequantize-once"
+    finally:
+        e.close()
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    e = Engine.from_pretrained(aligned_model[0], EngineConfig(max_seq_len=32, kernel_build_dir=str(tmp_path / "none")))
+    try:
+        assert e.describe()["nf4_path"] == "dequantize-once"
+    finally:
+        e.close()
+
+
 def test_compile_does_not_apply_to_the_cpu_kernels(aligned_model):
     with pytest.raises(ValueError, match="kernels='cpu'"):
         Engine.from_pretrained(aligned_model[0], EngineConfig(max_seq_len=32, kernels="cpu", compile=True))

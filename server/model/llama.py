@@ -11,7 +11,8 @@ what the rows are (a prefill of new prompts, or one decode token per running seq
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,7 @@ from torch import nn
 from ..config import EngineConfig
 from ..errors import UnsupportedModel
 from ..kernels import resolve as resolve_kernels
+from ..kernels.cpu_kernels import CHUNK, KernelBuildError
 from ..kernels.cpu_kernels import load as load_cpu_kernels
 from ..lora.layers import CPULoRA, LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
 from .attention import CPUDecodeAttention, DecodeAttention, TorchDecodeAttention, TritonDecodeAttention
@@ -29,6 +31,8 @@ from .decode_layers import CPUDecodeLayers, torch_layers
 from .kv_cache import KVCache
 from .quant import (NF4Matmul, choose_nf4_matmul, dequantized_copy_bytes, make_base_linear, repacked_copy_bytes,
                     resident_bytes)
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -327,10 +331,17 @@ def _position_reach(hf_config) -> int | None:
     return reach
 
 
-def choose_kernels(config: EngineConfig, device: torch.device) -> tuple[Kernels, NF4Matmul]:
-    """EngineConfig.kernels and nf4_path → how the model computes on `device`, and its NF4Matmul."""
-    kernels = resolve_kernels(config.kernels, device)
+def choose_kernels(config: EngineConfig, device: torch.device, spec: ModelSpec) -> tuple[Kernels, NF4Matmul]:
+    """EngineConfig.kernels and nf4_path → how the model computes on `device`, and its NF4Matmul.
+    "auto" on a CPU is the C kernels wherever they can run this model, else torch (one log line
+    says why)."""
     build_dir = Path(config.kernel_build_dir) if config.kernel_build_dir else None
+    if config.kernels == "auto" and device.type == "cpu":
+        why_not = cpu_kernels_refusal(config, spec, build_dir)
+        if why_not:
+            log.info("kernels: torch, not the C kernels: %s", why_not)
+        config = replace(config, kernels="torch" if why_not else "cpu")
+    kernels = resolve_kernels(config.kernels, device)
     nf4_matmul = choose_nf4_matmul(config.nf4_path, device, kernels, config.quant, build_dir)
     nf4_path = nf4_matmul.name if config.quant.enabled else "unquantized"
     if kernels == "triton":
@@ -345,6 +356,27 @@ def choose_kernels(config: EngineConfig, device: torch.device) -> tuple[Kernels,
     return Kernels(nf4_path, TorchLoRA(), TorchDecodeAttention(), F.linear, torch_layers), nf4_matmul
 
 
+def cpu_kernels_refusal(config: EngineConfig, spec: ModelSpec, build_dir: Path | None) -> str | None:
+    """Why the C kernels (server/kernels/cpu_kernels.c) cannot run this model as configured, or
+    None when they can (they are then built, once per build directory)."""
+    quant = config.quant
+    if config.resolved_dtype() != torch.float32:
+        return f"they compute in float32, not {config.resolved_dtype()}"
+    if not (quant.enabled and quant.quant_type == "nf4") or config.nf4_path not in ("auto", "cpu-fused"):
+        return f"they read NF4 weights in place, and the NF4 path asked for is {config.nf4_path}"
+    if config.compile:
+        return "compile=True fuses the torch layers, which they replace"
+    inputs = {spec.hidden_size, spec.num_heads * spec.head_dim, spec.intermediate_size}
+    if quant.blocksize % CHUNK or any(n % quant.blocksize for n in inputs):
+        return (f"they read rows of whole NF4 blocks of a multiple of {CHUNK} weights; this model's projection inputs "
+                f"{sorted(inputs)} are not whole blocks of {quant.blocksize}")
+    try:
+        load_cpu_kernels(build_dir)
+    except KernelBuildError as exc:
+        return str(exc)
+    return None
+
+
 def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer, object]:
     """Build the serving model from a Hugging Face checkpoint directory. Each projection is
     quantized as it is read, so peak host memory stays near one layer beyond the result."""
@@ -355,7 +387,7 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
     spec = ModelSpec.from_hf_config(hf_config)
     positions = sequence_limit(hf_config, config.max_seq_len)
     device, dtype = config.resolved_device(), config.resolved_dtype()
-    chosen, nf4_matmul = choose_kernels(config, device)
+    chosen, nf4_matmul = choose_kernels(config, device, spec)
     reader = _CheckpointReader(model_dir)
     shapes = spec.projection_shapes()
     num_slots = config.max_adapters + 1

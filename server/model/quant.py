@@ -8,7 +8,7 @@ never by bitsandbytes' own CPU feature sniffing: its `Linear4bit.forward`, in ev
 with AVX512-BF16, repacks the weight in place and computes in bfloat16, so the same code gave
 different numbers (and crashed on shapes its repacking does not support) depending on the CPU.
 
-- "dequantize-once" (the CPU default): bitsandbytes
+- "dequantize-once" (the CPU default with the torch kernels): bitsandbytes
   dequantizes W0 in the compute dtype once, at load, and each call is torch's `linear` on that
   copy. bitsandbytes' own path (`matmul_4bit`, below) runs the same `linear` on the same
   dequantized bits every call, so the numbers are the trained QLoRA model's, bit for bit, without

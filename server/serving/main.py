@@ -199,7 +199,8 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     flag(group, "--kernels", choices=KERNELS, default="auto",
          help="LoRA and NF4 kernels: triton (server/kernels), cpu (C kernels for NF4, the LM head and decode attention: "
               "CPU only, float32 sums in their own order, built on first use with the system's C compiler into the "
-              "model cache), torch, or auto (triton on CUDA, torch elsewhere)")
+              "model cache), torch, or auto (triton on CUDA; on CPU cpu wherever the model and a C compiler allow it, "
+              "else torch, saying why)")
     flag(group, "--nf4-path", choices=NF4_PATHS, default="auto",
          help="how NF4 weights are multiplied: auto (follows --kernels), dequantize-once (the trained model's numbers from "
               "a copy dequantized at load: fast, 4 bytes per weight in float32), dequantize (the same numbers, "

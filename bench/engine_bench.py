@@ -10,7 +10,7 @@ tokens (EOS ignored on both sides), measured in one run. PEFT serves a mixed bat
     python bench/engine_bench.py --preset 1b --requests 32 --adapters 8 --record   # on a GPU
     python bench/engine_bench.py --compile            # also an engine with its decode step torch.compile'd
     python bench/engine_bench.py --cpu-bf16-packed    # also an engine on bitsandbytes' AVX512-BF16 NF4 kernel
-    python bench/engine_bench.py --cpu-kernels        # also an engine on the C kernels (EngineConfig(kernels="cpu"))
+    python bench/engine_bench.py --torch-kernels      # also an engine on the torch path (EngineConfig(kernels="torch"))
 
 --record adds the table, with the machine it ran on, to its section of bench/RESULTS.md.
 """
@@ -59,29 +59,48 @@ def cases(requests: int, num_adapters: int) -> list[Case]:
     return every
 
 
-def prefill_latency(engine: Engine, peft_model, length: int, repeats: int) -> tuple[float, float]:
-    """Seconds to the first token of one `length`-token prompt with an adapter: the engine's
-    prefill + first sample, and the peer's forward over the prompt (median of `repeats`)."""
-    prompt = prompts_for(1, length, engine.spec.vocab_size)[0]
-    request = Request(prompt_ids=prompt, adapter="adapter0", sampling=SamplingParams(max_new_tokens=1, temperature=0.0))
-    device = next(peft_model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
+@dataclass
+class FirstToken:
+    """Seconds to the first token of a `length`-token prompt with an adapter (medians)."""
 
-    def peer():
-        with torch.no_grad():
-            peft_model(input_ids=ids, adapter_names=["adapter0"]).logits[:, -1].argmax(-1).tolist()
+    cold: float  # a prompt the engine has never seen: the whole prefill
+    cached: float  # the same prompt again: prefix caching reuses all its full blocks
+    peer: float | None  # transformers + PEFT's forward over the prompt (it caches nothing), when asked
 
-    timings = {}
-    for name, run in (("engine", lambda: engine.generate([request])), ("peer", peer)):
-        run()  # warm-up
+
+def first_token_latency(engine: Engine, peft_model, length: int, repeats: int) -> FirstToken:
+    """The engine's prefill + first sample, cold (a fresh prompt each time) and cached (one prompt
+    again and again), and the peer's forward (peft_model None: not measured)."""
+    prompts = prompts_for(repeats + 2, length, engine.spec.vocab_size, seed=1)  # seed 1: not the decode cases' prompts
+    one = SamplingParams(max_new_tokens=1, temperature=0.0)
+
+    def ours(prompt):
+        return lambda: engine.generate([Request(prompt_ids=prompt, adapter="adapter0", sampling=one)])
+
+    def theirs(prompt):
+        ids = torch.tensor([prompt], device=next(peft_model.parameters()).device)
+
+        def run():
+            with torch.no_grad():
+                peft_model(input_ids=ids, adapter_names=["adapter0"]).logits[:, -1].argmax(-1).tolist()
+        return run
+
+    def median(runs) -> float:
         seconds = []
-        for _ in range(repeats):
+        for run in runs:
             start = time.perf_counter()
             run()
             _sync()
             seconds.append(time.perf_counter() - start)
-        timings[name] = statistics.median(seconds)
-    return timings["engine"], timings["peer"]
+        return statistics.median(seconds)
+
+    ours(prompts[-1])()  # warm-up, on a prompt no timed run uses
+    cold = median([ours(p) for p in prompts[:repeats]])
+    cached = median([ours(prompts[0])] * repeats)  # prompts[0] is in the cache since its cold run
+    if peft_model is None:
+        return FirstToken(cold, cached, None)
+    theirs(prompts[-1])()
+    return FirstToken(cold, cached, median([theirs(p) for p in prompts[:repeats]]))
 
 
 def same_greedy_tokens(engines: dict, case: Case, args) -> str:
@@ -98,8 +117,8 @@ def same_greedy_tokens(engines: dict, case: Case, args) -> str:
     return "; ".join(results)
 
 
-def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
+def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab - 1, (n, length), generator=g).tolist()
 
 
@@ -200,9 +219,9 @@ def main() -> None:
     parser.add_argument("--per-call-dequantize", action="store_true",
                         help="also run an EngineConfig(nf4_path='dequantize') engine: the same numbers, dequantizing "
                              "on every call instead of keeping a dense copy")
-    parser.add_argument("--cpu-kernels", action="store_true",
-                        help="also run an EngineConfig(kernels='cpu') engine: NF4 read in place, the LM head and "
-                             "decode steps' layers in C (server/kernels/cpu_kernels.c)")
+    parser.add_argument("--torch-kernels", action="store_true",
+                        help="also run an EngineConfig(kernels='torch') engine: the reference path (on a CPU the "
+                             "default engine runs the C kernels of server/kernels/cpu_kernels.c)")
     parser.add_argument("--record", action="store_true", help="add the table to its section of bench/RESULTS.md")
     args = parser.parse_args()
     from server.model.quant import quiet_bitsandbytes
@@ -223,14 +242,14 @@ def main() -> None:
 
     config = EngineConfig(max_batch_size=max(args.requests, 1),
                           max_seq_len=max(args.prompt_len + args.new_tokens, args.prefill_len + 1) + 8,
-                          max_adapters=args.adapters, max_rank=args.rank)
+                          max_adapters=args.adapters, max_rank=args.rank, kernel_build_dir=str(work / "kernels"))
     engines = {"engine": config} | ({"engine, compiled": dataclasses.replace(config, compile=True)} if args.compile else {})
     if args.cpu_bf16_packed:
         engines["engine, cpu-bf16-packed"] = dataclasses.replace(config, nf4_path="cpu-bf16-packed")
     if args.per_call_dequantize:
         engines["engine, dequantize per call"] = dataclasses.replace(config, nf4_path="dequantize")
-    if args.cpu_kernels:
-        engines["engine, kernels=cpu"] = dataclasses.replace(config, kernels="cpu", kernel_build_dir=str(work / "kernels"))
+    if args.torch_kernels:
+        engines["engine, kernels=torch"] = dataclasses.replace(config, kernels="torch")
     engines = {name: Engine.from_pretrained(model_dir, c) for name, c in engines.items()}
     for engine in engines.values():
         for name, path in adapters.items():
@@ -250,9 +269,8 @@ def main() -> None:
             runs[case.name, name] = peft_run(model, case, prompts, args.new_tokens)
         tokens.update({(case.name, name): case.requests * args.new_tokens for name in [*engines, *peers]})
     measured = median_tokens_per_second(runs, tokens, args.repeats)
-    prefill_engine, prefill_peer = prefill_latency(engine, peers[peer], args.prefill_len, args.repeats)
-    prefill_others = {n: prefill_latency(e, peers[peer], args.prefill_len, args.repeats)[0]
-                      for n, e in engines.items() if e is not engine}
+    first = {n: first_token_latency(e, peers[peer] if e is engine else None, args.prefill_len, args.repeats)
+             for n, e in engines.items()}
     mixed_case = next(c for c in cases(args.requests, args.adapters) if c.name.endswith(f"over {args.adapters} adapters")
                       and c.requests == args.requests)
     agreement = same_greedy_tokens(engines, mixed_case, args)
@@ -285,10 +303,11 @@ def main() -> None:
         *[f"Mixed-adapter overhead over base-only ({n}): {100 * (base_only[n] / mixed[n] - 1):.1f}% "
           f"(base-only {base_only[n]:.1f} tok/s vs mixed {mixed[n]:.1f} tok/s)." for n in engines],
         "",
-        f"Time to first token, one {args.prefill_len}-token prompt with an adapter: engine "
-        f"{1000 * prefill_engine:.1f} ms, {peer} forward {1000 * prefill_peer:.1f} ms "
-        f"({prefill_peer / prefill_engine:.2f}x)"
-        + "".join(f"; {n} {1000 * t:.1f} ms" for n, t in prefill_others.items())
+        f"Time to first token, a {args.prefill_len}-token prompt with an adapter, cold (a prompt never seen): "
+        + "; ".join(f"{n} {1000 * t.cold:.1f} ms" for n, t in first.items())
+        + f"; {peer} forward {1000 * first['engine'].peer:.1f} ms ({first['engine'].peer / first['engine'].cold:.2f}x "
+        f"the engine's). The same prompt again, from the prefix cache: "
+        + "; ".join(f"{n} {1000 * t.cached:.1f} ms" for n, t in first.items())
         + f". Decode step: {engine.describe()['cuda_graphs']} CUDA graphs.",
         "",
         *([f"Greedy tokens of the mixed case ({args.new_tokens} per request) against `engine`: {agreement}.", ""]

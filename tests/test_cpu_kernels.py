@@ -156,6 +156,25 @@ def test_the_library_has_avx512_code_only_where_torch_runs_avx512(tmp_path, monk
     assert len(list(tmp_path.glob("*.so"))) == 2  # two builds, named apart
 
 
+def test_every_kernel_leaves_the_upper_avx512_registers_clean(kernels):
+    """While the upper halves of the vector registers hold data, the SSE code that runs between two
+    kernels (glibc's expf among it) slows down ~20x per call: a base-only decode step of SmolLM2 took
+    1.6x an adapter one for that (the LoRA kernels happened to clean them)."""
+    if kernels.upper_registers_dirty() is None:
+        pytest.skip("no AVX-512 version here: no upper registers to leave dirty")
+    weights, _ = nf4_weights([(96, 128)], seed=3)
+    packed, x, w = cpu_kernels.pack_nf4(weights), torch.randn(5, 128), torch.randn(64, 128)
+    for threads in (1, 2):  # the caller's part, whether it runs alone or beside the pool's workers
+        torch.set_num_threads(threads)
+        try:
+            kernels.nf4_linear(x, packed)
+            assert not kernels.upper_registers_dirty(), threads
+            kernels.dense_linear(x, w)
+            assert not kernels.upper_registers_dirty(), threads
+        finally:
+            torch.set_num_threads(2)
+
+
 def test_cpu_kernels_are_refused_where_they_cannot_run(model_dirs):
     with pytest.raises(ValueError, match="runs on CPU"):
         resolve("cpu", torch.device("cuda"))
@@ -242,6 +261,28 @@ def test_auto_falls_back_to_torch_for_a_model_the_c_kernels_cannot_read_or_witho
         assert e.describe()["nf4_path"] == "dequantize-once"
     finally:
         e.close()
+
+
+def test_a_base_only_batch_takes_the_route_an_adapter_batch_takes(aligned_model, build_dir, monkeypatch):
+    """The same prompts with and without adapters: every decode step in one C call either way
+    (the base rows skip only the LoRA inside it), the same prefill and LM-head calls."""
+    model_dir, adapters = aligned_model
+    e = engine(model_dir, adapters, "auto", str(build_dir))
+    library = e.model.kernels.layers.library
+    calls: list[str] = []
+    for name in ("decode_layers", "nf4_linear", "dense_linear", "lora_add", "decode_attention"):
+        original = getattr(library, name)
+        monkeypatch.setattr(library, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    routes = {}
+    try:
+        for label, names in (("base", [None] * 4), ("adapters", [None, "cheese", "wine", "wine"])):
+            calls.clear()
+            e.generate([Request(prompt_ids=p, adapter=n, sampling=sampling) for p, n in zip(PROMPTS, names)])
+            routes[label] = [c for c in calls if c != "lora_add"]  # the prefill's LoRA, base rows have none
+    finally:
+        e.close()
+    assert routes["base"] == routes["adapters"] and routes["base"].count("decode_layers") == 5
 
 
 def test_compile_does_not_apply_to_the_cpu_kernels(aligned_model):

@@ -116,6 +116,15 @@ class CPUKernels:
         self._lora = _function(library, "lora_add", [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i32])
         self._layers = _function(library, "decode_layers", [ptr, f32, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr,
                                                             ptr, i64, ptr, ptr, ptr, i32])
+        self._dirty = getattr(library, "upper_registers_dirty", None) if self.has_avx512 else None
+        if self._dirty is not None:
+            self._dirty.argtypes, self._dirty.restype = [], ctypes.c_int
+
+    def upper_registers_dirty(self) -> bool | None:
+        """Whether the upper halves of the calling thread's ymm/zmm0-15 hold data (None without the
+        AVX-512 version): every kernel leaves them clean, or the SSE code that runs after it slows
+        down (cpu_kernels.c)."""
+        return None if self._dirty is None else bool(self._dirty())
 
     def nf4_linear(self, x: torch.Tensor, weight: PackedNF4) -> torch.Tensor:
         """x [..., in] · Wᵀ → [..., out]."""

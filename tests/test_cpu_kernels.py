@@ -164,15 +164,16 @@ def test_every_kernel_leaves_the_upper_avx512_registers_clean(kernels):
         pytest.skip("no AVX-512 version here: no upper registers to leave dirty")
     weights, _ = nf4_weights([(96, 128)], seed=3)
     packed, x, w = cpu_kernels.pack_nf4(weights), torch.randn(5, 128), torch.randn(64, 128)
-    for threads in (1, 2):  # the caller's part, whether it runs alone or beside the pool's workers
-        torch.set_num_threads(threads)
-        try:
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):  # the caller's part, whether it runs alone or beside the pool's workers
+            torch.set_num_threads(threads)
             kernels.nf4_linear(x, packed)
             assert not kernels.upper_registers_dirty(), threads
             kernels.dense_linear(x, w)
             assert not kernels.upper_registers_dirty(), threads
-        finally:
-            torch.set_num_threads(2)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cpu_kernels_are_refused_where_they_cannot_run(model_dirs):

@@ -194,7 +194,9 @@ class ServerConfig:
     port (None: off; 0: any free port). served_model_name: the base model's name in that API's
     `model` and in ListModels ("": the model directory's name; main.py sets the built-in model's).
     api_key_file: when set, generation over HTTP and gRPC needs `Authorization: Bearer <key>`, a key
-    of this file (server/serving/api_keys.py); tls_cert/tls_key serve both protocols. model_dir: a checkpoint directory;
+    of this file (server/serving/api_keys.py); tenants_file instead gives each customer its keys, adapters,
+    quotas and share of the batch (server/serving/tenants.py); usage_log: a directory for the usage log's
+    JSONL files (server/serving/usage_log.py); tls_cert/tls_key serve both protocols. model_dir: a checkpoint directory;
     main.py resolves what the user named (nothing: the built-in model; a .gguf file) into one,
     cached under model_cache, and logs where it came from."""
 
@@ -209,6 +211,8 @@ class ServerConfig:
     tls_key: Path | None = None
     admin_token: str | None = None
     api_key_file: Path | None = None
+    tenants_file: Path | None = None
+    usage_log: Path | None = None
     grace_period_s: float = 25.0
     default_max_new_tokens: int = 256
     max_adapter_labels: int = 64
@@ -219,8 +223,12 @@ class ServerConfig:
     model_cache: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.api_key_file is not None and self.admin_token is None:
-            raise ValueError("ServerConfig: api_key_file needs admin_token (the Adapters service would be open)")
+        if (self.api_key_file is not None or self.tenants_file is not None) and self.admin_token is None:
+            raise ValueError("ServerConfig: api_key_file and tenants_file need admin_token (the Adapters service "
+                             "would be open)")
+        if self.api_key_file is not None and self.tenants_file is not None:
+            raise ValueError("ServerConfig: give api_key_file or tenants_file, not both (a tenant with adapters: ['*'] "
+                             "and base: true is what the key file's keys are)")
 
     @property
     def model_name(self) -> str:

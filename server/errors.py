@@ -36,6 +36,15 @@ class ResourceExhausted(HotloraError):
     """A bounded resource is full: the request queue or the adapter slots."""
 
 
+class RateLimited(ResourceExhausted):
+    """A tenant's limit (server/serving/quotas.py) refuses the request for now: retry after
+    retry_after_s seconds. `limit` names it: concurrent, requests_per_minute or tokens_per_minute."""
+
+    def __init__(self, message: str, limit: str, retry_after_s: float):
+        super().__init__(message)
+        self.limit, self.retry_after_s = limit, retry_after_s
+
+
 class Draining(HotloraError):
     """The server is shutting down and takes no new work."""
 

@@ -71,6 +71,19 @@ class Metrics:
                                            "Submit to admission of requests whose adapter had no device slot when they were "
                                            "first up for admission (the miss penalty, queueing included).",
                                            buckets=LATENCY_BUCKETS, registry=r)
+        # by tenant (server/serving/tenants.py): the label's values are the tenants file's names
+        # ("default" without one), so the file bounds them
+        self.tenant_requests = Counter("hotlora_tenant_requests", "Generation requests by tenant and outcome (the gRPC "
+                                       "status code's name).", ["tenant", "code"], registry=r)
+        self.tenant_prompt_tokens = Counter("hotlora_tenant_prompt_tokens", "Prompt tokens by tenant (cached ones "
+                                            "included).", ["tenant"], registry=r)
+        self.tenant_cached_tokens = Counter("hotlora_tenant_cached_tokens", "Prompt tokens by tenant whose keys came "
+                                            "from the prefix cache.", ["tenant"], registry=r)
+        self.tenant_completion_tokens = Counter("hotlora_tenant_completion_tokens", "Tokens generated, by tenant.",
+                                                ["tenant"], registry=r)
+        self.tenant_rejections = Counter("hotlora_tenant_rejections", "Requests refused for a limit, by tenant and "
+                                         "reason: concurrent, requests_per_minute, tokens_per_minute (its quotas), "
+                                         "queue (the engine's queue was full).", ["tenant", "reason"], registry=r)
         for result in ("ok", "rejected", "error"):
             self.adapter_loads.labels(result)
         self._http = None

@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ["base", "overlays/prometheus-operator", "overlays/trainer-job", "overlays/trainer-job-distributed", "overlays/hpa",
-            "overlays/inference-gateway"]
+            "overlays/inference-gateway", "overlays/tenants"]
 K8S_VERSION = "1.32.0"
 BIN = Path(sys.executable).parent
 SCHEMAS = ROOT / "tests" / "schemas"
@@ -177,6 +177,36 @@ def test_manifests_agree_with_the_server_code():
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     selector = one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
     assert all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
+
+
+def test_tenants_overlay_gives_the_server_a_tenants_file_it_accepts(tmp_path):
+    import hashlib
+
+    from server.serving.main import parse_args
+    from server.serving.tenants import parse_tenants
+
+    docs = render("overlays/tenants")
+    secret = one(docs, "Secret", "hotlora-auth")["stringData"]
+    table = parse_tenants(secret["tenants.yaml"])
+    for key in ("replace-me-acme-key", "replace-me-globex-key"):  # the keys the comment names are the file's
+        assert hashlib.sha256(key.encode()).digest() in table.keys, key
+    assert hashlib.sha256(b"replace-me-acme-admin").digest() in table.admin_keys
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["auth"]["secret"]["secretName"] == "hotlora-auth" and "subPath" not in str(container["volumeMounts"])
+    for variable, item in (("HOTLORA_TENANTS_FILE", "tenants.yaml"), ("HOTLORA_ADMIN_TOKEN_FILE", "admin-token")):
+        assert env[variable] == f"{mounts['auth']}/{item}"
+        (tmp_path / item).write_text(secret[item])
+    assert env["HOTLORA_USAGE_LOG"] == mounts["usage"]
+    assert volumes["usage"]["persistentVolumeClaim"]["claimName"] == one(docs, "PersistentVolumeClaim", "hotlora-usage")["metadata"]["name"]
+    config_map = one(docs, "ConfigMap")["data"]
+    config = parse_args([], environ={**config_map, "HOTLORA_TENANTS_FILE": str(tmp_path / "tenants.yaml"),
+                                     "HOTLORA_ADMIN_TOKEN_FILE": str(tmp_path / "admin-token"),
+                                     "HOTLORA_USAGE_LOG": env["HOTLORA_USAGE_LOG"]})
+    assert config.tenants_file.name == "tenants.yaml" and str(config.usage_log) == "/usage" and config.admin_token
 
 
 def test_trainer_job_runs_a_real_trainer_command_into_the_shared_store():
@@ -392,6 +422,9 @@ def test_grafana_dashboard_uses_only_metrics_the_server_exports():
     metrics.watch_engine(lambda: stats, lambda: {"device": 0})
     metrics.requests.labels("base", "OK", "grpc").inc()  # labelled series appear once they have a child
     metrics.generation_tokens.labels("base").inc()
+    for counter in (metrics.tenant_prompt_tokens, metrics.tenant_cached_tokens, metrics.tenant_completion_tokens):
+        counter.labels("default").inc()
+    metrics.tenant_rejections.labels("default", "concurrent").inc()
     for histogram in (metrics.request_duration, metrics.time_to_first_token, metrics.time_per_output_token):
         histogram.labels("base").observe(0.1)
     exported = {s.name for family in metrics.registry.collect() for s in family.samples}
@@ -400,7 +433,7 @@ def test_grafana_dashboard_uses_only_metrics_the_server_exports():
     assert used and used <= exported, used - exported
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("throughput", "first token", "queue", "kv cache", "tier", "loads", "preemptions", "prefix cache",
-                  "slowest adapters"):
+                  "slowest adapters", "tokens/s per tenant", "rejections/s per tenant"):
         assert topic in titles, topic
 
 

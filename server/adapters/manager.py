@@ -278,8 +278,15 @@ class AdapterManager:
 
     def _require_store(self, name: str) -> AdapterStore:
         if self.store is None:
-            raise AdapterNotFound(f"adapter {name!r} is not loaded and this server has no adapter store")
+            raise self.missing(AdapterRef(name))
         return self.store
+
+    def missing(self, ref: AdapterRef) -> AdapterNotFound:
+        """What a request naming `ref` is told when nobody has it: also what a tenant is told of
+        another tenant's adapter, word for word, so names do not leak."""
+        if self.store is None:
+            return AdapterNotFound(f"adapter {ref.name!r} is not loaded and this server has no adapter store")
+        return self.store.missing(ref.name, ref.version)
 
     # ------------------------------------------------------------------ the watcher
 

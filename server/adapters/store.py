@@ -75,14 +75,22 @@ class AdapterStore:
     def get(self, name: str, version: str | None = None) -> StoredVersion:
         """A stored version (the current one when version is None). Raises AdapterNotFound."""
         validate_adapter_name(name)
+        asked = version
         version = version or self.current(name)
         if version is None:
-            raise AdapterNotFound(f"adapter {name!r} is not in the store (or has no current version)")
+            raise self.missing(name, asked)
         validate_adapter_name(version)
         path = self.root / name / version
         if not path.is_dir():
-            raise AdapterNotFound(f"adapter {name}@{version} is not in the store")
+            raise self.missing(name, version)
         return StoredVersion(name, version, path, read_manifest(path))
+
+    @staticmethod
+    def missing(name: str, version: str | None = None) -> AdapterNotFound:
+        """What get() says of a name (or name@version) the store does not have."""
+        if version is None:
+            return AdapterNotFound(f"adapter {name!r} is not in the store (or has no current version)")
+        return AdapterNotFound(f"adapter {name}@{version} is not in the store")
 
     # ------------------------------------------------------------------ publishing
 

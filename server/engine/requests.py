@@ -33,6 +33,9 @@ class Request:
     deadline: float | None = None
     request_id: str | None = None
     grammar: Grammar | None = None  # the output must match it (server/engine/structured.py)
+    # whose request it is, for the fair share across tenants (server/engine/scheduler.py); None: no tenants
+    tenant: str | None = None
+    weight: float = 1.0  # the tenant's share against the others'
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """Which requests run at each step: the scheduler owns the waiting, prefilling and running queues,
 the KV blocks and adapter slots its admissions take, and what a finished request gives back.
 
-Admission is round robin across adapters (the base model being one), S-LoRA style: each adapter's
+Admission is weighted round robin across tenants (requests without one are one tenant), then
+round robin across each tenant's adapters (the base model being one), S-LoRA style: each adapter's
 requests in arrival order, the adapter admitted least recently first, so a flood on one adapter
-delays another's request by at most one of its own. It stops at the batch size, the free KV
+delays another's request by at most one of its own, and a tenant with many adapters gets no more
+turns than one with a single adapter. Tenants take turns by virtual time (weighted fair queueing):
+each admission moves its tenant's clock on by 1/weight, the tenant furthest behind goes first, and
+one that was idle rejoins at the current time instead of spending credit saved while away. It stops at the batch size, the free KV
 blocks (server/engine/blocks.py: blocks for the prompt, with one spare block per sequence in
 flight so running ones can grow) and the prefill token budget (a prompt longer than
 prefill_chunk_tokens is admitted to be prefilled chunk by chunk instead). Adapter slots are
@@ -62,8 +66,10 @@ class Scheduler:
         self.admitted: list[Sequence] = []  # admitted this step, prompts prefilled together next
         self.prefilling: deque[Sequence] = deque()  # admitted, prompt going in chunk by chunk
         self.running: list[Sequence] = []
-        self._last_admitted: dict[str | None, int] = {}  # adapter name (None: base) -> admission number
+        self._last_admitted: dict[tuple[str | None, str | None], int] = {}  # Sequence.queue_key -> admission number
         self._admissions = itertools.count()
+        self._virtual_time = 0.0  # the tenants' clock at the latest admission
+        self._tenant_time: dict[str | None, float] = {}  # a tenant's clock: where its next admission starts
         self._slot_victim: LoadedAdapter | None = None
         self.preemptions = 0
 
@@ -146,7 +152,8 @@ class Scheduler:
 
     def forget(self, adapter_name: str) -> None:
         """An adapter gone for good loses its admission turn."""
-        self._last_admitted.pop(adapter_name, None)
+        for key in [k for k in self._last_admitted if k[1] == adapter_name]:
+            del self._last_admitted[key]
 
     # ---------------------------------------------------------------- admission
 
@@ -199,16 +206,27 @@ class Scheduler:
                 continue
             if not self._take(seq, self.prefilling if chunked else self.admitted):
                 continue
-            self._last_admitted[seq.queue_key] = next(self._admissions)
+            self._admitted(seq)
             (admission.chunked if chunked else admission.whole).append(seq)
         if not waiting_for_slot:
             self._slot_victim = None
         return admission
 
     def order(self, pending: Iterable[Sequence]) -> list[Sequence]:
-        """The waiting sequences, one per adapter in turn; the adapter admitted least recently
-        goes first, so turns carry over from one step to the next."""
-        queues: dict[str | None, deque[Sequence]] = {}
+        """The waiting sequences in the order they are offered admission: tenants by their
+        clocks (fair_share), and within each tenant its adapters in turn (round_robin). Turns
+        carry over from one step to the next."""
+        tenants: dict[str | None, list[Sequence]] = {}
+        for seq in pending:
+            tenants.setdefault(seq.request.tenant, []).append(seq)
+        if len(tenants) == 1:  # one tenant, or none at all: its adapters' round robin
+            return self.round_robin(next(iter(tenants.values())))
+        return self.fair_share({tenant: self.round_robin(seqs) for tenant, seqs in tenants.items()})
+
+    def round_robin(self, pending: list[Sequence]) -> list[Sequence]:
+        """One tenant's waiting sequences, one per adapter in turn; the adapter admitted least
+        recently goes first."""
+        queues: dict[tuple[str | None, str | None], deque[Sequence]] = {}
         for seq in pending:
             queues.setdefault(seq.queue_key, deque()).append(seq)
         keys = sorted(queues, key=lambda k: self._last_admitted.get(k, -1))  # stable: ties keep arrival order
@@ -219,6 +237,31 @@ class Scheduler:
                 if not queues[key]:
                     keys.remove(key)
         return order
+
+    def fair_share(self, tenants: dict[str | None, list[Sequence]]) -> list[Sequence]:
+        """The tenants' ordered sequences merged by weighted fair queueing: the tenant whose
+        clock is furthest behind goes next and its clock moves on by 1/weight (ties: the tenant
+        admitted least recently, then the one that arrived first)."""
+        clocks = {t: max(self._tenant_time.get(t, self._virtual_time), self._virtual_time) for t in tenants}
+        last = {t: max((self._last_admitted.get(s.queue_key, -1) for s in seqs), default=-1) for t, seqs in tenants.items()}
+        queues = {t: deque(seqs) for t, seqs in tenants.items()}
+        order = []
+        while queues:
+            tenant = min(queues, key=lambda t: (clocks[t], last[t]))
+            seq = queues[tenant].popleft()
+            order.append(seq)
+            clocks[tenant] += 1 / seq.request.weight
+            if not queues[tenant]:
+                del queues[tenant]
+        return order
+
+    def _admitted(self, seq: Sequence) -> None:
+        """Its adapter's turn and its tenant's clock move on."""
+        self._last_admitted[seq.queue_key] = next(self._admissions)
+        tenant = seq.request.tenant
+        start = max(self._tenant_time.get(tenant, self._virtual_time), self._virtual_time)
+        self._virtual_time = start
+        self._tenant_time[tenant] = start + 1 / seq.request.weight
 
     @contextlib.contextmanager
     def reserved(self, seqs: list[Sequence]) -> Iterator[None]:

@@ -44,9 +44,9 @@ class Sequence:
         return self.adapter.slot if self.adapter else 0
 
     @property
-    def queue_key(self) -> str | None:
-        """Whose turn it waits for: its adapter's name, None for the base model."""
-        return self.adapter.name if self.adapter else None
+    def queue_key(self) -> tuple[str | None, str | None]:
+        """Whose turn it waits for: its tenant's, then its adapter's (None: no tenants; the base model)."""
+        return self.request.tenant, self.adapter.name if self.adapter else None
 
     def remaining(self) -> int:
         """Tokens it may still generate."""

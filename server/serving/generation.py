@@ -4,7 +4,10 @@ The gRPC service (service.py) and the OpenAI-compatible HTTP API (http_api.py) t
 into a GenerationInput and the Pieces back into their own messages. Everything in between happens
 here, once: size limits, tokenizing and chat templates off the event loop, sampling defaults,
 grammar compilation, resolving and loading the adapter, stop strings, deadlines, cancellation when
-the caller goes away, and the metrics (with a `protocol` label).
+the caller goes away, and the metrics (with a `protocol` label). The caller's tenant
+(server/serving/tenants.py) decides which adapters it may see and call, its quotas
+(server/serving/quotas.py) admit the request, and its usage is metered here: the tenant counters
+and the usage log get the same numbers the client gets in its usage fields.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from ..adapters.versions import AdapterRef, AdapterVersion
 from ..config import RequestLimits
 from ..engine.engine import Engine, FinishReason, Output, Request, TokenLogprob
 from ..engine.structured import GrammarCompiler, OutputFormat
-from ..errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, NotReady
+from ..errors import DeadlineExceeded, Draining, HotloraError, InvalidRequest, NotReady, PermissionDenied, RateLimited
 from ..metrics import UNRESOLVED, Metrics
 from ..model.sampling import SamplingParams
+from .quotas import Quotas, Reservation
 from .status import status_of
+from .tenants import ANONYMOUS, Caller
 from .text import TextCodec
+from .usage_log import Usage, UsageLog
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +102,31 @@ class ServedModel:
 
 @dataclass
 class _Call:
-    """One call's bookkeeping for metrics."""
+    """One call's bookkeeping for metrics and metering."""
 
     protocol: str
+    caller: Caller = ANONYMOUS
     label: str = "base"
     code: str = "OK"
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    adapter: str = ""  # what it asked for, then the version that served it ("name@version"; "" the base model)
+    request_id: str = ""
+    prompt_tokens: int = 0  # once submitted
+    cached_tokens: int = 0
+    completion_tokens: dict[int, int] = field(default_factory=dict)  # sample index -> tokens it was given
+    reservation: Reservation | None = None
+    rejected_by: str | None = None  # the limit that refused it: a quota's name, or "queue"
 
 
 class Generations:
-    def __init__(self, metrics: Metrics, default_max_new_tokens: int, limits: RequestLimits = RequestLimits()):
+    def __init__(self, metrics: Metrics, default_max_new_tokens: int, limits: RequestLimits = RequestLimits(),
+                 quotas: Quotas | None = None, usage_log: UsageLog | None = None):
         self.metrics = metrics
         self.default_max_new_tokens = default_max_new_tokens
         self.limits = limits
+        self.quotas = quotas or Quotas()
+        self.usage_log = usage_log
         self.loaded: LoadedModel | None = None
 
     def ready(self) -> LoadedModel:
@@ -117,26 +134,33 @@ class Generations:
             raise NotReady("the server is still loading the model")
         return self.loaded
 
-    async def run(self, request: GenerationInput, protocol: str) -> AsyncIterator[Piece]:
+    async def run(self, request: GenerationInput, protocol: str, caller: Caller = ANONYMOUS) -> AsyncIterator[Piece]:
         """Pieces as text becomes available; raises a HotloraError for anything refused. Closing
         the iterator early (the caller went away) cancels the request and frees its KV blocks."""
-        call = _Call(protocol)
+        call = _Call(protocol, caller, adapter=request.adapter, request_id=request.request_id or "")
         try:
             loaded = self.ready()
             ref = None if request.adapter in ("", loaded.model_name) else AdapterRef.parse(request.adapter)
             call.label = UNRESOLVED if ref else "base"
+            self._check_access(loaded, caller, ref)  # before anything looks the name up
             self._check_size(request)  # cheap limits first; then the real work off the event loop
             prompt_ids, ref = await self._prompt(loaded, request, ref)
             grammar = None
             if request.output_format is not None:
                 grammar = await asyncio.to_thread(loaded.grammars.compile, request.output_format)
             engine_request = Request(prompt_ids=prompt_ids, sampling=self._sampling(loaded.engine, request, len(prompt_ids)),
-                                     deadline=request.deadline, request_id=request.request_id, grammar=grammar)
+                                     deadline=request.deadline, request_id=request.request_id, grammar=grammar,
+                                     tenant=caller.tenant.name, weight=caller.tenant.weight)
             loaded.engine.check(engine_request)  # the engine's own checks, before any adapter is loaded for it
             if not 1 <= request.n <= self.limits.max_samples:
                 raise InvalidRequest(f"n: {request.n} samples; give 1 to {self.limits.max_samples}")
+            # its worst case, before it queues; what it does not use is given back when it ends
+            call.reservation = self.quotas.reserve(
+                caller.tenant, len(prompt_ids) + engine_request.sampling.max_new_tokens * request.n)
             handles, version = await _submit(loaded.manager, ref, engine_request, request.n)
             call.label = self.metrics.adapter_label(version.name if version else None)
+            call.adapter, call.request_id = version.key if version else "", handles[0].request_id
+            call.prompt_tokens = len(prompt_ids)
             scored = prompt_ids if request.sampling.prompt_logprobs is not None else None
             streams = [self._stream(handle, loaded.codec.decoder(prompt_ids, list(request.stop)), version, call, i, scored)
                        for i, handle in enumerate(handles)]
@@ -154,11 +178,13 @@ class Generations:
             raise
         except Exception as exc:
             call.code = status_of(exc).grpc_code.name
+            call.rejected_by = _rejected_by(exc, call)
             if not isinstance(exc, HotloraError):
                 log.error("internal error", exc_info=exc)
             raise
         finally:
             self.metrics.requests.labels(call.label, call.code, call.protocol).inc()
+            self._meter(call)
 
     async def _stream(self, handle, decoder, version: AdapterVersion | None, call: _Call, index: int,
                       scored: list[int] | None) -> AsyncIterator[Piece]:
@@ -171,6 +197,7 @@ class Generations:
         try:
             async for token in handle:
                 call.first_token = call.first_token or time.perf_counter()
+                call.completion_tokens[index] = call.completion_tokens.get(index, 0) + 1
                 pending.append(token)
                 text += decoder.push([token])
                 if decoder.stopped:
@@ -192,23 +219,33 @@ class Generations:
             raise Draining("the server is shutting down and stopped this request")
         last = _with_prompt(self._piece(text + decoder.finish(), pending, done, handle, version, index), handle, scored)
         last.output, last.stopped_by_string = output, decoder.stopped
+        call.completion_tokens[index] = len(output.token_ids)  # what its usage says
+        call.cached_tokens = max(call.cached_tokens, output.cached_tokens)
         yield last
 
-    def count_refused(self, protocol: str, error: BaseException) -> None:
-        """A request refused before run() (it could not be parsed): counted like one run refused."""
-        self.metrics.requests.labels(UNRESOLVED, status_of(error).grpc_code.name, protocol).inc()
+    def count_refused(self, protocol: str, error: BaseException, caller: Caller | None = None) -> None:
+        """A request refused before run() (it could not be parsed): counted like one run refused,
+        and metered for its tenant when the caller is known (an unknown key has no tenant)."""
+        code = status_of(error).grpc_code.name
+        self.metrics.requests.labels(UNRESOLVED, code, protocol).inc()
+        if caller is not None:
+            self._meter(_Call(protocol, caller, code=code))
 
-    def models(self) -> list[ServedModel]:
-        """The base model, then every adapter as "name" (its current version) and "name@version"."""
+    def models(self, caller: Caller = ANONYMOUS) -> list[ServedModel]:
+        """What `caller` may call: the base model (if its tenant may), then each of its adapters as
+        "name" (its current version) and "name@version"."""
         loaded = self.ready()
         adapters = []
         for status in loaded.manager.list():
             v = status.version
+            if not caller.tenant.may_call(v.name):
+                continue
             if status.current:
                 adapters.append(ServedModel(v.name, v.name, v.version))
             adapters.append(ServedModel(v.key, v.name, v.version))
         adapters.sort(key=lambda m: (m.adapter, m.id != m.adapter, m.id))  # each name, then its versions
-        return [ServedModel(loaded.model_name), *adapters]
+        base = [ServedModel(loaded.model_name)] if caller.tenant.may_call(None) else []
+        return base + adapters
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """text's token ids under the base model's tokenizer (its BOS first with add_special_tokens),
@@ -256,6 +293,35 @@ class Generations:
             if steps > 1:
                 m.time_per_output_token.labels(call.label).observe((now - call.first_token) / (steps - 1))
 
+    @staticmethod
+    def _check_access(loaded: LoadedModel, caller: Caller, ref: AdapterRef | None) -> None:
+        """Another tenant's adapter is answered as one that does not exist, word for word."""
+        if caller.tenant.may_call(ref.name if ref else None):
+            return
+        if ref is None:
+            raise PermissionDenied(f"tenant {caller.tenant.name!r} may not call the base model {loaded.model_name!r}; "
+                                   "name one of its adapters")
+        raise loaded.manager.missing(ref)
+
+    def _meter(self, call: _Call) -> None:
+        """A finished call's usage: its tenant's quota settled with what it used, the tenant
+        counters, and a line of the usage log, all from the same numbers."""
+        completion = sum(call.completion_tokens.values())
+        if call.reservation is not None:
+            call.reservation.settle(call.prompt_tokens + completion)
+        tenant, m = call.caller.tenant.name, self.metrics
+        m.tenant_requests.labels(tenant, call.code).inc()
+        m.tenant_prompt_tokens.labels(tenant).inc(call.prompt_tokens)
+        m.tenant_cached_tokens.labels(tenant).inc(call.cached_tokens)
+        m.tenant_completion_tokens.labels(tenant).inc(completion)
+        if call.rejected_by is not None:
+            m.tenant_rejections.labels(tenant, call.rejected_by).inc()
+        if self.usage_log is not None:
+            self.usage_log.write(Usage(tenant=tenant, key_id=call.caller.key_id, adapter=call.adapter,
+                                       protocol=call.protocol, status=call.code, request_id=call.request_id,
+                                       prompt_tokens=call.prompt_tokens, cached_tokens=call.cached_tokens,
+                                       completion_tokens=completion, latency_s=time.perf_counter() - call.started))
+
     def _check_size(self, request: GenerationInput) -> None:
         limits = self.limits
         if request.messages is not None:
@@ -298,6 +364,16 @@ class Generations:
         if max_new_tokens is None:
             max_new_tokens = max(1, min(self.default_max_new_tokens, engine.config.max_seq_len - prompt_len))
         return replace(request.sampling, max_new_tokens=max_new_tokens)
+
+
+def _rejected_by(error: BaseException, call: _Call) -> str | None:
+    """The limit a refusal is counted under: a quota's, or the engine's queue when it was full
+    (a ResourceExhausted before the request was submitted)."""
+    if isinstance(error, RateLimited):
+        return error.limit
+    if status_of(error).grpc_code.name == "RESOURCE_EXHAUSTED" and not call.prompt_tokens:
+        return "queue"
+    return None
 
 
 def _with_prompt(piece: Piece, handle, scored: list[int] | None) -> Piece:

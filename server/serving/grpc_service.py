@@ -1,7 +1,8 @@
 """The gRPC servicers: protobuf <-> generation calls / adapter manager, and nothing else.
 
 Generation itself (shared with the HTTP API) is server/serving/generation.py. Every error leaves through
-`_abort`, which uses status.grpc_status (the one mapping); anything that blocks (adapter reads,
+`_abort`, which uses status.grpc_status (the one mapping), with a `retry-after` trailing metadata
+entry (seconds) when a tenant's quota refused the call; anything that blocks (adapter reads,
 store listings) runs in a worker thread, never on the event loop.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -22,11 +24,12 @@ from ..adapters.manager import AdapterManager
 from ..adapters.versions import AdapterRef, AdapterStatus, AdapterVersion
 from ..engine.engine import Output, TokenLogprob
 from ..engine.structured import OutputFormat
-from ..errors import HotloraError, InvalidRequest, Unauthenticated
+from ..errors import HotloraError, InvalidRequest, PermissionDenied, Unauthenticated
 from ..model.sampling import SamplingParams
-from .api_keys import ApiKeys
+from .api_keys import OpenAccess
 from .generation import GenerationInput, Generations
-from .status import grpc_status
+from .status import grpc_status, retry_after_s
+from .tenants import Tenant, Tenants
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +87,21 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, logged
     code, message = grpc_status(error)
     if code == grpc.StatusCode.INTERNAL and not logged:
         log.error("internal error", exc_info=error)
-    await context.abort(code, message)
+    wait = retry_after_s(error)
+    trailing = (("retry-after", str(max(1, math.ceil(wait)))),) if wait is not None else ()
+    await context.abort(code, message, trailing)
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    """api_keys: when set, every call needs metadata 'authorization: Bearer <API key>'."""
+    """access: who may call (ApiKeys or Tenants: every call then needs metadata 'authorization:
+    Bearer <API key>'); None: anyone, as the one tenant."""
 
-    def __init__(self, generations: Generations, api_keys: ApiKeys | None = None):
+    def __init__(self, generations: Generations, access=None):
         self.generations = generations
-        self.api_keys = api_keys
+        self.access = access or OpenAccess()
 
-    def _authorize(self, context) -> None:
-        if self.api_keys is not None:
-            self.api_keys.check(dict(context.invocation_metadata() or ()).get("authorization"))
+    def _authorize(self, context):
+        return self.access.identify(dict(context.invocation_metadata() or ()).get("authorization"))
 
     async def Generate(self, request, context):
         async with contextlib.aclosing(self._run(request, context)) as run:
@@ -142,9 +147,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def ListModels(self, request, context):
         try:
-            self._authorize(context)
+            caller = self._authorize(context)
             _decoded(request)
-            models = await asyncio.to_thread(self.generations.models)  # may list the store's directories
+            models = await asyncio.to_thread(self.generations.models, caller)  # may list the store's directories
         except Exception as exc:
             await _abort(context, exc)
         else:
@@ -152,14 +157,15 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 generation_pb2.Model(id=m.id, adapter=m.adapter, version=m.version) for m in models])
 
     async def _run(self, request, context):
+        caller = None
         try:
-            self._authorize(context)
+            caller = self._authorize(context)
             generation = _generation_input(_decoded(request), context)
         except HotloraError as exc:
-            self.generations.count_refused("grpc", exc)
+            self.generations.count_refused("grpc", exc, caller)
             await _abort(context, exc)
         try:
-            async with contextlib.aclosing(self.generations.run(generation, "grpc")) as pieces:
+            async with contextlib.aclosing(self.generations.run(generation, "grpc", caller)) as pieces:
                 async for piece in pieces:
                     yield piece
         except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError):
@@ -224,15 +230,19 @@ def _adapter_used(version: AdapterVersion | None, output: Output | None):
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    """Admin surface. With an admin token, every call needs `authorization: Bearer <token>`."""
+    """Admin surface. With an admin token, every call needs `authorization: Bearer <token>`: the
+    admin token (everything), or with tenants one of a tenant's admin_keys, which manages only the
+    adapters its patterns match: other names are refused whether they exist or not, and
+    ListAdapters shows its own."""
 
-    def __init__(self, admin_token: str | None, generations: Generations):
+    def __init__(self, admin_token: str | None, generations: Generations, tenants: Tenants | None = None):
         self.admin_token = admin_token
         self.generations = generations  # for the loaded model, once there is one
+        self.tenants = tenants
 
     async def LoadAdapter(self, request, context):
-        def load(manager: AdapterManager):
-            ref = AdapterRef.of(request.name, request.version or None)
+        def load(manager: AdapterManager, scope: Tenant | None):
+            ref = _within(scope, AdapterRef.of(request.name, request.version or None))
             if request.path:
                 loaded = manager.load_path(ref, request.path)
             elif ref.version:
@@ -246,37 +256,57 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             return adapters_pb2.LoadAdapterResponse(adapter=_adapter_message(status))
 
     async def UnloadAdapter(self, request, context):
-        if await self._admin(context, request, lambda manager: manager.unload(AdapterRef.of(request.name)) or True):
+        def unload(manager: AdapterManager, scope: Tenant | None):
+            manager.unload(_within(scope, AdapterRef.of(request.name)))
+            return True
+
+        if await self._admin(context, request, unload):
             return adapters_pb2.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):
-        rows = await self._admin(context, request, lambda manager: manager.list())
+        rows = await self._admin(context, request, lambda manager, scope: [
+            s for s in manager.list() if scope is None or scope.may_call(s.version.name)])
         if rows is not None:
             return adapters_pb2.ListAdaptersResponse(adapters=[_adapter_message(s) for s in rows])
 
     async def GetAdapter(self, request, context):
-        status = await self._admin(context, request, lambda manager: manager.get(AdapterRef.parse(request.adapter)))
+        status = await self._admin(context, request,
+                                   lambda manager, scope: manager.get(_within(scope, AdapterRef.parse(request.adapter))))
         if status is not None:
             return _adapter_message(status)
 
     async def _admin(self, context, request, fn, loads: bool = False):
-        """Check the token and the request, run fn(manager) in a worker thread (the adapter
-        loader's when it loads); abort with the mapped status on error."""
+        """Check the token and the request, run fn(manager, scope) in a worker thread (the adapter
+        loader's when it loads); abort with the mapped status on error. scope: the tenant whose
+        admin key called (None: the admin token)."""
         try:
-            self._authorize(context)
+            scope = self._authorize(context)
             _decoded(request)
             manager = self.generations.ready().manager
-            return await asyncio.get_running_loop().run_in_executor(manager.loader if loads else None, fn, manager)
+            return await asyncio.get_running_loop().run_in_executor(manager.loader if loads else None, fn, manager, scope)
         except Exception as exc:
             await _abort(context, exc)
 
-    def _authorize(self, context) -> None:
+    def _authorize(self, context) -> Tenant | None:
+        """None for the admin token (or no token configured); a tenant for one of its admin keys."""
         if self.admin_token is None:
-            return
+            return None
         metadata = dict(context.invocation_metadata() or ())
         given = metadata.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
+        if hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode()):
+            return None
+        tenant = self.tenants.identify_admin(given) if self.tenants is not None else None
+        if tenant is None:
             raise Unauthenticated("the Adapters service needs metadata 'authorization: Bearer <admin token>'")
+        return tenant
+
+
+def _within(scope: Tenant | None, ref: AdapterRef) -> AdapterRef:
+    """ref, when the caller's admin scope covers its name; refused otherwise, whether it exists or not."""
+    if scope is not None and not scope.may_call(ref.name):
+        raise PermissionDenied(f"tenant {scope.name!r}'s admin keys manage adapters matching "
+                               f"{list(scope.adapters)}, not {ref.name!r}")
+    return ref
 
 
 def _adapter_message(status: AdapterStatus):

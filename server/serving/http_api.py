@@ -16,8 +16,10 @@ without generating — what lm-evaluation-harness's local-completions model send
 log-likelihoods; /tokenize, /detokenize and /tokenizer_info let the harness tokenize with the
 server's own tokenizer. Errors use OpenAI's shape, statuses from server/serving/status.py, and
 /openapi.json says so. Admin operations stay on gRPC. With API keys (server/serving/api_keys.py)
-every route but /health, /metrics and /openapi.json needs `Authorization: Bearer <key>` (401 in
-OpenAI's shape); with the server's certificate it serves HTTPS.
+or tenants (server/serving/tenants.py) every route but /health, /metrics and /openapi.json needs
+`Authorization: Bearer <key>` (401 in OpenAI's shape), and a tenant sees and calls only its own
+adapters; with the server's certificate it serves HTTPS. A request over a tenant's quota gets 429
+with Retry-After.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import socket
 from pathlib import Path
 from typing import AsyncIterator
@@ -37,12 +40,13 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdapterNotFound, InvalidRequest, Unauthenticated
-from .api_keys import ApiKeys
+from .api_keys import OpenAccess
 from .generation import GenerationInput, Generations, Piece, ServedModel, merged
 from .openai_requests import (ChatCompletionBody, CompletionBody, DetokenizeBody, RequestBody, TokenizeBody,
                               refuse_unknown)
 from .openai_responses import ChatResponses, CompletionResponses
-from .status import openai_error
+from .status import openai_error, retry_after_s
+from .tenants import ANONYMOUS, Caller
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +70,12 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-_ERROR_MEANINGS = {400: "Invalid request (a bad body included)", 401: "No valid API key (with --api-key-file)",
-                   404: "Unknown model or adapter", 422: "The adapter was refused (incompatible or invalid)",
-                   429: "The queue is full", 500: "Internal error", 503: "Loading or draining",
-                   504: "The request's deadline passed"}
+_ERROR_MEANINGS = {400: "Invalid request (a bad body included)",
+                   401: "No valid API key (with --api-key-file or --tenants-file)",
+                   403: "The tenant may not call the base model", 404: "Unknown model or adapter",
+                   422: "The adapter was refused (incompatible or invalid)",
+                   429: "The queue is full, or the tenant is over a limit (see Retry-After)", 500: "Internal error",
+                   503: "Loading or draining", 504: "The request's deadline passed"}
 
 
 def _errors(*statuses: int) -> dict:
@@ -77,7 +83,7 @@ def _errors(*statuses: int) -> dict:
     return {status: {"model": ErrorResponse, "description": _ERROR_MEANINGS[status]} for status in statuses}
 
 
-_GENERATION = _errors(400, 401, 404, 422, 429, 500, 503, 504)
+_GENERATION = _errors(400, 401, 403, 404, 422, 429, 500, 503, 504)
 
 
 def _version() -> str:
@@ -107,32 +113,41 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-class _RequireKey:
-    """ASGI middleware: every path but OPEN_PATHS needs a valid API key, checked from the headers
-    before the app reads a byte of the body (a caller without a key cannot make it parse one)."""
+class _Identify:
+    """ASGI middleware: every path but OPEN_PATHS needs a caller `access` recognises, checked from
+    the headers before the app reads a byte of the body (a caller without a key cannot make it
+    parse one); the routes find it in request.state.caller."""
 
-    def __init__(self, app, api_keys: ApiKeys, refused):
-        self.app, self.api_keys, self.refused = app, api_keys, refused
+    def __init__(self, app, access, refused):
+        self.app, self.access, self.refused = app, access, refused
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             try:
-                self.api_keys.check(authorization)
+                scope.setdefault("state", {})["caller"] = self.access.identify(authorization)
             except Unauthenticated as exc:
                 await self.refused(exc)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> FastAPI:
+def _caller(request: Request) -> Caller:
+    return getattr(request.state, "caller", ANONYMOUS)
+
+
+def build_app(generations: Generations, access=None) -> FastAPI:
+    """access: who may call (server/serving/api_keys.py's ApiKeys or OpenAccess, or
+    server/serving/tenants.py's Tenants); None: anyone, as the one tenant."""
     app = FastAPI(title="hotlora", version=_version(), docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   description="OpenAI-compatible API of hotlora-server: `model` picks the adapter.")
     app.openapi = lambda: _openapi(app)
 
     def error_response(error: BaseException) -> JSONResponse:
         status, body = openai_error(error)
-        return JSONResponse(body, status_code=status)
+        wait = retry_after_s(error)
+        headers = {"Retry-After": str(max(1, math.ceil(wait)))} if wait is not None else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):  # a body that cannot be read, an unknown route
@@ -146,13 +161,12 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
-    if api_keys is not None:
-        app.add_middleware(_RequireKey, api_keys=api_keys, refused=unauthenticated)
+    app.add_middleware(_Identify, access=access or OpenAccess(), refused=unauthenticated)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        generations.count_refused("http", InvalidRequest(problems))
+        generations.count_refused("http", InvalidRequest(problems), _caller(request))
         return error_response(InvalidRequest(problems))
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}})
@@ -175,23 +189,24 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
                 "parent": base if model.adapter else None}
 
     @app.get("/v1/models", responses=_errors(401, 500, 503))
-    async def models():
+    async def models(request: Request):
         try:
-            served = await asyncio.to_thread(generations.models)
+            served = await asyncio.to_thread(generations.models, _caller(request))
+            base = generations.ready().model_name
         except Exception as exc:
             return error_response(exc)
-        return {"object": "list", "data": [model_object(m, served[0].id) for m in served]}
+        return {"object": "list", "data": [model_object(m, base) for m in served]}
 
     @app.get("/v1/models/{model_id:path}", responses=_errors(401, 404, 500, 503))
-    async def model(model_id: str):
+    async def model(model_id: str, request: Request):
         try:
-            served = await asyncio.to_thread(generations.models)
+            served = await asyncio.to_thread(generations.models, _caller(request))
             found = next((m for m in served if m.id == model_id), None)
             if found is None:
                 raise AdapterNotFound(f"model {model_id!r} is neither the base model nor an adapter this server knows")
         except Exception as exc:
             return error_response(exc)
-        return model_object(found, served[0].id)
+        return model_object(found, generations.ready().model_name)
 
     @app.post("/v1/chat/completions", responses=_GENERATION)
     async def chat_completions(body: ChatCompletionBody, request: Request):
@@ -211,7 +226,7 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
                 stop=body.stop_strings,
                 output_format=body.output_format(), request_id=request.headers.get("x-request-id"), n=body.n)
         except Exception as exc:
-            generations.count_refused("http", exc)
+            generations.count_refused("http", exc, _caller(request))
             return error_response(exc)
         return await respond(ChatResponses(body, generations), [generation], body, request)
 
@@ -232,7 +247,7 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
                 for i, (text, token_ids) in enumerate(prompts)]
             echoes = await asyncio.to_thread(_echoes, generations, prompts) if body.echo else None
         except Exception as exc:
-            generations.count_refused("http", exc)
+            generations.count_refused("http", exc, _caller(request))
             return error_response(exc)
         return await respond(CompletionResponses(body, generations, echoes), inputs, body, request)
 
@@ -266,10 +281,11 @@ def build_app(generations: Generations, api_keys: ApiKeys | None = None) -> Fast
         """Several prompts run as separate requests, each admitted on its own (a full queue can
         refuse a later one after earlier ones started; all are then cancelled); choice i * n + j
         is prompt i's sample j, as OpenAI numbers them."""
+        caller = _caller(request)
         if len(inputs) == 1:
-            pieces = generations.run(inputs[0], "http")
+            pieces = generations.run(inputs[0], "http", caller)
         else:
-            pieces = merged([_indexed(generations.run(g, "http"), i * body.n) for i, g in enumerate(inputs)])
+            pieces = merged([_indexed(generations.run(g, "http", caller), i * body.n) for i, g in enumerate(inputs)])
         try:  # refusals (unknown adapter, full queue) get their status; a streamed answer starts at its first piece
             if not body.stream:
                 collected = await _unless_disconnected(request, _collect(pieces))

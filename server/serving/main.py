@@ -24,6 +24,7 @@ from ..config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, RequestLim
 from ..errors import UnsupportedModel
 from ..model.source import BUILTIN, ModelNotFound, default_cache_dir
 from .api_keys import ApiKeys
+from .tenants import Tenants
 
 log = logging.getLogger("hotlora.server")
 
@@ -45,6 +46,7 @@ class Server:
         self.http_port: int | None = None
         self._http = None
         self._grpc: grpc.aio.Server | None = None
+        self.usage_log = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -68,10 +70,14 @@ class Server:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.generations = Generations(self.metrics, c.default_max_new_tokens, c.limits)
-        api_keys = ApiKeys(c.api_key_file) if c.api_key_file is not None else None
-        generation = GenerationService(self.generations, api_keys)
-        admin = AdaptersService(c.admin_token, self.generations)
+        from .usage_log import UsageLog
+
+        self.usage_log = UsageLog(c.usage_log) if c.usage_log is not None else None
+        self.generations = Generations(self.metrics, c.default_max_new_tokens, c.limits, usage_log=self.usage_log)
+        tenants = Tenants(c.tenants_file) if c.tenants_file is not None else None
+        access = tenants or (ApiKeys(c.api_key_file) if c.api_key_file is not None else None)
+        generation = GenerationService(self.generations, access)
+        admin = AdaptersService(c.admin_token, self.generations, tenants)
         self._grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         add_to_server(self._grpc, generation, generation_pb2.DESCRIPTOR.services_by_name["Generation"])
@@ -92,7 +98,7 @@ class Server:
             from .http_api import HttpServer, build_app
 
             tls = (c.tls_cert, c.tls_key) if c.tls_cert is not None else None
-            self._http = HttpServer(build_app(self.generations, api_keys), c.http_host, c.http_port, tls)
+            self._http = HttpServer(build_app(self.generations, access), c.http_host, c.http_port, tls)
             self.http_port = await self._http.start()
 
         self.engine = await asyncio.to_thread(Engine.from_pretrained, c.model_dir, c.engine)
@@ -148,6 +154,8 @@ class Server:
         await self._grpc.stop(1.0)
         if getattr(self, "manager", None) is not None:
             self.manager.close()
+        if self.usage_log is not None:
+            self.usage_log.close()  # after the last request was metered
         self.metrics.close()
         self._stopped.set()
 
@@ -258,6 +266,13 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
          help="file of API keys, one per line, re-read when it changes: generation over HTTP and gRPC then needs "
               "'Authorization: Bearer <key>' (health and metrics stay open; admin calls keep the admin token)")
     flag(group, "--admin-token-file", type=Path, help="file holding the bearer token the Adapters service requires")
+    flag(group, "--tenants-file", type=Path,
+         help="YAML file of tenants (docs/tenants.md), re-read when it changes: each its keys, the adapters it may "
+              "see and call, its limits and its share of the batch (instead of --api-key-file; needs "
+              "--admin-token-file)")
+    flag(group, "--usage-log", type=Path,
+         help="directory for the usage log: one JSON line per finished request (tenant, key id, adapter, tokens, "
+              "latency, status), fsynced in batches, a new file every 64 MiB")
     group = p.add_argument_group("network", "where gRPC, the HTTP API and the metrics listen")
     flag(group, "--host", default="0.0.0.0", help="bind address of gRPC, and of metrics and the HTTP API unless "
                                           "--metrics-host/--http-host say otherwise")
@@ -282,14 +297,20 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
 
     if (a.tls_cert is None) != (a.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
-    if a.api_key_file is not None:
-        if a.admin_token_file is None:
-            p.error("--api-key-file needs --admin-token-file too: with keys on generation, the Adapters service "
+    for given, name in ((a.api_key_file, "--api-key-file"), (a.tenants_file, "--tenants-file")):
+        if given is not None and a.admin_token_file is None:
+            p.error(f"{name} needs --admin-token-file too: with keys on generation, the Adapters service "
                     "(load, pin, unload) must not be open to anyone")
-        try:
+    if a.api_key_file is not None and a.tenants_file is not None:
+        p.error("give --api-key-file or --tenants-file, not both: in a tenants file, the key file's keys are a tenant "
+                "with adapters: ['*'] and base: true")
+    try:
+        if a.api_key_file is not None:
             ApiKeys(Path(a.api_key_file))
-        except ValueError as exc:
-            p.error(str(exc))
+        if a.tenants_file is not None:
+            Tenants(Path(a.tenants_file))  # a bad file is refused here, with the line at fault
+    except ValueError as exc:
+        p.error(str(exc))
     token = None
     if a.admin_token_file is not None:
         token = Path(a.admin_token_file).read_text().strip()
@@ -323,7 +344,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         adapters=adapters, host=a.host, port=num(a.port),
         metrics_host=a.metrics_host or a.host, metrics_port=num(a.metrics_port), tls_cert=a.tls_cert and Path(a.tls_cert),
         tls_key=a.tls_key and Path(a.tls_key), admin_token=token,
-        api_key_file=a.api_key_file and Path(a.api_key_file), grace_period_s=num(a.grace_period, float),
+        api_key_file=a.api_key_file and Path(a.api_key_file), tenants_file=a.tenants_file and Path(a.tenants_file),
+        usage_log=a.usage_log and Path(a.usage_log), grace_period_s=num(a.grace_period, float),
         default_max_new_tokens=num(a.default_max_new_tokens), max_adapter_labels=num(a.max_adapter_labels),
         limits=limits, http_host=a.http_host or a.host, http_port=num(a.http_port), served_model_name=a.served_model_name)
 

@@ -53,6 +53,12 @@ def public_message(error: BaseException) -> str:
     return "internal error (see server log)"
 
 
+def retry_after_s(error: BaseException) -> float | None:
+    """When a refused caller may try again (a tenant's quota says), for HTTP's Retry-After and
+    gRPC's retry-after trailing metadata; None when the error says nothing of it."""
+    return getattr(error, "retry_after_s", None) if isinstance(error, errors.RateLimited) else None
+
+
 def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return status_of(error).grpc_code, public_message(error)
 

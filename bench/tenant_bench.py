@@ -16,10 +16,10 @@ while B runs is reported beside it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,62 +43,62 @@ class Probe:
         p50, p90 = statistics.median(self.ttft_s), sorted(self.ttft_s)[int(0.9 * (len(self.ttft_s) - 1))]
         rate = statistics.median(self.decode_tok_s)
         vs = f"{p50 / statistics.median(alone.ttft_s):.2f}x" if alone else "1x"
-        flood = f"{self.flood_tok_s:.1f}" if self.flood_tok_s else "-"
+        flood = f"{self.flood_tok_s:.1f}" if self.flood_tok_s else "-"  # 0: nobody flooded
         return f"| {name} | {p50 * 1000:.0f} | {p90 * 1000:.0f} | {vs} | {rate:.1f} | {flood} |"
 
 
-class Flood:
-    """Tenant A: `streams` threads, each sending its next request as soon as its last one ends."""
+async def flood(engine: Engine, streams: int, adapters: list[str], prompts, sampling, tenant: str | None,
+                counter: list[int], stop: asyncio.Event) -> None:
+    """Tenant A: `streams` streams, each sending its next request as soon as its last one ends.
+    Every stream is a coroutine on one event loop, as the server's are (threads per stream would
+    take the GIL from the engine thread at every token)."""
+    loop = asyncio.get_running_loop()
 
-    def __init__(self, engine: Engine, streams: int, adapters: list[str], prompts, sampling, tenant: str | None):
-        self.engine, self.tokens, self.stop = engine, 0, threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._stream, args=(adapters[i % len(adapters)], prompts[i], sampling,
-                                                                     tenant), daemon=True) for i in range(streams)]
-        self._handles: set = set()
-
-    def _stream(self, adapter, prompt, sampling, tenant) -> None:
-        while not self.stop.is_set():
-            handle = self.engine.submit(Request(prompt, adapter=adapter, sampling=sampling, tenant=tenant))
-            with self._lock:
-                self._handles.add(handle)
-            for _ in handle:
-                with self._lock:
-                    self.tokens += 1
-            with self._lock:
-                self._handles.discard(handle)
-
-    def __enter__(self):
-        for thread in self._threads:
-            thread.start()
-        time.sleep(2.0)  # the batch full and the queue deep before B arrives
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        with self._lock:
-            for handle in self._handles:
+    async def stream(i: int) -> None:
+        while not stop.is_set():
+            handle = engine.submit(Request(prompts[i], adapter=adapters[i % len(adapters)], sampling=sampling,
+                                           tenant=tenant), loop)
+            try:
+                async for _ in handle:
+                    counter[0] += 1
+            finally:
                 handle.cancel()
-        for thread in self._threads:
-            thread.join(60)
+
+    await asyncio.gather(*(stream(i) for i in range(streams)))
 
 
-def probe(engine: Engine, requests: int, prompts, sampling, tenant: str | None, flood: Flood | None) -> Probe:
+async def probe(engine: Engine, requests: int, prompts, sampling, tenant: str | None, counter: list[int]) -> Probe:
+    loop = asyncio.get_running_loop()
     ttft, rates = [], []
-    started, flood_before = time.perf_counter(), flood.tokens if flood else 0
+    started, flood_before = time.perf_counter(), counter[0]
     for i in range(requests):
         sent = time.perf_counter()
-        handle = engine.submit(Request(prompts[i], adapter="b", sampling=sampling, tenant=tenant))
-        first = None
-        count = 0
-        for _ in handle:
+        first, count = None, 0
+        async for _ in engine.submit(Request(prompts[i], adapter="b", sampling=sampling, tenant=tenant), loop):
             first = first or time.perf_counter()
             count += 1
         done = time.perf_counter()
         ttft.append(first - sent)
         rates.append((count - 1) / (done - first))
     elapsed = time.perf_counter() - started
-    return Probe(ttft, rates, (flood.tokens - flood_before) / elapsed if flood else 0.0)
+    return Probe(ttft, rates, (counter[0] - flood_before) / elapsed)
+
+
+async def case(engine: Engine, args, flood_adapters, flood_prompts, probe_prompts, sampling,
+               tenants: tuple[str | None, str | None] | None) -> Probe:
+    """B's probe requests, with A flooding as tenants[0] (None: B alone)."""
+    counter, stop = [0], asyncio.Event()
+    if tenants is None:
+        return await probe(engine, args.probe_requests, probe_prompts, sampling, "b", counter)
+    flooding = asyncio.ensure_future(flood(engine, args.flood_streams, flood_adapters, flood_prompts, sampling,
+                                           tenants[0], counter, stop))
+    await asyncio.sleep(2.0)  # the batch full and the queue deep before B arrives
+    try:
+        return await probe(engine, args.probe_requests, probe_prompts, sampling, tenants[1], counter)
+    finally:
+        stop.set()
+        flooding.cancel()
+        await asyncio.gather(flooding, return_exceptions=True)
 
 
 def main() -> None:
@@ -137,13 +137,13 @@ def main() -> None:
     probe_prompts = prompts_for(4 * args.probe_requests, args.prompt_len, engine.spec.vocab_size, seed=2)
     flood_adapters = names[:-1]
 
-    probe(engine, 2, probe_prompts[-2:], sampling, None, None)  # warm-up
-    results = {"B alone": probe(engine, args.probe_requests, probe_prompts, sampling, "b", None)}
-    for name, tenants in (("A floods, no tenants (round robin across adapters)", (None, None)),
-                          ("A floods, tenants (weighted round robin across tenants)", ("a", "b"))):
-        offset = len(results) * args.probe_requests
-        with Flood(engine, args.flood_streams, flood_adapters, flood_prompts, sampling, tenants[0]) as flood:
-            results[name] = probe(engine, args.probe_requests, probe_prompts[offset:], sampling, tenants[1], flood)
+    cases = {"B alone": None, "A floods, no tenants (round robin across adapters)": (None, None),
+             "A floods, tenants (fair share across tenants)": ("a", "b")}
+    asyncio.run(probe(engine, 2, probe_prompts[-2:], sampling, None, [0]))  # warm-up
+    results = {}
+    for i, (name, tenants) in enumerate(cases.items()):
+        prompts = probe_prompts[i * args.probe_requests:]  # fresh prompts each case
+        results[name] = asyncio.run(case(engine, args, flood_adapters, flood_prompts, prompts, sampling, tenants))
     engine.close()
 
     alone = results["B alone"]
@@ -152,7 +152,9 @@ def main() -> None:
         f"B one request at a time on 1 adapter; batch {args.max_batch_size}, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, r={args.rank}, {args.probe_requests} B requests per case",
         "",
-        f"Machine: {machine()}; engine NF4 path `{engine.describe()['nf4_path']}`.",
+        f"Machine: {machine()}; engine NF4 path `{engine.describe()['nf4_path']}`; "
+        f"{engine.scheduler.fair_share_preemptions} fair-share preemptions (A's sequences recomputed to make room "
+        "for B) in all.",
         "",
         "| case | B TTFT p50 ms | B TTFT p90 ms | B p50 TTFT / alone | B decode tok/s | A tok/s meanwhile |",
         "|---|---:|---:|---:|---:|---:|",

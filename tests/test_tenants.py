@@ -296,3 +296,28 @@ def test_the_usage_log_reaches_the_disk_batch_by_batch_without_closing(tmp_path)
     log.write(usage(3))  # a batch begun: on disk within batch_s, or at close
     log.close()
     assert sum(len(f.read_text().splitlines()) for f in tmp_path.iterdir()) == 4
+
+
+def test_a_tenant_under_its_share_gets_a_row_without_waiting_for_another_tenants_long_requests(llama_dir):
+    from server.engine.engine import Engine
+
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=2, max_seq_len=256))
+    long = SamplingParams(max_new_tokens=120, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    alone = [o.token_ids for o in engine.generate([Request(p, sampling=long) for p in prompts])]
+    try:
+        for flooder, other, expected_preemptions in (("a", "b", 1), (None, None, 0)):
+            before = engine.scheduler.fair_share_preemptions
+            flood = [engine.submit(Request(p, sampling=long, tenant=flooder)) for p in prompts]
+            for handle in flood:
+                next(iter(handle))  # both rows taken: both are decoding
+            quick = engine.submit(Request([3, 4], sampling=SamplingParams(max_new_tokens=2, temperature=0.0),
+                                          tenant=other))
+            quick.result(timeout=120)
+            # with tenants it took a row at once; without, it waited for a long request to end
+            assert any(h.done() for h in flood) == (flooder is None), flooder
+            assert engine.scheduler.fair_share_preemptions - before == expected_preemptions
+            # the preempted request was recomputed and went on as if never interrupted
+            assert [h.result(timeout=120).token_ids for h in flood] == alone
+    finally:
+        engine.close()

@@ -7,7 +7,10 @@ requests in arrival order, the adapter admitted least recently first, so a flood
 delays another's request by at most one of its own, and a tenant with many adapters gets no more
 turns than one with a single adapter. Tenants take turns by virtual time (weighted fair queueing):
 each admission moves its tenant's clock on by 1/weight, the tenant furthest behind goes first, and
-one that was idle rejoins at the current time instead of spending credit saved while away. It stops at the batch size, the free KV
+one that was idle rejoins at the current time instead of spending credit saved while away. When
+every row is taken and the tenant whose turn it is runs fewer sequences than its share of the
+batch, the newest sequence of the tenant furthest over its share is preempted for it (one a step),
+so a tenant's first request does not wait for another's long ones to finish. It stops at the batch size, the free KV
 blocks (server/engine/blocks.py: blocks for the prompt, with one spare block per sequence in
 flight so running ones can grow) and the prefill token budget (a prompt longer than
 prefill_chunk_tokens is admitted to be prefilled chunk by chunk instead). Adapter slots are
@@ -35,7 +38,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -72,6 +75,7 @@ class Scheduler:
         self._tenant_time: dict[str | None, float] = {}  # a tenant's clock: where its next admission starts
         self._slot_victim: LoadedAdapter | None = None
         self.preemptions = 0
+        self.fair_share_preemptions = 0  # of those, the ones that made room for a tenant under its share
 
     # ---------------------------------------------------------------- the queues
 
@@ -174,6 +178,8 @@ class Scheduler:
             resident = self.slots.resident()  # a copy: unload_adapter may change the registry meanwhile
         admission = Admission()
         busy = len(self.running) + len(self.prefilling) + len(self.admitted)
+        if candidates and busy >= self.config.max_batch_size and self._preempt_for_fair_share(candidates):
+            busy -= 1
         # a spare block per sequence in flight (this one included), so the running can grow; a
         # pool that holds every row at max_seq_len never preempts: no spare blocks needed
         spare = 0 if self.blocks.holds_every_row() else 1
@@ -255,9 +261,36 @@ class Scheduler:
                 del queues[tenant]
         return order
 
+    def _preempt_for_fair_share(self, candidates: list[Sequence]) -> bool:
+        """With every row taken: preempt the newest running sequence of the tenant furthest over
+        its share of the batch (max_batch_size x its weight / the weights of the tenants with
+        work), when the first candidate's tenant is under its own and that candidate could run
+        now (its adapter in a slot). True if a row was freed so."""
+        head = candidates[0]
+        if head.adapter is not None and head.adapter.slot == 0:
+            return False  # it waits for a slot, not a row: a row freed now would go to someone else
+        weights = {s.request.tenant: s.request.weight for s in (*self.running, *self.prefilling, *self.admitted,
+                                                                   *candidates)}
+        if len(weights) < 2:
+            return False
+        in_batch = Counter(s.request.tenant for s in (*self.running, *self.prefilling, *self.admitted))
+        share = {t: self.config.max_batch_size * w / sum(weights.values()) for t, w in weights.items()}
+        if in_batch[head.request.tenant] >= share[head.request.tenant]:
+            return False
+        over = max(weights, key=lambda t: in_batch[t] / share[t])
+        victim = next((s for s in reversed(self.running) if s.request.tenant == over), None)
+        if victim is None or in_batch[over] <= share[over]:
+            return False
+        self._preempt(victim)
+        self.fair_share_preemptions += 1
+        return True
+
     def _admitted(self, seq: Sequence) -> None:
-        """Its adapter's turn and its tenant's clock move on."""
+        """Its adapter's turn and its tenant's clock move on (a preempted sequence readmitted is
+        not a new turn)."""
         self._last_admitted[seq.queue_key] = next(self._admissions)
+        if seq.preempted:
+            return
         tenant = seq.request.tenant
         start = max(self._tenant_time.get(tenant, self._virtual_time), self._virtual_time)
         self._virtual_time = start

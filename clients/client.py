@@ -252,7 +252,8 @@ class Client:
             call.cancel()  # a caller that stops iterating frees the server's sequence
 
     def models(self) -> list[ModelInfo]:
-        """What `adapter` can name: the base model first, then every adapter (no admin token needed)."""
+        """What `adapter` can name: the base model first (when the caller's tenant may call it), then every
+        adapter it may call (no admin token needed)."""
         try:
             reply = self._generation.ListModels(generation_pb2.ListModelsRequest(), metadata=self._key,
                                                     timeout=self.timeout)

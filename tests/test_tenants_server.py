@@ -333,3 +333,34 @@ def test_the_usage_log_the_counters_and_the_clients_usage_agree(llama_dir, store
     assert keys == {hashlib.sha256(b"key-globex").hexdigest()[:12]}  # the key's id, never the key
     assert "key-globex" not in "".join(f.read_text() for f in usage_dir.iterdir())
     assert by_id["g0"]["adapter"] == "wine@v1" and by_id["g0"]["latency_s"] > 0
+
+
+def test_a_full_queue_is_counted_against_the_tenant_that_met_it(llama_dir, store, tmp_path):
+    with start(llama_dir, store, tmp_path, engine=EngineConfig(max_batch_size=1, max_queue=1, max_seq_len=512)) as server:
+        rpc = Grpc(server, "key-globex")
+        long = generation_pb2.GenerateRequest(prompt="Wine", adapter="wine", max_new_tokens=400, ignore_eos=True)
+        running = rpc.stub.GenerateStream(long, metadata=rpc.metadata, timeout=120)
+        next(running)
+        waiting = rpc.stub.GenerateStream(long, metadata=rpc.metadata, timeout=120)  # sent now, read never
+        wait_until(lambda: server.server.engine.stats()["queue_length"] == 1, timeout=30)
+        code, message = rpc.call("Generate", prompt="x", adapter="wine", max_new_tokens=1)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in message
+        running.cancel(), waiting.cancel()
+        metrics = server.server.metrics.registry
+        assert metrics.get_sample_value("hotlora_tenant_rejections_total", {"tenant": "globex", "reason": "queue"}) == 1
+
+
+def test_a_bad_tenants_file_stops_the_server_before_it_starts(tmp_path, capsys):
+    from server.serving.main import parse_args
+
+    bad, token, keys = tmp_path / "tenants.yaml", tmp_path / "admin", tmp_path / "keys"
+    bad.write_text("tenants:\n  acme:\n    keys: [k]\n    weight: 0\n")
+    token.write_text("secret\n")
+    keys.write_text("k2\n")
+    for argv, words in ((["--tenants-file", str(bad), "--admin-token-file", str(token)], "line 4: tenant 'acme': weight"),
+                        (["--tenants-file", str(bad)], "needs --admin-token-file"),
+                        (["--tenants-file", str(bad), "--api-key-file", str(keys), "--admin-token-file", str(token)],
+                         "not both")):
+        with pytest.raises(SystemExit) as info:
+            parse_args(argv, environ={})
+        assert info.value.code == 2 and words in capsys.readouterr().err, argv

@@ -140,7 +140,11 @@ class EngineConfig:
 class AdapterConfig:
     """Where adapters come from and how many are kept in host memory.
 
-    store: the adapter store directory (see server.adapters.store); None serves only path-loaded adapters.
+    store: the adapter store: a directory, or s3://bucket/prefix (server/adapters/store.py's open_store);
+      None serves only path-loaded adapters.
+    s3_endpoint_url: an S3-compatible service's endpoint (None: boto3's chain, AWS_ENDPOINT_URL included).
+    cache_dir / cache_bytes: where an object store's versions are kept once downloaded, and how many
+      bytes they may take (least recently used removed first); cache_dir None: a temporary directory.
     poll_interval_s: how often the store's `current` pointers are checked for new versions.
     host_cache_size: validated adapter versions held in host memory (those in device slots
       included); idle ones beyond it are dropped least-recently-used and read again from their
@@ -152,7 +156,10 @@ class AdapterConfig:
       so slow or huge ones never take the threads that serve other requests.
     """
 
-    store: Path | None = None
+    store: str | Path | None = None
+    s3_endpoint_url: str | None = None
+    cache_dir: Path | None = None
+    cache_bytes: int | None = 8 << 30
     poll_interval_s: float = 2.0
     host_cache_size: int = 32
     host_cache_bytes: int | None = None

@@ -28,6 +28,11 @@ class UnsupportedModel(HotloraError):
     """The base checkpoint cannot be served (architecture, format or feature not supported)."""
 
 
+class StoreUnavailable(HotloraError):
+    """The adapter store cannot be reached (network, credentials, a missing bucket, throttling):
+    what is in memory keeps serving; what would need the store waits for it."""
+
+
 class StoreNotWritable(HotloraError):
     """A pin or unload must be written to the adapter store, and this server cannot write it."""
 

@@ -123,6 +123,13 @@ class Metrics:
         held adapter's next request costs at most a copy into a slot between two steps."""
         self.registry.register(_LoraCollector(activity, max_lora))
 
+    def watch_store(self, unreachable: Callable[[], str | None]) -> None:
+        """hotlora_adapter_store_reachable: 1 while the adapter store answers, 0 while it cannot be
+        reached (an object store: network, credentials, a missing bucket, throttling)."""
+        Gauge("hotlora_adapter_store_reachable", "1 while the adapter store answers; 0 while it cannot be reached "
+              "(the versions in memory keep serving).", registry=self.registry).set_function(
+            lambda: 0.0 if unreachable() is not None else 1.0)
+
     def describe_kv_cache(self, block_size: int, num_blocks: int) -> None:
         """hotlora_cache_config_info{block_size, num_gpu_blocks} 1, as vLLM's vllm:cache_config_info
         (the gateway's prefix-cache scorer reads both)."""

@@ -38,7 +38,10 @@ def _fit_parser(commands) -> None:
                    "the built-in SmolLM2-135M-Instruct; --model: hotlora-server's name for it)")
     g.add_argument("--data", help="JSONL: instruction/context/output or messages records")
     g.add_argument("--name", help="adapter name in the store")
-    g.add_argument("--store", "--adapters", help="adapter store directory (--adapters: hotlora-server's name for it)")
+    g.add_argument("--store", "--adapters", help="adapter store: a directory or s3://BUCKET/PREFIX (--adapters: "
+                   "hotlora-server's name for it)")
+    g.add_argument("--s3-endpoint-url", help="with an s3:// store: the S3-compatible service's endpoint (default: "
+                   "boto3's chain, AWS_ENDPOINT_URL included)")
     setting(g, "--max-seq-len", type=int, help="tokens per row")
     setting(g, "--packing", action=argparse.BooleanOptionalAction, default=None, help="pack examples into rows")
     setting(g, "--eval-fraction", type=float, help="held-out share of the records")
@@ -100,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", "--model", help="the base model it was trained on: a checkpoint directory or a .gguf "
                    "file (default: the built-in SmolLM2-135M-Instruct; --model: hotlora-server's name for it)")
     p.add_argument("--name", required=True, help="adapter name in the store; the version is the next vN")
-    p.add_argument("--store", "--adapters", type=Path, required=True,
-                   help="adapter store directory (--adapters: hotlora-server's name for it)")
+    p.add_argument("--store", "--adapters", required=True,
+                   help="adapter store: a directory or s3://BUCKET/PREFIX (--adapters: hotlora-server's name for it)")
+    p.add_argument("--s3-endpoint-url", help="with an s3:// store: the S3-compatible service's endpoint (default: "
+                   "boto3's chain, AWS_ENDPOINT_URL included)")
     p.add_argument("--prompt", action="append", help="prompt for the acceptance check (repeatable; three defaults)")
     p.add_argument("--notify", action="append", help="HOST:PORT of servers to tell to load it (repeatable; every "
                    "address the name resolves to)")
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     token = args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get("HOTLORA_ADMIN_TOKEN")
     reach = {"admin_token": token, "tls": args.notify_tls,  # how --notify reaches the servers
              "ca_cert": args.notify_ca_cert.read_bytes() if args.notify_ca_cert else None}
+    from server.errors import HotloraError
     from server.model.source import ModelNotFound
 
     from .acceptance import AcceptanceError
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fit":
             return _fit(args, reach)
         return _publish(args, reach)
-    except (DataError, AcceptanceError, ModelNotFound, ValueError) as exc:
+    except (DataError, AcceptanceError, ModelNotFound, ValueError, HotloraError) as exc:
         # the same on every rank of a launch (data, settings, checkpoints; acceptance runs on rank 0
         # alone): said once, by rank 0; a rank that fails alone dies of something else, which its
         # traceback and torchrun's summary name
@@ -184,7 +190,7 @@ def _fit(args, reach: dict) -> int:
         "data_file": str(config.data), "data_sha256": file_sha256(config.data),
         "records": {"train": len(result.train), "eval": len(result.eval)},
         "hyperparameters": config.hyperparameters(), "metrics": summary, "trainer": "hotlora trainer fit"})
-    stored = publish.publish(config.store, config.name, adapter_dir, record)
+    stored = publish.publish(config.store, config.name, adapter_dir, record, config.s3_endpoint_url or None)
     print(f"published {config.name}@{stored.version} to {config.store} "
           f"(acceptance on {report.engine}: engine vs trained model {report.max_relative_difference:.1e}, "
           f"tolerance {report.tolerance:.1e}, adapter effect {report.adapter_effect:.2f}, "
@@ -198,12 +204,15 @@ def _publish(args, reach: dict) -> int:
     from . import publish
     from .fit import device_and_dtype
 
+    from server.adapters.store import check_location
+
+    check_location(args.store)  # before the acceptance check: an s3:// typo must not become a directory
     prompts = args.prompt or ["Hello!", "What is this adapter for?", "Tell me something you know."]
     base = _base_model(args.base, args.model_cache)
     report, tokenizer = publish.check_foreign_adapter(base, args.adapter_dir, prompts)
     record = publish.manifest(base, tokenizer, device_and_dtype()[1], report,
                               {"source": str(args.adapter_dir), "trainer": "external (trainer publish)"})
-    stored = publish.publish(args.store, args.name, args.adapter_dir, record)
+    stored = publish.publish(args.store, args.name, args.adapter_dir, record, args.s3_endpoint_url)
     print(f"published {args.name}@{stored.version} to {args.store}")
     if args.notify:
         publish.notify(tuple(args.notify), args.name, stored.version, **reach)

@@ -18,7 +18,7 @@ class FitConfig:
     base: Path
     data: Path
     name: str
-    store: Path
+    store: str  # a directory or s3://bucket/prefix (server/adapters/store.py's open_store)
     rank: int = 16
     alpha: float | None = None  # None = 2 * rank
     target_modules: str = "all-linear"  # or a comma-separated list: q_proj,v_proj
@@ -46,6 +46,7 @@ class FitConfig:
     gradient_checkpointing: bool = True
     fsdp: bool = False  # shard the NF4 base and the LoRA weights across the launch's processes (FSDP2)
     notify: tuple[str, ...] = ()  # HOST:PORT of servers to ask to load the new version
+    s3_endpoint_url: str = ""  # with an s3:// store: the S3-compatible service ("": boto3's chain, AWS_ENDPOINT_URL)
     publish: bool = True
     acceptance_prompts: int = 4
 
@@ -69,6 +70,13 @@ class FitConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid trainer settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+        from server.adapters.store import check_location
+        from server.errors import InvalidRequest
+
+        try:
+            check_location(self.store)  # before training, not after: an s3:// typo must not become a directory
+        except InvalidRequest as exc:
+            raise ValueError(f"--store {exc}") from None
         if not Path(self.base).is_dir():  # one line, not transformers' hub lookup of a "repo id"
             raise ValueError(f"--base {self.base}: no such directory (a Hugging Face checkpoint directory)")
 
@@ -92,7 +100,7 @@ class FitConfig:
 
     def hyperparameters(self) -> dict:
         """What the manifest records (paths and run plumbing left out)."""
-        skip = {"base", "data", "name", "store", "output_dir", "resume", "notify", "publish"}
+        skip = {"base", "data", "name", "store", "s3_endpoint_url", "output_dir", "resume", "notify", "publish"}
         record = {k: v for k, v in asdict(self).items() if k not in skip}
         record["alpha"] = self.lora_alpha
         return record

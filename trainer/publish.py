@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from server.adapters.store import AdapterStore, StoredVersion, base_fingerprint
+from server.adapters.store import ObjectStoreOptions, StoredVersion, base_fingerprint, open_store
 
 from . import acceptance
 
@@ -36,9 +36,10 @@ def manifest(base_dir: Path, tokenizer, compute_dtype: torch.dtype, report: acce
     }
 
 
-def publish(store_root: Path, name: str, adapter_dir: Path, record: dict) -> StoredVersion:
-    stored = AdapterStore(store_root).publish(name, adapter_dir, manifest=record)
-    log.info("published %s@%s to %s", name, stored.version, store_root)
+def publish(store: str | Path, name: str, adapter_dir: Path, record: dict, endpoint_url: str | None = None) -> StoredVersion:
+    """Publish into the store at `store` (a directory or s3://bucket/prefix): a version, then `current`."""
+    stored = open_store(store, ObjectStoreOptions(endpoint_url=endpoint_url)).publish(name, adapter_dir, manifest=record)
+    log.info("published %s@%s to %s", name, stored.version, store)
     return stored
 
 

@@ -33,10 +33,10 @@ from typing import Callable
 from ..config import AdapterConfig
 from ..engine.engine import Engine, Request, RequestHandle
 from ..errors import AdapterNotFound, InvalidRequest, PermissionDenied, StoreNotWritable
-from ..lora.peft_files import AdapterWeights
+from ..lora.peft_files import AdapterWeights, largest_adapter_bytes
 from ..metrics import Metrics
 from .reader import AdapterReader
-from .store import AdapterStore
+from .store import AdapterStore, ObjectStoreOptions, open_store
 from .versions import AdapterRef, AdapterStatus, AdapterVersion, version_key
 from .watcher import StoreWatcher
 
@@ -61,7 +61,9 @@ class AdapterManager:
     def __init__(self, engine: Engine, config: AdapterConfig, metrics: Metrics, base_fingerprint: str | None):
         self.engine = engine
         self.config = config
-        self.store = AdapterStore(config.store) if config.store else None
+        self.store = open_store(config.store, ObjectStoreOptions(
+            config.s3_endpoint_url, config.cache_dir, config.cache_bytes,
+            largest_adapter_bytes(engine.spec, engine.config.max_rank))) if config.store else None
         self.reader = AdapterReader(engine.spec, engine.config.max_rank, base_fingerprint, metrics)
         self.watcher = StoreWatcher(self.store, self, config.poll_interval_s) if self.store else None
         self._lock = threading.RLock()
@@ -332,7 +334,7 @@ class AdapterManager:
             for version in self.store.versions(name):
                 key = version_key(name, version)
                 if key not in rows:
-                    described = AdapterVersion(name, version, self.store.root / name / version, True)
+                    described = AdapterVersion(name, version, self.store.location_of(name, version), True)
                     rows[key] = AdapterStatus(described, version == store_current, "store", 0, 0.0)
         return [rows[k] for k in sorted(rows)]
 

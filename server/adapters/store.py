@@ -1,4 +1,5 @@
-"""The adapter store: a directory tree every server replica reads and the trainer publishes into.
+"""The adapter store: a directory tree every server replica reads and the trainer publishes into
+(or the same layout on S3: server/adapters/s3_store.py; open_store() picks by the location).
 
     <store>/<name>/<version>/adapter_config.json        PEFT format, unchanged
     <store>/<name>/<version>/adapter_model.safetensors  PEFT key names
@@ -38,6 +39,45 @@ _VERSION = re.compile(r"^v(\d+)$")
 _FINGERPRINT_SAMPLE = 1 << 20
 
 
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+@dataclass(frozen=True)
+class ObjectStoreOptions:
+    """For a store on S3: endpoint_url (None: boto3's chain, AWS_ENDPOINT_URL included), the local
+    cache's directory and byte bound, and the largest object a version's file may be (checked
+    before it is downloaded)."""
+
+    endpoint_url: str | None = None
+    cache_dir: Path | None = None
+    cache_bytes: int | None = None
+    max_object_bytes: int | None = None
+
+
+def check_location(location: str | Path) -> str:
+    """The location as text, when it names a store this build can open: a directory, or
+    s3://bucket[/prefix]. Any other scheme is refused (it must never become a local path)."""
+    text = str(location)
+    scheme = SCHEME.match(text)
+    if scheme is None:
+        return text
+    if scheme[1].lower() == "s3" and text[:5].lower() == "s3://" and len(text) > 5:
+        return text
+    raise InvalidRequest(f"{text}: not a store location this server can open; give a directory or "
+                         "s3://BUCKET/PREFIX (S3 or an S3-compatible service)")
+
+
+def open_store(location: str | Path, options: ObjectStoreOptions = ObjectStoreOptions()):
+    """The store at `location`: AdapterStore for a directory, S3Store for s3://bucket/prefix."""
+    text = check_location(location)
+    if SCHEME.match(text):
+        from .s3_store import S3Store
+
+        return S3Store(text, endpoint_url=options.endpoint_url, cache_dir=options.cache_dir,
+                       cache_bytes=options.cache_bytes, max_object_bytes=options.max_object_bytes)
+    return AdapterStore(text)
+
+
 @dataclass(frozen=True)
 class StoredVersion:
     name: str
@@ -47,8 +87,16 @@ class StoredVersion:
 
 
 class AdapterStore:
+    unreachable: str | None = None  # a directory is there or it is not: only an object store goes unreachable
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def location_of(self, name: str, version: str) -> str:
+        return str(self.root / name / version)
 
     # ------------------------------------------------------------------ reading
 
@@ -62,7 +110,7 @@ class AdapterStore:
         if not directory.is_dir():
             return []
         found = [p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return sorted(found, key=_version_order)
+        return sorted(found, key=version_order)
 
     def current(self, name: str) -> str | None:
         """The version `<name>/current` names, or None when the name has none."""
@@ -174,8 +222,7 @@ class AdapterStore:
         return removed
 
     def _next_version(self, name: str) -> str:
-        numbers = [int(m[1]) for v in self.versions(name) if (m := _VERSION.match(v))]
-        return f"v{max(numbers, default=0) + 1}"
+        return next_version_after(self.versions(name))
 
     @contextmanager
     def _publish_lock(self, directory: Path):
@@ -216,9 +263,16 @@ def base_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _version_order(version: str) -> tuple:
+def version_order(version: str) -> tuple:
+    """v1 < v2 < v10, then other names in text order."""
     match = _VERSION.match(version)
     return (0, int(match[1]), "") if match else (1, 0, version)
+
+
+def next_version_after(versions) -> str:
+    """The next vN after every vN among `versions`."""
+    numbers = [int(m[1]) for v in versions if (m := _VERSION.match(v))]
+    return f"v{max(numbers, default=0) + 1}"
 
 
 def _mkdtemp(directory: Path) -> str:

@@ -49,7 +49,7 @@ class AdapterVersion:
 
     name: str
     version: str
-    source: Path
+    source: Path | str  # a directory, or an object store's URL for a version not downloaded here
     from_store: bool
     content_hash: str = ""
     rank: int = 0

@@ -4,6 +4,8 @@ any server) drops the name here. Polled every poll_interval_s on its own thread.
 
 The watcher remembers, per name, the store state it last acted on; the manager tells it what it
 did itself (a first use, a pin, an unload), so a server does not act twice on its own changes.
+While an object store cannot be reached it keeps the versions it has and polls less often (the
+interval doubles, up to MAX_BACKOFF_S), back to every poll_interval_s once it answers.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from ..errors import AdapterNotFound, HotloraError
+from ..errors import AdapterNotFound, HotloraError, StoreUnavailable
 from .store import AdapterStore
 from .versions import AdapterRef
 
 if TYPE_CHECKING:
     from .manager import AdapterManager
+    from .s3_store import S3Store
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF_S = 60.0
+
 
 class StoreWatcher:
-    def __init__(self, store: AdapterStore, manager: "AdapterManager", poll_interval_s: float):
+    def __init__(self, store: "AdapterStore | S3Store", manager: "AdapterManager", poll_interval_s: float):
         self.store = store
         self.manager = manager
         self.poll_interval_s = poll_interval_s
@@ -65,7 +70,7 @@ class StoreWatcher:
         for name in (n for n in watched if self.manager.serves(n)):
             try:
                 now, unload_token = self.store.current(name), self.store.unload_token(name)
-            except OSError:
+            except (OSError, StoreUnavailable):  # said once by the store; the versions here keep serving
                 continue
             with self._lock:
                 unloaded_elsewhere = unload_token != self._unload_seen.get(name, unload_token)
@@ -92,11 +97,14 @@ class StoreWatcher:
 
     def start(self) -> None:
         def watch():
-            while not self._stop.wait(self.poll_interval_s):
+            interval = self.poll_interval_s
+            while not self._stop.wait(interval):
                 try:
                     self.poll()
                 except Exception:
                     log.exception("store watcher failed; retrying at the next interval")
+                unreachable = getattr(self.store, "unreachable", None) is not None
+                interval = min(MAX_BACKOFF_S, interval * 2) if unreachable else self.poll_interval_s
 
         if self._thread is None:
             self._thread = threading.Thread(target=watch, name="hotlora-store-watcher", daemon=True)

@@ -178,11 +178,18 @@ def build_app(generations: Generations, access=None) -> FastAPI:
 
     @app.get("/health", responses=_errors(503))
     async def health():
+        """200 while the model is loaded. An adapter store that cannot be reached is said here
+        (`adapter_store`) without failing the check: the versions in memory keep serving."""
         try:
-            generations.ready()
+            loaded = generations.ready()
         except Exception as exc:
             return error_response(exc)
-        return JSONResponse({"status": "ok"})
+        store = loaded.manager.store
+        if store is None:
+            return JSONResponse({"status": "ok"})
+        unreachable = store.unreachable
+        return JSONResponse({"status": "ok", "adapter_store": "reachable" if unreachable is None else "unreachable",
+                             **({"adapter_store_error": unreachable} if unreachable else {})})
 
     def model_object(model: ServedModel, base: str) -> dict:
         return {"id": model.id, "object": "model", "created": 0, "owned_by": "hotlora", "root": model.id,

@@ -21,7 +21,8 @@ from pathlib import Path
 import grpc
 
 from ..config import KERNELS, NF4_PATHS, AdapterConfig, EngineConfig, RequestLimits, ServerConfig
-from ..errors import UnsupportedModel
+from ..adapters.store import check_location
+from ..errors import InvalidRequest, UnsupportedModel
 from ..model.source import BUILTIN, ModelNotFound, default_cache_dir
 from .api_keys import ApiKeys
 from .tenants import Tenants
@@ -107,6 +108,8 @@ class Server:
         self.manager = AdapterManager(self.engine, c.adapters, self.metrics, fingerprint)
         self.metrics.watch_engine(self._stats, self.manager.tier_counts)
         self.metrics.watch_adapters(self.manager.lora_activity, c.engine.max_adapters)
+        if self.manager.store is not None:
+            self.metrics.watch_store(lambda: self.manager.store.unreachable)
         self.metrics.describe_kv_cache(self.engine.cache.block_size, self.engine.cache.num_blocks)
         self.engine.observe_slot_write = self.metrics.adapter_slot_write.observe
         self.engine.observe_adapter_miss = self.metrics.adapter_miss_wait.observe
@@ -219,7 +222,14 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     flag(group, "--compile", action="store_true", help="torch.compile the decode step (compiles at start-up; on CPU needs a C++ compiler)")
     flag(group, "--no-cuda-graphs", action="store_true", help="on CUDA, decode eagerly instead of replaying captured CUDA graphs")
     group = p.add_argument_group("adapters", "the adapter store, device slots and the host tier")
-    flag(group, "--adapters", type=Path, help="adapter store directory (docs/ARCHITECTURE.md); omit to serve path-loaded adapters only")
+    flag(group, "--adapters", help="adapter store: a directory, or s3://BUCKET/PREFIX on S3 or an S3-compatible "
+                                   "service (docs/adapters.md); omit to serve path-loaded adapters only")
+    flag(group, "--s3-endpoint-url", help="with an s3:// store: the S3-compatible service's endpoint (default: boto3's "
+                                          "chain, AWS_ENDPOINT_URL included)")
+    flag(group, "--adapter-cache-dir", type=Path,
+         help="with an s3:// store: where downloaded versions are kept (default: a temporary directory)")
+    flag(group, "--adapter-cache-bytes", type=int, default=AdapterConfig.cache_bytes,
+         help="with an s3:// store: bytes the downloaded versions may take (least recently used removed first)")
     flag(group, "--max-adapters", type=int, default=EngineConfig.max_adapters, help="LoRA slots on the device")
     flag(group, "--max-rank", type=int, default=EngineConfig.max_rank, help="largest LoRA rank served")
     flag(group, "--host-cache-adapters", "--cpu-cache-adapters", type=int, default=AdapterConfig.host_cache_size,
@@ -332,11 +342,14 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                               cuda_graphs=not no_cuda_graphs, prefix_caching=not no_prefix_caching)
         limits = RequestLimits(max_prompt_bytes=num(a.max_prompt_bytes), max_messages=num(a.max_messages),
                                max_samples=num(a.max_samples), max_prompts=num(a.max_prompts))
-        adapters = AdapterConfig(store=Path(a.adapters) if a.adapters else None, allowed_paths=tuple(Path(x) for x in allowed),
+        adapters = AdapterConfig(store=check_location(a.adapters) if a.adapters else None,
+                                 s3_endpoint_url=a.s3_endpoint_url or None,
+                                 cache_dir=a.adapter_cache_dir and Path(a.adapter_cache_dir),
+                                 cache_bytes=num(a.adapter_cache_bytes), allowed_paths=tuple(Path(x) for x in allowed),
                                  host_cache_size=num(a.host_cache_adapters), host_cache_bytes=num(a.host_cache_bytes),
                                  load_workers=num(a.adapter_load_workers),
                                  poll_interval_s=num(a.store_poll_interval, float))
-    except ValueError as exc:
+    except (ValueError, InvalidRequest) as exc:
         p.error(str(exc))
     logging.basicConfig(level=str(a.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return ServerConfig(

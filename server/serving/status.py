@@ -32,6 +32,7 @@ _STATUS: dict[type[errors.HotloraError], Status] = {
     errors.Unsupported: Status(grpc.StatusCode.UNIMPLEMENTED, 501, "not_implemented_error"),
     errors.ResourceExhausted: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
     errors.Draining: Status(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable_error"),
+    errors.StoreUnavailable: Status(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable_error"),
     errors.NotReady: Status(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable_error"),
     errors.DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout_error"),
     errors.PermissionDenied: Status(grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error"),

@@ -94,3 +94,25 @@ def smollm2_dir():
     from server.model.source import default_cache_dir, resolve
 
     return resolve(None, default_cache_dir()).path
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-protocol server (moto's) on loopback, with test credentials in the environment
+    (boto3's standard chain reads them, in this process and in the ones it starts)."""
+    pytest.importorskip("moto.server")
+    import logging
+
+    from tests.helpers import S3Server
+
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = S3Server()
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

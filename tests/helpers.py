@@ -168,3 +168,41 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
                     "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     return cert, key
+
+
+class S3Server:
+    """moto's S3 server in a thread, on a fixed loopback port so it can be stopped and started
+    again; its buckets live in this process, so they survive a restart as a real bucket would.
+    Other processes reach it over HTTP like any S3 endpoint."""
+
+    def __init__(self):
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+        self.start()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+    def bucket(self) -> str:
+        """A new empty bucket's name."""
+        import uuid
+
+        name = f"adapters-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name

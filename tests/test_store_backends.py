@@ -6,9 +6,7 @@ the bucket cannot be reached."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -18,49 +16,7 @@ from server.adapters.cache import CorruptObject
 from server.adapters.store import ADAPTER_FILES, ObjectStoreOptions, open_store
 from server.errors import AdapterNotFound, InvalidRequest, StoreUnavailable
 
-moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
-
-
-class S3Server:
-    """moto's S3 server in a thread, on a fixed loopback port so it can be stopped and started
-    again; its buckets live in this process, so they survive a restart as a real bucket would."""
-
-    def __init__(self):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = None
-        self.start()
-
-    def start(self) -> None:
-        self._server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def client(self):
-        return boto3.client("s3", endpoint_url=self.endpoint)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = S3Server()
-    yield server
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-counter = iter(range(10 ** 6))
 
 
 @pytest.fixture(params=["directory", "s3"])
@@ -69,8 +25,7 @@ def store(request, tmp_path):
     if request.param == "directory":
         return open_store(tmp_path / "store")
     s3 = request.getfixturevalue("s3")
-    bucket = f"adapters-{next(counter)}"
-    s3.client().create_bucket(Bucket=bucket)
+    bucket = s3.bucket()
     return open_store(f"s3://{bucket}/team/adapters", ObjectStoreOptions(endpoint_url=s3.endpoint,
                                                                          cache_dir=tmp_path / "cache"))
 
@@ -179,8 +134,7 @@ def test_a_location_of_another_kind_is_refused_never_made_a_directory(location, 
 
 @pytest.fixture
 def bucket_store(s3, tmp_path):
-    bucket = f"adapters-{next(counter)}"
-    s3.client().create_bucket(Bucket=bucket)
+    bucket = s3.bucket()
     options = ObjectStoreOptions(endpoint_url=s3.endpoint, cache_dir=tmp_path / "cache")
     return open_store(f"s3://{bucket}/p", options), bucket, options
 
@@ -290,8 +244,7 @@ def test_a_bucket_deleted_under_a_reader_leaves_its_cached_versions_serving(s3, 
 
 
 def test_the_cache_keeps_to_its_bytes_least_recently_used_first(s3, tmp_path):
-    bucket = f"adapters-{next(counter)}"
-    s3.client().create_bucket(Bucket=bucket)
+    bucket = s3.bucket()
     one_version = len(b"A" * 4096) + len('{"r": 4}')
     store = open_store(f"s3://{bucket}", ObjectStoreOptions(endpoint_url=s3.endpoint, cache_dir=tmp_path / "cache",
                                                             cache_bytes=int(2.5 * (one_version + 600))))

@@ -2,6 +2,7 @@
 
     <cache>/<name>/<version>/{adapter_config.json, adapter_model.safetensors, manifest.json}
     <cache>/<name>/current      the `current` last read from the store (served while it is unreachable)
+    <cache>/<name>/unload       the unload token last read, likewise
 
 A version is immutable once published, so a cached copy is as good as the store's: it is written
 whole into a hidden staging directory, each file checked against the size and SHA-256 its manifest
@@ -95,15 +96,18 @@ class VersionCache:
         self.trim(keep=target)
         return target
 
-    def remember_current(self, name: str, version: str | None) -> None:
+    def remember(self, name: str, pointer: str, value: str | None) -> None:
+        """Keep what the store's `<name>/<pointer>` (current, unload) said last."""
+        if value == self.recall(name, pointer) and (self.root / name / pointer).exists():
+            return
         (self.root / name).mkdir(parents=True, exist_ok=True)
-        temporary = self.root / name / f".current.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        temporary.write_text((version or "") + "\n")
-        os.replace(temporary, self.root / name / "current")
+        temporary = self.root / name / f".{pointer}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        temporary.write_text((value or "") + "\n")
+        os.replace(temporary, self.root / name / pointer)
 
-    def last_current(self, name: str) -> str | None:
+    def recall(self, name: str, pointer: str) -> str | None:
         try:
-            return (self.root / name / "current").read_text().strip() or None
+            return (self.root / name / pointer).read_text().strip() or None
         except OSError:
             return None
 

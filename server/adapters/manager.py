@@ -32,7 +32,7 @@ from typing import Callable
 
 from ..config import AdapterConfig
 from ..engine.engine import Engine, Request, RequestHandle
-from ..errors import AdapterNotFound, InvalidRequest, PermissionDenied, StoreNotWritable
+from ..errors import AdapterNotFound, InvalidRequest, PermissionDenied, StoreNotWritable, StoreUnavailable
 from ..lora.peft_files import AdapterWeights, largest_adapter_bytes
 from ..metrics import Metrics
 from .reader import AdapterReader
@@ -329,14 +329,26 @@ class AdapterManager:
                 rows[key] = AdapterStatus(known, self._current.get(known.name) == known.version, tier,
                                           live.in_flight if live else 0, live.last_used if live else 0.0)
             current = dict(self._current)
-        for name in self.store.names() if self.store else []:
+        try:
+            rows.update(self._store_rows(rows, current))
+        except StoreUnavailable:  # said by the store, once; what is in memory is listed
+            pass
+        return [rows[k] for k in sorted(rows)]
+
+    def _store_rows(self, known: dict, current: dict[str, str]) -> dict[str, AdapterStatus]:
+        """The store's versions not in memory here; none while the store cannot be reached (the
+        watcher finds out when it can again: a listing must not wait on retries)."""
+        if self.store is None or self.store.unreachable is not None:
+            return {}
+        rows = {}
+        for name in self.store.names():
             store_current = current.get(name) or self.store.current(name)
             for version in self.store.versions(name):
                 key = version_key(name, version)
-                if key not in rows:
+                if key not in known:
                     described = AdapterVersion(name, version, self.store.location_of(name, version), True)
                     rows[key] = AdapterStatus(described, version == store_current, "store", 0, 0.0)
-        return [rows[k] for k in sorted(rows)]
+        return rows
 
     def lora_activity(self) -> tuple[list[str], list[str]]:
         """The adapters this replica holds in memory (a device slot, or the host tier: either serves

@@ -47,6 +47,7 @@ from .store import ADAPTER_FILES, MANIFEST_SCHEMA_VERSION, StoredVersion, next_v
 log = logging.getLogger(__name__)
 
 SMALL_OBJECT_BYTES = 1 << 20  # current, unload, manifest.json: read whole, and refused beyond this
+LISTING_TTL_S = 5.0  # a listing is reused this long: a metrics scrape or a ListModels must not LIST the bucket each time
 MAX_PUBLISH_ATTEMPTS = 20
 
 
@@ -77,9 +78,13 @@ class S3Store:
         self.location = S3Location.parse(self.url)
         self.cache = VersionCache(cache_dir or Path(tempfile.mkdtemp(prefix="hotlora-adapter-cache-")), cache_bytes)
         self.max_object_bytes = max_object_bytes
-        self._client = client or _client(endpoint_url)
+        self._client = client or _client(endpoint_url, attempts=3)
+        # while the store cannot be reached, one attempt per call: a request for a cold adapter, a
+        # listing or a poll fails at once instead of waiting out retries (the watcher backs off)
+        self._failing_fast = client or _client(endpoint_url, attempts=1)
         self._lock = threading.Lock()
         self._small: dict[str, tuple[str, str]] = {}  # key -> (ETag, text) last read
+        self._listings: dict[tuple, tuple[float, tuple]] = {}  # (prefix, delimiter) -> (when, result)
         self.unreachable: str | None = None  # why the last call failed; None while it works
 
     def __str__(self) -> str:
@@ -91,27 +96,30 @@ class S3Store:
         prefixes = self._list(self.location.key("") + ("/" if self.location.prefix else ""), delimiter="/")[1]
         return sorted(n for n in prefixes if not n.startswith(".") and _valid(n))
 
-    def versions(self, name: str) -> list[str]:
+    def versions(self, name: str, fresh: bool = False) -> list[str]:
         """Complete versions (those with a manifest), oldest first."""
-        keys = self._list(self.location.key(validate_adapter_name(name)) + "/")[0]
+        keys = self._list(self.location.key(validate_adapter_name(name)) + "/", fresh=fresh)[0]
         found = {k.split("/")[0] for k in keys if k.count("/") == 1 and k.endswith("/manifest.json")}
         return sorted((v for v in found if not v.startswith(".") and _valid(v)), key=version_order)
 
     def current(self, name: str) -> str | None:
         """The version `<name>/current` names; the one last read when the bucket cannot be reached
         and this replica has read it before (StoreUnavailable otherwise)."""
+        return self._pointer(name, "current")
+
+    def _pointer(self, name: str, pointer: str) -> str | None:
+        """`<name>/<pointer>`'s text, remembered in the cache; what was remembered while the
+        bucket cannot be reached, if anything was."""
         validate_adapter_name(name)
         try:
-            text = self._read_small(self.location.key(name, "current"))
+            text = self._read_small(self.location.key(name, pointer))
         except StoreUnavailable:
-            remembered = self.cache.last_current(name)
-            if remembered is None:
+            if not (self.cache.root / name / pointer).exists():
                 raise
-            return remembered
-        version = (text or "").strip() or None
-        if version != self.cache.last_current(name):
-            self.cache.remember_current(name, version)
-        return version
+            return self.cache.recall(name, pointer)
+        value = (text or "").strip() or None
+        self.cache.remember(name, pointer, value)
+        return value
 
     def get(self, name: str, version: str | None = None) -> StoredVersion:
         """A version (the current one when version is None), in the local cache: downloaded and
@@ -166,27 +174,26 @@ class S3Store:
         return StoredVersion(name, version, Path(source), record if manifest is not None else None)
 
     def set_current(self, name: str, version: str) -> None:
-        if version not in self.versions(name):
+        if version not in self.versions(name, fresh=True):
             raise self.missing(name, version)
         self._put(self.location.key(name, "current"), (version + "\n").encode())
 
     def request_unload(self, name: str) -> str:
-        if not self.versions(name):
+        if not self.versions(name, fresh=True):
             raise AdapterNotFound(f"adapter {name!r} is not in the store")
         token = f"{time.time_ns()}-{os.getpid()}"
         self._put(self.location.key(name, "unload"), (token + "\n").encode())
         return token
 
     def unload_token(self, name: str) -> str | None:
-        text = self._read_small(self.location.key(validate_adapter_name(name), "unload"))
-        return (text or "").strip() or None
+        return self._pointer(name, "unload")
 
     def collect_garbage(self, min_age_s: float = 600.0) -> list[str]:
         """Delete the objects of versions that never got a manifest (publishes killed halfway),
         once their newest object is older than min_age_s. Returns the deleted keys."""
         removed = []
         for name in self.names():
-            keys, _ = self._list(self.location.key(name) + "/", with_times=True)
+            keys, _ = self._list(self.location.key(name) + "/", with_times=True, fresh=True)
             by_version: dict[str, list[tuple[str, float]]] = {}
             for key, modified in keys:
                 if key.count("/") == 1:
@@ -196,7 +203,7 @@ class S3Store:
                 if complete or time.time() - max(m for _, m in objects) < min_age_s:
                     continue
                 full = [self.location.key(name, k) for k, _ in objects]
-                self._call(self._client.delete_objects, Bucket=self.location.bucket,
+                self._call(self._s3.delete_objects, Bucket=self.location.bucket,
                            Delete={"Objects": [{"Key": k} for k in full], "Quiet": True})
                 removed += [self.location.url(name, k) for k, _ in objects]
         return removed
@@ -217,7 +224,7 @@ class S3Store:
         raise StoreUnavailable(f"{self.location.url(name)}: no free version number after {MAX_PUBLISH_ATTEMPTS} tries")
 
     def _next_version(self, name: str) -> str:
-        _, versions = self._list(self.location.key(name) + "/", delimiter="/")
+        _, versions = self._list(self.location.key(name) + "/", delimiter="/", fresh=True)
         return next_version_after(versions)
 
     # ------------------------------------------------------------------ objects
@@ -229,7 +236,7 @@ class S3Store:
         with self._lock:
             seen = None if fresh else self._small.get(key)
         try:
-            reply = self._call(self._client.get_object, Bucket=self.location.bucket, Key=key,
+            reply = self._call(self._s3.get_object, Bucket=self.location.bucket, Key=key,
                                **({"IfNoneMatch": seen[0]} if seen else {}))
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -249,7 +256,7 @@ class S3Store:
 
     def _download(self, key: str, destination: Path, expected_bytes: int) -> None:
         """Stream one object to `destination`: its size checked first, its ETag pinned."""
-        head = self._call(self._client.head_object, Bucket=self.location.bucket, Key=key)
+        head = self._call(self._s3.head_object, Bucket=self.location.bucket, Key=key)
         size = head["ContentLength"]
         limit = self.max_object_bytes
         if size != expected_bytes or (limit is not None and size > limit):
@@ -258,7 +265,7 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         try:
-            reply = self._call(self._client.get_object, Bucket=self.location.bucket, Key=key, IfMatch=head["ETag"])
+            reply = self._call(self._s3.get_object, Bucket=self.location.bucket, Key=key, IfMatch=head["ETag"])
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
                 raise CorruptObject(f"{self.location.url(key)} changed while it was read (its ETag is no longer "
@@ -272,9 +279,9 @@ class S3Store:
     def _upload(self, path: Path, key: str, expected: dict) -> None:
         checksum = base64.b64encode(bytes.fromhex(expected["sha256"])).decode()
         with open(path, "rb") as handle:
-            self._call(self._client.put_object, Bucket=self.location.bucket, Key=key, Body=handle,
+            self._call(self._s3.put_object, Bucket=self.location.bucket, Key=key, Body=handle,
                        ContentLength=expected["bytes"], ChecksumSHA256=checksum)
-        size = self._call(self._client.head_object, Bucket=self.location.bucket, Key=key)["ContentLength"]
+        size = self._call(self._s3.head_object, Bucket=self.location.bucket, Key=key)["ContentLength"]
         if size != expected["bytes"]:
             raise StoreUnavailable(f"{self.location.url(key)}: {size:,} bytes arrived of {expected['bytes']:,}; "
                                    "nothing was published")
@@ -283,8 +290,10 @@ class S3Store:
         """Write a small object; with if_none_match, only if there is none (False if there was)."""
         from botocore.exceptions import ClientError
 
+        with self._lock:
+            self._listings.clear()  # what this store wrote, it lists at once
         try:
-            self._call(self._client.put_object, Bucket=self.location.bucket, Key=key, Body=body,
+            self._call(self._s3.put_object, Bucket=self.location.bucket, Key=key, Body=body,
                        **({"IfNoneMatch": "*"} if if_none_match else {}))
         except ClientError as exc:
             if if_none_match and exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
@@ -293,10 +302,16 @@ class S3Store:
             raise _unavailable(self, exc) from None
         return True
 
-    def _list(self, prefix: str, delimiter: str | None = None, with_times: bool = False):
-        """(keys under prefix, relative to it; the next path parts when delimiter is given)."""
+    def _list(self, prefix: str, delimiter: str | None = None, with_times: bool = False, fresh: bool = False):
+        """(keys under prefix, relative to it; the next path parts when delimiter is given), from
+        a listing at most LISTING_TTL_S old unless fresh."""
+        memo = (prefix, delimiter, with_times)
+        with self._lock:
+            cached = self._listings.get(memo)
+        if cached is not None and not fresh and time.monotonic() - cached[0] < LISTING_TTL_S:
+            return cached[1]
         keys, parts = [], []
-        paginator = self._client.get_paginator("list_objects_v2")
+        paginator = self._s3.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.location.bucket, Prefix=prefix,
                                    **({"Delimiter": delimiter} if delimiter else {}))
         for page in self._call(lambda: list(pages)):
@@ -304,7 +319,13 @@ class S3Store:
                 relative = item["Key"][len(prefix):]
                 keys.append((relative, item["LastModified"].timestamp()) if with_times else relative)
             parts += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        with self._lock:
+            self._listings[memo] = (time.monotonic(), (keys, parts))
         return keys, parts
+
+    @property
+    def _s3(self):
+        return self._client if self.unreachable is None else self._failing_fast
 
     def _call(self, fn, *args, **kwargs):
         """fn(...), turning what says the store cannot be reached into StoreUnavailable, and
@@ -365,11 +386,11 @@ def _unavailable(store: S3Store, exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"the adapter store {store.url} cannot be reached ({reason})")
 
 
-def _client(endpoint_url: str | None):
+def _client(endpoint_url: str | None, attempts: int):
     import boto3
     from botocore.config import Config
 
-    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"},
+    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": attempts, "mode": "standard"},
                     # checksums only where asked: not every S3-compatible service knows the newer headers
                     request_checksum_calculation="when_required", response_checksum_validation="when_required")
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)

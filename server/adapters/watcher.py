@@ -5,7 +5,8 @@ any server) drops the name here. Polled every poll_interval_s on its own thread.
 The watcher remembers, per name, the store state it last acted on; the manager tells it what it
 did itself (a first use, a pin, an unload), so a server does not act twice on its own changes.
 While an object store cannot be reached it keeps the versions it has and polls less often (the
-interval doubles, up to MAX_BACKOFF_S), back to every poll_interval_s once it answers.
+interval doubles, up to MAX_BACKOFF_S or BACKOFF_POLLS intervals), back to every poll_interval_s
+once it answers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+BACKOFF_POLLS = 30  # nor longer than this many poll intervals: a store back up is noticed within it
 
 
 class StoreWatcher:
@@ -104,7 +106,8 @@ class StoreWatcher:
                 except Exception:
                     log.exception("store watcher failed; retrying at the next interval")
                 unreachable = getattr(self.store, "unreachable", None) is not None
-                interval = min(MAX_BACKOFF_S, interval * 2) if unreachable else self.poll_interval_s
+                longest = min(MAX_BACKOFF_S, BACKOFF_POLLS * self.poll_interval_s)
+                interval = min(longest, interval * 2) if unreachable else self.poll_interval_s
 
         if self._thread is None:
             self._thread = threading.Thread(target=watch, name="hotlora-store-watcher", daemon=True)

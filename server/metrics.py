@@ -124,8 +124,9 @@ class Metrics:
         self.registry.register(_LoraCollector(activity, max_lora))
 
     def watch_store(self, unreachable: Callable[[], str | None]) -> None:
-        """hotlora_adapter_store_reachable: 1 while the adapter store answers, 0 while it cannot be
-        reached (an object store: network, credentials, a missing bucket, throttling)."""
+        """hotlora_adapter_store_reachable: 1 while the adapter store answers (or there is none), 0
+        while it cannot be reached (an object store: network, credentials, a missing bucket,
+        throttling)."""
         Gauge("hotlora_adapter_store_reachable", "1 while the adapter store answers; 0 while it cannot be reached "
               "(the versions in memory keep serving).", registry=self.registry).set_function(
             lambda: 0.0 if unreachable() is not None else 1.0)

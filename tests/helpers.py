@@ -193,6 +193,10 @@ class S3Server:
 
     def stop(self) -> None:
         self._server.stop()
+        self._server = None
+
+    def running(self) -> bool:
+        return self._server is not None
 
     def client(self):
         import boto3

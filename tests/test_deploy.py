@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ["base", "overlays/prometheus-operator", "overlays/trainer-job", "overlays/trainer-job-distributed", "overlays/hpa",
-            "overlays/inference-gateway", "overlays/tenants"]
+            "overlays/inference-gateway", "overlays/tenants", "overlays/s3-store"]
 K8S_VERSION = "1.32.0"
 BIN = Path(sys.executable).parent
 SCHEMAS = ROOT / "tests" / "schemas"
@@ -207,6 +207,31 @@ def test_tenants_overlay_gives_the_server_a_tenants_file_it_accepts(tmp_path):
                                      "HOTLORA_ADMIN_TOKEN_FILE": str(tmp_path / "admin-token"),
                                      "HOTLORA_USAGE_LOG": env["HOTLORA_USAGE_LOG"]})
     assert config.tenants_file.name == "tenants.yaml" and str(config.usage_log) == "/usage" and config.admin_token
+
+
+def test_s3_store_overlay_needs_no_shared_volume_and_both_sides_name_one_bucket():
+    from server.serving.main import parse_args
+
+    docs = render("overlays/s3-store")
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "hotlora-adapters"]
+    config_map = one(docs, "ConfigMap")["data"]
+    config = parse_args([], environ=config_map)
+    assert config.adapters.store.startswith("s3://") and str(config.adapters.cache_dir) == "/cache"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    job = one(docs, "Job")["spec"]["template"]["spec"]
+    secret = one(docs, "Secret", "hotlora-s3")
+    for spec in (pod, job):
+        claims = {v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+        assert "hotlora-adapters" not in claims
+        container = spec["containers"][0]
+        assert {"secretRef": {"name": secret["metadata"]["name"]}} in container["envFrom"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["adapter-cache"] == str(config.adapters.cache_dir)
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == "adapter-cache")
+    args = job["containers"][0]["args"]
+    assert f"--store={config.adapters.store}" in args and any(a.startswith("--notify=hotlora-replicas") for a in args)
+    assert set(secret["stringData"]) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert one(docs, "ServiceAccount")["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
 
 
 def test_trainer_job_runs_a_real_trainer_command_into_the_shared_store():

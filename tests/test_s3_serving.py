@@ -59,7 +59,7 @@ def test_a_publish_with_notify_from_another_process_is_served_by_both_replicas(l
             replica(llama_dir, url, s3.endpoint, tmp_path / "cache-b", 3600) as b:
         assert served(a) == served(b) == "v1"
         run = subprocess.run([str(BIN / "trainer"), "publish", str(versions[1]), "--base", str(llama_dir),
-                              "--name", "cheese", "--store", url, "--s3-endpoint-url", s3.endpoint,
+                              "--name", "cheese", "--store", url, "--s3-endpoint-url", s3.endpoint, "--prompt", "Brie",
                               "--notify", a.target, "--notify", b.target,
                               "--admin-token-file", str(tmp_path / "admin")],
                              capture_output=True, text=True, timeout=300, env=dict(os.environ))
@@ -69,42 +69,37 @@ def test_a_publish_with_notify_from_another_process_is_served_by_both_replicas(l
         assert (tmp_path / "cache-a" / "cheese" / "v2" / "adapter_model.safetensors").is_file()
 
 
-def test_a_replica_keeps_serving_while_the_bucket_is_away_and_says_so(llama_dir, s3, versions, tmp_path):
+def test_a_replica_keeps_serving_while_the_bucket_is_away_says_so_and_restarts_from_its_cache(
+        llama_dir, s3, versions, tmp_path):
     url = f"s3://{s3.bucket()}/adapters"
     store = open_store(url, ObjectStoreOptions(endpoint_url=s3.endpoint))
     store.publish("cheese", versions[0])
-    with replica(llama_dir, url, s3.endpoint, tmp_path / "cache") as server:
+    server = replica(llama_dir, url, s3.endpoint, tmp_path / "cache")
+    try:
         assert served(server) == "v1"
         assert health(server)["adapter_store"] == "reachable"
         metrics = server.server.metrics.registry
         assert metrics.get_sample_value("hotlora_adapter_store_reachable") == 1
         s3.stop()
-        try:
-            wait_until(lambda: metrics.get_sample_value("hotlora_adapter_store_reachable") == 0, timeout=60)
-            assert served(server) == "v1"  # what it has keeps serving
-            report = health(server)
-            assert report["status"] == "ok" and report["adapter_store"] == "unreachable"
-            assert "adapter_store_error" in report
-        finally:
-            s3.start()
-        store.publish("cheese", versions[1])
-        wait_until(lambda: served(server) == "v2", timeout=120)  # back: it follows the bucket again
-        assert health(server)["adapter_store"] == "reachable"
-
-
-def test_a_replica_restarted_while_the_bucket_is_away_serves_from_its_cache(llama_dir, s3, versions, tmp_path):
-    url = f"s3://{s3.bucket()}/adapters"
-    open_store(url, ObjectStoreOptions(endpoint_url=s3.endpoint)).publish("cheese", versions[0])
-    with replica(llama_dir, url, s3.endpoint, tmp_path / "cache") as server:
-        assert served(server) == "v1"
-    s3.stop()
-    try:
+        wait_until(lambda: metrics.get_sample_value("hotlora_adapter_store_reachable") == 0, timeout=60)
+        assert served(server) == "v1"  # what it has keeps serving
+        report = health(server)
+        assert report["status"] == "ok" and report["adapter_store"] == "unreachable"
+        assert "adapter_store_error" in report
+    finally:
+        server.stop()
+    try:  # restarted while the bucket is still away: its cache serves
         with replica(llama_dir, url, s3.endpoint, tmp_path / "cache") as restarted:
             assert served(restarted) == "v1" and served(restarted, "cheese@v1") == "v1"
             assert health(restarted)["adapter_store"] == "unreachable"
             admin = adapters_pb2_grpc.AdaptersStub(restarted.channel())
-            listed = admin.ListAdapters(apb.ListAdaptersRequest(), metadata=(("authorization", f"Bearer {ADMIN}"),),
-                                        timeout=60)
+            listed = admin.ListAdapters(apb.ListAdaptersRequest(), timeout=60,
+                                        metadata=(("authorization", f"Bearer {ADMIN}"),))
             assert [(a.name, a.version) for a in listed.adapters] == [("cheese", "v1")]
+            s3.start()
+            store.publish("cheese", versions[1])
+            wait_until(lambda: served(restarted) == "v2", timeout=120)  # back: it follows the bucket again
+            assert health(restarted)["adapter_store"] == "reachable"
     finally:
-        s3.start()
+        if not s3.running():
+            s3.start()

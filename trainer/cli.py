@@ -2,6 +2,7 @@
 
     trainer fit --base DIR --data FILE.jsonl --name NAME --store STORE [--config fit.yaml] [flags]
     trainer publish PEFT_DIR --base DIR --name NAME --store STORE [--notify HOST:PORT]
+    trainer gc --store STORE [--min-age 600]       # what publishes killed halfway left behind
 
 A YAML file may set any fit setting (same names, with underscores); flags given on the command
 line win. The admin token for --notify comes from --admin-token-file or HOTLORA_ADMIN_TOKEN;
@@ -113,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token-file", type=Path, help="file with the servers' admin token, for --notify")
     p.add_argument("--notify-tls", action="store_true", help="--notify over TLS, trusting the system's authorities")
     p.add_argument("--notify-ca-cert", type=Path, help="--notify over TLS, trusting this PEM certificate (authority)")
+    g = commands.add_parser("gc", help="remove what publishes killed halfway left in a store")
+    g.add_argument("--store", "--adapters", required=True, help="adapter store: a directory or s3://BUCKET/PREFIX")
+    g.add_argument("--s3-endpoint-url", help="with an s3:// store: the S3-compatible service's endpoint")
+    g.add_argument("--min-age", type=float, default=600.0,
+                   help="seconds a leftover must be old before it is removed (younger ones may be a publish running)")
     return parser
 
 
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # of a torchrun / accelerate launch, or the one process
     logging.basicConfig(level=args.log_level.upper() if main_rank else "ERROR",  # the others would repeat it
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "gc":
+        return _gc(args)
     token = args.admin_token_file.read_text().strip() if args.admin_token_file else os.environ.get("HOTLORA_ADMIN_TOKEN")
     reach = {"admin_token": token, "tls": args.notify_tls,  # how --notify reaches the servers
              "ca_cert": args.notify_ca_cert.read_bytes() if args.notify_ca_cert else None}
@@ -197,6 +205,21 @@ def _fit(args, reach: dict) -> int:
           f"greedy agreement {report.greedy_agreement:.0%})")
     if config.notify:
         publish.notify(config.notify, config.name, stored.version, **reach)
+    return 0
+
+
+def _gc(args) -> int:
+    from server.adapters.store import ObjectStoreOptions, open_store
+    from server.errors import HotloraError
+
+    try:
+        removed = open_store(args.store, ObjectStoreOptions(endpoint_url=args.s3_endpoint_url)).collect_garbage(args.min_age)
+    except HotloraError as exc:
+        print(f"trainer gc: error: {exc}", file=sys.stderr)
+        return 2
+    for leftover in removed:
+        print(f"removed {leftover}")
+    print(f"{len(removed)} leftovers of killed publishes removed from {args.store}")
     return 0
 
 

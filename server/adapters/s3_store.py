@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 SMALL_OBJECT_BYTES = 1 << 20  # current, unload, manifest.json: read whole, and refused beyond this
 LISTING_TTL_S = 5.0  # a listing is reused this long: a metrics scrape or a ListModels must not LIST the bucket each time
 MAX_PUBLISH_ATTEMPTS = 20
+GC_GRACE_S = 600.0  # a version without a manifest younger than this may be a publish still running
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class S3Store:
         bucket cannot be reached, if anything was."""
         validate_adapter_name(name)
         try:
-            text = self._read_small(self.location.key(name, pointer))
+            text = self._read_small(self.location.key(name, pointer), once=True)
         except StoreUnavailable:
             if not (self.cache.root / name / pointer).exists():
                 raise
@@ -171,6 +172,10 @@ class S3Store:
                   json.dumps(record, indent=2, sort_keys=True).encode(), if_none_match=True)
         if make_current:
             self._put(self.location.key(name, "current"), (version + "\n").encode())
+        try:  # this name's leftovers of killed publishes, past the grace period: best effort
+            self.collect_garbage(GC_GRACE_S, names=[name])
+        except StoreUnavailable:
+            pass
         return StoredVersion(name, version, Path(source), record if manifest is not None else None)
 
     def set_current(self, name: str, version: str) -> None:
@@ -188,11 +193,11 @@ class S3Store:
     def unload_token(self, name: str) -> str | None:
         return self._pointer(name, "unload")
 
-    def collect_garbage(self, min_age_s: float = 600.0) -> list[str]:
+    def collect_garbage(self, min_age_s: float = GC_GRACE_S, names: list[str] | None = None) -> list[str]:
         """Delete the objects of versions that never got a manifest (publishes killed halfway),
-        once their newest object is older than min_age_s. Returns the deleted keys."""
+        once their newest object is older than min_age_s. Returns where each removed version was."""
         removed = []
-        for name in self.names():
+        for name in self.names() if names is None else names:
             keys, _ = self._list(self.location.key(name) + "/", with_times=True, fresh=True)
             by_version: dict[str, list[tuple[str, float]]] = {}
             for key, modified in keys:
@@ -205,7 +210,7 @@ class S3Store:
                 full = [self.location.key(name, k) for k, _ in objects]
                 self._call(self._s3.delete_objects, Bucket=self.location.bucket,
                            Delete={"Objects": [{"Key": k} for k in full], "Quiet": True})
-                removed += [self.location.url(name, k) for k, _ in objects]
+                removed.append(self.location.url(name, version))
         return removed
 
     # ------------------------------------------------------------------ the version number
@@ -229,14 +234,16 @@ class S3Store:
 
     # ------------------------------------------------------------------ objects
 
-    def _read_small(self, key: str, fresh: bool = False) -> str | None:
-        """A small object's text (None when there is none), re-read only when its ETag changed."""
+    def _read_small(self, key: str, fresh: bool = False, once: bool = False) -> str | None:
+        """A small object's text (None when there is none), re-read only when its ETag changed.
+        once: a single attempt (a poll: the next poll is its retry)."""
         from botocore.exceptions import ClientError
 
         with self._lock:
             seen = None if fresh else self._small.get(key)
+        client = self._failing_fast if once else self._s3
         try:
-            reply = self._call(self._s3.get_object, Bucket=self.location.bucket, Key=key,
+            reply = self._call(client.get_object, Bucket=self.location.bucket, Key=key,
                                **({"IfNoneMatch": seen[0]} if seen else {}))
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

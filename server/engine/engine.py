@@ -162,7 +162,8 @@ class Engine:
         checked before any is queued, so one bad request leaves nothing running."""
         for request in requests:
             self.check(request)
-        handles = [self._enqueue([r], None)[0] for r in requests]
+        with self._lock:  # all queued before the engine's next step looks: they are admitted together
+            handles = [self._enqueue([r], None)[0] for r in requests]
         return [h.result() for h in handles]
 
     def check(self, request: Request) -> None:

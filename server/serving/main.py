@@ -108,8 +108,7 @@ class Server:
         self.manager = AdapterManager(self.engine, c.adapters, self.metrics, fingerprint)
         self.metrics.watch_engine(self._stats, self.manager.tier_counts)
         self.metrics.watch_adapters(self.manager.lora_activity, c.engine.max_adapters)
-        if self.manager.store is not None:
-            self.metrics.watch_store(lambda: self.manager.store.unreachable)
+        self.metrics.watch_store(lambda: self.manager.store.unreachable if self.manager.store is not None else None)
         self.metrics.describe_kv_cache(self.engine.cache.block_size, self.engine.cache.num_blocks)
         self.engine.observe_slot_write = self.metrics.adapter_slot_write.observe
         self.engine.observe_adapter_miss = self.metrics.adapter_miss_wait.observe

@@ -285,3 +285,42 @@ def test_the_commands_refuse_a_store_url_they_cannot_open_before_any_work(tmp_pa
     config = parse_args(["--adapters", "s3://bucket/team", "--s3-endpoint-url", "http://minio:9000",
                          "--adapter-cache-dir", str(tmp_path / "cache")], environ={})
     assert config.adapters.store == "s3://bucket/team" and config.adapters.s3_endpoint_url == "http://minio:9000"
+
+
+def test_wrong_credentials_keep_the_cached_versions_serving_and_a_publish_publishes_nothing(
+        s3, bucket_store, tmp_path, monkeypatch, capsys, llama_dir, peft_adapters):
+    import moto.settings
+
+    from trainer.cli import main as trainer
+
+    store, bucket, _ = bucket_store
+    store.publish("cheese", adapter(tmp_path / "a", b"A"))
+    assert store.current("cheese") == "v1"
+    path = store.get("cheese").path
+    before = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # from now on moto checks every key
+    assert store.current("cheese") == "v1" and store.get("cheese", "v1").path == path
+    assert "InvalidAccessKeyId" in store.unreachable
+    assert trainer(["publish", str(peft_adapters["cheese"]), "--base", str(llama_dir), "--name", "cheese",
+                    "--store", store.url, "--s3-endpoint-url", s3.endpoint, "--prompt", "Brie"]) == 2
+    assert "cannot be reached (InvalidAccessKeyId" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]) == before
+    assert store.current("cheese") == "v1" and store.unreachable is None
+
+
+def test_a_publish_that_fails_midway_leaves_current_and_the_versions_as_they_were(bucket_store, tmp_path):
+    store, _, _ = bucket_store
+    store.publish("cheese", adapter(tmp_path / "a", b"A"))
+    upload = store._upload
+
+    def fail_on_the_weights(path, key, expected):
+        if key.endswith("adapter_model.safetensors"):
+            raise StoreUnavailable("the connection dropped")
+        upload(path, key, expected)
+
+    store._upload = fail_on_the_weights
+    with pytest.raises(StoreUnavailable):
+        store.publish("cheese", adapter(tmp_path / "b", b"B"))
+    assert store.current("cheese") == "v1" and store.versions("cheese") == ["v1"]
+    assert files_of(store.get("cheese").path) == files_of(tmp_path / "a")

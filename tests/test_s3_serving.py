@@ -103,3 +103,18 @@ def test_a_replica_keeps_serving_while_the_bucket_is_away_says_so_and_restarts_f
     finally:
         if not s3.running():
             s3.start()
+
+
+def test_a_bucket_deleted_under_a_running_server_leaves_it_serving_and_saying_why(llama_dir, s3, versions, tmp_path):
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/adapters"
+    open_store(url, ObjectStoreOptions(endpoint_url=s3.endpoint)).publish("cheese", versions[0])
+    with replica(llama_dir, url, s3.endpoint, tmp_path / "cache") as server:
+        assert served(server) == "v1"
+        client = s3.client()
+        for item in client.list_objects_v2(Bucket=bucket)["Contents"]:
+            client.delete_object(Bucket=bucket, Key=item["Key"])
+        client.delete_bucket(Bucket=bucket)
+        wait_until(lambda: health(server)["adapter_store"] == "unreachable", timeout=60)
+        assert "NoSuchBucket" in health(server)["adapter_store_error"] and served(server) == "v1"
+        assert server.server.metrics.registry.get_sample_value("hotlora_adapter_store_reachable") == 0

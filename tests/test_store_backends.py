@@ -6,6 +6,7 @@ the bucket cannot be reached."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -324,3 +325,36 @@ def test_a_publish_that_fails_midway_leaves_current_and_the_versions_as_they_wer
         store.publish("cheese", adapter(tmp_path / "b", b"B"))
     assert store.current("cheese") == "v1" and store.versions("cheese") == ["v1"]
     assert files_of(store.get("cheese").path) == files_of(tmp_path / "a")
+
+
+def test_a_watcher_poll_costs_requests_per_served_name_not_per_file(s3, tmp_path, caplog):
+    """200 adapters in the bucket, all served: one poll is two conditional GETs a name (current,
+    unload), counted at the S3 server, whatever the number of files and versions."""
+    from types import SimpleNamespace
+
+    from server.adapters.watcher import StoreWatcher
+
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    bucket = s3.bucket()
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]  # the server's own state: filled without 2,000 PUTs
+    names = [f"adapter-{i:03d}" for i in range(200)]
+    for name in names:  # as publishes leave them: three versions of three files each, and current
+        for version in ("v1", "v2", "v3"):
+            for file in ("adapter_config.json", "adapter_model.safetensors", "manifest.json"):
+                backend.put_object(bucket, f"p/{name}/{version}/{file}", b"{}")
+        backend.put_object(bucket, f"p/{name}/current", b"v3\n")
+    store = open_store(f"s3://{bucket}/p", ObjectStoreOptions(endpoint_url=s3.endpoint, cache_dir=tmp_path / "cache"))
+    manager = SimpleNamespace(serves=lambda name: True, load=lambda ref: pytest.fail(f"loaded {ref}"))
+    watcher = StoreWatcher(store, manager, poll_interval_s=3600)
+    for name in names:
+        watcher.first_use(name, store.current(name), store.unload_token(name))
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        watcher.poll()
+    requests = [re.search(r"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1.1\S*\" (\d+)", r.getMessage())
+                for r in caplog.records if r.name == "werkzeug"]
+    requests = [r.groups() for r in requests if r]
+    assert len(requests) == 2 * len(names)
+    assert all(method == "GET" and path.rsplit("/", 1)[1] in ("current", "unload") for method, path, _ in requests)
+    assert sum(status == "304" for *_, status in requests) == len(names)  # current unchanged; no unload (404)

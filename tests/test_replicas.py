@@ -13,15 +13,15 @@ from protos.hotlora.v1 import adapters_pb2_grpc
 from protos.hotlora.v1 import generation_pb2 as pb
 from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
-from server.adapters.store import AdapterStore
+from server.adapters.store import AdapterStore, ObjectStoreOptions, open_store
 from tests.helpers import RunningServer, make_peft_adapter, wait_until
 
 
-def replica(llama_dir, store_root, host="127.0.0.1", port=0, poll_interval_s=0.05) -> RunningServer:
+def replica(llama_dir, store_root, host="127.0.0.1", port=0, poll_interval_s=0.05, **store_settings) -> RunningServer:
     return RunningServer(ServerConfig(
         model_dir=llama_dir, host=host, port=port, metrics_host="127.0.0.1", metrics_port=0,
         engine=EngineConfig(max_batch_size=2, max_seq_len=64, max_adapters=2, max_rank=16),
-        adapters=AdapterConfig(store=store_root, poll_interval_s=poll_interval_s)))
+        adapters=AdapterConfig(store=store_root, poll_interval_s=poll_interval_s, **store_settings)))
 
 
 class Client:
@@ -44,10 +44,21 @@ def versions(llama_dir, tmp_path):
             for i in range(3)]
 
 
-def test_publishes_pins_and_unloads_reach_every_replica(llama_dir, versions, tmp_path):
-    store = AdapterStore(tmp_path / "store")
+@pytest.fixture(params=["directory", "s3"])
+def shared_store(request, tmp_path):
+    """(a store, its location, the replicas' settings for it): a directory, or a bucket on moto's S3 server."""
+    if request.param == "directory":
+        store = AdapterStore(tmp_path / "store")
+        return store, store.root, {}
+    s3 = request.getfixturevalue("s3")
+    url = f"s3://{s3.bucket()}/adapters"
+    return open_store(url, ObjectStoreOptions(endpoint_url=s3.endpoint)), url, {"s3_endpoint_url": s3.endpoint}
+
+
+def test_publishes_pins_and_unloads_reach_every_replica(llama_dir, versions, shared_store):
+    store, location, settings = shared_store
     store.publish("cheese", versions[0])
-    with replica(llama_dir, store.root) as a_server, replica(llama_dir, store.root) as b_server:
+    with replica(llama_dir, location, **settings) as a_server, replica(llama_dir, location, **settings) as b_server:
         a, b = Client(a_server), Client(b_server)
         assert a.served("cheese") == b.served("cheese") == "v1"
 

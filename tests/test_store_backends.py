@@ -358,3 +358,12 @@ def test_a_watcher_poll_costs_requests_per_served_name_not_per_file(s3, tmp_path
     assert len(requests) == 2 * len(names)
     assert all(method == "GET" and path.rsplit("/", 1)[1] in ("current", "unload") for method, path, _ in requests)
     assert sum(status == "304" for *_, status in requests) == len(names)  # current unchanged; no unload (404)
+
+
+def test_the_endpoint_can_come_from_the_standard_aws_environment(s3, tmp_path, monkeypatch):
+    bucket = s3.bucket()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # no --s3-endpoint-url: boto3's chain finds it
+    store = open_store(f"s3://{bucket}/team", ObjectStoreOptions(cache_dir=tmp_path / "cache"))
+    store.publish("cheese", adapter(tmp_path / "a", b"A"))
+    assert files_of(store.get("cheese").path) == files_of(tmp_path / "a")
+    assert "team/cheese/current" in [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]

@@ -36,9 +36,14 @@ def manifest(base_dir: Path, tokenizer, compute_dtype: torch.dtype, report: acce
     }
 
 
+def store_of(store: str | Path, endpoint_url: str | None = None):
+    """The store at `store`: a directory or s3://bucket/prefix (server/adapters/store.py)."""
+    return open_store(store, ObjectStoreOptions(endpoint_url=endpoint_url))
+
+
 def publish(store: str | Path, name: str, adapter_dir: Path, record: dict, endpoint_url: str | None = None) -> StoredVersion:
-    """Publish into the store at `store` (a directory or s3://bucket/prefix): a version, then `current`."""
-    stored = open_store(store, ObjectStoreOptions(endpoint_url=endpoint_url)).publish(name, adapter_dir, manifest=record)
+    """Publish into the store at `store`: a version, then `current`."""
+    stored = store_of(store, endpoint_url).publish(name, adapter_dir, manifest=record)
     log.info("published %s@%s to %s", name, stored.version, store)
     return stored
 

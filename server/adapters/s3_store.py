@@ -145,6 +145,11 @@ class S3Store:
     def location_of(self, name: str, version: str) -> str:
         return self.location.url(name, version)
 
+    def check_reachable(self) -> None:
+        """StoreUnavailable unless the bucket answers a listing with these credentials: what a
+        trainer asks before it spends minutes on training or an acceptance check."""
+        self._list(self.location.key("") + ("/" if self.location.prefix else ""), delimiter="/", fresh=True)
+
     @staticmethod
     def missing(name: str, version: str | None = None) -> AdapterNotFound:
         from .store import AdapterStore
@@ -168,14 +173,17 @@ class S3Store:
             self._upload(source / file, self.location.key(name, version, file), expected)
         record = {"schema_version": MANIFEST_SCHEMA_VERSION, "name": name, "version": version,
                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(manifest or {}), "files": files}
-        self._put(self.location.key(name, version, "manifest.json"),
-                  json.dumps(record, indent=2, sort_keys=True).encode(), if_none_match=True)
+        if not self._put(self.location.key(name, version, "manifest.json"),
+                         json.dumps(record, indent=2, sort_keys=True).encode(), if_none_match=True):
+            raise StoreUnavailable(f"{self.location.url(name, version)} already has a manifest: another publisher "
+                                   "wrote this version although it was claimed here; nothing was made current")
         if make_current:
             self._put(self.location.key(name, "current"), (version + "\n").encode())
         try:  # this name's leftovers of killed publishes, past the grace period: best effort
             self.collect_garbage(GC_GRACE_S, names=[name])
         except StoreUnavailable:
             pass
+        # its path is the source directory: the bytes the bucket now holds (nothing was downloaded)
         return StoredVersion(name, version, Path(source), record if manifest is not None else None)
 
     def set_current(self, name: str, version: str) -> None:

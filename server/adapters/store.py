@@ -98,6 +98,9 @@ class AdapterStore:
     def location_of(self, name: str, version: str) -> str:
         return str(self.root / name / version)
 
+    def check_reachable(self) -> None:
+        """A directory needs no probe: a publish creates what it needs."""
+
     # ------------------------------------------------------------------ reading
 
     def names(self) -> list[str]:

@@ -367,3 +367,22 @@ def test_the_endpoint_can_come_from_the_standard_aws_environment(s3, tmp_path, m
     store.publish("cheese", adapter(tmp_path / "a", b"A"))
     assert files_of(store.get("cheese").path) == files_of(tmp_path / "a")
     assert "team/cheese/current" in [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+
+
+def test_a_version_missing_a_file_is_refused_once_then_without_a_download_and_current_never_goes_back(
+        bucket_store, tmp_path):
+    store, bucket, _ = bucket_store
+    store.publish("cheese", adapter(tmp_path / "a", b"A"))
+    store.publish("cheese", adapter(tmp_path / "b", b"B"))
+    store._client.delete_object(Bucket=bucket, Key=store.location.key("cheese", "v2", "adapter_model.safetensors"))
+    with pytest.raises(CorruptObject, match="missing"):
+        store.get("cheese", "v2")
+    heads = []
+    store._client.meta.events.register("before-call.s3.HeadObject", lambda **kw: heads.append(kw))
+    with pytest.raises(CorruptObject):
+        store.get("cheese", "v2")  # the same manifest: refused without touching the files again
+    assert heads == []
+    store._advance_current("cheese", "v1")  # a slower publisher of an older number
+    assert store.current("cheese") == "v2"
+    with pytest.raises(InvalidRequest, match="pointer"):
+        store.publish("cheese", tmp_path / "a", version="current")

@@ -76,6 +76,8 @@ def test_patterns_decide_what_a_tenant_may_call():
 @pytest.mark.parametrize("text, line, words", [
     ("tenants:\n  acme:\n    keys: [k]\n    wieght: 2\n", 4, "unknown field 'wieght'"),
     ("tenants:\n  acme:\n    keys: [k]\n    weight: -1\n", 4, "positive"),
+    ("tenants:\n  acme:\n    keys: [k]\n    weight: .inf\n", 4, "positive"),
+    ("tenants:\n  acme:\n    keys: [k]\n    limits: {tokens_per_minute: .nan}\n", 4, "positive"),
     ("tenants:\n  acme:\n    keys: [k]\n    limits: {concurrent: 2.5}\n", 4, "positive integer"),
     ("tenants:\n  acme:\n    keys: [k]\n    limits: {rpm: 5}\n", 4, "unknown field 'rpm'"),
     ("tenants:\n  acme:\n    keys: [k]\n    base: maybe\n", 4, "base must be bool"),
@@ -319,5 +321,25 @@ def test_a_tenant_under_its_share_gets_a_row_without_waiting_for_another_tenants
             assert engine.scheduler.fair_share_preemptions - before == expected_preemptions
             # the preempted request was recomputed and went on as if never interrupted
             assert [h.result(timeout=120).token_ids for h in flood] == alone
+    finally:
+        engine.close()
+
+
+def test_fractional_shares_never_swap_rows_back_and_forth(llama_dir):
+    """Batch 3, two tenants of weight 1 (1.5 rows each): 2 + 1 rows is as fair as it gets; no
+    preemption would make it fairer, and one would only be undone at the next step."""
+    from server.engine.engine import Engine
+
+    engine = Engine.from_pretrained(llama_dir, EngineConfig(max_batch_size=3, max_seq_len=256))
+    long = SamplingParams(max_new_tokens=60, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]]
+    try:
+        alone = [o.token_ids for o in engine.generate([Request(p, sampling=long) for p in prompts])]
+        a = [engine.submit(Request(p, sampling=long, tenant="a")) for p in prompts[:2]]
+        for handle in a:
+            next(iter(handle))
+        b = [engine.submit(Request(p, sampling=long, tenant="b")) for p in prompts[2:]]
+        assert [h.result(timeout=120).token_ids for h in a + b] == alone
+        assert engine.scheduler.fair_share_preemptions == 0 and engine.scheduler.preemptions == 0
     finally:
         engine.close()

@@ -169,7 +169,7 @@ def _fit(args, reach: dict) -> int:
     values["base"] = _base_model(values.get("base"), args.model_cache)
     config = build(values)
     if config.publish:  # a bucket it cannot write is said now, not after the training
-        publish.store_of(config.store, config.s3_endpoint_url or None).check_reachable()
+        publish.store_of(config.store, config.s3_endpoint_url or None).check_writable()
     ranks = distributed.start(config.fsdp)  # one process, or this one's rank in a torchrun / accelerate launch
     progress = _Progress(enabled=not args.no_progress and ranks.main)
     result = fit(config, on_step=progress.update if ranks.main else None, ranks=ranks)
@@ -232,7 +232,7 @@ def _publish(args, reach: dict) -> int:
     from server.adapters.store import check_location
 
     check_location(args.store)  # before the acceptance check: an s3:// typo must not become a directory
-    publish.store_of(args.store, args.s3_endpoint_url).check_reachable()  # wrong credentials: said before any work
+    publish.store_of(args.store, args.s3_endpoint_url).check_writable()  # wrong credentials: said before any work
     prompts = args.prompt or ["Hello!", "What is this adapter for?", "Tell me something you know."]
     base = _base_model(args.base, args.model_cache)
     report, tokenizer = publish.check_foreign_adapter(base, args.adapter_dir, prompts)

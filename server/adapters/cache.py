@@ -1,8 +1,8 @@
 """The local read-through cache of an object-store adapter store (server/adapters/s3_store.py).
 
     <cache>/<name>/<version>/{adapter_config.json, adapter_model.safetensors, manifest.json}
-    <cache>/<name>/current      the `current` last read from the store (served while it is unreachable)
-    <cache>/<name>/unload       the unload token last read, likewise
+    <cache>/<name>/.pointers/current   the `current` last read from the store (served while it is unreachable)
+    <cache>/<name>/.pointers/unload    the unload token last read, likewise
 
 A version is immutable once published, so a cached copy is as good as the store's: it is written
 whole into a hidden staging directory, each file checked against the size and SHA-256 its manifest
@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -48,6 +49,7 @@ class VersionCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self._trimming = threading.Lock()
 
     def path(self, name: str, version: str) -> Path:
         return self.root / name / version
@@ -66,7 +68,10 @@ class VersionCache:
             log.warning("adapter cache: %s@%s removed (%s); it will be downloaded again", name, version, exc)
             shutil.rmtree(directory, ignore_errors=True)
             return None
-        os.utime(directory)  # most recently used
+        try:
+            os.utime(directory)  # most recently used
+        except OSError:
+            return None  # trimmed meanwhile
         return directory
 
     def fill(self, name: str, version: str, files: dict[str, dict], manifest_text: str,
@@ -86,10 +91,12 @@ class VersionCache:
             for file in staging.iterdir():
                 _fsync(file)
             target = self.path(name, version)
-            if target.exists():  # another thread got it first: the same immutable bytes
-                shutil.rmtree(staging)
-            else:
+            try:
                 os.rename(staging, target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+                shutil.rmtree(staging)  # another process got it first: the same immutable bytes
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -98,16 +105,20 @@ class VersionCache:
 
     def remember(self, name: str, pointer: str, value: str | None) -> None:
         """Keep what the store's `<name>/<pointer>` (current, unload) said last."""
-        if value == self.recall(name, pointer) and (self.root / name / pointer).exists():
+        if value == self.recall(name, pointer) and self.remembers(name, pointer):
             return
-        (self.root / name).mkdir(parents=True, exist_ok=True)
-        temporary = self.root / name / f".{pointer}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        directory = self.root / name / ".pointers"
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = directory / f".{pointer}.tmp-{os.getpid()}-{time.monotonic_ns()}"
         temporary.write_text((value or "") + "\n")
-        os.replace(temporary, self.root / name / pointer)
+        os.replace(temporary, directory / pointer)
+
+    def remembers(self, name: str, pointer: str) -> bool:
+        return (self.root / name / ".pointers" / pointer).is_file()
 
     def recall(self, name: str, pointer: str) -> str | None:
         try:
-            return (self.root / name / pointer).read_text().strip() or None
+            return (self.root / name / ".pointers" / pointer).read_text().strip() or None
         except OSError:
             return None
 
@@ -115,21 +126,28 @@ class VersionCache:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
 
     def trim(self, keep: Path | None = None) -> list[Path]:
-        """Remove the least recently used versions until the cache fits max_bytes."""
+        """Remove the least recently used versions until the cache fits max_bytes (one trim at a
+        time; a version another thread removes meanwhile is skipped)."""
         if self.max_bytes is None:
             return []
-        versions = [d for n in self.root.iterdir() if n.is_dir() for d in n.iterdir()
-                    if d.is_dir() and not d.name.startswith(".")]
-        sizes = {d: sum(f.stat().st_size for f in d.iterdir() if f.is_file()) for d in versions}
-        total, removed = sum(sizes.values()), []
-        for directory in sorted(versions, key=lambda d: d.stat().st_mtime):
-            if total <= self.max_bytes:
-                break
-            if directory == keep:
-                continue
-            shutil.rmtree(directory, ignore_errors=True)
-            total -= sizes[directory]
-            removed.append(directory)
+        with self._trimming:
+            sizes, used = {}, {}
+            for directory in (d for n in self.root.iterdir() if n.is_dir() for d in n.iterdir()
+                              if d.is_dir() and not d.name.startswith(".")):
+                try:
+                    sizes[directory] = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+                    used[directory] = directory.stat().st_mtime
+                except OSError:
+                    continue
+            total, removed = sum(sizes.values()), []
+            for directory in sorted(sizes, key=used.get):
+                if total <= self.max_bytes:
+                    break
+                if directory == keep:
+                    continue
+                shutil.rmtree(directory, ignore_errors=True)
+                total -= sizes[directory]
+                removed.append(directory)
         return removed
 
 

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 SMALL_OBJECT_BYTES = 1 << 20  # current, unload, manifest.json: read whole, and refused beyond this
 LISTING_TTL_S = 5.0  # a listing is reused this long: a metrics scrape or a ListModels must not LIST the bucket each time
 MAX_PUBLISH_ATTEMPTS = 20
-GC_GRACE_S = 600.0  # a version without a manifest younger than this may be a publish still running
+GC_GRACE_S = 600.0  # a version without a manifest claimed less than this ago may be a publish still running
+POINTERS = ("current", "unload")  # <name>/current and <name>/unload: never version names
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ class S3Store:
         self._lock = threading.Lock()
         self._small: dict[str, tuple[str, str]] = {}  # key -> (ETag, text) last read
         self._listings: dict[tuple, tuple[float, tuple]] = {}  # (prefix, delimiter) -> (when, result)
+        # a version refused (a file missing or not what its manifest says), by its manifest's ETag:
+        # refused again at once, without a download, until the manifest changes
+        self._refused: dict[tuple[str, str], tuple[str, Exception]] = {}
+        self._fetching: dict[tuple[str, str], threading.Lock] = {}  # one download of a version at a time
         self.unreachable: str | None = None  # why the last call failed; None while it works
 
     def __str__(self) -> str:
@@ -101,7 +106,8 @@ class S3Store:
         """Complete versions (those with a manifest), oldest first."""
         keys = self._list(self.location.key(validate_adapter_name(name)) + "/", fresh=fresh)[0]
         found = {k.split("/")[0] for k in keys if k.count("/") == 1 and k.endswith("/manifest.json")}
-        return sorted((v for v in found if not v.startswith(".") and _valid(v)), key=version_order)
+        return sorted((v for v in found if not v.startswith(".") and v not in POINTERS and _valid(v)),
+                      key=version_order)
 
     def current(self, name: str) -> str | None:
         """The version `<name>/current` names; the one last read when the bucket cannot be reached
@@ -115,7 +121,7 @@ class S3Store:
         try:
             text = self._read_small(self.location.key(name, pointer), once=True)
         except StoreUnavailable:
-            if not (self.cache.root / name / pointer).exists():
+            if not self.cache.remembers(name, pointer):
                 raise
             return self.cache.recall(name, pointer)
         value = (text or "").strip() or None
@@ -131,24 +137,40 @@ class S3Store:
         if version is None:
             raise self.missing(name, asked)
         validate_adapter_name(version)
-        cached = self._cached(name, version)
-        if cached is not None:
-            return cached
-        manifest_text = self._read_small(self.location.key(name, version, "manifest.json"))
-        if manifest_text is None:
+        if version in POINTERS:
             raise self.missing(name, version)
-        manifest, files = _manifest_files(manifest_text, self.location.url(name, version))
-        path = self.cache.fill(name, version, files, manifest_text, lambda file, to: self._download(
-            self.location.key(name, version, file), to, files[file]["bytes"]))
+        with self._lock:
+            fetching = self._fetching.setdefault((name, version), threading.Lock())
+        with fetching:  # concurrent loads of a cold version share one download
+            cached = self._cached(name, version)
+            if cached is not None:
+                return cached
+            manifest_key = self.location.key(name, version, "manifest.json")
+            manifest_text = self._read_small(manifest_key)
+            if manifest_text is None:
+                raise self.missing(name, version)
+            etag = self._small[manifest_key][0]
+            refused = self._refused.get((name, version))
+            if refused is not None and refused[0] == etag:
+                raise refused[1]
+            try:
+                manifest, files = _manifest_files(manifest_text, self.location.url(name, version))
+                path = self.cache.fill(name, version, files, manifest_text, lambda file, to: self._download(
+                    self.location.key(name, version, file), to, files[file]["bytes"]))
+            except CorruptObject as exc:
+                self._refused[(name, version)] = (etag, exc)
+                raise
         return StoredVersion(name, version, path, manifest)
 
     def location_of(self, name: str, version: str) -> str:
         return self.location.url(name, version)
 
-    def check_reachable(self) -> None:
-        """StoreUnavailable unless the bucket answers a listing with these credentials: what a
-        trainer asks before it spends minutes on training or an acceptance check."""
-        self._list(self.location.key("") + ("/" if self.location.prefix else ""), delimiter="/", fresh=True)
+    def check_writable(self) -> None:
+        """StoreUnavailable unless these credentials may write the bucket (a probe object written
+        and deleted): what a trainer asks before it spends minutes on training or an acceptance check."""
+        key = self.location.key(f".hotlora-probe-{uuid.uuid4().hex}")
+        self._put(key, b"probe")
+        self._call(self._s3.delete_object, Bucket=self.location.bucket, Key=key)
 
     @staticmethod
     def missing(name: str, version: str | None = None) -> AdapterNotFound:
@@ -168,23 +190,56 @@ class S3Store:
         if missing:
             raise InvalidRequest(f"{source} lacks {missing}: not a PEFT adapter saved with safetensors")
         files = {f: dict(zip(("bytes", "sha256"), file_digest(source / f))) for f in ADAPTER_FILES}
-        version = self._claim(name, version)
+        version, token = self._claim(name, version)
         for file, expected in files.items():
             self._upload(source / file, self.location.key(name, version, file), expected)
+        # still ours, every file still there (a gc or a rival may have acted while a long upload ran)
+        if self._read_small(self.location.key(name, version, ".claim"), fresh=True) != token or any(
+                self._size(self.location.key(name, version, f)) != e["bytes"] for f, e in files.items()):
+            raise StoreUnavailable(f"{self.location.url(name, version)} changed while it was uploaded; nothing was "
+                                   "made current (publish again)")
         record = {"schema_version": MANIFEST_SCHEMA_VERSION, "name": name, "version": version,
                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(manifest or {}), "files": files}
-        if not self._put(self.location.key(name, version, "manifest.json"),
-                         json.dumps(record, indent=2, sort_keys=True).encode(), if_none_match=True):
-            raise StoreUnavailable(f"{self.location.url(name, version)} already has a manifest: another publisher "
-                                   "wrote this version although it was claimed here; nothing was made current")
+        body = json.dumps(record, indent=2, sort_keys=True)
+        manifest_key = self.location.key(name, version, "manifest.json")
+        # a 412 on a retried PUT may be this publish's own first attempt, committed: read it back
+        if not self._put(manifest_key, body.encode(), if_none_match=True) and \
+                self._read_small(manifest_key, fresh=True) != body:
+            raise StoreUnavailable(f"{self.location.url(name, version)} already has another manifest; nothing was "
+                                   "made current")
         if make_current:
-            self._put(self.location.key(name, "current"), (version + "\n").encode())
+            self._advance_current(name, version)
         try:  # this name's leftovers of killed publishes, past the grace period: best effort
             self.collect_garbage(GC_GRACE_S, names=[name])
         except StoreUnavailable:
             pass
         # its path is the source directory: the bytes the bucket now holds (nothing was downloaded)
         return StoredVersion(name, version, Path(source), record if manifest is not None else None)
+
+    def _advance_current(self, name: str, version: str) -> None:
+        """Point `current` at a just-published version unless it already names a later one (a
+        slower publisher of an older number must not roll the fleet back): a conditional write on
+        the ETag read, retried when another write came in between."""
+        from botocore.exceptions import ClientError
+
+        key = self.location.key(name, "current")
+        for _ in range(MAX_PUBLISH_ATTEMPTS):
+            now = self._read_small(key, fresh=True)
+            if now and version_order(now.strip()) >= version_order(version):
+                return
+            condition = {"IfMatch": self._small[key][0]} if now is not None else {"IfNoneMatch": "*"}
+            try:
+                self._call(self._s3.put_object, Bucket=self.location.bucket, Key=key,
+                           Body=(version + "\n").encode(), **condition)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412",
+                                                                 "ConditionalRequestConflict"):
+                    continue
+                raise _unavailable(self, exc) from None
+            with self._lock:
+                self._listings.clear()
+            return
+        raise StoreUnavailable(f"{self.location.url(name, 'current')} kept changing; {version} was not made current")
 
     def set_current(self, name: str, version: str) -> None:
         if version not in self.versions(name, fresh=True):
@@ -203,7 +258,8 @@ class S3Store:
 
     def collect_garbage(self, min_age_s: float = GC_GRACE_S, names: list[str] | None = None) -> list[str]:
         """Delete the objects of versions that never got a manifest (publishes killed halfway),
-        once their newest object is older than min_age_s. Returns where each removed version was."""
+        once their claim (else their newest object) is older than min_age_s. Returns where each
+        removed version was."""
         removed = []
         for name in self.names() if names is None else names:
             keys, _ = self._list(self.location.key(name) + "/", with_times=True, fresh=True)
@@ -213,7 +269,8 @@ class S3Store:
                     by_version.setdefault(key.split("/")[0], []).append((key, modified))
             for version, objects in by_version.items():
                 complete = any(k.endswith("/manifest.json") for k, _ in objects)
-                if complete or time.time() - max(m for _, m in objects) < min_age_s:
+                claimed = [m for k, m in objects if k.endswith("/.claim")]  # a long upload is not yet listed
+                if complete or time.time() - (claimed[0] if claimed else max(m for _, m in objects)) < min_age_s:
                     continue
                 full = [self.location.key(name, k) for k, _ in objects]
                 self._call(self._s3.delete_objects, Bucket=self.location.bucket,
@@ -223,15 +280,19 @@ class S3Store:
 
     # ------------------------------------------------------------------ the version number
 
-    def _claim(self, name: str, version: str | None) -> str:
-        """Claim `version` (or the next free number) with a conditional create. A claim read back
-        as someone else's (a service that ignores If-None-Match) counts as lost."""
+    def _claim(self, name: str, version: str | None) -> tuple[str, str]:
+        """Claim `version` (or the next free number) with a conditional create: (version, token).
+        Whose claim it is is read back: a 412 on a retried PUT may be this claim's own first
+        attempt, and a service that ignores If-None-Match lets a rival overwrite it."""
         token = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4()}"
         for _ in range(MAX_PUBLISH_ATTEMPTS):
             wanted = validate_adapter_name(version) if version else self._next_version(name)
+            if wanted in POINTERS:
+                raise InvalidRequest(f"{wanted!r} names a pointer of the store layout; give another version name")
             key = self.location.key(name, wanted, ".claim")
-            if self._put(key, token.encode(), if_none_match=True) and self._read_small(key, fresh=True) == token:
-                return wanted
+            self._put(key, token.encode(), if_none_match=True)
+            if self._read_small(key, fresh=True) == token:
+                return wanted, token
             if version:
                 raise InvalidRequest(f"adapter {name}@{version} already exists in the store; versions are immutable")
         raise StoreUnavailable(f"{self.location.url(name)}: no free version number after {MAX_PUBLISH_ATTEMPTS} tries")
@@ -263,6 +324,7 @@ class S3Store:
                 return None
             raise _unavailable(self, exc) from None
         if reply["ContentLength"] > SMALL_OBJECT_BYTES:
+            reply["Body"].close()
             raise StoreUnavailable(f"{self.location.url(key)} is {reply['ContentLength']:,} bytes; not read")
         text = self._call(reply["Body"].read).decode()
         with self._lock:
@@ -271,35 +333,53 @@ class S3Store:
 
     def _download(self, key: str, destination: Path, expected_bytes: int) -> None:
         """Stream one object to `destination`: its size checked first, its ETag pinned."""
-        head = self._call(self._s3.head_object, Bucket=self.location.bucket, Key=key)
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self._call(self._s3.head_object, Bucket=self.location.bucket, Key=key)
+        except ClientError as exc:  # gone from a version whose manifest lists it
+            raise CorruptObject(f"{self.location.url(key)} is missing ({exc.response.get('Error', {}).get('Code')})") \
+                from None
         size = head["ContentLength"]
         limit = self.max_object_bytes
         if size != expected_bytes or (limit is not None and size > limit):
             raise CorruptObject(f"{self.location.url(key)} is {size:,} bytes; its manifest says {expected_bytes:,}"
                                 + (f" and no adapter file of this model exceeds {limit:,}" if limit else ""))
-        from botocore.exceptions import ClientError
-
         try:
             reply = self._call(self._s3.get_object, Bucket=self.location.bucket, Key=key, IfMatch=head["ETag"])
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "NoSuchKey"):
                 raise CorruptObject(f"{self.location.url(key)} changed while it was read (its ETag is no longer "
                                     "the one its size was checked on)") from None
             raise _unavailable(self, exc) from None
         body = reply["Body"]
-        with open(destination, "wb") as handle:
-            while chunk := self._call(body.read, CHUNK):
-                handle.write(chunk)
+        try:
+            with open(destination, "wb") as handle:
+                while chunk := self._call(body.read, CHUNK):
+                    handle.write(chunk)
+        finally:
+            body.close()
 
     def _upload(self, path: Path, key: str, expected: dict) -> None:
         checksum = base64.b64encode(bytes.fromhex(expected["sha256"])).decode()
         with open(path, "rb") as handle:
             self._call(self._s3.put_object, Bucket=self.location.bucket, Key=key, Body=handle,
                        ContentLength=expected["bytes"], ChecksumSHA256=checksum)
-        size = self._call(self._s3.head_object, Bucket=self.location.bucket, Key=key)["ContentLength"]
+        size = self._size(key)
         if size != expected["bytes"]:
             raise StoreUnavailable(f"{self.location.url(key)}: {size:,} bytes arrived of {expected['bytes']:,}; "
                                    "nothing was published")
+
+    def _size(self, key: str) -> int | None:
+        """An object's bytes (HEAD); None when there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._call(self._s3.head_object, Bucket=self.location.bucket, Key=key)["ContentLength"]
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise _unavailable(self, exc) from None
 
     def _put(self, key: str, body: bytes, if_none_match: bool = False) -> bool:
         """Write a small object; with if_none_match, only if there is none (False if there was)."""

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import AdapterNotFound, InvalidRequest
+from ..errors import AdapterNotFound, InvalidRequest, StoreNotWritable
 from ..lora.peft_files import validate_adapter_name
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -98,8 +98,15 @@ class AdapterStore:
     def location_of(self, name: str, version: str) -> str:
         return str(self.root / name / version)
 
-    def check_reachable(self) -> None:
-        """A directory needs no probe: a publish creates what it needs."""
+    def check_writable(self) -> None:
+        """StoreNotWritable unless this process can create and write the store directory: what a
+        trainer asks before it spends minutes on training or an acceptance check."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreNotWritable(f"the adapter store {self.root} cannot be created: {exc.strerror}") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreNotWritable(f"the adapter store {self.root} is not writable by this process")
 
     # ------------------------------------------------------------------ reading
 

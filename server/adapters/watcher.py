@@ -71,31 +71,37 @@ class StoreWatcher:
             watched = list(self._current_seen)
         for name in (n for n in watched if self.manager.serves(n)):
             try:
-                now, unload_token = self.store.current(name), self.store.unload_token(name)
-            except (OSError, StoreUnavailable):  # said once by the store; the versions here keep serving
-                continue
-            with self._lock:
-                unloaded_elsewhere = unload_token != self._unload_seen.get(name, unload_token)
-            if unloaded_elsewhere:
-                try:
-                    self.manager.unload_here(name)
-                except AdapterNotFound:
-                    pass
-                continue
-            with self._lock:
-                changed = now is not None and now != self._current_seen.get(name)
-            if not changed:
-                continue
+                self._poll_one(name)
+            except Exception:  # one name's failure never stops the others being followed
+                log.exception("store watcher: following %s failed; retrying at the next poll", name)
+
+    def _poll_one(self, name: str) -> None:
+        try:
+            now, unload_token = self.store.current(name), self.store.unload_token(name)
+        except (OSError, StoreUnavailable):  # said once by the store; the versions here keep serving
+            return
+        with self._lock:
+            unloaded_elsewhere = unload_token != self._unload_seen.get(name, unload_token)
+        if unloaded_elsewhere:
             try:
-                self.manager.load(AdapterRef(name, now))
-            except HotloraError as exc:
-                if self._refused.get(name) != now:  # once per bad version, not every poll
-                    log.warning("store: %s@%s is not served (%s); %s stays current", name, now, exc,
-                                self.manager.current_version(name))
-                    self._refused[name] = now
-                continue
-            with self._lock:
-                self._current_seen[name] = now
+                self.manager.unload_here(name)
+            except AdapterNotFound:
+                pass
+            return
+        with self._lock:
+            changed = now is not None and now != self._current_seen.get(name)
+        if not changed:
+            return
+        try:
+            self.manager.load(AdapterRef(name, now))
+        except HotloraError as exc:
+            if self._refused.get(name) != now:  # once per bad version, not every poll
+                log.warning("store: %s@%s is not served (%s); %s stays current", name, now, exc,
+                            self.manager.current_version(name))
+                self._refused[name] = now
+            return
+        with self._lock:
+            self._current_seen[name] = now
 
     def start(self) -> None:
         def watch():

@@ -219,7 +219,12 @@ class BlockManager:
         if seq.prefix_keys is not None and seq.prefix_keys[0] == len(seq.tokens):
             return seq.prefix_keys[1]
         size = self.block_size
-        parent = hashlib.sha256((seq.adapter.weights.content_hash if seq.adapter else "base").encode()).digest()
+        # a tenant's prefixes are its own: another tenant must not learn from a cache hit (its
+        # cached_tokens, its time to first token) that a prompt was sent (no tenants: all share)
+        root = seq.adapter.weights.content_hash if seq.adapter else "base"
+        if seq.request.tenant is not None:
+            root += "\0tenant\0" + seq.request.tenant
+        parent = hashlib.sha256(root.encode()).digest()
         keys = []
         for start in range(0, (len(seq.tokens) - 1) // size * size, size):
             parent = hashlib.sha256(parent + array("q", seq.tokens[start:start + size]).tobytes()).digest()

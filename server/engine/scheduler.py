@@ -275,11 +275,15 @@ class Scheduler:
             return False
         in_batch = Counter(s.request.tenant for s in (*self.running, *self.prefilling, *self.admitted))
         share = {t: self.config.max_batch_size * w / sum(weights.values()) for t, w in weights.items()}
-        if in_batch[head.request.tenant] >= share[head.request.tenant]:
+        # only a move that cannot be undone by the same rule at the next step: the head stays within
+        # its share after it, the victim's tenant at or above its own (fractional shares would swap
+        # rows back and forth otherwise)
+        if in_batch[head.request.tenant] + 1 > share[head.request.tenant]:
             return False
         over = max(weights, key=lambda t: in_batch[t] / share[t])
-        victim = next((s for s in reversed(self.running) if s.request.tenant == over), None)
-        if victim is None or in_batch[over] <= share[over]:
+        # its newest sequence that was never preempted: no sequence is recomputed twice for fairness
+        victim = next((s for s in reversed(self.running) if s.request.tenant == over and not s.preempted), None)
+        if victim is None or in_batch[over] - 1 < share[over]:
             return False
         self._preempt(victim)
         self.fair_share_preemptions += 1

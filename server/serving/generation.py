@@ -220,7 +220,8 @@ class Generations:
         last = _with_prompt(self._piece(text + decoder.finish(), pending, done, handle, version, index), handle, scored)
         last.output, last.stopped_by_string = output, decoder.stopped
         call.completion_tokens[index] = len(output.token_ids)  # what its usage says
-        call.cached_tokens = max(call.cached_tokens, output.cached_tokens)
+        if index == 0:  # the prompt's, as both protocols' usage gives it: sample 0's
+            call.cached_tokens = output.cached_tokens
         yield last
 
     def count_refused(self, protocol: str, error: BaseException, caller: Caller | None = None) -> None:

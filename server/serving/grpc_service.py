@@ -243,6 +243,9 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
     async def LoadAdapter(self, request, context):
         def load(manager: AdapterManager, scope: Tenant | None):
             ref = _within(scope, AdapterRef.of(request.name, request.version or None))
+            if request.path and scope is not None:  # --adapter-path-allow is the server's, not any tenant's
+                raise PermissionDenied(f"tenant {scope.name!r}'s admin keys load adapters from the store, not from "
+                                       "paths; loading a path needs the admin token")
             if request.path:
                 loaded = manager.load_path(ref, request.path)
             elif ref.version:

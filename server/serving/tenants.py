@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +237,7 @@ def _positive(fields: dict[str, yaml.Node], name: str, tenant: str, default=None
     if name not in fields or _value(fields[name]) is None:
         return default
     value = _value(fields[name])
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not 0 < value < math.inf:
         raise _Invalid(fields[name], f"tenant {tenant!r}: {name} must be a positive {'integer' if integer else 'number'}"
                                      f", got {value!r}")
     return value if integer else float(value)

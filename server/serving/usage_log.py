@@ -81,10 +81,18 @@ class UsageLog:
             lines = [line for line in batch if line is not _CLOSE]
             try:
                 self._append(lines)
-            except OSError:
+            except Exception:  # a full disk: these lines are lost, said; the next batch tries a new file
                 log.exception("the usage log could not write %d lines to %s", len(lines), self.directory)
+                self._close_file()
+        self._close_file()
+
+    def _close_file(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
 
     def _append(self, lines: list[str]) -> None:
         for line in lines:
@@ -100,7 +108,7 @@ class UsageLog:
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
+            self._close_file()
         self._files += 1
         started = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         name = f"usage-{socket.gethostname()}-{os.getpid()}-{started}-{self._files:04d}.jsonl"

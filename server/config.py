@@ -144,7 +144,8 @@ class AdapterConfig:
       None serves only path-loaded adapters.
     s3_endpoint_url: an S3-compatible service's endpoint (None: boto3's chain, AWS_ENDPOINT_URL included).
     cache_dir / cache_bytes: where an object store's versions are kept once downloaded, and how many
-      bytes they may take (least recently used removed first); cache_dir None: a temporary directory.
+      bytes they may take (least recently used removed first). A cache directory holds one store's
+      versions; None: a directory per store under hotlora-adapter-cache-<uid> in the temporary directory.
     poll_interval_s: how often the store's `current` pointers are checked for new versions.
     host_cache_size: validated adapter versions held in host memory (those in device slots
       included); idle ones beyond it are dropped least-recently-used and read again from their

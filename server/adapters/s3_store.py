@@ -28,6 +28,7 @@ identity, `AWS_ENDPOINT_URL`), or `endpoint_url`.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -78,7 +79,11 @@ class S3Store:
                  cache_bytes: int | None = None, max_object_bytes: int | None = None, client=None):
         self.url = url.rstrip("/")
         self.location = S3Location.parse(self.url)
-        self.cache = VersionCache(cache_dir or Path(tempfile.mkdtemp(prefix="hotlora-adapter-cache-")), cache_bytes)
+        # default: a directory per user and store in the temporary directory, so a restart finds what
+        # it downloaded (a cache holds one store's versions: its paths do not name the bucket)
+        store_id = hashlib.sha256(f"{endpoint_url or ''} {self.url}".encode()).hexdigest()[:16]
+        default = Path(tempfile.gettempdir()) / f"hotlora-adapter-cache-{os.getuid()}" / store_id
+        self.cache = VersionCache(cache_dir or default, cache_bytes)
         self.max_object_bytes = max_object_bytes
         self._client = client or _client(endpoint_url, attempts=3)
         # while the store cannot be reached, one attempt per call: a request for a cold adapter, a

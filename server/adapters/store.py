@@ -99,14 +99,14 @@ class AdapterStore:
         return str(self.root / name / version)
 
     def check_writable(self) -> None:
-        """StoreNotWritable unless this process can create and write the store directory: what a
-        trainer asks before it spends minutes on training or an acceptance check."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreNotWritable(f"the adapter store {self.root} cannot be created: {exc.strerror}") from None
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StoreNotWritable(f"the adapter store {self.root} is not writable by this process")
+        """StoreNotWritable unless this process could create (or write) the store directory: what a
+        trainer asks before it spends minutes on training or an acceptance check. Creates nothing."""
+        existing = self.root.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise StoreNotWritable(f"the adapter store {self.root} cannot be written by this process "
+                                   f"({existing} is not a writable directory)")
 
     # ------------------------------------------------------------------ reading
 

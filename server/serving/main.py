@@ -226,7 +226,8 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     flag(group, "--s3-endpoint-url", help="with an s3:// store: the S3-compatible service's endpoint (default: boto3's "
                                           "chain, AWS_ENDPOINT_URL included)")
     flag(group, "--adapter-cache-dir", type=Path,
-         help="with an s3:// store: where downloaded versions are kept (default: a temporary directory)")
+         help="with an s3:// store: where downloaded versions are kept, one store per directory (default: a "
+              "directory per store under hotlora-adapter-cache-<uid> in the temporary directory)")
     flag(group, "--adapter-cache-bytes", type=int, default=AdapterConfig.cache_bytes,
          help="with an s3:// store: bytes the downloaded versions may take (least recently used removed first)")
     flag(group, "--max-adapters", type=int, default=EngineConfig.max_adapters, help="LoRA slots on the device")

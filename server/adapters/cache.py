@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import IncompatibleAdapter
+from .store import fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class VersionCache:
                                         f"the manifest says {expected['bytes']:,} bytes with {expected['sha256'][:12]}…")
             (staging / "manifest.json").write_text(manifest_text)
             for file in staging.iterdir():
-                _fsync(file)
+                fsync_file(file)
             target = self.path(name, version)
             try:
                 os.rename(staging, target)
@@ -149,11 +150,3 @@ class VersionCache:
                 total -= sizes[directory]
                 removed.append(directory)
         return removed
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

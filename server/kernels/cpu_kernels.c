@@ -6,7 +6,12 @@
  *               layout once at load: in each chunk of 32 weights of a row, byte j holds weight j in
  *               its low nibble and weight j + 16 in its high one). Each weight is formed exactly as
  *               bitsandbytes dequantizes it (one float32 multiply), then multiplied into the sum.
- * dense_linear: y[t, o] = sum_k x[t, k] * W[o, k] on float32 W (the LM head).
+ * nf4_dequantize: W itself in float32 (each weight code[q] * absmax, bitsandbytes' own product), for
+ *               prefills: many tokens per row are compute-bound, and a dense GEMM on W beats forming
+ *               every weight again for each tile of tokens.
+ * dense_linear: y[t, o] = sum_k x[t, k] * W[o, k] on float32 or bfloat16 W (the LM head; a bfloat16
+ *               weight is widened exactly to float32 as it is read, so it is the same arithmetic on half
+ *               the bytes).
  * lora_add:     multi-LoRA, one adapter slot per token, each slot's weights read once for its tokens.
  * decode_attention: each row's one new query token attends to its first lengths[b] positions in
  *               the paged KV cache, read in place through its block table (server/model/kv_cache.py's
@@ -35,8 +40,13 @@
 #endif
 
 /* ---- the thread pool: parallel_for splits [0, total) in `threads` contiguous parts; the caller
- * runs part 0, workers the others. Workers spin a short while for the next job (a decode step's
- * regions follow each other within microseconds), then sleep on a condition variable. ---- */
+ * runs part 0, workers the others. From the start of decode_layers, whose regions follow each other
+ * within microseconds, to the end of the next job after it (a decode step's LM head), workers spin
+ * a short while for the next job, then sleep on a condition variable. After any other job (a
+ * kernel called from Python) they sleep at once: what runs next is torch's own threads or the
+ * server's, and a worker spinning for 200 us took a core from them (an OpenMP GEMM after a
+ * dequantize waited for it, and so did the gRPC and HTTP threads on 2 cores); a sleeping worker,
+ * though, took longer to wake than the LM head's own work on a VM. ---- */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <time.h>
@@ -50,13 +60,14 @@ static struct {
     pthread_cond_t wake;
     int workers;
     atomic_ulong generation;
-    atomic_int pending, sleepers;
+    atomic_int pending, sleepers, linger, in_layers;
     range_fn fn;
     const void *args;
     int64_t total;
     int parts;
     unsigned long first_generation[MAX_WORKERS + 1];  /* the job a worker starts after, set when it is created */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0, {0}};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, {0}};
 
 static atomic_int avx512_in_use;  /* set when the AVX-512 versions are chosen (has_avx512_version) */
 
@@ -103,9 +114,10 @@ static void *worker_main(void *arg)
         for (long spins = 1; atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; spins++) {
             relax();
             if (spins % 256) continue;
-            if (give_up == 0.0) {
+            const int lingering = atomic_load_explicit(&pool.linger, memory_order_relaxed);
+            if (lingering && give_up == 0.0) {
                 give_up = seconds() + SPIN_SECONDS;
-            } else if (seconds() > give_up) {
+            } else if (!lingering || seconds() > give_up) {
                 pthread_mutex_lock(&pool.sleep_lock);
                 atomic_fetch_add(&pool.sleepers, 1);
                 while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.sleep_lock);
@@ -152,12 +164,20 @@ static void parallel_for(int64_t total, int threads, range_fn fn, const void *ar
     }
     run_part(0);
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) relax();
+    if (!atomic_load_explicit(&pool.in_layers, memory_order_relaxed))
+        atomic_store_explicit(&pool.linger, 0, memory_order_relaxed);
     pthread_mutex_unlock(&pool.job_lock);
 }
 
 struct nf4_args { const float *x; int64_t n; const uint8_t *packed; const float *absmax, *code; int64_t out, in, blocksize;
                   float *y; };
-struct dense_args { const float *x; int64_t n; const float *w; int64_t out, in; float *y; };
+struct dense_args { const float *x; int64_t n; const void *w; int64_t out, in; float *y; int bf16; };
+
+static inline float bf16_to_float(uint16_t bits)
+{
+    union { uint32_t u; float f; } v = {(uint32_t)bits << 16};
+    return v.f;
+}
 struct attention_args { const float *q, *keys, *values; const int32_t *tables; int64_t table_width;
                         const int32_t *lengths; int64_t heads, kv_heads, head_dim, block_size; float scale; float *out; };
 
@@ -176,12 +196,14 @@ static void nf4_portable_rows(const void *a, int64_t begin, int64_t end)
         for (int64_t t = 0; t < n; t++) {
             const float *xt = x + t * in;
             float sum = 0.0f;
-            for (int64_t c = 0; c < in / 32; c++) {
-                for (int j = 0; j < 16; j++) {
-                    uint8_t b = row[c * 16 + j];
-                    float s = scale[(c * 32) / blocksize];
-                    sum += xt[c * 32 + j] * (code[b & 15] * s);
-                    sum += xt[c * 32 + j + 16] * (code[b >> 4] * s);
+            for (int64_t block = 0; block < in / blocksize; block++) {
+                const float s = scale[block];
+                for (int64_t c = block * (blocksize / 32); c < (block + 1) * (blocksize / 32); c++) {
+                    for (int j = 0; j < 16; j++) {
+                        uint8_t b = row[c * 16 + j];
+                        sum += xt[c * 32 + j] * (code[b & 15] * s);
+                        sum += xt[c * 32 + j + 16] * (code[b >> 4] * s);
+                    }
                 }
             }
             y[t * out + o] = sum;
@@ -196,6 +218,34 @@ void nf4_linear_portable(const float *x, int64_t n, const uint8_t *packed, const
     parallel_for(out, threads, nf4_portable_rows, &args);
 }
 
+struct dequantize_args { const uint8_t *packed; const float *absmax, *code; int64_t in, blocksize; float *w; };
+
+static void dequantize_rows(const void *a, int64_t begin, int64_t end)
+{
+    const struct dequantize_args *args = a;
+    const int64_t in = args->in, blocksize = args->blocksize;
+    for (int64_t o = begin; o < end; o++) {
+        const uint8_t *row = args->packed + o * (in / 2);
+        const float *scale = args->absmax + o * (in / blocksize);
+        float *w = args->w + o * in;
+        for (int64_t block = 0; block < in / blocksize; block++) {
+            const float s = scale[block];
+            for (int64_t c = block * (blocksize / 32); c < (block + 1) * (blocksize / 32); c++)
+                for (int j = 0; j < 16; j++) {
+                    w[c * 32 + j] = args->code[row[c * 16 + j] & 15] * s;
+                    w[c * 32 + j + 16] = args->code[row[c * 16 + j] >> 4] * s;
+                }
+        }
+    }
+}
+
+void nf4_dequantize_portable(const uint8_t *packed, const float *absmax, const float *code, int64_t out, int64_t in,
+                             int64_t blocksize, float *w, int threads)
+{
+    struct dequantize_args args = {packed, absmax, code, in, blocksize, w};
+    parallel_for(out, threads, dequantize_rows, &args);
+}
+
 static void dense_portable_rows(const void *a, int64_t begin, int64_t end)
 {
     const struct dense_args *args = a;
@@ -203,15 +253,22 @@ static void dense_portable_rows(const void *a, int64_t begin, int64_t end)
     for (int64_t o = begin; o < end; o++) {
         for (int64_t t = 0; t < n; t++) {
             float sum = 0.0f;
-            for (int64_t k = 0; k < in; k++) sum += args->x[t * in + k] * args->w[o * in + k];
+            if (args->bf16) {
+                const uint16_t *w = (const uint16_t *)args->w + o * in;
+                for (int64_t k = 0; k < in; k++) sum += args->x[t * in + k] * bf16_to_float(w[k]);
+            } else {
+                const float *w = (const float *)args->w + o * in;
+                for (int64_t k = 0; k < in; k++) sum += args->x[t * in + k] * w[k];
+            }
             args->y[t * out + o] = sum;
         }
     }
 }
 
-void dense_linear_portable(const float *x, int64_t n, const float *w, int64_t out, int64_t in, float *y, int threads)
+void dense_linear_portable(const float *x, int64_t n, const void *w, int bf16, int64_t out, int64_t in, float *y,
+                           int threads)
 {
-    struct dense_args args = {x, n, w, out, in, y};
+    struct dense_args args = {x, n, w, out, in, y, bf16};
     parallel_for(out, threads, dense_portable_rows, &args);
 }
 
@@ -274,59 +331,129 @@ nf4_row(const float *x, int64_t in, int T, const uint8_t *row, const float *scal
     /* two sums per token (first and second half of each chunk): two independent FMA chains */
     __m512 acc_lo[TILE], acc_hi[TILE];
     for (int t = 0; t < TILE; t++) acc_lo[t] = acc_hi[t] = _mm512_setzero_ps();
-    const __m512i low_nibble = _mm512_set1_epi32(15);
-    for (int64_t c = 0; c < in / 32; c++) {
-        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c * 16)));
-        __m512 s = _mm512_set1_ps(scale[c / chunks_per_block]);
-        __m512 w_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low_nibble), code), s);
-        __m512 w_hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), code), s);
-        for (int t = 0; t < TILE; t++) {
-            if (t < T) {
-                acc_lo[t] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x + t * in + c * 32), acc_lo[t]);
-                acc_hi[t] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + t * in + c * 32 + 16), acc_hi[t]);
+    /* block by block: a scale index of c / chunks_per_block would be a 64-bit division per chunk
+     * (the divisor is not a constant), which alone set the pace of a one-token step */
+    for (int64_t block = 0, c = 0; c < in / 32; block++) {
+        const __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(scale[block]));  /* code[q] * absmax, per value */
+        for (const int64_t block_end = c + chunks_per_block; c < block_end; c++) {
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c * 16)));
+            /* vpermps reads only the low 4 bits of each index: the byte itself picks the low nibble's value */
+            __m512 w_lo = _mm512_permutexvar_ps(bytes, scaled);
+            __m512 w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), scaled);
+            for (int t = 0; t < TILE; t++) {
+                if (t < T) {
+                    acc_lo[t] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x + t * in + c * 32), acc_lo[t]);
+                    acc_hi[t] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + t * in + c * 32 + 16), acc_hi[t]);
+                }
             }
         }
     }
     for (int t = 0; t < T; t++) y[t * out] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[t], acc_hi[t]));
 }
 
+/* Codes this far ahead are asked for: a projection's rows are one contiguous stream per thread, but
+ * the hardware prefetchers stop at every 4 KiB page, and at a few tokens the loads of the codes
+ * stalled the loop (a third of its cycles on the first one). */
+#define PREFETCH_BYTES 1024
+
+/* nf4_row for up to 4 tokens and blocks of an even number of chunks (blocksize 64, QLoRA's): two
+ * chunks at a time, four FMA chains per token. With two, their latency, not the bytes, set the
+ * pace of a one-token step (~8 cycles per 16 bytes of codes). */
 AVX512 static inline __attribute__((always_inline)) void
-dense_row(const float *x, int64_t in, int T, const float *w, float *y, int64_t out)
+nf4_row_pairs(const float *x, int64_t in, int T, const uint8_t *row, const float *scale, int64_t chunks_per_block,
+              __m512 code, float *y, int64_t out)
 {
-    __m512 acc[TILE];
-    for (int t = 0; t < TILE; t++) acc[t] = _mm512_setzero_ps();
+    __m512 acc[4][4];
+    for (int t = 0; t < 4; t++)
+        for (int i = 0; i < 4; i++) acc[i][t] = _mm512_setzero_ps();
+    for (int64_t block = 0, c = 0; c < in / 32; block++) {
+        const __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(scale[block]));  /* code[q] * absmax, per value */
+        for (const int64_t block_end = c + chunks_per_block; c < block_end; c += 2) {
+            _mm_prefetch((const char *)(row + c * 16 + PREFETCH_BYTES), _MM_HINT_T0);
+            __m512i first = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c * 16)));
+            __m512i second = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c * 16 + 16)));
+            __m512 w[4] = {_mm512_permutexvar_ps(first, scaled),
+                           _mm512_permutexvar_ps(_mm512_srli_epi32(first, 4), scaled),
+                           _mm512_permutexvar_ps(second, scaled),
+                           _mm512_permutexvar_ps(_mm512_srli_epi32(second, 4), scaled)};
+            for (int t = 0; t < 4; t++)
+                if (t < T)
+                    for (int i = 0; i < 4; i++)
+                        acc[i][t] = _mm512_fmadd_ps(w[i], _mm512_loadu_ps(x + t * in + c * 32 + i * 16), acc[i][t]);
+        }
+    }
+    for (int t = 0; t < T; t++)
+        y[t * out] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]),
+                                                        _mm512_add_ps(acc[2][t], acc[3][t])));
+}
+
+AVX512 static inline __attribute__((always_inline)) void
+dense_row(const float *x, int64_t in, int T, const void *weights, int bf16, float *y, int64_t out)
+{
+    const float *w = weights;
+    const uint16_t *w16 = weights;
+    /* a second FMA chain per token where there are at most 2 (one chain's latency set the pace) */
+    __m512 acc[TILE], acc2[TILE];
+    for (int t = 0; t < TILE; t++) acc[t] = acc2[t] = _mm512_setzero_ps();
     int64_t k = 0;
+#define DENSE_LOAD(at) (bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                           \
+                                   _mm256_loadu_si256((const __m256i *)(w16 + (at)))), 16))                          \
+                             : _mm512_loadu_ps(w + (at)))
+    if (T <= 2)
+        for (; k + 32 <= in; k += 32) {
+            __m512 w0 = DENSE_LOAD(k), w1 = DENSE_LOAD(k + 16);
+            for (int t = 0; t < T; t++) {
+                acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * in + k), acc[t]);
+                acc2[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * in + k + 16), acc2[t]);
+            }
+        }
     for (; k + 16 <= in; k += 16) {
-        __m512 wk = _mm512_loadu_ps(w + k);
+        __m512 wk = DENSE_LOAD(k);
         for (int t = 0; t < TILE; t++)
             if (t < T) acc[t] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(x + t * in + k), acc[t]);
     }
+#undef DENSE_LOAD
     if (k < in) {
         __mmask16 m = (__mmask16)((1u << (in - k)) - 1);
-        __m512 wk = _mm512_maskz_loadu_ps(m, w + k);
+        uint16_t tail[16] = {0};  /* a masked 16-bit load would need AVX512-BW */
+        if (bf16) for (int64_t i = k; i < in; i++) tail[i - k] = w16[i];
+        __m512 wk = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                               _mm256_loadu_si256((const __m256i *)tail)), 16))
+                         : _mm512_maskz_loadu_ps(m, w + k);
         for (int t = 0; t < TILE; t++)
             if (t < T) acc[t] = _mm512_fmadd_ps(wk, _mm512_maskz_loadu_ps(m, x + t * in + k), acc[t]);
     }
-    for (int t = 0; t < T; t++) y[t * out] = _mm512_reduce_add_ps(acc[t]);
+    for (int t = 0; t < T; t++) y[t * out] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], acc2[t]));
 }
 
 #define NF4_ROWS(T) AVX512 static void nf4_rows_##T(const float *x, int64_t in, const uint8_t *packed,            \
     const float *absmax, int64_t blocksize, __m512 code, int64_t o0, int64_t o1, float *y, int64_t out) {           \
-    for (int64_t o = o0; o < o1; o++)                                                                                \
-        nf4_row(x, in, T, packed + o * (in / 2), absmax + o * (in / blocksize), blocksize / 32, code, y + o, out); }
-#define DENSE_ROWS(T) AVX512 static void dense_rows_##T(const float *x, int64_t in, const float *w,                \
+    if (T <= 4 && blocksize % 64 == 0)                                                                                \
+        for (int64_t o = o0; o < o1; o++)                                                                            \
+            nf4_row_pairs(x, in, T, packed + o * (in / 2), absmax + o * (in / blocksize), blocksize / 32, code,      \
+                          y + o, out);                                                                               \
+    else                                                                                                             \
+        for (int64_t o = o0; o < o1; o++)                                                                            \
+            nf4_row(x, in, T, packed + o * (in / 2), absmax + o * (in / blocksize), blocksize / 32, code, y + o,     \
+                    out); }
+#define DENSE_ROWS(T) AVX512 static void dense_rows_##T(const float *x, int64_t in, const void *w,                 \
     int64_t o0, int64_t o1, float *y, int64_t out) {                                                                 \
-    for (int64_t o = o0; o < o1; o++) dense_row(x, in, T, w + o * in, y + o, out); }
+    for (int64_t o = o0; o < o1; o++) dense_row(x, in, T, (const float *)w + o * in, 0, y + o, out); }              \
+    AVX512 static void dense_bf16_rows_##T(const float *x, int64_t in, const void *w,                               \
+    int64_t o0, int64_t o1, float *y, int64_t out) {                                                                 \
+    for (int64_t o = o0; o < o1; o++) dense_row(x, in, T, (const uint16_t *)w + o * in, 1, y + o, out); }
 NF4_ROWS(1) NF4_ROWS(2) NF4_ROWS(3) NF4_ROWS(4) NF4_ROWS(5) NF4_ROWS(6) NF4_ROWS(7) NF4_ROWS(8)
 DENSE_ROWS(1) DENSE_ROWS(2) DENSE_ROWS(3) DENSE_ROWS(4) DENSE_ROWS(5) DENSE_ROWS(6) DENSE_ROWS(7) DENSE_ROWS(8)
 
 typedef void (*nf4_rows_fn)(const float *, int64_t, const uint8_t *, const float *, int64_t, __m512, int64_t,
                             int64_t, float *, int64_t);
-typedef void (*dense_rows_fn)(const float *, int64_t, const float *, int64_t, int64_t, float *, int64_t);
+typedef void (*dense_rows_fn)(const float *, int64_t, const void *, int64_t, int64_t, float *, int64_t);
 static const nf4_rows_fn NF4_TILES[TILE + 1] = {0, nf4_rows_1, nf4_rows_2, nf4_rows_3, nf4_rows_4,
                                                 nf4_rows_5, nf4_rows_6, nf4_rows_7, nf4_rows_8};
-static const dense_rows_fn DENSE_TILES[TILE + 1] = {0, dense_rows_1, dense_rows_2, dense_rows_3, dense_rows_4,
-                                                    dense_rows_5, dense_rows_6, dense_rows_7, dense_rows_8};
+static const dense_rows_fn DENSE_TILES[2][TILE + 1] = {
+    {0, dense_rows_1, dense_rows_2, dense_rows_3, dense_rows_4, dense_rows_5, dense_rows_6, dense_rows_7, dense_rows_8},
+    {0, dense_bf16_rows_1, dense_bf16_rows_2, dense_bf16_rows_3, dense_bf16_rows_4, dense_bf16_rows_5,
+     dense_bf16_rows_6, dense_bf16_rows_7, dense_bf16_rows_8}};
 
 /* tasks are blocks of ROWS_PER_TASK rows; within one, every token tile */
 AVX512 static void nf4_avx512_tasks(const void *a, int64_t begin, int64_t end)
@@ -359,15 +486,36 @@ AVX512 static void dense_avx512_tasks(const void *a, int64_t begin, int64_t end)
         int64_t o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
         for (int64_t t = 0; t < n; t += TILE) {
             int64_t tile = n - t < TILE ? n - t : TILE;
-            DENSE_TILES[tile](args->x + t * in, in, args->w, o0, o1, args->y + t * out, out);
+            DENSE_TILES[args->bf16][tile](args->x + t * in, in, args->w, o0, o1, args->y + t * out, out);
         }
     }
 }
 
-AVX512 void dense_linear_avx512(const float *x, int64_t n, const float *w, int64_t out, int64_t in, float *y, int threads)
+AVX512 void dense_linear_avx512(const float *x, int64_t n, const void *w, int bf16, int64_t out, int64_t in, float *y,
+                                int threads)
 {
-    struct dense_args args = {x, n, w, out, in, y};
+    struct dense_args args = {x, n, w, out, in, y, bf16};
     parallel_for((out + ROWS_PER_TASK - 1) / ROWS_PER_TASK, threads, dense_avx512_tasks, &args);
+}
+
+AVX512 static void dequantize_avx512_rows(const void *a, int64_t begin, int64_t end)
+{
+    const struct dequantize_args *args = a;
+    const int64_t in = args->in, blocksize = args->blocksize, chunks_per_block = blocksize / 32;
+    const __m512 code = _mm512_loadu_ps(args->code);
+    for (int64_t o = begin; o < end; o++) {
+        const uint8_t *row = args->packed + o * (in / 2);
+        const float *scale = args->absmax + o * (in / blocksize);
+        float *w = args->w + o * in;
+        for (int64_t block = 0, c = 0; c < in / 32; block++) {
+            const __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(scale[block]));  /* code[q] * absmax, per value */
+            for (const int64_t block_end = c + chunks_per_block; c < block_end; c++) {
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c * 16)));
+                _mm512_storeu_ps(w + c * 32, _mm512_permutexvar_ps(bytes, scaled));
+                _mm512_storeu_ps(w + c * 32 + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), scaled));
+            }
+        }
+    }
 }
 
 #define MAX_HEAD_CHUNKS 16  /* head_dim up to 256 in registers */
@@ -474,14 +622,30 @@ void nf4_linear_auto(const float *x, int64_t n, const uint8_t *packed, const flo
     nf4_linear_portable(x, n, packed, absmax, code, out, in, blocksize, y, threads);
 }
 
-void dense_linear_auto(const float *x, int64_t n, const float *w, int64_t out, int64_t in, float *y, int threads)
+void nf4_dequantize_auto(const uint8_t *packed, const float *absmax, const float *code, int64_t out, int64_t in,
+                         int64_t blocksize, float *w, int threads)
 {
 #ifdef HAVE_AVX512_VERSION
     static int avx512 = -1;
     if (avx512 < 0) avx512 = has_avx512_version();
-    if (avx512) { dense_linear_avx512(x, n, w, out, in, y, threads); return; }
+    if (avx512) {
+        struct dequantize_args args = {packed, absmax, code, in, blocksize, w};
+        parallel_for(out, threads, dequantize_avx512_rows, &args);
+        return;
+    }
 #endif
-    dense_linear_portable(x, n, w, out, in, y, threads);
+    nf4_dequantize_portable(packed, absmax, code, out, in, blocksize, w, threads);
+}
+
+void dense_linear_auto(const float *x, int64_t n, const void *w, int bf16, int64_t out, int64_t in, float *y,
+                       int threads)
+{
+#ifdef HAVE_AVX512_VERSION
+    static int avx512 = -1;
+    if (avx512 < 0) avx512 = has_avx512_version();
+    if (avx512) { dense_linear_avx512(x, n, w, bf16, out, in, y, threads); return; }
+#endif
+    dense_linear_portable(x, n, w, bf16, out, in, y, threads);
 }
 
 void decode_attention_auto(const float *q, const float *keys, const float *values, const int32_t *tables,
@@ -604,6 +768,8 @@ void decode_layers(const int64_t *shape, float eps, const float *code, const int
                    const int64_t *token_slots, float *work, int threads)
 {
     clean_upper_registers();  /* torch's own AVX-512 kernels ran before this call */
+    atomic_store_explicit(&pool.linger, 1, memory_order_relaxed);
+    atomic_store_explicit(&pool.in_layers, 1, memory_order_relaxed);
     const int64_t hidden = shape[0], heads = shape[1], kv_heads = shape[2], head_dim = shape[3];
     const int64_t intermediate = shape[4], block_size = shape[5], rank = shape[6], blocksize = shape[7];
     const int64_t kv_layer_stride = shape[8], num_slots = shape[9];
@@ -680,6 +846,7 @@ void decode_layers(const int64_t *shape, float eps, const float *code, const int
         for (int64_t i = 0; i < batch * hidden; i++) x[i] += proj[i];
         #undef PROJECT
     }
+    atomic_store_explicit(&pool.in_layers, 0, memory_order_relaxed);  /* linger stays on for the LM head */
 }
 
 /* y[t] += sBᵀ[s]·(A[s]·x[t]) for every token t on slot s = token_slots[t] (0: none), one pool of

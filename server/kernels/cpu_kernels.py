@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+DENSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # what dense_linear reads (the LM head's storage)
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-lm")
 CHUNK = 32  # weights per 16 packed bytes: the kernel's unit along a row
 
@@ -110,7 +111,8 @@ class CPUKernels:
         self.has_avx512 = bool(library.has_avx512_version())
         suffix = "portable" if portable else "auto"
         self._nf4 = _function(library, f"nf4_linear_{suffix}", [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i32])
-        self._dense = _function(library, f"dense_linear_{suffix}", [ptr, i64, ptr, i64, i64, ptr, i32])
+        self._dequantize = _function(library, f"nf4_dequantize_{suffix}", [ptr, ptr, ptr, i64, i64, i64, ptr, i32])
+        self._dense = _function(library, f"dense_linear_{suffix}", [ptr, i64, ptr, i32, i64, i64, ptr, i32])
         self._attention = _function(library, f"decode_attention_{suffix}",
                                     [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr, i32])
         self._lora = _function(library, "lora_add", [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i32])
@@ -135,13 +137,27 @@ class CPUKernels:
                   y.data_ptr(), torch.get_num_threads())
         return y.view(*x.shape[:-1], out_features)
 
-    def dense_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [..., in] float32 · weightᵀ, weight [out, in] float32 contiguous."""
+    def nf4_dequantize(self, weight: PackedNF4, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W [out, in] float32, each weight code[q] · absmax as bitsandbytes dequantizes it (into
+        `out` when given: a reused buffer)."""
         out_features, in_features = weight.shape
+        w = torch.empty(out_features, in_features, dtype=torch.float32) if out is None else out
+        if w.shape != (out_features, in_features) or w.dtype is not torch.float32 or not w.is_contiguous():
+            raise ValueError(f"nf4_dequantize writes a contiguous float32 [{out_features}, {in_features}]")
+        self._dequantize(*weight.pointers(), out_features, in_features, weight.blocksize, w.data_ptr(),
+                         torch.get_num_threads())
+        return w
+
+    def dense_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [..., in] float32 · weightᵀ, weight [out, in] float32 or bfloat16 (widened exactly as it
+        is read, summed in float32), contiguous."""
+        out_features, in_features = weight.shape
+        if weight.dtype not in DENSE_WEIGHT_DTYPES or not weight.is_contiguous():
+            raise ValueError(f"dense_linear reads a contiguous float32 or bfloat16 weight, not {weight.dtype}")
         flat = _rows(x, in_features)
         y = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
-        self._dense(flat.data_ptr(), flat.shape[0], weight.data_ptr(), out_features, in_features, y.data_ptr(),
-                    torch.get_num_threads())
+        self._dense(flat.data_ptr(), flat.shape[0], weight.data_ptr(), weight.dtype is torch.bfloat16, out_features,
+                    in_features, y.data_ptr(), torch.get_num_threads())
         return y.view(*x.shape[:-1], out_features)
 
     def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
@@ -260,20 +276,21 @@ def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 _lock = threading.Lock()
-_loaded: dict[Path, ctypes.CDLL] = {}
+_loaded: dict[tuple[Path, bool], CPUKernels] = {}
 
 
 def load(build_dir: Path | None, portable: bool = False) -> CPUKernels:
-    """The library, built into build_dir on first use (None: a directory for this process)."""
+    """The library, built into build_dir on first use (None: a directory for this process); one
+    CPUKernels per library and version, shared by everything that computes with it."""
     with _lock:
         build_dir = Path(build_dir) if build_dir is not None else _process_dir()
         flags = build_flags()
         path = build_dir / f"cpu_kernels-{_build_key(flags)}.so"
-        if path not in _loaded:
+        if (path, portable) not in _loaded:
             if not path.exists():
                 _build(path, flags)
-            _loaded[path] = ctypes.CDLL(str(path))
-        return CPUKernels(_loaded[path], portable)
+            _loaded[path, portable] = CPUKernels(ctypes.CDLL(str(path)), portable)
+        return _loaded[path, portable]
 
 
 def build_flags() -> tuple[str, ...]:

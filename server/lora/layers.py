@@ -92,6 +92,31 @@ def lora_delta_segmented(x: torch.Tensor, segments: list[tuple[int, int, int]], 
     return delta
 
 
+def lora_add_segmented(y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]],
+                       lora_a: torch.Tensor, scaled_b_t: torch.Tensor, slice_starts: tuple[int, ...]) -> torch.Tensor:
+    """y += lora_delta_segmented(...), in place: each slice's expand accumulates straight into its
+    columns of y (a strided GEMM output), with no [tokens, out] delta to zero, fill and add."""
+    rank = scaled_b_t.shape[1]
+    for start, stop, slot in segments:
+        shrunk = x[start:stop] @ lora_a[slot].T
+        for i, (lo, hi) in enumerate(zip(slice_starts[:-1], slice_starts[1:])):
+            y[start:stop, lo:hi].addmm_(shrunk[:, i * rank:(i + 1) * rank], scaled_b_t[slot, :, lo:hi])
+    return y
+
+
+def row_segments(token_slots: torch.Tensor, rows: int) -> list[tuple[int, int, int]]:
+    """(first token, token past the last, slot) of rows of tokens on one slot each (a prefill),
+    consecutive rows on one slot merged, slot 0 (no adapter) left out."""
+    per_row = token_slots.numel() // rows
+    segments = []
+    for row, slot in enumerate(token_slots.view(rows, per_row)[:, 0].tolist()):
+        if slot and segments and segments[-1][2] == slot and segments[-1][1] == row * per_row:
+            segments[-1] = (segments[-1][0], (row + 1) * per_row, slot)
+        elif slot:
+            segments.append((row * per_row, (row + 1) * per_row, slot))
+    return segments
+
+
 class TorchLoRA:
     """The formulations in plain torch (CPU, and the readable twin of the kernels): stacked for
     decode steps (one token per row), segmented for prefill (rows of tokens on one slot each)."""
@@ -99,16 +124,9 @@ class TorchLoRA:
     name = "torch"
 
     def prepare(self, token_slots: torch.Tensor, rows: int, num_slots: int, dtype: torch.dtype):
-        per_row = token_slots.numel() // rows
-        if per_row == 1:
+        if token_slots.numel() == rows:
             return slot_mask(token_slots, num_slots, dtype)
-        segments = []  # (first token, token past the last, slot), consecutive rows on one slot merged
-        for row, slot in enumerate(token_slots.view(rows, per_row)[:, 0].tolist()):
-            if slot and segments and segments[-1][2] == slot and segments[-1][1] == row * per_row:
-                segments[-1] = (segments[-1][0], (row + 1) * per_row, slot)
-            elif slot:
-                segments.append((row * per_row, (row + 1) * per_row, slot))
-        return segments
+        return row_segments(token_slots, rows)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", prepared) -> torch.Tensor:
         if isinstance(prepared, list):
@@ -148,10 +166,17 @@ class TritonLoRA:
         return kernels.bgmv_expand(y, h, pool.scaled_b_t, prepared, pool.slot_ranks, pool.slice_starts)
 
 
+# Rows of more tokens than this (prefills) take the segmented GEMMs; fewer, the C kernel, whose
+# dot products read each slot's weights once for all its tokens but run at no GEMM's pace.
+CPU_LORA_KERNEL_MAX_TOKENS_PER_ROW = 16
+
+
 class CPULoRA:
-    """server/kernels/cpu_kernels.c's lora_add (EngineConfig.kernels="cpu"): every token's own slot,
-    each slot's A and sBᵀ read once for all its tokens; adds into y in place. (Decode steps on
-    kernels="cpu" run their LoRA inside the C decoder layers; this serves prefills.)"""
+    """EngineConfig.kernels="cpu"'s LoRA outside decode steps (those run theirs inside the C decoder
+    layers), added into y in place: rows of a few tokens through server/kernels/cpu_kernels.c's
+    lora_add (every token its own slot, each slot's A and sBᵀ read once), prompts through
+    lora_add_segmented's GEMMs per segment (a 512-token prompt's LoRA took 300 ms in lora_add,
+    a third of its prefill)."""
 
     name = "cpu"
 
@@ -159,9 +184,13 @@ class CPULoRA:
         self.library = library
 
     def prepare(self, token_slots: torch.Tensor, rows: int, num_slots: int, dtype: torch.dtype):
+        if token_slots.numel() > rows * CPU_LORA_KERNEL_MAX_TOKENS_PER_ROW:
+            return row_segments(token_slots, rows)
         return token_slots.to(torch.int64).contiguous()
 
     def add(self, y: torch.Tensor, x: torch.Tensor, pool: "LoRAPool", prepared) -> torch.Tensor:
+        if isinstance(prepared, list):
+            return lora_add_segmented(y, x, prepared, pool.lora_a, pool.scaled_b_t, pool.starts)
         return self.library.lora_add(y.contiguous(), x, pool.lora_a, pool.scaled_b_t, pool.host_starts, prepared)
 
 

@@ -3,8 +3,9 @@ checkpoint directory: GQA, RoPE (with transformers' scaling variants, llama3 inc
 SwiGLU, optional q/k/v (and o, MLP) biases, tied embeddings.
 
 Every projection is a LoRALinear (NF4 base + adapter pool); projections that read the same input
-run as one (q/k/v, gate/up: PROJECTION_GROUPS), their outputs split after. Embeddings, norms and
-lm_head stay in the compute dtype. The forward works on a padded [B, T] batch of token ids; the engine decides
+run as one (q/k/v, gate/up: PROJECTION_GROUPS), their outputs split after. Norms are in the compute
+dtype; embeddings and lm_head too, or in the checkpoint's own dtype where the kernels' LM head reads
+it exactly (Kernels.lm_head_storage: the C kernels' bfloat16). The forward works on a padded [B, T] batch of token ids; the engine decides
 what the rows are (a prefill of new prompts, or one decode token per running sequence).
 """
 
@@ -23,7 +24,7 @@ from torch import nn
 from ..config import EngineConfig
 from ..errors import UnsupportedModel
 from ..kernels import resolve as resolve_kernels
-from ..kernels.cpu_kernels import CHUNK, KernelBuildError
+from ..kernels.cpu_kernels import CHUNK, DENSE_WEIGHT_DTYPES, KernelBuildError
 from ..kernels.cpu_kernels import load as load_cpu_kernels
 from ..lora.layers import CPULoRA, LoRABatch, LoRAKernels, LoRALinear, LoRAPool, TorchLoRA, TritonLoRA
 from .attention import CPUDecodeAttention, DecodeAttention, TorchDecodeAttention, TritonDecodeAttention
@@ -166,6 +167,10 @@ class Kernels:
     decode_attention: DecodeAttention
     lm_head_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # hidden, weight -> hidden·weightᵀ
     layers: Callable  # server/model/decode_layers.py: how a forward runs the decoder layers
+    # Storage dtypes the LM head matmul reads besides the compute dtype, widening exactly: a
+    # checkpoint's embeddings/head stored in one of them stay so (half the bytes a decode step reads
+    # for the head, the same numbers).
+    lm_head_storage: tuple[torch.dtype, ...] = ()
 
 
 class DecoderLayer(nn.Module):
@@ -210,6 +215,7 @@ class Transformer(nn.Module):
                  lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kernels: Kernels):
         super().__init__()
         self.spec = spec
+        self.compute_dtype = norm.weight.dtype  # embed/lm_head may be stored narrower (Kernels.lm_head_storage)
         self.kernels = kernels
         self.embed = nn.Parameter(embed, requires_grad=False)
         self.layers = nn.ModuleList(layers)
@@ -229,7 +235,7 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        return self.compute_dtype
 
     @property
     def num_lora_slots(self) -> int:
@@ -241,7 +247,7 @@ class Transformer(nn.Module):
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden]; `logits()` turns selected ones into logits."""
-        x = F.embedding(batch.tokens, self.embed)
+        x = F.embedding(batch.tokens, self.embed).to(self.compute_dtype)
         cos = self.rope_cos[batch.positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, head_dim]
         sin = self.rope_sin[batch.positions].unsqueeze(1).to(x.dtype)
         decode_context = None if batch.prefill else self.kernels.decode_attention.prepare(batch.positions, batch.kv_length)
@@ -352,7 +358,7 @@ def choose_kernels(config: EngineConfig, device: torch.device, spec: ModelSpec) 
                              f"quantization enabled), not {nf4_path}")
         library = load_cpu_kernels(build_dir)
         return Kernels(nf4_path, CPULoRA(library), CPUDecodeAttention(library), library.dense_linear,
-                       CPUDecodeLayers(library)), nf4_matmul
+                       CPUDecodeLayers(library), DENSE_WEIGHT_DTYPES), nf4_matmul
     return Kernels(nf4_path, TorchLoRA(), TorchDecodeAttention(), F.linear, torch_layers), nf4_matmul
 
 
@@ -416,11 +422,15 @@ def load_model(model_dir: str | Path, config: EngineConfig) -> tuple[Transformer
                  for n in ("input_layernorm", "post_attention_layernorm")]
         layers.append(DecoderLayer(spec, projections, *norms, chosen.decode_attention))
 
-    embed = reader.get("model.embed_tokens.weight").to(device, dtype)
+    def dense(stored: torch.Tensor) -> torch.Tensor:
+        kept = stored.dtype if stored.dtype in chosen.lm_head_storage else dtype
+        return stored.to(device, kept).contiguous()
+
+    embed = dense(reader.get("model.embed_tokens.weight"))
     if spec.tie_embeddings or not reader.has("lm_head.weight"):
         lm_head = embed
     else:
-        lm_head = reader.get("lm_head.weight").to(device, dtype)
+        lm_head = dense(reader.get("lm_head.weight"))
     norm = RMSNorm(reader.get("model.norm.weight").to(device, dtype), spec.rms_norm_eps)
     rope = rope_tables(hf_config, spec.head_dim, positions, device)
     model = Transformer(spec, embed, layers, norm, lm_head, rope, chosen).eval()

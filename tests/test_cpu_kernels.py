@@ -7,6 +7,7 @@ Tolerance of a float32 sum of K products, whatever its order: |error| <= K·u·�
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -28,12 +29,22 @@ def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("kernels")
 
 
-@pytest.fixture(scope="module", params=["auto", "portable"])
+CPU_FLAGS = set(open("/proc/cpuinfo").read().split()) if sys.platform == "linux" else set()
+
+
+@pytest.fixture(scope="module", params=["avx512", "avx2", "portable"])
 def kernels(request, build_dir):
-    library = cpu_kernels.load(build_dir, portable=request.param == "portable")
-    if request.param == "auto" and not library.has_avx512:
-        pytest.skip("no AVX-512 version here (the CPU, or torch's capability, lacks it): auto is the portable version, "
-                    "tested as such")
+    """Each version of the library this machine can run: AVX-512 (auto, where torch runs AVX-512),
+    AVX2 (a build capped as under ATEN_CPU_CAPABILITY=avx2), the portable C."""
+    if request.param == "portable":
+        return cpu_kernels.load(build_dir, portable=True)
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "avx2":
+            patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        library = cpu_kernels.load(build_dir / request.param)
+    if library.version != request.param:
+        pytest.skip(f"no {request.param} version here (the CPU, or torch's capability, lacks it): "
+                    f"{library.version}, tested as such")
     return library
 
 
@@ -164,16 +175,15 @@ def test_the_library_is_built_once_per_directory_and_refused_without_a_compiler(
         cpu_kernels.load(tmp_path / "elsewhere")
 
 
-def test_the_library_has_avx512_code_only_where_torch_runs_avx512(tmp_path, monkeypatch):
+def test_the_library_has_vector_code_only_where_torch_runs_the_same(tmp_path, monkeypatch):
     """ATEN_CPU_CAPABILITY=avx2 (or default) caps the C kernels too: one setting moves the whole
     engine onto another CPU's code paths."""
-    from pathlib import Path
-
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert not cpu_kernels.load(tmp_path).has_avx512
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert cpu_kernels.load(tmp_path).has_avx512 == ("avx512f" in Path("/proc/cpuinfo").read_text().split())
-    assert len(list(tmp_path.glob("*.so"))) == 2  # two builds, named apart
+    has_avx2 = {"avx2", "fma"} <= CPU_FLAGS
+    for capability, widest in (("DEFAULT", "portable"), ("AVX2", "avx2" if has_avx2 else "portable"),
+                               ("AVX512", "avx512" if "avx512f" in CPU_FLAGS else "avx2" if has_avx2 else "portable")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert cpu_kernels.load(tmp_path).version == widest, capability
+    assert len(list(tmp_path.glob("*.so"))) == 3  # three builds, named apart
 
 
 def test_every_kernel_leaves_the_upper_avx512_registers_clean(kernels):
@@ -181,7 +191,8 @@ def test_every_kernel_leaves_the_upper_avx512_registers_clean(kernels):
     kernels (glibc's expf among it) slows down ~20x per call: a base-only decode step of SmolLM2 took
     1.6x an adapter one for that (the LoRA kernels happened to clean them)."""
     if kernels.upper_registers_dirty() is None:
-        pytest.skip("no AVX-512 version here: no upper registers to leave dirty")
+        pytest.skip(f"the {kernels.version} version: the check reads zmm registers, in the AVX-512 build only (the "
+                    "vzeroupper after each job is the same code in every version)")
     weights, _ = nf4_weights([(96, 128)], seed=3)
     packed, x, w = cpu_kernels.pack_nf4(weights), torch.randn(5, 128), torch.randn(64, 128)
     before = torch.get_num_threads()

@@ -29,6 +29,24 @@ def greedy(n):
     return SamplingParams(max_new_tokens=n, temperature=0.0)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_rope_rotates_each_head_like_transformers(dtype, atol):
+    """apply_rope's swapped-halves form against transformers' rotate_half definition, on every
+    head of a [B, T, heads, head_dim] block at arbitrary positions."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from server.model.llama import apply_rope
+
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 5, heads, 8, generator=generator, dtype=dtype) for heads in (6, 2))
+    angles = torch.rand(2, 5, 4, generator=generator, dtype=dtype) * 100
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    got = apply_rope(torch.cat([q, k], dim=2), cos.unsqueeze(2), sin.unsqueeze(2))
+    torch.testing.assert_close(got, torch.cat([want_q, want_k], dim=2), atol=atol, rtol=0)
+    assert not torch.allclose(want_q, q, atol=1e-2)  # the angles really rotate
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2", "tiny-mistral", "tiny-tied"])
 def test_base_model_logits_and_greedy_tokens_match_transformers(model_dirs, preset):
     model_dir = model_dirs[preset]

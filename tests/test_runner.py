@@ -8,6 +8,7 @@ decoding unpadded."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +219,36 @@ def test_the_step_samples_what_sample_draws_from_its_logits(parts):
             blocks.release(seq)
     assert plain == padded
     assert all(t[2] < 64 for t in plain) and len({t[0] for t in plain}) > 1  # the grammar held; draws move on
+
+
+
+CHURN = """
+import os, sys
+import torch
+from server.engine.engine import Engine, EngineConfig
+if sys.argv[2] == "engine":
+    Engine.from_pretrained(sys.argv[1], EngineConfig(max_batch_size=2, max_seq_len=32)).close()
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = resident()
+blocks = [torch.ones(1 << 20) for _ in range(25)]  # what prefill activations do: 100 MiB allocated, then freed
+del blocks
+print(resident() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from Linux's /proc")
+def test_an_engine_on_cpu_keeps_freed_activation_memory_for_the_next_step(llama_dir):
+    """server/engine/host_memory.py: after an Engine starts on CPU, 100 MiB of activations freed
+    stay in the process, so the next step reuses them instead of faulting in zeroed pages again;
+    in a process without an engine glibc hands them back to the OS at once."""
+    import subprocess
+    import sys
+
+    def kept_after_free(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", CHURN, str(llama_dir), mode], capture_output=True, text=True,
+                             check=True)
+        return int(run.stdout.split()[-1])
+
+    assert kept_after_free("alone") < 16 << 20  # the problem is real here
+    assert kept_after_free("engine") > 96 << 20

@@ -46,6 +46,7 @@ from ..model.llama import Transformer, load_model
 from ..model.sampling import SamplingParams
 from .requests import AdapterInfo, FinishReason, Output, Request, RequestHandle, TokenLogprob
 from .blocks import BlockManager, pool_blocks
+from .host_memory import keep_freed_host_memory
 from .runner import ModelRunner, Sampled
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -62,6 +63,8 @@ class Engine:
         self.model = model
         self.spec = model.spec
         self.device, self.dtype = model.device, model.dtype
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         spec = model.spec
         per_block = KVCache.bytes_per_block(spec.num_layers, config.kv_block_size, spec.num_kv_heads, spec.head_dim,
                                             self.dtype)

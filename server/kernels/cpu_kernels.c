@@ -32,11 +32,20 @@
 #include <stdlib.h>
 
 #define TILE 8
+/* Weights this far ahead are asked for: a projection's rows (and the LM head's) are one contiguous
+ * stream per thread, but the hardware prefetchers stop at every 4 KiB page, and at a few tokens the
+ * loads of the weights stalled the loops (a third of their cycles on the first one). A page or two
+ * ahead measured best: the one-token LM head in bf16 2.9 ms with 8 KiB, 3.5 ms without. */
+#define PREFETCH_BYTES 4096
+#define DENSE_PREFETCH_BYTES 8192
 #define ROWS_PER_TASK 16
 
-/* Left out with -DHOTLORA_NO_AVX512: where torch's CPU capability is capped below it. */
+/* Left out with -DHOTLORA_NO_AVX512 / -DHOTLORA_NO_AVX2: where torch's CPU capability is capped below them. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(HOTLORA_NO_AVX512)
 #define HAVE_AVX512_VERSION 1
+#endif
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HOTLORA_NO_AVX2)
+#define HAVE_AVX2_VERSION 1
 #endif
 
 /* ---- the thread pool: parallel_for splits [0, total) in `threads` contiguous parts; the caller
@@ -69,9 +78,9 @@ static struct {
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0, 0,
             0, {0}};
 
-static atomic_int avx512_in_use;  /* set when the AVX-512 versions are chosen (has_avx512_version) */
+static atomic_int wide_in_use;  /* set when the AVX-512 or AVX2 versions are chosen (vector_version) */
 
-/* After AVX-512 code, vzeroupper. Whatever the compiler emits, some of our AVX-512 functions
+/* After AVX-512 or AVX2 code, vzeroupper. Whatever the compiler emits, some of our AVX-512 functions
  * return with the upper halves of ymm/zmm0-15 dirty, and then every legacy-SSE instruction the
  * thread runs pays a merge penalty; the code between our jobs is SSE (the scalar loops, glibc's
  * expf). Measured on SmolLM2: a base-only decode step took 22 ms instead of 14, expf 20x slower per
@@ -79,8 +88,8 @@ static atomic_int avx512_in_use;  /* set when the AVX-512 versions are chosen (h
  * batches decoded 2.5x slower than adapter ones. */
 static inline void clean_upper_registers(void)
 {
-#ifdef HAVE_AVX512_VERSION
-    if (atomic_load_explicit(&avx512_in_use, memory_order_relaxed)) __asm__ volatile("vzeroupper" : : : "memory");
+#if defined(HAVE_AVX512_VERSION) || defined(HAVE_AVX2_VERSION)
+    if (atomic_load_explicit(&wide_in_use, memory_order_relaxed)) __asm__ volatile("vzeroupper" : : : "memory");
 #endif
 }
 
@@ -351,11 +360,6 @@ nf4_row(const float *x, int64_t in, int T, const uint8_t *row, const float *scal
     for (int t = 0; t < T; t++) y[t * out] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[t], acc_hi[t]));
 }
 
-/* Codes this far ahead are asked for: a projection's rows are one contiguous stream per thread, but
- * the hardware prefetchers stop at every 4 KiB page, and at a few tokens the loads of the codes
- * stalled the loop (a third of its cycles on the first one). */
-#define PREFETCH_BYTES 1024
-
 /* nf4_row for up to 4 tokens and blocks of an even number of chunks (blocksize 64, QLoRA's): two
  * chunks at a time, four FMA chains per token. With two, their latency, not the bytes, set the
  * pace of a one-token step (~8 cycles per 16 bytes of codes). */
@@ -399,6 +403,19 @@ dense_row(const float *x, int64_t in, int T, const void *weights, int bf16, floa
 #define DENSE_LOAD(at) (bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                           \
                                    _mm256_loadu_si256((const __m256i *)(w16 + (at)))), 16))                          \
                              : _mm512_loadu_ps(w + (at)))
+    if (T == 1) {
+        __m512 acc3 = _mm512_setzero_ps(), acc4 = _mm512_setzero_ps();
+        for (; k + 64 <= in; k += 64) {
+            _mm_prefetch((const char *)(bf16 ? (const void *)(w16 + k) : (const void *)(w + k)) + DENSE_PREFETCH_BYTES, _MM_HINT_T0);
+            __m512 w0 = DENSE_LOAD(k), w1 = DENSE_LOAD(k + 16), w2 = DENSE_LOAD(k + 32), w3 = DENSE_LOAD(k + 48);
+            acc[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), acc[0]);
+            acc2[0] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), acc2[0]);
+            acc3 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + k + 32), acc3);
+            acc4 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + k + 48), acc4);
+        }
+        acc[0] = _mm512_add_ps(acc[0], acc3);
+        acc2[0] = _mm512_add_ps(acc2[0], acc4);
+    }
     if (T <= 2)
         for (; k + 32 <= in; k += 32) {
             __m512 w0 = DENSE_LOAD(k), w1 = DENSE_LOAD(k + 16);
@@ -597,27 +614,253 @@ AVX512 int upper_registers_dirty(void)
 }
 #endif
 
+
+/* ---- AVX2 (most CPUs without AVX-512): the same loops on 8 floats a vector. A 16-value NF4
+ * table does not fit one 8-float permute: two permutes and a blend on bit 3 of the index. ---- */
+#ifdef HAVE_AVX2_VERSION
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2_TILE 4  /* 16 ymm registers: 4 tokens of 2 sums each, the weights and the table */
+
+/* code[idx & 15] for 8 indices (a byte's low nibble picks itself: only bits 0-3 are read) */
+AVX2 static inline __attribute__((always_inline)) __m256 lookup16(__m256i idx, __m256 low8, __m256 high8)
+{
+    __m256 high_half = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  /* bit 3 into the sign, blendv's selector */
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low8, idx), _mm256_permutevar8x32_ps(high8, idx), high_half);
+}
+
+AVX2 static inline float hsum256(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* the 32 weights of chunk c: w[0..3] hold weights 0-7, 8-15, 16-23, 24-31 */
+AVX2 static inline __attribute__((always_inline)) void
+nf4_chunk_avx2(const uint8_t *bytes16, __m256 low8, __m256 high8, __m256 w[4])
+{
+    __m256i first = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes16));
+    __m256i second = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bytes16 + 8)));
+    w[0] = lookup16(first, low8, high8);
+    w[1] = lookup16(second, low8, high8);
+    w[2] = lookup16(_mm256_srli_epi32(first, 4), low8, high8);
+    w[3] = lookup16(_mm256_srli_epi32(second, 4), low8, high8);
+}
+
+AVX2 static inline __attribute__((always_inline)) void
+nf4_row_avx2(const float *x, int64_t in, int T, const uint8_t *row, const float *scale, int64_t chunks_per_block,
+             const float *code, float *y, int64_t out)
+{
+    __m256 acc_a[AVX2_TILE], acc_b[AVX2_TILE];
+    for (int t = 0; t < AVX2_TILE; t++) acc_a[t] = acc_b[t] = _mm256_setzero_ps();
+    for (int64_t block = 0, c = 0; c < in / 32; block++) {
+        const __m256 s = _mm256_set1_ps(scale[block]);
+        const __m256 low8 = _mm256_mul_ps(_mm256_loadu_ps(code), s), high8 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), s);
+        for (const int64_t block_end = c + chunks_per_block; c < block_end; c++) {
+            __m256 w[4];
+            if (c % 4 == 0) _mm_prefetch((const char *)(row + c * 16 + PREFETCH_BYTES), _MM_HINT_T0);
+            nf4_chunk_avx2(row + c * 16, low8, high8, w);
+            for (int t = 0; t < AVX2_TILE; t++)
+                if (t < T) {
+                    const float *xt = x + t * in + c * 32;
+                    acc_a[t] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xt), acc_a[t]);
+                    acc_b[t] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xt + 8), acc_b[t]);
+                    acc_a[t] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xt + 16), acc_a[t]);
+                    acc_b[t] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xt + 24), acc_b[t]);
+                }
+        }
+    }
+    for (int t = 0; t < T; t++) y[t * out] = hsum256(_mm256_add_ps(acc_a[t], acc_b[t]));
+}
+
+AVX2 static inline __attribute__((always_inline)) void
+dense_row_avx2(const float *x, int64_t in, int T, const void *weights, int bf16, float *y, int64_t out)
+{
+    const float *w = weights;
+    const uint16_t *w16 = weights;
+    __m256 acc_a[AVX2_TILE], acc_b[AVX2_TILE];
+    for (int t = 0; t < AVX2_TILE; t++) acc_a[t] = acc_b[t] = _mm256_setzero_ps();
+#define DENSE_LOAD8(at) (bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(                          \
+                                    _mm_loadu_si128((const __m128i *)(w16 + (at)))), 16))                            \
+                              : _mm256_loadu_ps(w + (at)))
+    int64_t k = 0;
+    for (; k + 16 <= in; k += 16) {
+        _mm_prefetch((const char *)(bf16 ? (const void *)(w16 + k) : (const void *)(w + k)) + DENSE_PREFETCH_BYTES, _MM_HINT_T0);
+        __m256 w0 = DENSE_LOAD8(k), w1 = DENSE_LOAD8(k + 8);
+        for (int t = 0; t < AVX2_TILE; t++)
+            if (t < T) {
+                acc_a[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * in + k), acc_a[t]);
+                acc_b[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * in + k + 8), acc_b[t]);
+            }
+    }
+#undef DENSE_LOAD8
+    for (int t = 0; t < T; t++) {
+        float sum = hsum256(_mm256_add_ps(acc_a[t], acc_b[t]));
+        for (int64_t i = k; i < in; i++) sum += x[t * in + i] * (bf16 ? bf16_to_float(w16[i]) : w[i]);
+        y[t * out] = sum;
+    }
+}
+
+#define NF4_ROWS_AVX2(T) AVX2 static void nf4_rows_avx2_##T(const float *x, int64_t in, const uint8_t *packed,       \
+    const float *absmax, int64_t blocksize, const float *code, int64_t o0, int64_t o1, float *y, int64_t out) {     \
+    for (int64_t o = o0; o < o1; o++)                                                                                \
+        nf4_row_avx2(x, in, T, packed + o * (in / 2), absmax + o * (in / blocksize), blocksize / 32, code, y + o,    \
+                     out); }
+#define DENSE_ROWS_AVX2(T) AVX2 static void dense_rows_avx2_##T(const float *x, int64_t in, const void *w, int bf16,   \
+    int64_t o0, int64_t o1, float *y, int64_t out) {                                                                 \
+    for (int64_t o = o0; o < o1; o++)                                                                                \
+        dense_row_avx2(x, in, T, bf16 ? (const void *)((const uint16_t *)w + o * in) : (const void *)((const float *)w \
+                       + o * in), bf16, y + o, out); }
+NF4_ROWS_AVX2(1) NF4_ROWS_AVX2(2) NF4_ROWS_AVX2(3) NF4_ROWS_AVX2(4)
+DENSE_ROWS_AVX2(1) DENSE_ROWS_AVX2(2) DENSE_ROWS_AVX2(3) DENSE_ROWS_AVX2(4)
+
+typedef void (*nf4_rows_avx2_fn)(const float *, int64_t, const uint8_t *, const float *, int64_t, const float *,
+                                 int64_t, int64_t, float *, int64_t);
+typedef void (*dense_rows_avx2_fn)(const float *, int64_t, const void *, int, int64_t, int64_t, float *, int64_t);
+static const nf4_rows_avx2_fn NF4_TILES_AVX2[AVX2_TILE + 1] = {0, nf4_rows_avx2_1, nf4_rows_avx2_2, nf4_rows_avx2_3,
+                                                               nf4_rows_avx2_4};
+static const dense_rows_avx2_fn DENSE_TILES_AVX2[AVX2_TILE + 1] = {0, dense_rows_avx2_1, dense_rows_avx2_2,
+                                                                   dense_rows_avx2_3, dense_rows_avx2_4};
+
+AVX2 static void nf4_avx2_tasks(const void *a, int64_t begin, int64_t end)
+{
+    const struct nf4_args *args = a;
+    const int64_t n = args->n, in = args->in, out = args->out;
+    for (int64_t o0 = begin * ROWS_PER_TASK; o0 < end * ROWS_PER_TASK && o0 < out; o0 += ROWS_PER_TASK) {
+        int64_t o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
+        for (int64_t t = 0; t < n; t += AVX2_TILE) {
+            int64_t tile = n - t < AVX2_TILE ? n - t : AVX2_TILE;
+            NF4_TILES_AVX2[tile](args->x + t * in, in, args->packed, args->absmax, args->blocksize, args->code, o0, o1,
+                                 args->y + t * out, out);
+        }
+    }
+}
+
+AVX2 static void dense_avx2_tasks(const void *a, int64_t begin, int64_t end)
+{
+    const struct dense_args *args = a;
+    const int64_t n = args->n, in = args->in, out = args->out;
+    for (int64_t o0 = begin * ROWS_PER_TASK; o0 < end * ROWS_PER_TASK && o0 < out; o0 += ROWS_PER_TASK) {
+        int64_t o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
+        for (int64_t t = 0; t < n; t += AVX2_TILE) {
+            int64_t tile = n - t < AVX2_TILE ? n - t : AVX2_TILE;
+            DENSE_TILES_AVX2[tile](args->x + t * in, in, args->w, args->bf16, o0, o1, args->y + t * out, out);
+        }
+    }
+}
+
+AVX2 static void dequantize_avx2_rows(const void *a, int64_t begin, int64_t end)
+{
+    const struct dequantize_args *args = a;
+    const int64_t in = args->in, blocksize = args->blocksize, chunks_per_block = blocksize / 32;
+    for (int64_t o = begin; o < end; o++) {
+        const uint8_t *row = args->packed + o * (in / 2);
+        const float *scale = args->absmax + o * (in / blocksize);
+        float *w = args->w + o * in;
+        for (int64_t block = 0, c = 0; c < in / 32; block++) {
+            const __m256 s = _mm256_set1_ps(scale[block]);
+            const __m256 low8 = _mm256_mul_ps(_mm256_loadu_ps(args->code), s);
+            const __m256 high8 = _mm256_mul_ps(_mm256_loadu_ps(args->code + 8), s);
+            for (const int64_t block_end = c + chunks_per_block; c < block_end; c++) {
+                __m256 v[4];
+                nf4_chunk_avx2(row + c * 16, low8, high8, v);
+                for (int i = 0; i < 4; i++) _mm256_storeu_ps(w + c * 32 + i * 8, v[i]);
+            }
+        }
+    }
+}
+
+AVX2 static void attention_avx2_rows(const void *a, int64_t begin, int64_t end)
+{
+    const struct attention_args *args = a;
+    const int64_t heads = args->heads, group = heads / args->kv_heads, head_dim = args->head_dim;
+    const int64_t block_size = args->block_size, chunks = head_dim / 8;
+    for (int64_t bh = begin; bh < end; bh++) {
+        const int64_t b = bh / heads, kv_head = (bh % heads) / group;
+        const float *qv = args->q + bh * head_dim;
+        float *o = args->out + bh * head_dim;
+        float running_max = -INFINITY, denominator = 0.0f;
+        for (int64_t d = 0; d < head_dim; d++) o[d] = 0.0f;
+        for (int64_t p = 0; p < args->lengths[b]; p++) {
+            int64_t slot = (int64_t)args->tables[b * args->table_width + p / block_size] * block_size + p % block_size;
+            const float *k = args->keys + (slot * args->kv_heads + kv_head) * head_dim;
+            const float *v = args->values + (slot * args->kv_heads + kv_head) * head_dim;
+            __m256 dot = _mm256_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++)
+                dot = _mm256_fmadd_ps(_mm256_loadu_ps(qv + c * 8), _mm256_loadu_ps(k + c * 8), dot);
+            float score = hsum256(dot) * args->scale;
+            if (score > running_max) {
+                const float c = expf(running_max - score);
+                denominator *= c;
+                for (int64_t i = 0; i < chunks; i++) _mm256_storeu_ps(o + i * 8, _mm256_mul_ps(_mm256_loadu_ps(o + i * 8), _mm256_set1_ps(c)));
+                running_max = score;
+            }
+            const float w = expf(score - running_max);
+            denominator += w;
+            for (int64_t i = 0; i < chunks; i++)
+                _mm256_storeu_ps(o + i * 8, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(v + i * 8), _mm256_loadu_ps(o + i * 8)));
+        }
+        for (int64_t d = 0; d < head_dim; d++) o[d] /= denominator;
+    }
+}
+
+AVX2 static float dot_avx2(const float *a, const float *b, int64_t n)
+{
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float sum = hsum256(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+AVX2 static void axpy_avx2(float a, const float *x, float *y, int64_t n)
+{
+    const __m256 a8 = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a8, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+#endif
+
 /* ---- the versions the engine calls ---- */
 
-int has_avx512_version(void)
+enum { PORTABLE = 0, WITH_AVX2 = 1, WITH_AVX512 = 2 };
+
+/* The widest version compiled in that this CPU runs. */
+int vector_version(void)
 {
-#ifdef HAVE_AVX512_VERSION
+    static atomic_int chosen = -1;
+    int version = atomic_load(&chosen);
+    if (version >= 0) return version;
+    version = PORTABLE;
     __builtin_cpu_init();
-    int supported = __builtin_cpu_supports("avx512f");
-    atomic_store(&avx512_in_use, supported);
-    return supported;
-#else
-    return 0;
+#ifdef HAVE_AVX2_VERSION
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) version = WITH_AVX2;
 #endif
+#ifdef HAVE_AVX512_VERSION
+    if (__builtin_cpu_supports("avx512f")) version = WITH_AVX512;
+#endif
+    atomic_store(&wide_in_use, version != PORTABLE);
+    atomic_store(&chosen, version);
+    return version;
 }
+
+int has_avx512_version(void) { return vector_version() == WITH_AVX512; }
 
 void nf4_linear_auto(const float *x, int64_t n, const uint8_t *packed, const float *absmax, const float *code,
                      int64_t out, int64_t in, int64_t blocksize, float *y, int threads)
 {
 #ifdef HAVE_AVX512_VERSION
-    static int avx512 = -1;
-    if (avx512 < 0) avx512 = has_avx512_version();
-    if (avx512) { nf4_linear_avx512(x, n, packed, absmax, code, out, in, blocksize, y, threads); return; }
+    if (vector_version() == WITH_AVX512) { nf4_linear_avx512(x, n, packed, absmax, code, out, in, blocksize, y, threads); return; }
+#endif
+#ifdef HAVE_AVX2_VERSION
+    if (vector_version() == WITH_AVX2) {
+        struct nf4_args args = {x, n, packed, absmax, code, out, in, blocksize, y};
+        parallel_for((out + ROWS_PER_TASK - 1) / ROWS_PER_TASK, threads, nf4_avx2_tasks, &args);
+        return;
+    }
 #endif
     nf4_linear_portable(x, n, packed, absmax, code, out, in, blocksize, y, threads);
 }
@@ -625,25 +868,28 @@ void nf4_linear_auto(const float *x, int64_t n, const uint8_t *packed, const flo
 void nf4_dequantize_auto(const uint8_t *packed, const float *absmax, const float *code, int64_t out, int64_t in,
                          int64_t blocksize, float *w, int threads)
 {
+    struct dequantize_args args = {packed, absmax, code, in, blocksize, w};
 #ifdef HAVE_AVX512_VERSION
-    static int avx512 = -1;
-    if (avx512 < 0) avx512 = has_avx512_version();
-    if (avx512) {
-        struct dequantize_args args = {packed, absmax, code, in, blocksize, w};
-        parallel_for(out, threads, dequantize_avx512_rows, &args);
-        return;
-    }
+    if (vector_version() == WITH_AVX512) { parallel_for(out, threads, dequantize_avx512_rows, &args); return; }
 #endif
-    nf4_dequantize_portable(packed, absmax, code, out, in, blocksize, w, threads);
+#ifdef HAVE_AVX2_VERSION
+    if (vector_version() == WITH_AVX2) { parallel_for(out, threads, dequantize_avx2_rows, &args); return; }
+#endif
+    parallel_for(out, threads, dequantize_rows, &args);
 }
 
 void dense_linear_auto(const float *x, int64_t n, const void *w, int bf16, int64_t out, int64_t in, float *y,
                        int threads)
 {
 #ifdef HAVE_AVX512_VERSION
-    static int avx512 = -1;
-    if (avx512 < 0) avx512 = has_avx512_version();
-    if (avx512) { dense_linear_avx512(x, n, w, bf16, out, in, y, threads); return; }
+    if (vector_version() == WITH_AVX512) { dense_linear_avx512(x, n, w, bf16, out, in, y, threads); return; }
+#endif
+#ifdef HAVE_AVX2_VERSION
+    if (vector_version() == WITH_AVX2) {
+        struct dense_args args = {x, n, w, out, in, y, bf16};
+        parallel_for((out + ROWS_PER_TASK - 1) / ROWS_PER_TASK, threads, dense_avx2_tasks, &args);
+        return;
+    }
 #endif
     dense_linear_portable(x, n, w, bf16, out, in, y, threads);
 }
@@ -653,11 +899,17 @@ void decode_attention_auto(const float *q, const float *keys, const float *value
                            int64_t head_dim, int64_t block_size, float scale, float *out, int threads)
 {
 #ifdef HAVE_AVX512_VERSION
-    static int avx512 = -1;
-    if (avx512 < 0) avx512 = has_avx512_version();
-    if (avx512 && head_dim % 16 == 0 && head_dim <= 16 * MAX_HEAD_CHUNKS) {
+    if (vector_version() == WITH_AVX512 && head_dim % 16 == 0 && head_dim <= 16 * MAX_HEAD_CHUNKS) {
         decode_attention_avx512(q, keys, values, tables, table_width, lengths, batch, heads, kv_heads, head_dim,
                                 block_size, scale, out, threads);
+        return;
+    }
+#endif
+#ifdef HAVE_AVX2_VERSION
+    if (vector_version() == WITH_AVX2 && head_dim % 8 == 0) {
+        struct attention_args args = {q, keys, values, tables, table_width, lengths, heads, kv_heads, head_dim,
+                                      block_size, scale, out};
+        parallel_for(batch * heads, threads, attention_avx2_rows, &args);
         return;
     }
 #endif
@@ -726,38 +978,81 @@ struct lora_args {
     const float *lora_a, *scaled_b_t; int64_t rank; const int64_t *starts; int slices;
     float (*dot)(const float *, const float *, int64_t);
     void (*axpy)(float, const float *, float *, int64_t);
+    /* filled by lora_apply: the rows of each adapter slot in use, and their A·x */
+    int64_t groups, *group_slot, *group_start, *rows; float *shrunk;  /* shrunk [batch, slices * rank] */
 };
 
-/* y[b] += sBᵀ[s]·(A[s]·x[b]) for each slice of the group, s = the row's adapter slot (0: none).
- * Tasks are slots: each reads its adapter's A and sBᵀ once for all the rows that use it (the
- * adapters' float32 weights are as many bytes per step as the NF4 base at a few adapters). */
-static void lora_slots(const void *a, int64_t begin, int64_t end)
+#define LORA_COLUMNS 64  /* columns of y per expand task */
+
+/* shrink: tasks are (slot in use, row of A), each a dot product per row of that slot */
+static void lora_shrink(const void *a, int64_t begin, int64_t end)
 {
     const struct lora_args *args = a;
-    const int64_t in = args->in, out = args->out, rank = args->rank;
-    int64_t *rows = malloc(sizeof(int64_t) * args->batch);
-    float *shrunk = malloc(sizeof(float) * args->batch * rank);
-    if (!rows || !shrunk) abort();
-    for (int64_t slot = begin + 1; slot < end + 1; slot++) {
-        int64_t count = 0;
-        for (int64_t b = 0; b < args->batch; b++)
-            if (args->token_slots[b] == slot) rows[count++] = b;
-        if (count == 0) continue;
-        const float *lora_a = args->lora_a + slot * args->slices * rank * in;
-        const float *bt = args->scaled_b_t + slot * rank * out;
+    const int64_t width = args->slices * args->rank, in = args->in;
+    for (int64_t task = begin; task < end; task++) {
+        const int64_t group = task / width, r = task % width, slot = args->group_slot[group];
+        const float *a_row = args->lora_a + (slot * width + r) * in;
+        for (int64_t i = args->group_start[group]; i < args->group_start[group + 1]; i++)
+            args->shrunk[args->rows[i] * width + r] = args->dot(a_row, args->x + args->rows[i] * in, in);
+    }
+}
+
+/* expand: tasks are LORA_COLUMNS columns of y, each adding every row's sBᵀ·(A·x) there */
+static void lora_expand(const void *a, int64_t begin, int64_t end)
+{
+    const struct lora_args *args = a;
+    const int64_t width = args->slices * args->rank, out = args->out, rank = args->rank;
+    for (int64_t task = begin; task < end; task++) {
+        const int64_t c0 = task * LORA_COLUMNS, c1 = c0 + LORA_COLUMNS < out ? c0 + LORA_COLUMNS : out;
         for (int i = 0; i < args->slices; i++) {
-            const int64_t lo = args->starts[i], width = args->starts[i + 1] - lo;
-            for (int64_t j = 0; j < rank; j++)
-                for (int64_t r = 0; r < count; r++)
-                    shrunk[r * rank + j] = args->dot(lora_a + (i * rank + j) * in, args->x + rows[r] * in, in);
-            for (int64_t j = 0; j < rank; j++)
-                for (int64_t r = 0; r < count; r++)
-                    if (shrunk[r * rank + j] != 0.0f)  /* a rank below max_rank: zero-padded rows */
-                        args->axpy(shrunk[r * rank + j], bt + j * out + lo, args->y + rows[r] * out + lo, width);
+            const int64_t lo = args->starts[i] > c0 ? args->starts[i] : c0;
+            const int64_t hi = args->starts[i + 1] < c1 ? args->starts[i + 1] : c1;
+            if (lo >= hi) continue;
+            for (int64_t group = 0; group < args->groups; group++) {
+                const float *bt = args->scaled_b_t + args->group_slot[group] * rank * out;
+                for (int64_t k = args->group_start[group]; k < args->group_start[group + 1]; k++) {
+                    const int64_t row = args->rows[k];
+                    for (int64_t j = 0; j < rank; j++) {
+                        const float s = args->shrunk[row * width + i * rank + j];
+                        if (s != 0.0f)  /* a rank below max_rank: zero-padded rows */
+                            args->axpy(s, bt + j * out + lo, args->y + row * out + lo, hi - lo);
+                    }
+                }
+            }
         }
     }
-    free(rows);
-    free(shrunk);
+}
+
+/* y[b] += sBᵀ[s]·(A[s]·x[b]) for each slice of the group, s = the row's adapter slot (0: none).
+ * Two regions, each split evenly over the threads whatever the slots: rows of A (shrink), then
+ * columns of y (expand). Tasks by slot left a thread idle with one adapter in use, and with 4
+ * adapters in the low half of 8 slots one thread did all of it (the adapters' float32 weights are
+ * more bytes per step than the NF4 base at a few adapters). */
+static void lora_apply(struct lora_args *args, int64_t num_slots, int threads)
+{
+    int64_t *counts = calloc((size_t)num_slots, sizeof(int64_t));
+    int64_t *group_slot = malloc(sizeof(int64_t) * (size_t)num_slots), *group_start = malloc(sizeof(int64_t) * (size_t)(num_slots + 1));
+    int64_t *rows = malloc(sizeof(int64_t) * (size_t)args->batch), *next = malloc(sizeof(int64_t) * (size_t)num_slots);
+    float *shrunk = malloc(sizeof(float) * (size_t)(args->batch * args->slices * args->rank));
+    if (!counts || !group_slot || !group_start || !rows || !next || !shrunk) abort();
+    for (int64_t b = 0; b < args->batch; b++)
+        if (args->token_slots[b] > 0) counts[args->token_slots[b]]++;
+    int64_t groups = 0, placed = 0;
+    for (int64_t slot = 1; slot < num_slots; slot++)
+        if (counts[slot]) {
+            group_slot[groups] = slot, group_start[groups] = placed, next[slot] = placed;
+            placed += counts[slot], groups++;
+        }
+    group_start[groups] = placed;
+    for (int64_t b = 0; b < args->batch; b++)
+        if (args->token_slots[b] > 0) rows[next[args->token_slots[b]]++] = b;
+    if (groups) {
+        args->groups = groups, args->group_slot = group_slot, args->group_start = group_start, args->rows = rows;
+        args->shrunk = shrunk;
+        parallel_for(groups * args->slices * args->rank, threads, lora_shrink, args);
+        parallel_for((args->out + LORA_COLUMNS - 1) / LORA_COLUMNS, threads, lora_expand, args);
+    }
+    free(counts), free(group_slot), free(group_start), free(rows), free(next), free(shrunk);
 }
 
 /* shape: hidden, heads, kv_heads, head_dim, intermediate, block_size, max_rank, nf4 blocksize, kv_layer_stride,
@@ -783,7 +1078,10 @@ void decode_layers(const int64_t *shape, float eps, const float *code, const int
     float (*dot)(const float *, const float *, int64_t) = dot_portable;
     void (*axpy)(float, const float *, float *, int64_t) = axpy_portable;
 #ifdef HAVE_AVX512_VERSION
-    if (has_avx512_version()) dot = dot_avx512, axpy = axpy_avx512;
+    if (vector_version() == WITH_AVX512) dot = dot_avx512, axpy = axpy_avx512;
+#endif
+#ifdef HAVE_AVX2_VERSION
+    if (vector_version() == WITH_AVX2) dot = dot_avx2, axpy = axpy_avx2;
 #endif
     float *h = work, *qkv = h + batch * hidden, *q = qkv + batch * qkv_size, *attn = q + batch * q_size;
     float *proj = attn + batch * q_size, *gate_up = proj + batch * hidden, *mlp = gate_up + batch * 2 * intermediate;
@@ -804,8 +1102,8 @@ void decode_layers(const int64_t *shape, float eps, const float *code, const int
                     struct lora_args lora = {input, in[group], output, out[group], batch, token_slots,                 \
                                              PTR(const float *, f[F_LORA_A + group]),                                  \
                                              PTR(const float *, f[F_LORA_B + group]), rank, starts[group],             \
-                                             slices[group], dot, axpy};                                                \
-                    parallel_for(num_slots - 1, threads, lora_slots, &lora);                                           \
+                                             slices[group], dot, axpy, 0, 0, 0, 0, 0};                                 \
+                    lora_apply(&lora, num_slots, threads);                                                             \
                 }                                                                                                      \
             } while (0)
 
@@ -859,8 +1157,12 @@ void lora_add(const float *x, int64_t in, float *y, int64_t out, int64_t tokens,
     float (*dot)(const float *, const float *, int64_t) = dot_portable;
     void (*axpy)(float, const float *, float *, int64_t) = axpy_portable;
 #ifdef HAVE_AVX512_VERSION
-    if (has_avx512_version()) dot = dot_avx512, axpy = axpy_avx512;
+    if (vector_version() == WITH_AVX512) dot = dot_avx512, axpy = axpy_avx512;
 #endif
-    struct lora_args args = {x, in, y, out, tokens, token_slots, lora_a, scaled_b_t, rank, starts, (int)slices, dot, axpy};
-    parallel_for(num_slots - 1, threads, lora_slots, &args);
+#ifdef HAVE_AVX2_VERSION
+    if (vector_version() == WITH_AVX2) dot = dot_avx2, axpy = axpy_avx2;
+#endif
+    struct lora_args args = {x, in, y, out, tokens, token_slots, lora_a, scaled_b_t, rank, starts, (int)slices, dot, axpy,
+                             0, 0, 0, 0, 0};
+    lora_apply(&args, num_slots, threads);
 }

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+VECTOR_VERSIONS = ("portable", "avx2", "avx512")  # cpu_kernels.c's vector_version()
 DENSE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # what dense_linear reads (the LM head's storage)
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-lm")
 CHUNK = 32  # weights per 16 packed bytes: the kernel's unit along a row
@@ -108,7 +109,8 @@ class CPUKernels:
 
     def __init__(self, library: ctypes.CDLL, portable: bool = False):
         i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
-        self.has_avx512 = bool(library.has_avx512_version())
+        self.version = VECTOR_VERSIONS[library.vector_version()]  # the widest this build and CPU run
+        self.has_avx512 = self.version == "avx512"
         suffix = "portable" if portable else "auto"
         self._nf4 = _function(library, f"nf4_linear_{suffix}", [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ptr, i32])
         self._dequantize = _function(library, f"nf4_dequantize_{suffix}", [ptr, ptr, ptr, i64, i64, i64, ptr, i32])
@@ -296,7 +298,10 @@ def load(build_dir: Path | None, portable: bool = False) -> CPUKernels:
 def build_flags() -> tuple[str, ...]:
     """FLAGS, and no AVX-512 code where torch's CPU capability is below it (its own ceiling, which
     ATEN_CPU_CAPABILITY lowers)."""
-    return FLAGS if torch.backends.cpu.get_cpu_capability() == "AVX512" else (*FLAGS, "-DHOTLORA_NO_AVX512")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return FLAGS
+    return (*FLAGS, "-DHOTLORA_NO_AVX512") if capability == "AVX2" else (*FLAGS, "-DHOTLORA_NO_AVX512", "-DHOTLORA_NO_AVX2")
 
 
 def _build_key(flags: tuple[str, ...]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -376,6 +377,10 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
     await server.start()
+    # What start-up built (model, tokenizer, grammars, the imported libraries: hundreds of thousands
+    # of objects) lives as long as the process; frozen, the collector's full passes stop walking it
+    # between decode steps (~2% of a CPU step's time in profiles).
+    gc.freeze()
     http = f", http port {server.http_port}" if server.http_port is not None else ""
     print(f"hotlora-server ready: grpc port {server.port}, metrics port {server.metrics_port}{http}", flush=True)
     await server.wait_closed()

@@ -30,6 +30,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define TILE 8
 /* Weights this far ahead are asked for: a projection's rows (and the LM head's) are one contiguous
@@ -620,7 +621,8 @@ AVX512 int upper_registers_dirty(void)
 #ifdef HAVE_AVX2_VERSION
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,fma")))
-#define AVX2_TILE 4  /* 16 ymm registers: 4 tokens of 2 sums each, the weights and the table */
+#define AVX2_TILE 4  /* dense rows: 16 ymm registers hold 4 tokens of 2 sums each and the weights */
+#define NF4_AVX2_TILE 8
 
 /* code[idx & 15] for 8 indices (a byte's low nibble picks itself: only bits 0-3 are read) */
 AVX2 static inline __attribute__((always_inline)) __m256 lookup16(__m256i idx, __m256 low8, __m256 high8)
@@ -648,12 +650,19 @@ nf4_chunk_avx2(const uint8_t *bytes16, __m256 low8, __m256 high8, __m256 w[4])
     w[3] = lookup16(_mm256_srli_epi32(second, 4), low8, high8);
 }
 
+/* One row of W against T (<= NF4_AVX2_TILE) tokens. Each chunk's weights are looked up once for
+ * all the tokens (a second pass of 4 tokens looked them up again: the lookups, not the bytes, are
+ * the cost on AVX2). Chains of FMAs per token: 4 at up to 2 tokens (with 2, their latency set the
+ * pace of a one-token step), 2 at up to 4, 1 above; 16 ymm registers hold 8 sums, 4 weights and the
+ * table. */
 AVX2 static inline __attribute__((always_inline)) void
 nf4_row_avx2(const float *x, int64_t in, int T, const uint8_t *row, const float *scale, int64_t chunks_per_block,
              const float *code, float *y, int64_t out)
 {
-    __m256 acc_a[AVX2_TILE], acc_b[AVX2_TILE];
-    for (int t = 0; t < AVX2_TILE; t++) acc_a[t] = acc_b[t] = _mm256_setzero_ps();
+    const int chains = T <= 2 ? 4 : T <= 4 ? 2 : 1;
+    __m256 acc[4][NF4_AVX2_TILE];
+    for (int i = 0; i < 4; i++)
+        for (int t = 0; t < NF4_AVX2_TILE; t++) acc[i][t] = _mm256_setzero_ps();
     for (int64_t block = 0, c = 0; c < in / 32; block++) {
         const __m256 s = _mm256_set1_ps(scale[block]);
         const __m256 low8 = _mm256_mul_ps(_mm256_loadu_ps(code), s), high8 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), s);
@@ -661,17 +670,18 @@ nf4_row_avx2(const float *x, int64_t in, int T, const uint8_t *row, const float 
             __m256 w[4];
             if (c % 4 == 0) _mm_prefetch((const char *)(row + c * 16 + PREFETCH_BYTES), _MM_HINT_T0);
             nf4_chunk_avx2(row + c * 16, low8, high8, w);
-            for (int t = 0; t < AVX2_TILE; t++)
-                if (t < T) {
-                    const float *xt = x + t * in + c * 32;
-                    acc_a[t] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xt), acc_a[t]);
-                    acc_b[t] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xt + 8), acc_b[t]);
-                    acc_a[t] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xt + 16), acc_a[t]);
-                    acc_b[t] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xt + 24), acc_b[t]);
-                }
+            for (int t = 0; t < NF4_AVX2_TILE; t++)
+                if (t < T)
+                    for (int i = 0; i < 4; i++)
+                        acc[i % chains][t] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + t * in + c * 32 + i * 8),
+                                                             acc[i % chains][t]);
         }
     }
-    for (int t = 0; t < T; t++) y[t * out] = hsum256(_mm256_add_ps(acc_a[t], acc_b[t]));
+    for (int t = 0; t < T; t++) {
+        __m256 sum = acc[0][t];
+        for (int i = 1; i < chains; i++) sum = _mm256_add_ps(sum, acc[i][t]);
+        y[t * out] = hsum256(sum);
+    }
 }
 
 AVX2 static inline __attribute__((always_inline)) void
@@ -713,13 +723,15 @@ dense_row_avx2(const float *x, int64_t in, int T, const void *weights, int bf16,
         dense_row_avx2(x, in, T, bf16 ? (const void *)((const uint16_t *)w + o * in) : (const void *)((const float *)w \
                        + o * in), bf16, y + o, out); }
 NF4_ROWS_AVX2(1) NF4_ROWS_AVX2(2) NF4_ROWS_AVX2(3) NF4_ROWS_AVX2(4)
+NF4_ROWS_AVX2(5) NF4_ROWS_AVX2(6) NF4_ROWS_AVX2(7) NF4_ROWS_AVX2(8)
 DENSE_ROWS_AVX2(1) DENSE_ROWS_AVX2(2) DENSE_ROWS_AVX2(3) DENSE_ROWS_AVX2(4)
 
 typedef void (*nf4_rows_avx2_fn)(const float *, int64_t, const uint8_t *, const float *, int64_t, const float *,
                                  int64_t, int64_t, float *, int64_t);
 typedef void (*dense_rows_avx2_fn)(const float *, int64_t, const void *, int, int64_t, int64_t, float *, int64_t);
-static const nf4_rows_avx2_fn NF4_TILES_AVX2[AVX2_TILE + 1] = {0, nf4_rows_avx2_1, nf4_rows_avx2_2, nf4_rows_avx2_3,
-                                                               nf4_rows_avx2_4};
+static const nf4_rows_avx2_fn NF4_TILES_AVX2[NF4_AVX2_TILE + 1] = {
+    0, nf4_rows_avx2_1, nf4_rows_avx2_2, nf4_rows_avx2_3, nf4_rows_avx2_4, nf4_rows_avx2_5, nf4_rows_avx2_6,
+    nf4_rows_avx2_7, nf4_rows_avx2_8};
 static const dense_rows_avx2_fn DENSE_TILES_AVX2[AVX2_TILE + 1] = {0, dense_rows_avx2_1, dense_rows_avx2_2,
                                                                    dense_rows_avx2_3, dense_rows_avx2_4};
 
@@ -729,8 +741,8 @@ AVX2 static void nf4_avx2_tasks(const void *a, int64_t begin, int64_t end)
     const int64_t n = args->n, in = args->in, out = args->out;
     for (int64_t o0 = begin * ROWS_PER_TASK; o0 < end * ROWS_PER_TASK && o0 < out; o0 += ROWS_PER_TASK) {
         int64_t o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
-        for (int64_t t = 0; t < n; t += AVX2_TILE) {
-            int64_t tile = n - t < AVX2_TILE ? n - t : AVX2_TILE;
+        for (int64_t t = 0; t < n; t += NF4_AVX2_TILE) {
+            int64_t tile = n - t < NF4_AVX2_TILE ? n - t : NF4_AVX2_TILE;
             NF4_TILES_AVX2[tile](args->x + t * in, in, args->packed, args->absmax, args->blocksize, args->code, o0, o1,
                                  args->y + t * out, out);
         }
@@ -821,6 +833,52 @@ AVX2 static void axpy_avx2(float a, const float *x, float *y, int64_t n)
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a8, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* e^x for 8 floats: Cephes' expf polynomial (as SLEEF's and avx_mathfun's), within 2 ulp of expf
+ * where its result is a normal float; x is clamped to that range, so e^x never overflows. */
+AVX2 static inline __m256 exp_avx2(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* x - n·ln 2, ln 2 in two parts */
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
+}
+
+AVX2 static void rms_norm_avx2(const float *x, const float *weight, int64_t n, float eps, float *out)
+{
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), acc);
+    float squares = hsum256(acc);
+    for (int64_t j = i; j < n; j++) squares += x[j] * x[j];
+    const float inverse = 1.0f / sqrtf(squares / (float)n + eps);
+    const __m256 inverse8 = _mm256_set1_ps(inverse);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), inverse8)));
+    for (; i < n; i++) out[i] = weight[i] * (x[i] * inverse);
+}
+
+AVX2 static void silu_mul_avx2(const float *gate, const float *up, int64_t n, float *out)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 #endif
 
@@ -950,12 +1008,48 @@ AVX512 static float dot_avx512(const float *a, const float *b, int64_t n)
 }
 #endif
 
-static void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out)
+static void rms_norm_portable(const float *x, const float *weight, int64_t n, float eps, float *out)
 {
     float squares = 0.0f;
     for (int64_t i = 0; i < n; i++) squares += x[i] * x[i];
     float inverse = 1.0f / sqrtf(squares / (float)n + eps);
     for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inverse);
+}
+
+static void silu_mul_portable(const float *gate, const float *up, int64_t n, float *out)
+{
+    for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* RoPE, rotate-half form: out[d] = v[d]·cos[d] - v[d + half]·sin[d] for d < half, and
+ * v[d]·cos[d] + v[d - half]·sin[d] above (two loops without a branch: the compiler vectorizes them) */
+static void rope_row(const float *v, const float *cos, const float *sin, int64_t head_dim, float *out)
+{
+    const int64_t half = head_dim / 2;
+    for (int64_t d = 0; d < half; d++) out[d] = v[d] * cos[d] + -v[d + half] * sin[d];
+    for (int64_t d = half; d < head_dim; d++) out[d] = v[d] * cos[d] + v[d - half] * sin[d];
+}
+
+/* the per-row passes of a decode layer that are not matmuls, in the widest version this CPU runs */
+struct row_ops {
+    void (*rms_norm)(const float *x, const float *weight, int64_t n, float eps, float *out);
+    void (*silu_mul)(const float *gate, const float *up, int64_t n, float *out);
+};
+
+struct silu_args { const float *gate_up; int64_t intermediate; float *out; struct row_ops ops; };
+
+#define SILU_COLUMNS 512  /* elements of a row per task */
+
+static void silu_mul_tasks(const void *a, int64_t begin, int64_t end)
+{
+    const struct silu_args *args = a;
+    const int64_t per_row = (args->intermediate + SILU_COLUMNS - 1) / SILU_COLUMNS;
+    for (int64_t task = begin; task < end; task++) {
+        const int64_t b = task / per_row, c0 = task % per_row * SILU_COLUMNS;
+        const int64_t c1 = c0 + SILU_COLUMNS < args->intermediate ? c0 + SILU_COLUMNS : args->intermediate;
+        const float *row = args->gate_up + b * 2 * args->intermediate;
+        args->ops.silu_mul(row + c0, row + args->intermediate + c0, c1 - c0, args->out + b * args->intermediate + c0);
+    }
 }
 
 static void axpy_portable(float a, const float *x, float *y, int64_t n)
@@ -1077,15 +1171,16 @@ void decode_layers(const int64_t *shape, float eps, const float *code, const int
     const int slices[GROUPS] = {3, 1, 2, 1};
     float (*dot)(const float *, const float *, int64_t) = dot_portable;
     void (*axpy)(float, const float *, float *, int64_t) = axpy_portable;
+    struct row_ops ops = {rms_norm_portable, silu_mul_portable};
 #ifdef HAVE_AVX512_VERSION
     if (vector_version() == WITH_AVX512) dot = dot_avx512, axpy = axpy_avx512;
 #endif
 #ifdef HAVE_AVX2_VERSION
     if (vector_version() == WITH_AVX2) dot = dot_avx2, axpy = axpy_avx2;
+    if (vector_version() >= WITH_AVX2) ops = (struct row_ops){rms_norm_avx2, silu_mul_avx2};  /* AVX-512 CPUs run AVX2 */
 #endif
     float *h = work, *qkv = h + batch * hidden, *q = qkv + batch * qkv_size, *attn = q + batch * q_size;
     float *proj = attn + batch * q_size, *gate_up = proj + batch * hidden, *mlp = gate_up + batch * 2 * intermediate;
-    const int64_t half = head_dim / 2;
 
     for (int64_t l = 0; l < num_layers; l++) {
         const int64_t *f = layer_table + l * LAYER_FIELDS;
@@ -1108,24 +1203,16 @@ void decode_layers(const int64_t *shape, float eps, const float *code, const int
             } while (0)
 
         for (int64_t b = 0; b < batch; b++)
-            rms_norm(x + b * hidden, PTR(const float *, f[F_INPUT_NORM]), hidden, eps, h + b * hidden);
+            ops.rms_norm(x + b * hidden, PTR(const float *, f[F_INPUT_NORM]), hidden, eps, h + b * hidden);
         PROJECT(QKV, h, qkv);
-        for (int64_t b = 0; b < batch; b++) {  /* RoPE (rotate-half form); new key and value into the cache */
+        for (int64_t b = 0; b < batch; b++) {  /* RoPE; the new key and value into the cache */
             const float *row = qkv + b * qkv_size, *c = cos + b * head_dim, *s = sin + b * head_dim;
             for (int64_t hd = 0; hd < heads; hd++)
-                for (int64_t d = 0; d < head_dim; d++) {
-                    const float *v = row + hd * head_dim;
-                    float rotated = d < half ? -v[d + half] : v[d - half];
-                    q[(b * heads + hd) * head_dim + d] = v[d] * c[d] + rotated * s[d];
-                }
+                rope_row(row + hd * head_dim, c, s, head_dim, q + (b * heads + hd) * head_dim);
             float *key = layer_keys + cache_slots[b] * kv_size, *value = layer_values + cache_slots[b] * kv_size;
             for (int64_t hd = 0; hd < kv_heads; hd++)
-                for (int64_t d = 0; d < head_dim; d++) {
-                    const float *v = row + q_size + hd * head_dim;
-                    float rotated = d < half ? -v[d + half] : v[d - half];
-                    key[hd * head_dim + d] = v[d] * c[d] + rotated * s[d];
-                    value[hd * head_dim + d] = row[q_size + kv_size + hd * head_dim + d];
-                }
+                rope_row(row + q_size + hd * head_dim, c, s, head_dim, key + hd * head_dim);
+            memcpy(value, row + q_size + kv_size, sizeof(float) * (size_t)kv_size);
         }
         decode_attention_auto(q, layer_keys, layer_values, tables, table_width, lengths, batch, heads, kv_heads,
                               head_dim, block_size, 1.0f / sqrtf((float)head_dim), attn, threads);
@@ -1133,13 +1220,11 @@ void decode_layers(const int64_t *shape, float eps, const float *code, const int
         for (int64_t i = 0; i < batch * hidden; i++) x[i] += proj[i];
 
         for (int64_t b = 0; b < batch; b++)
-            rms_norm(x + b * hidden, PTR(const float *, f[F_POST_NORM]), hidden, eps, h + b * hidden);
+            ops.rms_norm(x + b * hidden, PTR(const float *, f[F_POST_NORM]), hidden, eps, h + b * hidden);
         PROJECT(GATE_UP, h, gate_up);
-        for (int64_t b = 0; b < batch; b++)
-            for (int64_t i = 0; i < intermediate; i++) {
-                float g = gate_up[b * 2 * intermediate + i], up = gate_up[b * 2 * intermediate + intermediate + i];
-                mlp[b * intermediate + i] = g / (1.0f + expf(-g)) * up;
-            }
+        const struct silu_args silu = {gate_up, intermediate, mlp, ops};
+        parallel_for(batch * ((intermediate + SILU_COLUMNS - 1) / SILU_COLUMNS), batch > 1 ? threads : 1,  /* one row: */
+                     silu_mul_tasks, &silu);  /* ~1 us of work, less than handing it out */
         PROJECT(DOWN, mlp, proj);
         for (int64_t i = 0; i < batch * hidden; i++) x[i] += proj[i];
         #undef PROJECT

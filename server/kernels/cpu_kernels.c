@@ -624,13 +624,6 @@ AVX512 int upper_registers_dirty(void)
 #define AVX2_TILE 4  /* dense rows: 16 ymm registers hold 4 tokens of 2 sums each and the weights */
 #define NF4_AVX2_TILE 8
 
-/* code[idx & 15] for 8 indices (a byte's low nibble picks itself: only bits 0-3 are read) */
-AVX2 static inline __attribute__((always_inline)) __m256 lookup16(__m256i idx, __m256 low8, __m256 high8)
-{
-    __m256 high_half = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  /* bit 3 into the sign, blendv's selector */
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low8, idx), _mm256_permutevar8x32_ps(high8, idx), high_half);
-}
-
 AVX2 static inline float hsum256(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -638,26 +631,58 @@ AVX2 static inline float hsum256(__m256 v)
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* the 32 weights of chunk c: w[0..3] hold weights 0-7, 8-15, 16-23, 24-31 */
-AVX2 static inline __attribute__((always_inline)) void
-nf4_chunk_avx2(const uint8_t *bytes16, __m256 low8, __m256 high8, __m256 w[4])
+/* The 16 NF4 values byte by byte: planes[k] holds byte k of each value, in both 128-bit lanes
+ * (vpshufb's tables). */
+AVX2 static void code_planes_avx2(const float *code, __m256i planes[4])
 {
-    __m256i first = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes16));
-    __m256i second = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bytes16 + 8)));
-    w[0] = lookup16(first, low8, high8);
-    w[1] = lookup16(second, low8, high8);
-    w[2] = lookup16(_mm256_srli_epi32(first, 4), low8, high8);
-    w[3] = lookup16(_mm256_srli_epi32(second, 4), low8, high8);
+    uint8_t bytes[4][16];
+    for (int v = 0; v < 16; v++) {
+        uint32_t bits;
+        memcpy(&bits, code + v, sizeof bits);
+        for (int k = 0; k < 4; k++) bytes[k][v] = (uint8_t)(bits >> (8 * k));
+    }
+    for (int k = 0; k < 4; k++) planes[k] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bytes[k]));
 }
 
-/* One row of W against T (<= NF4_AVX2_TILE) tokens. Each chunk's weights are looked up once for
- * all the tokens (a second pass of 4 tokens looked them up again: the lookups, not the bytes, are
- * the cost on AVX2). Chains of FMAs per token: 4 at up to 2 tokens (with 2, their latency set the
- * pace of a one-token step), 2 at up to 4, 1 above; 16 ymm registers hold 8 sums, 4 weights and the
- * table. */
+/* code[q] of chunk c's 32 weights, unscaled, by four byte lookups (vpshufb) and interleaves: two
+ * vpermps and a blend per 8 weights (nf4_chunk_avx2) cost ~2.5x more on Zen 3, where vblendvps
+ * issues every other cycle. The order is XP_ORDER's: w[i] holds weights 4i..4i+3, then 16+4i..19+4i. */
 AVX2 static inline __attribute__((always_inline)) void
-nf4_row_avx2(const float *x, int64_t in, int T, const uint8_t *row, const float *scale, int64_t chunks_per_block,
-             const float *code, float *y, int64_t out)
+nf4_codes_avx2(const uint8_t *bytes16, const __m256i planes[4], __m256 w[4])
+{
+    const __m128i packed = _mm_loadu_si128((const __m128i *)bytes16), nibble = _mm_set1_epi8(15);
+    const __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(packed, nibble)),
+                                                _mm_and_si128(_mm_srli_epi16(packed, 4), nibble), 1);
+    const __m256i b0 = _mm256_shuffle_epi8(planes[0], idx), b1 = _mm256_shuffle_epi8(planes[1], idx);
+    const __m256i b2 = _mm256_shuffle_epi8(planes[2], idx), b3 = _mm256_shuffle_epi8(planes[3], idx);
+    const __m256i low01 = _mm256_unpacklo_epi8(b0, b1), high01 = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i low23 = _mm256_unpacklo_epi8(b2, b3), high23 = _mm256_unpackhi_epi8(b2, b3);
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low01, low23));
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low01, low23));
+    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(high01, high23));
+    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23));
+}
+
+/* x in the order nf4_codes_avx2 forms weights: per chunk of 32, for i = 0..3, x[4i..4i+3] then
+ * x[16+4i..19+4i] (once per call; every row of W reads it) */
+static void xp_order(const float *x, int64_t n, int64_t in, float *xp)
+{
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t c = 0; c < in; c += 32)
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) {
+                    xp[t * in + c + 8 * i + j] = x[t * in + c + 4 * i + j];
+                    xp[t * in + c + 8 * i + 4 + j] = x[t * in + c + 16 + 4 * i + j];
+                }
+}
+
+/* One row of W against T (<= NF4_AVX2_TILE) tokens, x in xp_order. Each chunk's weights are
+ * looked up once for all the tokens (a second pass of 4 tokens looked them up again: the lookups,
+ * not the bytes, are the cost on AVX2). Chains of FMAs per token: 4 at up to 2 tokens (with 2,
+ * their latency set the pace of a one-token step), 2 at up to 4, 1 above. */
+AVX2 static inline __attribute__((always_inline)) void
+nf4_row_avx2(const float *xp, int64_t in, int T, const uint8_t *row, const float *scale, int64_t chunks_per_block,
+             const __m256i planes[4], float *y, int64_t out)
 {
     const int chains = T <= 2 ? 4 : T <= 4 ? 2 : 1;
     __m256 acc[4][NF4_AVX2_TILE];
@@ -665,15 +690,15 @@ nf4_row_avx2(const float *x, int64_t in, int T, const uint8_t *row, const float 
         for (int t = 0; t < NF4_AVX2_TILE; t++) acc[i][t] = _mm256_setzero_ps();
     for (int64_t block = 0, c = 0; c < in / 32; block++) {
         const __m256 s = _mm256_set1_ps(scale[block]);
-        const __m256 low8 = _mm256_mul_ps(_mm256_loadu_ps(code), s), high8 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), s);
         for (const int64_t block_end = c + chunks_per_block; c < block_end; c++) {
             __m256 w[4];
             if (c % 4 == 0) _mm_prefetch((const char *)(row + c * 16 + PREFETCH_BYTES), _MM_HINT_T0);
-            nf4_chunk_avx2(row + c * 16, low8, high8, w);
+            nf4_codes_avx2(row + c * 16, planes, w);
+            for (int i = 0; i < 4; i++) w[i] = _mm256_mul_ps(w[i], s);  /* code[q] * absmax: bitsandbytes' weight */
             for (int t = 0; t < NF4_AVX2_TILE; t++)
                 if (t < T)
                     for (int i = 0; i < 4; i++)
-                        acc[i % chains][t] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + t * in + c * 32 + i * 8),
+                        acc[i % chains][t] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xp + t * in + c * 32 + i * 8),
                                                              acc[i % chains][t]);
         }
     }
@@ -712,10 +737,10 @@ dense_row_avx2(const float *x, int64_t in, int T, const void *weights, int bf16,
     }
 }
 
-#define NF4_ROWS_AVX2(T) AVX2 static void nf4_rows_avx2_##T(const float *x, int64_t in, const uint8_t *packed,       \
-    const float *absmax, int64_t blocksize, const float *code, int64_t o0, int64_t o1, float *y, int64_t out) {     \
+#define NF4_ROWS_AVX2(T) AVX2 static void nf4_rows_avx2_##T(const float *xp, int64_t in, const uint8_t *packed,      \
+    const float *absmax, int64_t blocksize, const __m256i *planes, int64_t o0, int64_t o1, float *y, int64_t out) { \
     for (int64_t o = o0; o < o1; o++)                                                                                \
-        nf4_row_avx2(x, in, T, packed + o * (in / 2), absmax + o * (in / blocksize), blocksize / 32, code, y + o,    \
+        nf4_row_avx2(xp, in, T, packed + o * (in / 2), absmax + o * (in / blocksize), blocksize / 32, planes, y + o, \
                      out); }
 #define DENSE_ROWS_AVX2(T) AVX2 static void dense_rows_avx2_##T(const float *x, int64_t in, const void *w, int bf16,   \
     int64_t o0, int64_t o1, float *y, int64_t out) {                                                                 \
@@ -726,7 +751,7 @@ NF4_ROWS_AVX2(1) NF4_ROWS_AVX2(2) NF4_ROWS_AVX2(3) NF4_ROWS_AVX2(4)
 NF4_ROWS_AVX2(5) NF4_ROWS_AVX2(6) NF4_ROWS_AVX2(7) NF4_ROWS_AVX2(8)
 DENSE_ROWS_AVX2(1) DENSE_ROWS_AVX2(2) DENSE_ROWS_AVX2(3) DENSE_ROWS_AVX2(4)
 
-typedef void (*nf4_rows_avx2_fn)(const float *, int64_t, const uint8_t *, const float *, int64_t, const float *,
+typedef void (*nf4_rows_avx2_fn)(const float *, int64_t, const uint8_t *, const float *, int64_t, const __m256i *,
                                  int64_t, int64_t, float *, int64_t);
 typedef void (*dense_rows_avx2_fn)(const float *, int64_t, const void *, int, int64_t, int64_t, float *, int64_t);
 static const nf4_rows_avx2_fn NF4_TILES_AVX2[NF4_AVX2_TILE + 1] = {
@@ -737,13 +762,15 @@ static const dense_rows_avx2_fn DENSE_TILES_AVX2[AVX2_TILE + 1] = {0, dense_rows
 
 AVX2 static void nf4_avx2_tasks(const void *a, int64_t begin, int64_t end)
 {
-    const struct nf4_args *args = a;
+    const struct nf4_args *args = a;  /* args->x: in xp_order */
     const int64_t n = args->n, in = args->in, out = args->out;
+    __m256i planes[4];
+    code_planes_avx2(args->code, planes);
     for (int64_t o0 = begin * ROWS_PER_TASK; o0 < end * ROWS_PER_TASK && o0 < out; o0 += ROWS_PER_TASK) {
         int64_t o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
         for (int64_t t = 0; t < n; t += NF4_AVX2_TILE) {
             int64_t tile = n - t < NF4_AVX2_TILE ? n - t : NF4_AVX2_TILE;
-            NF4_TILES_AVX2[tile](args->x + t * in, in, args->packed, args->absmax, args->blocksize, args->code, o0, o1,
+            NF4_TILES_AVX2[tile](args->x + t * in, in, args->packed, args->absmax, args->blocksize, planes, o0, o1,
                                  args->y + t * out, out);
         }
     }
@@ -766,18 +793,22 @@ AVX2 static void dequantize_avx2_rows(const void *a, int64_t begin, int64_t end)
 {
     const struct dequantize_args *args = a;
     const int64_t in = args->in, blocksize = args->blocksize, chunks_per_block = blocksize / 32;
+    __m256i planes[4];
+    code_planes_avx2(args->code, planes);
     for (int64_t o = begin; o < end; o++) {
         const uint8_t *row = args->packed + o * (in / 2);
         const float *scale = args->absmax + o * (in / blocksize);
         float *w = args->w + o * in;
         for (int64_t block = 0, c = 0; c < in / 32; block++) {
             const __m256 s = _mm256_set1_ps(scale[block]);
-            const __m256 low8 = _mm256_mul_ps(_mm256_loadu_ps(args->code), s);
-            const __m256 high8 = _mm256_mul_ps(_mm256_loadu_ps(args->code + 8), s);
             for (const int64_t block_end = c + chunks_per_block; c < block_end; c++) {
                 __m256 v[4];
-                nf4_chunk_avx2(row + c * 16, low8, high8, v);
-                for (int i = 0; i < 4; i++) _mm256_storeu_ps(w + c * 32 + i * 8, v[i]);
+                nf4_codes_avx2(row + c * 16, planes, v);
+                for (int i = 0; i < 4; i++) {  /* back from xp_order's order */
+                    const __m256 weights = _mm256_mul_ps(v[i], s);
+                    _mm_storeu_ps(w + c * 32 + 4 * i, _mm256_castps256_ps128(weights));
+                    _mm_storeu_ps(w + c * 32 + 16 + 4 * i, _mm256_extractf128_ps(weights, 1));
+                }
             }
         }
     }
@@ -915,8 +946,12 @@ void nf4_linear_auto(const float *x, int64_t n, const uint8_t *packed, const flo
 #endif
 #ifdef HAVE_AVX2_VERSION
     if (vector_version() == WITH_AVX2) {
-        struct nf4_args args = {x, n, packed, absmax, code, out, in, blocksize, y};
+        float *xp = malloc(sizeof(float) * (size_t)(n * in));
+        if (!xp) abort();
+        xp_order(x, n, in, xp);
+        struct nf4_args args = {xp, n, packed, absmax, code, out, in, blocksize, y};
         parallel_for((out + ROWS_PER_TASK - 1) / ROWS_PER_TASK, threads, nf4_avx2_tasks, &args);
+        free(xp);
         return;
     }
 #endif

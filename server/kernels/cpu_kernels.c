@@ -616,8 +616,8 @@ AVX512 int upper_registers_dirty(void)
 #endif
 
 
-/* ---- AVX2 (most CPUs without AVX-512): the same loops on 8 floats a vector. A 16-value NF4
- * table does not fit one 8-float permute: two permutes and a blend on bit 3 of the index. ---- */
+/* ---- AVX2 (most CPUs without AVX-512): the same loops on 8 floats a vector; NF4 codes are
+ * looked up byte by byte (a 16-value table does not fit one 8-float permute). ---- */
 #ifdef HAVE_AVX2_VERSION
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -644,9 +644,10 @@ AVX2 static void code_planes_avx2(const float *code, __m256i planes[4])
     for (int k = 0; k < 4; k++) planes[k] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bytes[k]));
 }
 
-/* code[q] of chunk c's 32 weights, unscaled, by four byte lookups (vpshufb) and interleaves: two
- * vpermps and a blend per 8 weights (nf4_chunk_avx2) cost ~2.5x more on Zen 3, where vblendvps
- * issues every other cycle. The order is XP_ORDER's: w[i] holds weights 4i..4i+3, then 16+4i..19+4i. */
+/* code[q] of chunk c's 32 weights, unscaled, by four byte lookups (vpshufb) and interleaves. A
+ * 16-value table in 8-float vpermps needs two of them and a blend per 8 weights, which set the pace
+ * of a one-token step on Zen 3 (vblendvps issues every other cycle there). The order is
+ * xp_order's: w[i] holds weights 4i..4i+3, then 16+4i..19+4i. */
 AVX2 static inline __attribute__((always_inline)) void
 nf4_codes_avx2(const uint8_t *bytes16, const __m256i planes[4], __m256 w[4])
 {

@@ -42,10 +42,24 @@ PATHS = {
 
 
 def capability(environment: dict[str, str]) -> str:
-    """The capability torch dispatches to under `environment` (it falls back to what the CPU has)."""
+    """The capability torch dispatches to under `environment`."""
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     return subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
                           check=True).stdout.strip()
+
+
+RANKS = ("DEFAULT", "AVX2", "AVX512")
+
+
+def runs_here(wanted: str) -> str | None:
+    """Why a path asking for capability `wanted` cannot run on this CPU, or None. torch 2.13 takes
+    ATEN_CPU_CAPABILITY=avx512 at its word on a CPU without AVX-512 and dies of an illegal
+    instruction in its first AVX-512 kernel (seen on an AMD EPYC): compare with what torch picks
+    uncapped instead."""
+    native = capability({k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"})
+    if native in RANKS and RANKS.index(wanted) > RANKS.index(native):
+        return f"not run: this CPU cannot ({native} at most)"
+    return None
 
 
 def main(names: list[str]) -> int:
@@ -57,6 +71,9 @@ def main(names: list[str]) -> int:
     for name in names or list(PATHS):
         settings, wanted = PATHS[name]
         environment = {**os.environ, **settings}
+        if wanted is not None and (why := runs_here(wanted)) is not None:
+            rows.append((name, why, 0.0))
+            continue
         got = capability(environment)
         if wanted is not None and got != wanted:
             rows.append((name, f"not run: this CPU cannot ({got} at most)", 0.0))

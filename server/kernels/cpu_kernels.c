@@ -947,12 +947,18 @@ void nf4_linear_auto(const float *x, int64_t n, const uint8_t *packed, const flo
 #endif
 #ifdef HAVE_AVX2_VERSION
     if (vector_version() == WITH_AVX2) {
-        float *xp = malloc(sizeof(float) * (size_t)(n * in));
-        if (!xp) abort();
+        /* the caller's own buffer, kept: a decode step makes 120 of these calls */
+        static __thread float *xp;
+        static __thread int64_t xp_capacity;
+        if (n * in > xp_capacity) {
+            free(xp);
+            xp = malloc(sizeof(float) * (size_t)(n * in));
+            if (!xp) abort();
+            xp_capacity = n * in;
+        }
         xp_order(x, n, in, xp);
         struct nf4_args args = {xp, n, packed, absmax, code, out, in, blocksize, y};
         parallel_for((out + ROWS_PER_TASK - 1) / ROWS_PER_TASK, threads, nf4_avx2_tasks, &args);
-        free(xp);
         return;
     }
 #endif

@@ -5,6 +5,7 @@ resolves to (a Kubernetes headless Service), not one."""
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 
@@ -14,6 +15,7 @@ from protos.hotlora.v1 import generation_pb2 as pb
 from protos.hotlora.v1 import generation_pb2_grpc
 from server.config import AdapterConfig, EngineConfig, ServerConfig
 from server.adapters.store import AdapterStore, ObjectStoreOptions, open_store
+from server.adapters.versions import AdapterRef
 from tests.helpers import RunningServer, make_peft_adapter, wait_until
 
 
@@ -76,6 +78,26 @@ def test_publishes_pins_and_unloads_reach_every_replica(llama_dir, versions, sha
 
         store.publish("cheese", versions[2])  # the next publish ends the pin everywhere
         wait_until(lambda: a.served("cheese") == b.served("cheese") == "v3")
+
+
+def test_a_poll_that_waited_on_an_unload_here_does_not_load_the_name_again(llama_dir, versions, tmp_path):
+    """The poll lists the served names, then waits for `acting` while an UnloadAdapter here runs;
+    the name it listed is no longer served when it gets there, so it must not load it back."""
+    store = AdapterStore(tmp_path / "store")
+    store.publish("cheese", versions[0])
+    with replica(llama_dir, store.root, poll_interval_s=3600) as running:
+        client, manager = Client(running), running.server.manager
+        watcher = manager.watcher
+        assert client.served("cheese") == "v1"
+        listed, serves = threading.Event(), manager.serves
+        manager.serves = lambda name: (serves(name), listed.set())[0]  # seen: the poll has listed its names
+        with watcher.acting:
+            poll = threading.Thread(target=watcher.poll)
+            poll.start()
+            assert listed.wait(30)
+            manager.unload(AdapterRef("cheese", None))  # what UnloadAdapter runs; `acting` is reentrant
+        poll.join(30)
+        assert client.tier("cheese@v1") == apb.TIER_STORE
 
 
 def test_notify_reaches_every_address_a_name_resolves_to(llama_dir, versions, tmp_path):

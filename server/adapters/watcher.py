@@ -6,8 +6,9 @@ The watcher remembers, per name, the store state it last acted on; the manager t
 did itself (a first use, a pin, an unload), so a server does not act twice on its own changes.
 `acting` is held from a poll's read of the store to what it does about it, and by the manager
 across its own pins and unloads: a poll that read `current` just before a pin here would otherwise
-load the old version and make it current again after the pin returned (seen in the replica test
-under a loaded machine).
+load the old version and make it current again after the pin returned, and a poll that listed a
+name just before an unload here would load it again (both seen in the replica test under a loaded
+machine).
 While an object store cannot be reached it keeps the versions it has and polls less often (the
 interval doubles, up to MAX_BACKOFF_S or BACKOFF_POLLS intervals), back to every poll_interval_s
 once it answers.
@@ -85,6 +86,9 @@ class StoreWatcher:
             self._follow(name)
 
     def _follow(self, name: str) -> None:
+        with self._lock:
+            if name not in self._current_seen:  # unloaded here while this poll waited for `acting`
+                return
         try:
             now, unload_token = self.store.current(name), self.store.unload_token(name)
         except (OSError, StoreUnavailable):  # said once by the store; the versions here keep serving

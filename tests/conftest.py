@@ -15,6 +15,10 @@ from tests.helpers import make_peft_adapter
 
 
 def pytest_collection_modifyitems(config, items):
+    # Files with slow tests first, each file's tests kept together: `make test` hands whole files to
+    # its workers (pytest-xdist, --dist loadfile), and a long file started last would run alone at the end.
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file stays
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (its CPU twin runs here)")

@@ -80,7 +80,8 @@ def main(names: list[str]) -> int:
             continue
         print(f"\n=== {name}: {' '.join(f'{k}={v}' for k, v in settings.items())} (torch capability {got})", flush=True)
         started = time.perf_counter()
-        code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET], cwd=ROOT,
+        code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "auto",
+                               "--maxprocesses", "2", "--dist", "loadfile", *SUBSET], cwd=ROOT,
                               env=environment).returncode
         rows.append((name, "passed" if code == 0 else f"FAILED (pytest exit {code})", time.perf_counter() - started))
     print("\n| CPU path | result | seconds |\n|---|---|---:|")

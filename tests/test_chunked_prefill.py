@@ -24,7 +24,7 @@ def engine(model_dir, adapters, **config):
     return e
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_chunked_prefill_gives_the_tokens_of_whole_prefill(llama_dir, peft_adapters, kernels):
     adapters = {k: peft_adapters[k] for k in ("cheese", "wine")}
     whole, chunked = engine(llama_dir, adapters, kernels=kernels), engine(llama_dir, adapters, kernels=kernels,

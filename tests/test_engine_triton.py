@@ -22,6 +22,7 @@ def engine(model_dir, adapters, kernels):
     return e
 
 
+@pytest.mark.slow
 def test_engine_on_triton_kernels_generates_what_the_torch_path_and_peft_do(aligned_model):
     model_dir, adapters = aligned_model
     names = [None, "cheese", "wine", "wine"]

@@ -50,6 +50,7 @@ def versions(llama_dir, tmp_path):
             for i in range(2)]
 
 
+@pytest.mark.slow
 def test_a_publish_with_notify_from_another_process_is_served_by_both_replicas(llama_dir, s3, versions, tmp_path):
     url = f"s3://{s3.bucket()}/adapters"
     open_store(url, ObjectStoreOptions(endpoint_url=s3.endpoint)).publish("cheese", versions[0])

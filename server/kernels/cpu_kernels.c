@@ -819,7 +819,7 @@ AVX2 static float dot_avx2(const float *a, const float *b, int64_t n)
 {
     __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps(), acc4 = acc3;
     int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {  /* four chains: one waited on each FMA's latency (a third of A·x's time) */
+    for (; i + 32 <= n; i += 32) {  /* four chains: with one, each FMA waited on the one before it */
         acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
         acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc2);
         acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc3);

@@ -48,10 +48,10 @@ def kernels(request, build_dir):
     return library
 
 
-def nf4_weights(shapes, seed=0):
+def nf4_weights(shapes, seed=0, blocksize=64):
     torch.manual_seed(seed)
     weights = [torch.randn(*shape) * 0.05 for shape in shapes]
-    layer = make_base_linear(weights, None, QuantConfig(), DEQUANTIZE, CPU, torch.float32)
+    layer = make_base_linear(weights, None, QuantConfig(blocksize=blocksize), DEQUANTIZE, CPU, torch.float32)
     return list(layer.weights), layer
 
 
@@ -72,12 +72,13 @@ def test_the_nf4_kernel_forms_each_weight_as_bitsandbytes_dequantizes_it(kernels
     assert torch.equal(cpu_kernels.nf4_linear_reference(torch.eye(128), packed), w.T)
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 8, 9, 19])
-def test_the_nf4_kernel_sums_within_float32_rounding_of_the_exact_product(kernels, tokens):
-    weights, layer = nf4_weights([(200, 192), (40, 192), (8, 192)], seed=tokens)
+@pytest.mark.parametrize("blocksize", [64, 32, 128])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 9, 19])
+def test_the_nf4_kernel_sums_within_float32_rounding_of_the_exact_product(kernels, tokens, blocksize):
+    weights, layer = nf4_weights([(200, 384), (40, 384), (8, 384)], seed=tokens, blocksize=blocksize)
     from server.model.quant import dequantized_weight
 
-    x = torch.randn(tokens, 192)
+    x = torch.randn(tokens, 384)
     assert_within_float32_sum_bound(kernels.nf4_linear(x, cpu_kernels.pack_nf4(weights)), x, dequantized_weight(layer))
 
 

@@ -649,11 +649,22 @@ AVX2 static void code_planes_avx2(const float *code, __m256i planes[4])
  * of a one-token step on Zen 3 (vblendvps issues every other cycle there). The order is
  * xp_order's: w[i] holds weights 4i..4i+3, then 16+4i..19+4i. */
 AVX2 static inline __attribute__((always_inline)) void
-nf4_codes_avx2(const uint8_t *bytes16, const __m256i planes[4], __m256 w[4])
+nf4_codes_avx2(const uint8_t *bytes16, const __m256i planes[4], int few_registers, __m256 w[4])
 {
-    const __m128i packed = _mm_loadu_si128((const __m128i *)bytes16), nibble = _mm_set1_epi8(15);
-    const __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(packed, nibble)),
-                                                _mm_and_si128(_mm_srli_epi16(packed, 4), nibble), 1);
+    /* low nibbles in the low lane, high nibbles in the high one. With registers to spare, the 16 bytes
+     * are loaded into both lanes (a load, no shuffle) and shifted by 0 or 4 bits a lane: the insert of
+     * the shifted half takes a shuffle port, which the lookups below keep busy (one token: 0.85x the
+     * time). With 8 tokens' sums in registers, the two constants that needs made the loop spill. */
+    __m256i idx;
+    if (few_registers) {
+        const __m128i packed = _mm_loadu_si128((const __m128i *)bytes16), nibble = _mm_set1_epi8(15);
+        idx = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(packed, nibble)),
+                                      _mm_and_si128(_mm_srli_epi16(packed, 4), nibble), 1);
+    } else {
+        const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bytes16));
+        idx = _mm256_and_si256(_mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                               _mm256_set1_epi8(15));
+    }
     const __m256i b0 = _mm256_shuffle_epi8(planes[0], idx), b1 = _mm256_shuffle_epi8(planes[1], idx);
     const __m256i b2 = _mm256_shuffle_epi8(planes[2], idx), b3 = _mm256_shuffle_epi8(planes[3], idx);
     const __m256i low01 = _mm256_unpacklo_epi8(b0, b1), high01 = _mm256_unpackhi_epi8(b0, b1);
@@ -679,33 +690,45 @@ static void xp_order(const float *x, int64_t n, int64_t in, float *xp)
 
 /* One row of W against T (<= NF4_AVX2_TILE) tokens, x in xp_order. Each chunk's weights are
  * looked up once for all the tokens (a second pass of 4 tokens looked them up again: the lookups,
- * not the bytes, are the cost on AVX2). Chains of FMAs per token: 4 at up to 2 tokens (with 2,
- * their latency set the pace of a one-token step), 2 at up to 4, 1 above. */
+ * not the bytes, are the cost on AVX2). Chains of FMAs per token: 2 at up to 4 tokens, 1 above.
+ * Up to FOLD_TOKENS tokens, a block's codes meet x unscaled and its absmax multiplies their sum
+ * once: absmax·Σ code·x, not Σ (code·absmax)·x, one rounding more or less per product, as a
+ * different order of the sum would be. That is 4 multiplies a chunk less, of the ~25 ops that set a
+ * one-token step's pace (0.8x its time). With more tokens the block's sums would not fit in registers. */
+#define FOLD_TOKENS 2
 AVX2 static inline __attribute__((always_inline)) void
 nf4_row_avx2(const float *xp, int64_t in, int T, const uint8_t *row, const float *scale, int64_t chunks_per_block,
              const __m256i planes[4], float *y, int64_t out)
 {
-    const int chains = T <= 2 ? 4 : T <= 4 ? 2 : 1;
-    __m256 acc[4][NF4_AVX2_TILE];
-    for (int i = 0; i < 4; i++)
+    const int chains = T <= 4 ? 2 : 1;
+    __m256 acc[2][NF4_AVX2_TILE], total[FOLD_TOKENS];
+    for (int i = 0; i < 2; i++)
         for (int t = 0; t < NF4_AVX2_TILE; t++) acc[i][t] = _mm256_setzero_ps();
+    for (int t = 0; t < FOLD_TOKENS; t++) total[t] = _mm256_setzero_ps();
     for (int64_t block = 0, c = 0; c < in / 32; block++) {
         const __m256 s = _mm256_set1_ps(scale[block]);
-        for (const int64_t block_end = c + chunks_per_block; c < block_end; c++) {
+        for (const int64_t block_start = c, block_end = c + chunks_per_block; c < block_end; c++) {
             __m256 w[4];
             if (c % 4 == 0) _mm_prefetch((const char *)(row + c * 16 + PREFETCH_BYTES), _MM_HINT_T0);
-            nf4_codes_avx2(row + c * 16, planes, w);
-            for (int i = 0; i < 4; i++) w[i] = _mm256_mul_ps(w[i], s);  /* code[q] * absmax: bitsandbytes' weight */
+            nf4_codes_avx2(row + c * 16, planes, T > 4, w);
+            if (T > FOLD_TOKENS)
+                for (int i = 0; i < 4; i++) w[i] = _mm256_mul_ps(w[i], s);  /* code[q] * absmax: bitsandbytes' weight */
             for (int t = 0; t < NF4_AVX2_TILE; t++)
                 if (t < T)
-                    for (int i = 0; i < 4; i++)
-                        acc[i % chains][t] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xp + t * in + c * 32 + i * 8),
-                                                             acc[i % chains][t]);
+                    for (int i = 0; i < 4; i++) {
+                        const __m256 x = _mm256_loadu_ps(xp + t * in + c * 32 + i * 8);
+                        acc[i % chains][t] = T <= FOLD_TOKENS && c == block_start && i < chains
+                                                 ? _mm256_mul_ps(w[i], x)
+                                                 : _mm256_fmadd_ps(w[i], x, acc[i % chains][t]);
+                    }
         }
+        if (T <= FOLD_TOKENS)
+            for (int t = 0; t < T; t++) total[t] = _mm256_fmadd_ps(s, _mm256_add_ps(acc[0][t], acc[1][t]), total[t]);
     }
     for (int t = 0; t < T; t++) {
-        __m256 sum = acc[0][t];
-        for (int i = 1; i < chains; i++) sum = _mm256_add_ps(sum, acc[i][t]);
+        __m256 sum = T <= FOLD_TOKENS ? total[t] : acc[0][t];
+        if (T > FOLD_TOKENS)
+            for (int i = 1; i < chains; i++) sum = _mm256_add_ps(sum, acc[i][t]);
         y[t * out] = hsum256(sum);
     }
 }
@@ -740,9 +763,14 @@ dense_row_avx2(const float *x, int64_t in, int T, const void *weights, int bf16,
 
 #define NF4_ROWS_AVX2(T) AVX2 static void nf4_rows_avx2_##T(const float *xp, int64_t in, const uint8_t *packed,      \
     const float *absmax, int64_t blocksize, const __m256i *planes, int64_t o0, int64_t o1, float *y, int64_t out) { \
+    /* blocks of 64 (QLoRA's) by name for few tokens: a block's two chunks unroll into one straight run (with     \
+     * 8 tokens' sums in registers, the unrolled loop spilled) */                                                    \
     for (int64_t o = o0; o < o1; o++)                                                                                \
-        nf4_row_avx2(xp, in, T, packed + o * (in / 2), absmax + o * (in / blocksize), blocksize / 32, planes, y + o, \
-                     out); }
+        if (T <= FOLD_TOKENS && blocksize == 64)                                                                     \
+            nf4_row_avx2(xp, in, T, packed + o * (in / 2), absmax + o * (in / 64), 2, planes, y + o, out);           \
+        else                                                                                                         \
+            nf4_row_avx2(xp, in, T, packed + o * (in / 2), absmax + o * (in / blocksize), blocksize / 32, planes,    \
+                         y + o, out); }
 #define DENSE_ROWS_AVX2(T) AVX2 static void dense_rows_avx2_##T(const float *x, int64_t in, const void *w, int bf16,   \
     int64_t o0, int64_t o1, float *y, int64_t out) {                                                                 \
     for (int64_t o = o0; o < o1; o++)                                                                                \
@@ -804,7 +832,7 @@ AVX2 static void dequantize_avx2_rows(const void *a, int64_t begin, int64_t end)
             const __m256 s = _mm256_set1_ps(scale[block]);
             for (const int64_t block_end = c + chunks_per_block; c < block_end; c++) {
                 __m256 v[4];
-                nf4_codes_avx2(row + c * 16, planes, v);
+                nf4_codes_avx2(row + c * 16, planes, 0, v);
                 for (int i = 0; i < 4; i++) {  /* back from xp_order's order */
                     const __m256 weights = _mm256_mul_ps(v[i], s);
                     _mm_storeu_ps(w + c * 32 + 4 * i, _mm256_castps256_ps128(weights));

@@ -242,8 +242,11 @@ async def complete(session, server: Server, prompt: list[int], adapter: str | No
     return done
 
 
-async def decode_case(session, server: Server, workload: Workload, adapters: list[str | None]) -> float:
+async def decode_case(session, server: Server | InProcessEngine, workload: Workload,
+                      adapters: list[str | None]) -> float:
     """tok/s of len(adapters) concurrent requests (completion tokens over the case's wall time)."""
+    if isinstance(server, InProcessEngine):
+        return await asyncio.to_thread(server.rate, adapters)
     prompts = prompts_for(len(adapters), 32, workload.vocab, seed=random.randrange(1 << 30))
     start = time.perf_counter()
     done = await asyncio.gather(*(complete(session, server, p, a, workload.args.new_tokens)
@@ -281,18 +284,21 @@ DECODE_CASES = {"1 request, base": [None], "1 request, adapter": ["adapter0"],
                 "8 requests over 4 adapters": [f"adapter{i % 4}" for i in range(8)]}
 
 
-async def measure(servers: list[Server], workload: Workload) -> dict[str, Measured]:
+async def measure(servers: list[Server], workload: Workload,
+                  in_process: InProcessEngine | None) -> tuple[dict[str, Measured], dict[str, float]]:
     """Every case's repeats round-robin over the running servers (A, B, C, A, B, C, ...), only one
     of them busy at a time: on a shared VM speed drifts by ±20% over minutes, and interleaving
     spreads that drift over every server's median instead of loading it onto whichever ran last.
-    A server that fails is reported and dropped; the others go on."""
+    The decode cases' rotation also holds hotlora's engine in process (its tok/s by case is the
+    second thing returned). A server that fails is reported and dropped; the others go on."""
     import aiohttp
 
     args = workload.args
     results, live = {s.name: Measured() for s in servers}, list(servers)
+    in_process_decode: dict[str, float] = {}
 
-    async def round_robin(run) -> dict[str, float]:
-        samples: dict[str, list[float]] = {s.name: [] for s in live}
+    async def round_robin(run, also: InProcessEngine | None = None) -> dict[str, float]:
+        samples: dict[str, list[float]] = {s.name: [] for s in [*live, *([also] if also else [])]}
         for _ in range(args.repeats):
             for server in list(live):
                 try:
@@ -301,7 +307,9 @@ async def measure(servers: list[Server], workload: Workload) -> dict[str, Measur
                     results[server.name].error = f"{type(exc).__name__}: {exc}"[:400]
                     print(f"{server.name}: failed: {results[server.name].error}", flush=True)
                     live.remove(server)
-        return {s.name: statistics.median(samples[s.name]) for s in live}
+            if also:
+                samples[also.name].append(await run(also))
+        return {name: statistics.median(values) for name, values in samples.items() if values}
 
     timeout = aiohttp.ClientTimeout(total=1800)
     # a new connection per request: llama-server closed kept-alive ones between requests
@@ -310,9 +318,12 @@ async def measure(servers: list[Server], workload: Workload) -> dict[str, Measur
             await decode_case(session, server, workload, [None, "adapter1"])
         for case, adapters in DECODE_CASES.items():
             print(f"  {case}", flush=True)
-            rates = await round_robin(lambda server: decode_case(session, server, workload, adapters))
+            rates = await round_robin(lambda server: decode_case(session, server, workload, adapters), in_process)
             for name, rate in rates.items():
-                results[name].decode[case] = rate
+                if in_process and name == in_process.name:
+                    in_process_decode[case] = rate
+                else:
+                    results[name].decode[case] = rate
         for length in (args.prefill_len, LONG_PROMPT):
             for adapter in (None, "adapter0"):
                 case = f"{length} tokens, {'adapter' if adapter else 'base'}"
@@ -327,14 +338,7 @@ async def measure(servers: list[Server], workload: Workload) -> dict[str, Measur
                 results[server.name].poisson = await poisson(session, server, workload)
             except Exception as exc:
                 results[server.name].error = f"{type(exc).__name__}: {exc}"[:400]
-    return results
-
-
-@dataclass
-class InProcess:
-    decode: dict[str, float]  # case -> median tok/s
-    bytes_per_token: int  # weights a one-request base decode step reads: NF4 codes and scales, the LM head
-    read_bandwidth: float  # bytes/s this machine reads a large array at, with every core
+    return results, in_process_decode
 
 
 def read_bandwidth(gib: float = 1.0) -> float:
@@ -350,35 +354,40 @@ def read_bandwidth(gib: float = 1.0) -> float:
     return data.numel() * 4 / best
 
 
-def measure_in_process(workload: Workload) -> InProcess:
-    """hotlora's decode cases on an Engine in this process (the server's engine settings), to set
-    against the same cases through its HTTP API: what the serving layers cost."""
-    from server.engine.engine import Engine, EngineConfig, Request, SamplingParams
+class InProcessEngine:
+    """hotlora's engine in this process with the server's engine settings: the decode cases without
+    the serving layers (tokenizer, detokenizer, HTTP, SSE, the event loop). It takes its turn in the
+    decode cases' rotation like a server, so the machine's drift reaches it as it reaches them."""
 
-    args = workload.args
-    engine = Engine.from_pretrained(workload.checkpoint, EngineConfig(max_batch_size=8, max_adapters=8, max_rank=16,
-                                                                       max_seq_len=LONG_PROMPT + 8, prefix_caching=False))
-    try:
+    name = "hotlora in process"
+
+    def __init__(self, workload: Workload):
+        from server.engine.engine import Engine, EngineConfig
+
+        self.workload = workload
+        self.read_bandwidth = read_bandwidth()  # before anything else holds the cores or the memory
+        self.engine = Engine.from_pretrained(workload.checkpoint, EngineConfig(
+            max_batch_size=8, max_adapters=8, max_rank=16, max_seq_len=LONG_PROMPT + 8, prefix_caching=False))
         for name, path in zip(workload.names, workload.adapters):
-            engine.load_adapter(name, path)
-        sampling = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-
-        def rate(adapters: list[str | None]) -> float:
-            prompts = prompts_for(len(adapters), 32, workload.vocab, seed=random.randrange(1 << 30))
-            start = time.perf_counter()
-            outputs = engine.generate([Request(prompt_ids=p, adapter=a, sampling=sampling)
-                                       for p, a in zip(prompts, adapters)])
-            return sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start)
-
-        rate([None, "adapter1"])
+            self.engine.load_adapter(name, path)
+        weights, head = self.engine.model.weight_bytes(), self.engine.model.lm_head
+        # what a one-request base decode step reads: NF4 codes and scales, the LM head
+        self.bytes_per_token = weights["repacked_copies"] + head.numel() * head.element_size()
+        self.rate([None, "adapter1"])
         gc.freeze()  # as hotlora-server does once started
-        decode = {case: statistics.median([rate(adapters) for _ in range(args.repeats)])
-                  for case, adapters in DECODE_CASES.items()}
-        weights = engine.model.weight_bytes()
-        head = engine.model.lm_head
-        return InProcess(decode, weights["repacked_copies"] + head.numel() * head.element_size(), read_bandwidth())
-    finally:
-        engine.close()
+
+    def rate(self, adapters: list[str | None]) -> float:
+        from server.engine.engine import Request, SamplingParams
+
+        sampling = SamplingParams(max_new_tokens=self.workload.args.new_tokens, temperature=0.0, ignore_eos=True)
+        prompts = prompts_for(len(adapters), 32, self.workload.vocab, seed=random.randrange(1 << 30))
+        start = time.perf_counter()
+        outputs = self.engine.generate([Request(prompt_ids=p, adapter=a, sampling=sampling)
+                                        for p, a in zip(prompts, adapters)])
+        return sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start)
+
+    def stop(self) -> None:
+        self.engine.close()
         gc.unfreeze()
 
 
@@ -387,7 +396,8 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def report(results: dict[str, Measured], in_process: InProcess | None, workload: Workload, seconds: float) -> str:
+def report(results: dict[str, Measured], in_process: InProcessEngine | None, in_process_decode: dict[str, float],
+           workload: Workload, seconds: float) -> str:
     args = workload.args
     ran = [n for n, r in results.items() if r.error is None]
     lines = [f"### peer_bench: SmolLM2-135M-Instruct, {args.threads} threads, prompt 32 + {args.new_tokens} new tokens, "
@@ -425,11 +435,11 @@ def report(results: dict[str, Measured], in_process: InProcess | None, workload:
                              {n: 1000 * percentile([c.tpot for c in p[n][1] if c.tpot], q) for n in ran}, "{:.1f}",
                              False))
     lines += ["", "Ratios are hotlora's advantage (>1x: hotlora is faster)."]
-    if in_process and "hotlora" in ran:
+    if in_process and in_process_decode and "hotlora" in ran:
         lines += ["", "What hotlora's serving layers cost (tokenizer, detokenizer, HTTP, SSE, the event loop), the same "
-                  "decode cases on its engine in process:", "",
+                  "decode cases on its engine in process, measured in turn with the servers:", "",
                   "| case | in-process engine, tok/s | through HTTP, tok/s | HTTP / in-process |", "|---|---:|---:|---:|"]
-        for case, rate in in_process.decode.items():
+        for case, rate in in_process_decode.items():
             served = results["hotlora"].decode[case]
             lines.append(f"| {case} | {rate:.1f} | {served:.1f} | {served / rate:.2f} |")
         per_token, bandwidth = in_process.bytes_per_token, in_process.read_bandwidth
@@ -487,10 +497,10 @@ def main() -> None:
     started = time.perf_counter()
     workload = build_workload(args, work)
     results: dict[str, Measured] = {}
-    in_process = None
+    in_process, in_process_decode = None, {}
     if not only or "hotlora" in only:
-        print("hotlora in process: measuring", flush=True)
-        in_process = measure_in_process(workload)
+        print("hotlora in process: loading", flush=True)
+        in_process = InProcessEngine(workload)
     servers = []
     for peer_type in PEER_TYPES:
         if only and peer_type.name.lower() not in only:
@@ -510,12 +520,15 @@ def main() -> None:
             server.stop()
     try:
         print(f"measuring {', '.join(s.name for s in servers)}, interleaved", flush=True)
-        results.update(asyncio.run(measure(servers, workload)))
+        measured, in_process_decode = asyncio.run(measure(servers, workload, in_process))
+        results.update(measured)
     finally:
         for server in servers:
             server.stop()
+        if in_process:
+            in_process.stop()
     results = {t.name: results[t.name] for t in PEER_TYPES if t.name in results}  # the table's column order
-    table = report(results, in_process, workload, time.perf_counter() - started)
+    table = report(results, in_process, in_process_decode, workload, time.perf_counter() - started)
     print(table)
     if args.record:
         record("peer_bench.py", table)

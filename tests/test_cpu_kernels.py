@@ -73,12 +73,15 @@ def test_the_nf4_kernel_forms_each_weight_as_bitsandbytes_dequantizes_it(kernels
 
 
 @pytest.mark.parametrize("blocksize", [64, 32, 128])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 9, 19])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 9, 19, 37])
 def test_the_nf4_kernel_sums_within_float32_rounding_of_the_exact_product(kernels, tokens, blocksize):
-    weights, layer = nf4_weights([(200, 384), (40, 384), (8, 384)], seed=tokens, blocksize=blocksize)
+    """Each tiling the kernels have: 1-2 tokens' folded block sums, 3-5 tokens per row, the panel
+    from 6 tokens on (pairs and a lone token, blocks of 32 tokens; 640 columns: a slice of 512 and a
+    shorter one; 250 rows: a tail under the panel's 4)."""
+    weights, layer = nf4_weights([(200, 640), (40, 640), (10, 640)], seed=tokens, blocksize=blocksize)
     from server.model.quant import dequantized_weight
 
-    x = torch.randn(tokens, 384)
+    x = torch.randn(tokens, 640)
     assert_within_float32_sum_bound(kernels.nf4_linear(x, cpu_kernels.pack_nf4(weights)), x, dequantized_weight(layer))
 
 
@@ -101,21 +104,25 @@ def test_packing_refuses_what_the_nf4_kernel_cannot_read():
         cpu_kernels.pack_nf4(list(bf16.weights))
 
 
+# 100 columns: off the vector width (the per-row kernels); 640: whole chunks, so from 6 tokens on the
+# panel, over a slice of 512 and a shorter one. 333 rows: a tail under the panel's 4.
+@pytest.mark.parametrize("columns", [100, 640])
 @pytest.mark.parametrize("tokens", [1, 8, 11])
-def test_the_dense_kernel_sums_within_float32_rounding_of_the_exact_product(kernels, tokens):
+def test_the_dense_kernel_sums_within_float32_rounding_of_the_exact_product(kernels, tokens, columns):
     torch.manual_seed(tokens)
-    w, x = torch.randn(333, 100), torch.randn(tokens, 100)  # rows and columns off the vector width
+    w, x = torch.randn(333, columns), torch.randn(tokens, columns)
     assert_within_float32_sum_bound(kernels.dense_linear(x, w), x, w)
 
 
+@pytest.mark.parametrize("columns", [100, 640])
 @pytest.mark.parametrize("tokens", [1, 8, 11])
-def test_the_dense_kernel_reads_a_bfloat16_weight_as_the_same_float32_weight(kernels, tokens):
+def test_the_dense_kernel_reads_a_bfloat16_weight_as_the_same_float32_weight(kernels, tokens, columns):
     """The LM head kept in the checkpoint's bfloat16: widening is exact, so the result is the
     float32 weight's sum (within the float32 bound of the widened weight; one-hot picks it out)."""
     torch.manual_seed(tokens)
-    w, x = torch.randn(333, 100).to(torch.bfloat16), torch.randn(tokens, 100)
+    w, x = torch.randn(333, columns).to(torch.bfloat16), torch.randn(tokens, columns)
     assert_within_float32_sum_bound(kernels.dense_linear(x, w), x, w.float())
-    assert torch.equal(kernels.dense_linear(torch.eye(100), w), w.float().T)
+    assert torch.equal(kernels.dense_linear(torch.eye(columns), w), w.float().T)
 
 
 def test_lora_add_gives_every_token_its_own_slot_like_the_definition(kernels):

@@ -150,8 +150,9 @@ def _cpu_bf16_packed_forward(x: torch.Tensor, weights: list[nn.Parameter], prepa
 # Up to this many tokens (decode steps, short prefill chunks) the C kernel reads the NF4 codes in
 # place; beyond, the projection is dequantized (bitsandbytes' product, into a reused buffer) and
 # multiplied by torch's GEMM: a prefill is compute-bound, and forming each weight again for every
-# tile of tokens costs more than writing it once (measured on SmolLM2's projections, 2 cores: the
-# kernel ahead up to 16 tokens, even at 32-64, the GEMM 1.6-2.2x ahead at 512).
+# tile of tokens costs more than writing it once (measured on SmolLM2's projections, 2 cores, AVX2
+# with the kernel's panel: the kernel 0.65-1.0x the GEMM's time at 32 tokens, even at 64, the GEMM
+# ahead from 128 (1.15-1.26x) and 1.2-1.5x at 512).
 CPU_NF4_KERNEL_MAX_TOKENS = 32
 
 

